@@ -1,0 +1,152 @@
+//! Positioned, bounds-checked access to a host file. All format readers go through [`HostFile`] so
+//! that a structure pointing past the end of the file becomes a [`Error::Corrupt`] naming the
+//! structure, and so that no allocation is ever sized by an untrusted field alone.
+
+use crate::error::{Error, Result};
+use std::fs::File;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug)]
+pub struct HostFile {
+    path: PathBuf,
+    file: File,
+    len: u64,
+}
+
+impl HostFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, "open", e))?;
+        Self::from_file(path, file)
+    }
+
+    pub fn from_file(path: &Path, file: File) -> Result<Self> {
+        let meta = file.metadata().map_err(|e| Error::io(path, "stat", e))?;
+        let len = if meta.file_type().is_block_device() {
+            block_device_len(&file, path)?
+        } else {
+            meta.len()
+        };
+        Ok(HostFile {
+            path: path.to_path_buf(),
+            file,
+            len,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Bytes the file occupies on the host (allocated blocks), as `qemu-img info` "disk size".
+    pub fn allocated_bytes(&self) -> u64 {
+        self.file
+            .metadata()
+            .map(|m| m.blocks().saturating_mul(512))
+            .unwrap_or(0)
+    }
+
+    /// Checks that `len` bytes at `offset` lie inside the file; `structure` names what was sought.
+    pub fn check_range(&self, offset: u64, len: u64, structure: &str) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(Error::corrupt(
+                &self.path,
+                structure,
+                offset,
+                format!(
+                    "{len} bytes requested but the file ends at {:#x} ({} bytes)",
+                    self.len, self.len
+                ),
+            )),
+        }
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`; reading past the end is a corrupt-image error.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64, structure: &str) -> Result<()> {
+        self.check_range(offset, buf.len() as u64, structure)?;
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| Error::io(&self.path, format!("read {structure} at {offset:#x}"), e))
+    }
+
+    /// Reads `len` bytes at `offset` into a new buffer. The range is checked against the file size
+    /// before allocating, so a hostile length cannot cause a large allocation.
+    pub fn read_vec_at(&self, offset: u64, len: u64, structure: &str) -> Result<Vec<u8>> {
+        self.check_range(offset, len, structure)?;
+        let mut buf = vec![0u8; len as usize];
+        self.read_exact_at(&mut buf, offset, structure)?;
+        Ok(buf)
+    }
+
+    /// Reads bytes at `offset`, filling with zeros whatever lies past the end of the file. Used for
+    /// data areas where a file shorter than its last cluster is legitimate (qemu truncates lazily).
+    pub fn read_zero_padded_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let avail = self.len.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let (head, tail) = buf.split_at_mut(avail);
+        if !head.is_empty() {
+            self.file
+                .read_exact_at(head, offset)
+                .map_err(|e| Error::io(&self.path, format!("read data at {offset:#x}"), e))?;
+        }
+        tail.fill(0);
+        Ok(())
+    }
+
+    /// The next offset at or after `offset` that holds data (SEEK_DATA), or `None` when only a hole
+    /// remains. Filesystems without hole reporting answer that everything is data.
+    pub fn next_data(&self, offset: u64) -> Result<Option<u64>> {
+        self.seek(offset, libc::SEEK_DATA)
+    }
+
+    /// The next hole at or after `offset` (SEEK_HOLE); the end of the file counts as a hole.
+    pub fn next_hole(&self, offset: u64) -> Result<u64> {
+        Ok(self.seek(offset, libc::SEEK_HOLE)?.unwrap_or(self.len))
+    }
+
+    fn seek(&self, offset: u64, whence: libc::c_int) -> Result<Option<u64>> {
+        use std::os::fd::AsRawFd;
+        if offset >= self.len {
+            return Ok(None);
+        }
+        let Ok(off) = libc::off_t::try_from(offset) else {
+            return Ok(None);
+        };
+        // SAFETY: lseek on a descriptor we own; it only moves the file position, which no other
+        // code relies on (all reads are positioned).
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            // No hole support: the whole file is data.
+            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(if whence == libc::SEEK_DATA {
+                Some(offset)
+            } else {
+                Some(self.len)
+            }),
+            _ => Err(Error::io(&self.path, "lseek", err)),
+        }
+    }
+}
+
+fn block_device_len(file: &File, path: &Path) -> Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = file;
+    f.seek(SeekFrom::End(0))
+        .map_err(|e| Error::io(path, "size of block device", e))
+}

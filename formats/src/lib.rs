@@ -1,0 +1,15 @@
+//! diskkit-formats: the on-disk disk image formats diskkit reads and writes, one module per
+//! format, behind one image model ([`Image`]: virtual size, extent map, positioned reads).
+//!
+//! This crate knows nothing of the command line, async runtimes or object storage.
+
+pub mod error;
+pub mod host;
+pub mod image;
+pub mod open;
+pub mod raw;
+
+pub use error::{Error, Result};
+pub use host::HostFile;
+pub use image::{Extent, ExtentKind, Extents, Format, Image, ImageInfo, SnapshotInfo};
+pub use open::{OpenOptions, detect, open};

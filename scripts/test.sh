@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs diskkit's whole test suite on a fresh Debian machine: installs what the tests need when it is
+# missing (qemu-utils for the qemu-img/qemu-io oracle), then runs every workspace test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+command -v qemu-img >/dev/null 2>&1 || need_pkgs+=(qemu-utils)
+command -v qemu-io >/dev/null 2>&1 || need_pkgs+=(qemu-utils)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+  else
+    echo "missing ${need_pkgs[*]}: install them (apt-get install ${need_pkgs[*]}) and rerun" >&2
+    exit 2
+  fi
+fi
+
+cargo test --workspace --locked "$@"

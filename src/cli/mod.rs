@@ -1,0 +1,56 @@
+//! Command-line interface, qemu-img style. Each subcommand lives in its own module.
+
+mod compare;
+mod info;
+mod map;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+/// Exit codes shared by all commands (as qemu-img uses them).
+pub const EXIT_OK: i32 = 0;
+/// `compare`: the images differ.
+pub const EXIT_DIFFERENT: i32 = 1;
+/// An error: bad arguments, unreadable or corrupt image.
+pub const EXIT_ERROR: i32 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "diskkit",
+    version,
+    about = "Inspect, compare, convert and hash cloud disk images (raw, qcow2, VHD, ISO)",
+    long_about = "diskkit works on the guest-visible content of disk images in any supported \
+format, reading only what the image's allocation map says holds data.\n\n\
+Formats are detected from magic bytes, never from file names; -f FMT forces one \
+(raw, qcow2, vpc|vhd, vhdx, vmdk, iso).\n\n\
+Exit codes: 0 success (compare: identical), 1 compare: images differ, 2 error \
+(bad arguments, unreadable or corrupt image).",
+    after_help = "Sizes accept suffixes K, M, G, T, P (powers of 1024), e.g. 10G or 512M."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Info(info::Args),
+    Map(map::Args),
+    Compare(compare::Args),
+}
+
+pub fn run() -> i32 {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info(a) => info::run(a),
+        Command::Map(a) => map::run(a),
+        Command::Compare(a) => compare::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("diskkit: {e}");
+            EXIT_ERROR
+        }
+    }
+}

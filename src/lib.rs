@@ -1,0 +1,8 @@
+//! diskkit engine: operations on disk images built on the image model of `diskkit-formats`.
+//! Synchronous and free of command-line concerns; the CLI in `main.rs` is a thin layer on top.
+
+pub mod compare;
+pub mod progress;
+
+pub use diskkit_formats as formats;
+pub use diskkit_formats::{Error, Result};

@@ -1,0 +1,113 @@
+//! Helpers for integration tests: run qemu-img/qemu-io (the oracle) and diskkit, make fixtures.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn diskkit_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_diskkit")
+}
+
+fn run_checked(mut cmd: Command) -> Output {
+    let desc = format!("{cmd:?}");
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {desc}: {e}"));
+    assert!(
+        out.status.success(),
+        "{desc} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs qemu-img with `args`; panics with its output when it fails.
+pub fn qemu_img(args: &[&str]) -> String {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(args);
+    String::from_utf8_lossy(&run_checked(cmd).stdout).into_owned()
+}
+
+/// Runs qemu-io commands (`-c` each) on an image of format `fmt`.
+pub fn qemu_io(fmt: &str, path: &Path, cmds: &[&str]) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", fmt]);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    cmd.arg(path);
+    let out = run_checked(cmd);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains("failed") && !text.contains("error"),
+        "qemu-io {cmds:?} on {}: {text}",
+        path.display()
+    );
+}
+
+/// Runs diskkit; returns (exit code, stdout, stderr).
+pub fn diskkit(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(diskkit_bin())
+        .args(args)
+        .output()
+        .expect("run diskkit");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs diskkit and insists on exit 0; returns stdout.
+pub fn diskkit_ok(args: &[&str]) -> String {
+    let (code, out, err) = diskkit(args);
+    assert_eq!(code, 0, "diskkit {args:?} failed:\n{out}\n{err}");
+    out
+}
+
+/// The guest content of an image as qemu sees it (qemu-img convert -O raw).
+pub fn qemu_guest_bytes(path: &Path, dir: &Path) -> Vec<u8> {
+    let out = dir.join(format!(
+        "{}.qemu-guest.raw",
+        path.file_name().unwrap().to_string_lossy()
+    ));
+    qemu_img(&["convert", "-O", "raw", path_str(path), path_str(&out)]);
+    let bytes = std::fs::read(&out).expect("read qemu output");
+    std::fs::remove_file(&out).ok();
+    bytes
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 test path")
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("diskkit-test-")
+        .tempdir()
+        .expect("tempdir")
+}
+
+/// qemu-io commands that write a recognisable mix: patterned data, runs of zeros written as data,
+/// explicit zero ranges and untouched holes, scaled to an image of `size` bytes (>= 8 MiB).
+pub fn mixed_pattern(size: u64) -> Vec<String> {
+    let mib = 1u64 << 20;
+    assert!(size >= 8 * mib);
+    vec![
+        format!("write -P 0x11 0 {}", 64 * 1024),
+        format!("write -P 0x22 {} {}", mib + 512, 3 * 4096 + 17),
+        format!("write -P 0x00 {} {}", 2 * mib, 128 * 1024),
+        format!("write -P 0x33 {} {}", 3 * mib - 4096, 8192),
+        format!("write -z {} {}", 4 * mib, mib),
+        format!("write -P 0x44 {} {}", size - 3 * 4096, 3 * 4096),
+    ]
+}
+
+pub fn as_refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+pub fn p(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}
