@@ -14,10 +14,15 @@ const CHUNK: u64 = 4 << 20;
 pub enum CompareResult {
     Identical,
     /// The images differ from this guest offset on.
-    ContentDiffers { offset: u64 },
+    ContentDiffers {
+        offset: u64,
+    },
     /// Sizes differ (only reported in strict mode, or when the extra part of the larger image
     /// is not all zeros; then `ContentDiffers` names the first non-zero byte).
-    SizeDiffers { a: u64, b: u64 },
+    SizeDiffers {
+        a: u64,
+        b: u64,
+    },
 }
 
 /// Compares the guest content of `a` and `b`. Outside strict mode, images of different sizes are
@@ -51,10 +56,10 @@ pub fn compare(
             Ok(None) => None,
             other => Some(other),
         });
-    if let Some(r) = first {
-        if let Some(offset) = r? {
-            return Ok(CompareResult::ContentDiffers { offset });
-        }
+    if let Some(r) = first
+        && let Some(offset) = r?
+    {
+        return Ok(CompareResult::ContentDiffers { offset });
     }
     let longer = if size_a > size_b { a } else { b };
     if let Some(offset) = first_nonzero(longer, common, longer.virtual_size())? {

@@ -35,13 +35,18 @@ fn raw_guest_view_map_and_info_match_qemu() {
             assert_eq!(start, covered);
             covered += len;
             if e["zero"] == true {
-                assert!(guest[start as usize..(start + len) as usize]
-                    .iter()
-                    .all(|&b| b == 0));
+                assert!(
+                    guest[start as usize..(start + len) as usize]
+                        .iter()
+                        .all(|&b| b == 0)
+                );
             }
         }
         assert_eq!(covered, size);
-        assert!(map.iter().any(|e| e["zero"] == true), "holes must be mapped");
+        assert!(
+            map.iter().any(|e| e["zero"] == true),
+            "holes must be mapped"
+        );
 
         // compare: identical to qemu's copy, different after one byte changes.
         let copy = p(dir.path(), "copy.raw");
@@ -65,7 +70,10 @@ fn compare_sizes_strict_and_lenient() {
     qemu_io("raw", &a, &["write -P 0x5a 1M 4k"]);
     qemu_io("raw", &b, &["write -P 0x5a 1M 4k"]);
     assert_eq!(diskkit(&["compare", path_str(&a), path_str(&b)]).0, 0);
-    assert_eq!(diskkit(&["compare", "--strict", path_str(&a), path_str(&b)]).0, 1);
+    assert_eq!(
+        diskkit(&["compare", "--strict", path_str(&a), path_str(&b)]).0,
+        1
+    );
     qemu_io("raw", &b, &["write -P 0x01 10M 1"]);
     let (code, out, _) = diskkit(&["compare", path_str(&a), path_str(&b)]);
     assert_eq!(code, 1);

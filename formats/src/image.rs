@@ -211,14 +211,11 @@ pub fn first_nonzero_byte(buf: &[u8]) -> Option<usize> {
     const BLOCK: usize = 256;
     let mut base = 0;
     for block in buf.chunks(BLOCK) {
-        let all_zero = block
-            .chunks(16)
-            .fold(0u128, |acc, c| {
-                let mut w = [0u8; 16];
-                w[..c.len()].copy_from_slice(c);
-                acc | u128::from_ne_bytes(w)
-            })
-            == 0;
+        let all_zero = block.chunks(16).fold(0u128, |acc, c| {
+            let mut w = [0u8; 16];
+            w[..c.len()].copy_from_slice(c);
+            acc | u128::from_ne_bytes(w)
+        }) == 0;
         if !all_zero {
             return block.iter().position(|&b| b != 0).map(|i| base + i);
         }

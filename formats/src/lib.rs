@@ -8,8 +8,10 @@ pub mod host;
 pub mod image;
 pub mod open;
 pub mod raw;
+pub mod write;
 
 pub use error::{Error, Result};
 pub use host::HostFile;
 pub use image::{Extent, ExtentKind, Extents, Format, Image, ImageInfo, SnapshotInfo};
 pub use open::{OpenOptions, detect, open};
+pub use write::{CreateOptions, ImageWriter};

@@ -1,7 +1,7 @@
 //! `diskkit info`: what an image is, as `qemu-img info` shows it.
 
-use super::util::{OutputFormat, human_size, open_image, parse_format};
 use super::EXIT_OK;
+use super::util::{OutputFormat, human_size, open_image, parse_format};
 use diskkit::formats::{Format, Image, ImageInfo, Result};
 use std::path::PathBuf;
 
@@ -45,7 +45,10 @@ pub fn run(args: Args) -> Result<i32> {
             } else {
                 serde_json::to_string_pretty(&layers[0])
             };
-            println!("{}", text.map_err(|e| diskkit::Error::invalid(e.to_string()))?);
+            println!(
+                "{}",
+                text.map_err(|e| diskkit::Error::invalid(e.to_string()))?
+            );
         }
         OutputFormat::Human => {
             for (i, info) in layers.iter().enumerate() {
@@ -66,7 +69,11 @@ fn human(info: &ImageInfo) -> String {
     line("file format", info.format.clone());
     line(
         "virtual size",
-        format!("{} ({} bytes)", human_size(info.virtual_size), info.virtual_size),
+        format!(
+            "{} ({} bytes)",
+            human_size(info.virtual_size),
+            info.virtual_size
+        ),
     );
     line("disk size", human_size(info.actual_size));
     if let Some(c) = info.cluster_size {

@@ -1,7 +1,7 @@
 //! `diskkit map`: the allocation map of an image, like `qemu-img map`.
 
-use super::util::{OutputFormat, open_image, parse_format};
 use super::EXIT_OK;
+use super::util::{OutputFormat, open_image, parse_format};
 use diskkit::formats::{Extent, ExtentKind, Extents, Format, Result};
 use serde::Serialize;
 use std::io::Write;

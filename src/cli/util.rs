@@ -50,6 +50,7 @@ pub fn human_size(bytes: u64) -> String {
     }
 }
 
+#[allow(dead_code)] // used by create, resize and hash as they land
 /// Parses `10G`, `512M`, `4k`, `1.5T` or a plain byte count.
 pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let s = s.trim();

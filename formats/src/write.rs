@@ -1,0 +1,124 @@
+//! The writing side of the image model: a destination image that receives guest content.
+//!
+//! The engine (convert) drives writers from several threads at once over disjoint guest ranges;
+//! each format's writer keeps its own metadata consistent under concurrent calls and completes it
+//! in `finish`. Writers never rename files: the engine writes to a temporary name and renames
+//! into place only after `finish` has returned (outputs are synced by then).
+
+use crate::error::{Error, Result};
+use crate::image::Format;
+use std::collections::BTreeMap;
+
+/// A destination image being written.
+pub trait ImageWriter: Send + Sync {
+    /// Guest size of the image being written.
+    fn virtual_size(&self) -> u64;
+
+    /// Writes guest data at `offset`. Called concurrently from several threads for disjoint
+    /// ranges; a range is written at most once per conversion.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+
+    /// Makes `[offset, offset + len)` read as zeros. A fresh image already reads as zeros, so
+    /// writers of new images may ignore this; writers into existing images (`convert -n`) and
+    /// overlays (where the backing image has data) must record it.
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()>;
+
+    /// True when the fresh image reads as zeros everywhere, so zero ranges can be skipped.
+    fn zero_initialized(&self) -> bool;
+
+    /// Completes metadata and syncs everything to stable storage.
+    fn finish(self: Box<Self>) -> Result<()>;
+}
+
+/// Options for creating an image: qemu-img's `-o key=value,...` list plus the flags that have
+/// their own switches (`-c`, `-B`/`-F`).
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    /// `-o` options by name; each format takes the ones it knows and refuses the others.
+    pub options: BTreeMap<String, String>,
+    /// `-c`: compress data (formats that support it).
+    pub compress: bool,
+    /// `-B`/`-b`: backing file name as it is to be recorded in the image.
+    pub backing_file: Option<String>,
+    /// `-F`: format of the backing file.
+    pub backing_format: Option<Format>,
+}
+
+impl CreateOptions {
+    /// Parses `key=value,key2=value2` (qemu's `-o` syntax; `,,` is a literal comma).
+    pub fn parse_options(&mut self, spec: &str) -> Result<()> {
+        let mut items = Vec::new();
+        let mut cur = String::new();
+        let mut chars = spec.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == ',' {
+                if chars.peek() == Some(&',') {
+                    chars.next();
+                    cur.push(',');
+                } else {
+                    items.push(std::mem::take(&mut cur));
+                }
+            } else {
+                cur.push(c);
+            }
+        }
+        items.push(cur);
+        for item in items.into_iter().filter(|i| !i.is_empty()) {
+            let (k, v) = match item.split_once('=') {
+                Some((k, v)) => (k.trim().to_string(), v.trim().to_string()),
+                // A bare flag means "on", as in qemu (`-o lazy_refcounts`).
+                None => (item.trim().to_string(), "on".to_string()),
+            };
+            self.options.insert(k, v);
+        }
+        Ok(())
+    }
+
+    /// Takes out option `key`; formats call this for each option they know and then
+    /// [`CreateOptions::reject_unknown`].
+    pub fn take(&mut self, key: &str) -> Option<String> {
+        self.options.remove(key)
+    }
+
+    /// Takes out a boolean option (`on/off`, `true/false`, `yes/no`).
+    pub fn take_bool(&mut self, key: &str) -> Result<Option<bool>> {
+        self.take(key)
+            .map(|v| match v.as_str() {
+                "on" | "true" | "yes" | "1" => Ok(true),
+                "off" | "false" | "no" | "0" => Ok(false),
+                _ => Err(Error::invalid(format!("option {key}: '{v}' is not on/off"))),
+            })
+            .transpose()
+    }
+
+    /// Fails when options remain that the format did not take.
+    pub fn reject_unknown(&self, format: Format) -> Result<()> {
+        if self.options.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<&str> = self.options.keys().map(String::as_str).collect();
+        Err(Error::invalid(format!(
+            "format {format} does not support option(s): {}",
+            names.join(", ")
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_qemu_option_lists() {
+        let mut o = CreateOptions::default();
+        o.parse_options("compat=0.10,cluster_size=4096,lazy_refcounts,name=a,,b")
+            .unwrap();
+        assert_eq!(o.take("compat").as_deref(), Some("0.10"));
+        assert_eq!(o.take("cluster_size").as_deref(), Some("4096"));
+        assert_eq!(o.take_bool("lazy_refcounts").unwrap(), Some(true));
+        assert_eq!(o.take("name").as_deref(), Some("a,b"));
+        assert!(o.reject_unknown(Format::Qcow2).is_ok());
+        o.parse_options("bogus=1").unwrap();
+        assert!(o.reject_unknown(Format::Qcow2).is_err());
+    }
+}
