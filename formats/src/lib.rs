@@ -3,6 +3,7 @@
 //!
 //! This crate knows nothing of the command line, async runtimes or object storage.
 
+pub mod check;
 pub mod error;
 pub mod host;
 pub mod image;
@@ -10,8 +11,9 @@ pub mod open;
 pub mod raw;
 pub mod write;
 
+pub use check::{CheckReport, Repair};
 pub use error::{Error, Result};
 pub use host::HostFile;
 pub use image::{Extent, ExtentKind, Extents, Format, Image, ImageInfo, SnapshotInfo};
 pub use open::{OpenOptions, detect, open};
-pub use write::{CreateOptions, ImageWriter};
+pub use write::{CreateOptions, ImageWriter, Measure};

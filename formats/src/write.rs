@@ -30,6 +30,16 @@ pub trait ImageWriter: Send + Sync {
     fn finish(self: Box<Self>) -> Result<()>;
 }
 
+/// Output of `measure`, as `qemu-img measure` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Measure {
+    /// Bytes the new image needs for the given source's data (zeros and holes excluded).
+    pub required: u64,
+    /// Bytes the new image needs if every guest byte were allocated.
+    #[serde(rename = "fully-allocated")]
+    pub fully_allocated: u64,
+}
+
 /// Options for creating an image: qemu-img's `-o key=value,...` list plus the flags that have
 /// their own switches (`-c`, `-B`/`-F`).
 #[derive(Debug, Clone, Default)]
