@@ -8,6 +8,7 @@ pub mod error;
 pub mod host;
 pub mod image;
 pub mod open;
+pub mod qcow2;
 pub mod raw;
 pub mod write;
 

@@ -3,6 +3,7 @@
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 use crate::image::{Format, Image};
+use crate::qcow2::Qcow2Image;
 use crate::raw::RawImage;
 use std::path::{Path, PathBuf};
 
@@ -78,6 +79,7 @@ impl Chain {
         }
         match format {
             Format::Raw => Ok(Box::new(RawImage::open(file))),
+            Format::Qcow2 => Ok(Box::new(Qcow2Image::open(file, self, snapshot)?)),
             other => Err(Error::unsupported(
                 path,
                 format!("reading {other} images is not implemented yet"),
