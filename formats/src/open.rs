@@ -4,6 +4,7 @@ use crate::error::{Error, Result};
 use crate::host::HostFile;
 use crate::image::{Format, Image};
 use crate::raw::RawImage;
+use crate::vhd::{self, VhdImage};
 use std::path::{Path, PathBuf};
 
 /// The deepest backing chain diskkit follows; deeper chains are refused as probably cyclic or
@@ -25,6 +26,8 @@ pub fn detect(file: &HostFile) -> Result<Format> {
     file.read_exact_at(&mut head[..n], 0, "format magic")?;
     Ok(match &head[..n] {
         [b'Q', b'F', b'I', 0xfb, ..] => Format::Qcow2,
+        b"conectix" => Format::Vhd,
+        _ if vhd::has_fixed_footer(file)? => Format::Vhd,
         _ => Format::Raw,
     })
 }
@@ -78,6 +81,7 @@ impl Chain {
         }
         match format {
             Format::Raw => Ok(Box::new(RawImage::open(file))),
+            Format::Vhd => Ok(Box::new(VhdImage::open(file, self)?)),
             other => Err(Error::unsupported(
                 path,
                 format!("reading {other} images is not implemented yet"),
