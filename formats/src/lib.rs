@@ -10,6 +10,7 @@ pub mod image;
 pub mod open;
 pub mod qcow2;
 pub mod raw;
+pub mod vhd;
 pub mod write;
 
 pub use check::{CheckReport, Repair};

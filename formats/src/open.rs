@@ -5,6 +5,7 @@ use crate::host::HostFile;
 use crate::image::{Format, Image};
 use crate::qcow2::Qcow2Image;
 use crate::raw::RawImage;
+use crate::vhd::{self, VhdImage};
 use std::path::{Path, PathBuf};
 
 /// The deepest backing chain diskkit follows; deeper chains are refused as probably cyclic or
@@ -26,6 +27,8 @@ pub fn detect(file: &HostFile) -> Result<Format> {
     file.read_exact_at(&mut head[..n], 0, "format magic")?;
     Ok(match &head[..n] {
         [b'Q', b'F', b'I', 0xfb, ..] => Format::Qcow2,
+        b"conectix" => Format::Vhd,
+        _ if vhd::has_fixed_footer(file)? => Format::Vhd,
         _ => Format::Raw,
     })
 }
@@ -80,6 +83,7 @@ impl Chain {
         match format {
             Format::Raw => Ok(Box::new(RawImage::open(file))),
             Format::Qcow2 => Ok(Box::new(Qcow2Image::open(file, self, snapshot)?)),
+            Format::Vhd => Ok(Box::new(VhdImage::open(file, self)?)),
             other => Err(Error::unsupported(
                 path,
                 format!("reading {other} images is not implemented yet"),
