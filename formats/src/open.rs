@@ -3,6 +3,7 @@
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 use crate::image::{Format, Image};
+use crate::iso::IsoImage;
 use crate::raw::RawImage;
 use std::path::{Path, PathBuf};
 
@@ -25,6 +26,7 @@ pub fn detect(file: &HostFile) -> Result<Format> {
     file.read_exact_at(&mut head[..n], 0, "format magic")?;
     Ok(match &head[..n] {
         [b'Q', b'F', b'I', 0xfb, ..] => Format::Qcow2,
+        _ if crate::iso::has_magic(file)? => Format::Iso,
         _ => Format::Raw,
     })
 }
@@ -78,6 +80,7 @@ impl Chain {
         }
         match format {
             Format::Raw => Ok(Box::new(RawImage::open(file))),
+            Format::Iso => Ok(Box::new(IsoImage::open(file)?)),
             other => Err(Error::unsupported(
                 path,
                 format!("reading {other} images is not implemented yet"),
