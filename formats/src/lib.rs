@@ -7,6 +7,7 @@ pub mod check;
 pub mod error;
 pub mod host;
 pub mod image;
+pub mod iso;
 pub mod open;
 pub mod qcow2;
 pub mod raw;

@@ -4,6 +4,7 @@ use crate::error::{Error, Result};
 use crate::host::HostFile;
 use crate::image::{Format, Image};
 use crate::qcow2::Qcow2Image;
+use crate::iso::IsoImage;
 use crate::raw::RawImage;
 use crate::vhd::{self, VhdImage};
 use std::path::{Path, PathBuf};
@@ -29,6 +30,7 @@ pub fn detect(file: &HostFile) -> Result<Format> {
         [b'Q', b'F', b'I', 0xfb, ..] => Format::Qcow2,
         b"conectix" => Format::Vhd,
         _ if vhd::has_fixed_footer(file)? => Format::Vhd,
+        _ if crate::iso::has_magic(file)? => Format::Iso,
         _ => Format::Raw,
     })
 }
@@ -84,6 +86,7 @@ impl Chain {
             Format::Raw => Ok(Box::new(RawImage::open(file))),
             Format::Qcow2 => Ok(Box::new(Qcow2Image::open(file, self, snapshot)?)),
             Format::Vhd => Ok(Box::new(VhdImage::open(file, self)?)),
+            Format::Iso => Ok(Box::new(IsoImage::open(file)?)),
             other => Err(Error::unsupported(
                 path,
                 format!("reading {other} images is not implemented yet"),

@@ -2,6 +2,7 @@
 
 mod compare;
 mod info;
+mod iso;
 mod map;
 mod util;
 
@@ -37,6 +38,7 @@ enum Command {
     Info(info::Args),
     Map(map::Args),
     Compare(compare::Args),
+    Iso(iso::Args),
 }
 
 pub fn run() -> i32 {
@@ -45,6 +47,7 @@ pub fn run() -> i32 {
         Command::Info(a) => info::run(a),
         Command::Map(a) => map::run(a),
         Command::Compare(a) => compare::run(a),
+        Command::Iso(a) => iso::run(a),
     };
     match result {
         Ok(code) => code,
