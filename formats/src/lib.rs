@@ -9,6 +9,7 @@ pub mod host;
 pub mod image;
 pub mod open;
 pub mod raw;
+pub mod vhdx;
 pub mod vmdk;
 pub mod write;
 

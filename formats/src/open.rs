@@ -4,6 +4,7 @@ use crate::error::{Error, Result};
 use crate::host::HostFile;
 use crate::image::{Format, Image};
 use crate::raw::RawImage;
+use crate::vhdx::VhdxImage;
 use crate::vmdk::VmdkImage;
 use std::path::{Path, PathBuf};
 
@@ -26,6 +27,7 @@ pub fn detect(file: &HostFile) -> Result<Format> {
     file.read_exact_at(&mut head[..n], 0, "format magic")?;
     Ok(match &head[..n] {
         [b'Q', b'F', b'I', 0xfb, ..] => Format::Qcow2,
+        b"vhdxfile" => Format::Vhdx,
         _ if crate::vmdk::detect(file)? => Format::Vmdk,
         _ => Format::Raw,
     })
@@ -81,6 +83,7 @@ impl Chain {
         match format {
             Format::Raw => Ok(Box::new(RawImage::open(file))),
             Format::Vmdk => Ok(Box::new(VmdkImage::open(file, self)?)),
+            Format::Vhdx => Ok(Box::new(VhdxImage::open(file, self)?)),
             other => Err(Error::unsupported(
                 path,
                 format!("reading {other} images is not implemented yet"),
