@@ -12,6 +12,8 @@ pub mod open;
 pub mod qcow2;
 pub mod raw;
 pub mod vhd;
+pub mod vhdx;
+pub mod vmdk;
 pub mod write;
 
 pub use check::{CheckReport, Repair};

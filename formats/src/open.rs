@@ -7,6 +7,8 @@ use crate::qcow2::Qcow2Image;
 use crate::iso::IsoImage;
 use crate::raw::RawImage;
 use crate::vhd::{self, VhdImage};
+use crate::vhdx::VhdxImage;
+use crate::vmdk::VmdkImage;
 use std::path::{Path, PathBuf};
 
 /// The deepest backing chain diskkit follows; deeper chains are refused as probably cyclic or
@@ -31,6 +33,8 @@ pub fn detect(file: &HostFile) -> Result<Format> {
         b"conectix" => Format::Vhd,
         _ if vhd::has_fixed_footer(file)? => Format::Vhd,
         _ if crate::iso::has_magic(file)? => Format::Iso,
+        b"vhdxfile" => Format::Vhdx,
+        _ if crate::vmdk::detect(file)? => Format::Vmdk,
         _ => Format::Raw,
     })
 }
@@ -87,6 +91,8 @@ impl Chain {
             Format::Qcow2 => Ok(Box::new(Qcow2Image::open(file, self, snapshot)?)),
             Format::Vhd => Ok(Box::new(VhdImage::open(file, self)?)),
             Format::Iso => Ok(Box::new(IsoImage::open(file)?)),
+            Format::Vmdk => Ok(Box::new(VmdkImage::open(file, self)?)),
+            Format::Vhdx => Ok(Box::new(VhdxImage::open(file, self)?)),
             other => Err(Error::unsupported(
                 path,
                 format!("reading {other} images is not implemented yet"),
