@@ -1,6 +1,7 @@
 //! Command-line interface, qemu-img style. Each subcommand lives in its own module.
 
 mod compare;
+mod hash;
 mod info;
 mod map;
 mod util;
@@ -37,6 +38,7 @@ enum Command {
     Info(info::Args),
     Map(map::Args),
     Compare(compare::Args),
+    Hash(hash::Args),
 }
 
 pub fn run() -> i32 {
@@ -45,6 +47,7 @@ pub fn run() -> i32 {
         Command::Info(a) => info::run(a),
         Command::Map(a) => map::run(a),
         Command::Compare(a) => compare::run(a),
+        Command::Hash(a) => hash::run(a),
     };
     match result {
         Ok(code) => code,
