@@ -1,6 +1,7 @@
 //! Command-line interface, qemu-img style. Each subcommand lives in its own module.
 
 mod compare;
+mod hash;
 mod info;
 mod iso;
 mod map;
@@ -39,6 +40,7 @@ enum Command {
     Map(map::Args),
     Compare(compare::Args),
     Iso(iso::Args),
+    Hash(hash::Args),
 }
 
 pub fn run() -> i32 {
@@ -48,6 +50,7 @@ pub fn run() -> i32 {
         Command::Map(a) => map::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Iso(a) => iso::run(a),
+        Command::Hash(a) => hash::run(a),
     };
     match result {
         Ok(code) => code,
