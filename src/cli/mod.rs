@@ -1,8 +1,13 @@
 //! Command-line interface, qemu-img style. Each subcommand lives in its own module.
 
+mod check;
 mod compare;
+mod convert;
+mod create;
 mod info;
 mod map;
+mod measure;
+mod resize;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -37,6 +42,11 @@ enum Command {
     Info(info::Args),
     Map(map::Args),
     Compare(compare::Args),
+    Convert(convert::Args),
+    Create(create::Args),
+    Measure(measure::Args),
+    Resize(resize::Args),
+    Check(check::Args),
 }
 
 pub fn run() -> i32 {
@@ -45,6 +55,11 @@ pub fn run() -> i32 {
         Command::Info(a) => info::run(a),
         Command::Map(a) => map::run(a),
         Command::Compare(a) => compare::run(a),
+        Command::Convert(a) => convert::run(a),
+        Command::Create(a) => create::run(a),
+        Command::Measure(a) => measure::run(a),
+        Command::Resize(a) => resize::run(a),
+        Command::Check(a) => check::run(a),
     };
     match result {
         Ok(code) => code,

@@ -1,7 +1,7 @@
 //! Helpers shared by the subcommands: opening images from flags, output modes, human sizes.
 
 use clap::ValueEnum;
-use diskkit::formats::{Format, Image, OpenOptions, Result, open};
+use diskkit::formats::{CreateOptions, Format, Image, OpenOptions, Result, open};
 use diskkit::progress::Progress;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
@@ -30,6 +30,15 @@ pub fn open_image(
     )
 }
 
+/// Collects repeated `-o key=value,...` arguments.
+pub fn create_options(specs: &[String]) -> Result<CreateOptions> {
+    let mut opts = CreateOptions::default();
+    for spec in specs {
+        opts.parse_options(spec)?;
+    }
+    Ok(opts)
+}
+
 /// `1 GiB`, `512 KiB`, `3.5 MiB`: sizes as qemu-img prints them.
 pub fn human_size(bytes: u64) -> String {
     const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
@@ -50,7 +59,6 @@ pub fn human_size(bytes: u64) -> String {
     }
 }
 
-#[allow(dead_code)] // used by create, resize and hash as they land
 /// Parses `10G`, `512M`, `4k`, `1.5T` or a plain byte count.
 pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let s = s.trim();
