@@ -534,3 +534,221 @@ fn units_with_data(ranges: &[(u64, u64)], start: u64, len: usize, unit: usize) -
     }
     has
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::NoProgress;
+    use diskkit_formats::{Extent, ExtentKind, ImageInfo};
+    use std::sync::Mutex;
+
+    /// An in-memory image whose map calls `data` ranges data and the rest zero.
+    struct MemImage {
+        bytes: Vec<u8>,
+        data: Vec<(u64, u64)>,
+    }
+
+    impl MemImage {
+        fn new(size: usize, writes: &[(u64, &[u8])]) -> Self {
+            let mut bytes = vec![0; size];
+            let mut data = Vec::new();
+            for &(off, buf) in writes {
+                bytes[off as usize..off as usize + buf.len()].copy_from_slice(buf);
+                data.push((off, off + buf.len() as u64));
+            }
+            data.sort();
+            MemImage { bytes, data }
+        }
+    }
+
+    impl Image for MemImage {
+        fn format(&self) -> Format {
+            Format::Raw
+        }
+        fn virtual_size(&self) -> u64 {
+            self.bytes.len() as u64
+        }
+        fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
+            let end = offset + max_len.min(self.virtual_size() - offset);
+            let (kind, until) = match self.data.iter().find(|(_, e)| *e > offset) {
+                Some(&(s, e)) if s <= offset => (ExtentKind::Data { offset }, e),
+                Some(&(s, _)) => (ExtentKind::Zero, s),
+                None => (ExtentKind::Zero, end),
+            };
+            Ok(Extent {
+                start: offset,
+                length: until.min(end) - offset,
+                kind,
+                depth: 0,
+            })
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            buf.copy_from_slice(&self.bytes[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn info(&self) -> ImageInfo {
+            ImageInfo::basic(PathBuf::from("mem"), Format::Raw, self.virtual_size(), 0)
+        }
+    }
+
+    /// A writer that checks alignment and records what it was asked to do.
+    struct RecordingWriter {
+        size: u64,
+        align: u64,
+        zero_initialized: bool,
+        writes: Mutex<Vec<(u64, Vec<u8>)>>,
+        zeroes: Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl RecordingWriter {
+        fn new(size: u64, align: u64, zero_initialized: bool) -> Self {
+            RecordingWriter {
+                size,
+                align,
+                zero_initialized,
+                writes: Mutex::default(),
+                zeroes: Mutex::default(),
+            }
+        }
+
+        fn check_aligned(&self, offset: u64, len: u64) {
+            assert_eq!(offset % self.align, 0, "unaligned start {offset:#x}");
+            let end = offset + len;
+            assert!(
+                end.is_multiple_of(self.align) || end == self.size,
+                "unaligned end {end:#x}"
+            );
+        }
+
+        /// Guest content as written; `None` bytes were never written nor zeroed.
+        fn content(&self) -> Vec<Option<u8>> {
+            let mut out = vec![None; self.size as usize];
+            for (off, buf) in self.writes.lock().unwrap().iter() {
+                for (i, b) in buf.iter().enumerate() {
+                    out[*off as usize + i] = Some(*b);
+                }
+            }
+            for &(off, len) in self.zeroes.lock().unwrap().iter() {
+                out[off as usize..(off + len) as usize].fill(Some(0));
+            }
+            out
+        }
+
+        fn written_bytes(&self) -> u64 {
+            let w = self.writes.lock().unwrap();
+            w.iter().map(|(_, b)| b.len() as u64).sum()
+        }
+    }
+
+    impl ImageWriter for RecordingWriter {
+        fn virtual_size(&self) -> u64 {
+            self.size
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+            self.check_aligned(offset, buf.len() as u64);
+            self.writes.lock().unwrap().push((offset, buf.to_vec()));
+            Ok(())
+        }
+        fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+            self.check_aligned(offset, len);
+            self.zeroes.lock().unwrap().push((offset, len));
+            Ok(())
+        }
+        fn zero_initialized(&self) -> bool {
+            self.zero_initialized
+        }
+        fn write_alignment(&self) -> u64 {
+            self.align
+        }
+        fn finish(self: Box<Self>) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    const MIB: usize = 1 << 20;
+
+    fn sample() -> MemImage {
+        // Unaligned data, zeros written as data, a run across a chunk boundary, an odd size.
+        MemImage::new(
+            5 * MIB + 1000,
+            &[
+                (100, &[0x11; 3000]),
+                (70_000, &[0; 200_000]),
+                (2 * MIB as u64 - 5000, &[0x22; 10_000]),
+                (5 * MIB as u64, &[0x33; 1000]),
+            ],
+        )
+    }
+
+    #[test]
+    fn writes_aligned_runs_and_skips_zeros() {
+        let src = sample();
+        for align in [1, 512, 65536, 2 << 20] {
+            let dst = RecordingWriter::new(src.virtual_size(), align, true);
+            let stats = convert(&src, &dst, &ConvertOptions::default(), &NoProgress).unwrap();
+            let content = dst.content();
+            for (i, b) in content.iter().enumerate() {
+                assert_eq!(b.unwrap_or(0), src.bytes[i], "align {align} byte {i}");
+            }
+            // The 200 KB of zeros written as data are detected and not written.
+            assert!(dst.written_bytes() < 100_000 + 4 * align, "align {align}");
+            assert_eq!(stats.written, dst.written_bytes());
+            assert_eq!(stats.read, 3000 + 200_000 + 10_000 + 1000);
+        }
+    }
+
+    #[test]
+    fn sparse_size_zero_writes_all_data_and_existing_targets_get_zeroes() {
+        let src = sample();
+        let dst = RecordingWriter::new(src.virtual_size() + 4096, 1, false);
+        let opts = ConvertOptions {
+            sparse_size: 0,
+            threads: Some(2),
+            ..Default::default()
+        };
+        convert(&src, &dst, &opts, &NoProgress).unwrap();
+        assert!(dst.written_bytes() >= 200_000);
+        let content = dst.content();
+        // Every source byte is written or zeroed; the target's extra tail is left alone.
+        for (i, b) in content.iter().enumerate().take(src.bytes.len()) {
+            assert_eq!(*b, Some(src.bytes[i]), "byte {i}");
+        }
+        assert!(content[src.bytes.len()..].iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn overlay_writes_only_differences() {
+        let backing = MemImage::new(4 * MIB, &[(0, &[0x44; 3 * MIB])]);
+        let mut changed = vec![0x44; 3 * MIB];
+        changed[MIB..MIB + 10].fill(0x55);
+        changed[2 * MIB..2 * MIB + 65536].fill(0);
+        let src = MemImage::new(5 * MIB, &[(0, &changed), (4 * MIB as u64 + 7, &[9; 5])]);
+        let dst = RecordingWriter::new(src.virtual_size(), 65536, false);
+        let opts = ConvertOptions {
+            backing: Some(&backing),
+            ..Default::default()
+        };
+        convert(&src, &dst, &opts, &NoProgress).unwrap();
+        let mut writes = dst.writes.lock().unwrap().clone();
+        writes.sort();
+        let written: Vec<(u64, usize)> = writes.iter().map(|(o, b)| (*o, b.len())).collect();
+        assert_eq!(written, [(MIB as u64, 65536), (4 * MIB as u64, 65536)]);
+        assert_eq!(*dst.zeroes.lock().unwrap(), [(2 * MIB as u64, 65536)]);
+        let content = dst.content();
+        assert_eq!(content[MIB], Some(0x55));
+        assert_eq!(content[4 * MIB + 7], Some(9));
+    }
+
+    #[test]
+    fn refuses_bad_sparse_size_and_small_output() {
+        let src = sample();
+        let dst = RecordingWriter::new(src.virtual_size(), 1, true);
+        let opts = ConvertOptions {
+            sparse_size: 1000,
+            ..Default::default()
+        };
+        assert!(convert(&src, &dst, &opts, &NoProgress).is_err());
+        let small = RecordingWriter::new(src.virtual_size() - 1, 1, true);
+        assert!(convert(&src, &small, &ConvertOptions::default(), &NoProgress).is_err());
+    }
+}
