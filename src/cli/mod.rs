@@ -29,7 +29,7 @@ format, reading only what the image's allocation map says holds data.\n\n\
 Formats are detected from magic bytes, never from file names; -f FMT forces one \
 (raw, qcow2, vpc|vhd, vhdx, vmdk, iso).\n\n\
 Exit codes: 0 success (compare: identical), 1 compare: images differ, 2 error \
-(bad arguments, unreadable or corrupt image).",
+(bad arguments, unreadable or corrupt image); check has its own (see diskkit check --help).",
     after_help = "Sizes accept suffixes K, M, G, T, P (powers of 1024), e.g. 10G or 512M."
 )]
 pub struct Cli {
