@@ -3,6 +3,7 @@
 
 pub mod compare;
 pub mod hash;
+pub mod convert;
 pub mod progress;
 
 pub use diskkit_formats as formats;
