@@ -3,8 +3,8 @@
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 use crate::image::{Format, Image};
-use crate::qcow2::Qcow2Image;
 use crate::iso::IsoImage;
+use crate::qcow2::Qcow2Image;
 use crate::raw::RawImage;
 use crate::vhd::{self, VhdImage};
 use crate::vhdx::VhdxImage;
@@ -31,9 +31,9 @@ pub fn detect(file: &HostFile) -> Result<Format> {
     Ok(match &head[..n] {
         [b'Q', b'F', b'I', 0xfb, ..] => Format::Qcow2,
         b"conectix" => Format::Vhd,
+        b"vhdxfile" => Format::Vhdx,
         _ if vhd::has_fixed_footer(file)? => Format::Vhd,
         _ if crate::iso::has_magic(file)? => Format::Iso,
-        b"vhdxfile" => Format::Vhdx,
         _ if crate::vmdk::detect(file)? => Format::Vmdk,
         _ => Format::Raw,
     })
@@ -93,10 +93,6 @@ impl Chain {
             Format::Iso => Ok(Box::new(IsoImage::open(file)?)),
             Format::Vmdk => Ok(Box::new(VmdkImage::open(file, self)?)),
             Format::Vhdx => Ok(Box::new(VhdxImage::open(file, self)?)),
-            other => Err(Error::unsupported(
-                path,
-                format!("reading {other} images is not implemented yet"),
-            )),
         }
     }
 }

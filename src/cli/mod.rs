@@ -2,9 +2,9 @@
 
 mod check;
 mod compare;
-mod hash;
 mod convert;
 mod create;
+mod hash;
 mod info;
 mod iso;
 mod map;

@@ -59,40 +59,7 @@ pub fn human_size(bytes: u64) -> String {
     }
 }
 
-#[allow(unused_imports)] // used by create, resize and hash as they land
 pub use diskkit::formats::write::parse_size;
-/// Parses `10G`, `512M`, `4k`, `1.5T` or a plain byte count.
-pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        None => (s, 1u64),
-        Some((i, _)) => {
-            let unit = s[i..].to_ascii_lowercase();
-            let unit = unit.trim_end_matches("ib").trim_end_matches('b');
-            let shift = match unit {
-                "" => 0,
-                "k" => 10,
-                "m" => 20,
-                "g" => 30,
-                "t" => 40,
-                "p" => 50,
-                "e" => 60,
-                _ => return Err(format!("unknown size suffix in '{s}'")),
-            };
-            (&s[..i], 1u64 << shift)
-        }
-    };
-    let value: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (examples: 10G, 512M, 4096)"))?;
-    let bytes = value * mult as f64;
-    if !(0.0..=u64::MAX as f64).contains(&bytes) || bytes.fract() != 0.0 {
-        return Err(format!("'{s}' is not a whole number of bytes"));
-    }
-    Ok(bytes as u64)
-}
-
 /// A progress bar over `total` bytes when `enabled`, hidden otherwise.
 pub struct Bar(ProgressBar);
 
