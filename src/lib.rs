@@ -5,6 +5,7 @@ pub mod compare;
 pub mod convert;
 pub mod hash;
 pub mod progress;
+pub mod storage;
 
 pub use diskkit_formats as formats;
 pub use diskkit_formats::{Error, Result};

@@ -10,6 +10,7 @@ mod iso;
 mod map;
 mod measure;
 mod resize;
+mod storage;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -51,6 +52,11 @@ enum Command {
     Measure(measure::Args),
     Resize(resize::Args),
     Check(check::Args),
+    Push(storage::PushArgs),
+    Pull(storage::PullArgs),
+    Verify(storage::VerifyArgs),
+    Ls(storage::LsArgs),
+    Rm(storage::RmArgs),
 }
 
 pub fn run() -> i32 {
@@ -66,6 +72,11 @@ pub fn run() -> i32 {
         Command::Measure(a) => measure::run(a),
         Command::Resize(a) => resize::run(a),
         Command::Check(a) => check::run(a),
+        Command::Push(a) => storage::push(a),
+        Command::Pull(a) => storage::pull(a),
+        Command::Verify(a) => storage::verify(a),
+        Command::Ls(a) => storage::ls(a),
+        Command::Rm(a) => storage::rm(a),
     };
     match result {
         Ok(code) => code,

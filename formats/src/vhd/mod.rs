@@ -6,6 +6,7 @@
 mod check;
 pub mod layout;
 mod read;
+pub mod stream;
 mod write;
 
 pub use check::{ResizeOutcome, check, resize};

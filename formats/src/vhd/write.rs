@@ -28,15 +28,15 @@ const DATA_ALIGNMENT: u64 = 4096;
 
 /// What a set of create options asks for, with the size rounded as the format requires.
 #[derive(Debug, Clone)]
-struct Plan {
-    disk_type: DiskType,
-    virtual_size: u64,
+pub(super) struct Plan {
+    pub(super) disk_type: DiskType,
+    pub(super) virtual_size: u64,
     geometry: Geometry,
     block_size: u64,
 }
 
 impl Plan {
-    fn from_options(requested: u64, opts: &mut CreateOptions) -> Result<Plan> {
+    pub(super) fn from_options(requested: u64, opts: &mut CreateOptions) -> Result<Plan> {
         let subformat = opts.take("subformat");
         let force_size = opts.take_bool("force_size")?;
         let block_size = opts.take_size("block_size")?;
@@ -148,7 +148,7 @@ impl Plan {
         }
     }
 
-    fn footer(&self) -> Result<Footer> {
+    pub(super) fn footer(&self) -> Result<Footer> {
         let timestamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs().saturating_sub(EPOCH_2000))

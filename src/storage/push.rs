@@ -1,0 +1,497 @@
+//! `push`: an image into a bucket as a multipart upload, converted on the fly, with a sidecar
+//! manifest and a checkpoint that lets a rerun send only the missing parts.
+//!
+//! The object is a pure function of the source: [`Export::fill`] produces any byte range of it
+//! on demand, so parts can be produced in parallel, in any order, and again after a crash,
+//! without a local copy. Memory is one part buffer per parallel upload.
+
+use super::checkpoint::{self, Checkpoint};
+use super::{Location, Store, manifest_key};
+use crate::hash::hash_image;
+use crate::progress::Progress;
+use bytes::Bytes;
+use diskkit_formats::digest::{DEFAULT_CHUNK_SIZE, Manifest};
+use diskkit_formats::image::check_guest_range;
+use diskkit_formats::vhd::layout::FOOTER_SIZE;
+use diskkit_formats::write::CreateOptions;
+use diskkit_formats::{Error, Extent, Extents, Format, Image, ImageInfo, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+/// The smallest part S3 accepts (except for the last part of an object).
+pub const MIN_PART_SIZE: u64 = 5 << 20;
+/// The largest part S3 accepts.
+pub const MAX_PART_SIZE: u64 = 5 << 30;
+/// Parts per multipart upload at most.
+pub const MAX_PARTS: u64 = 10_000;
+/// Part size when the object is small enough: 8 parallel parts of 16 MiB stay far below the
+/// 256 MiB memory goal while keeping requests large.
+pub const DEFAULT_PART_SIZE: u64 = 16 << 20;
+pub const DEFAULT_PARALLEL: usize = 8;
+
+/// The one part size of an object of `object_size` bytes: `requested` when given and valid,
+/// else the default, grown (in whole MiB) until the object fits in [`MAX_PARTS`] parts. Never
+/// below [`MIN_PART_SIZE`], even on servers that accept smaller parts.
+pub fn part_size(object_size: u64, requested: Option<u64>) -> Result<u64> {
+    let fitting = object_size.div_ceil(MAX_PARTS).next_multiple_of(1 << 20);
+    let size = match requested {
+        Some(r) if r < MIN_PART_SIZE => {
+            return Err(Error::invalid(format!(
+                "--part-size {r}: parts are at least {MIN_PART_SIZE} bytes (5 MiB)"
+            )));
+        }
+        Some(r) if r < fitting => {
+            return Err(Error::invalid(format!(
+                "--part-size {r}: {object_size} bytes need more than {MAX_PARTS} parts of that \
+                 size; use at least {fitting}"
+            )));
+        }
+        Some(r) => r,
+        None => DEFAULT_PART_SIZE.max(fitting),
+    };
+    if size > MAX_PART_SIZE {
+        return Err(Error::invalid(format!(
+            "{object_size} bytes need parts over {MAX_PART_SIZE} bytes: too large for one object"
+        )));
+    }
+    Ok(size)
+}
+
+/// The sidecar object `KEY.diskkit.json`: what the image object holds, and the guest digest
+/// with its chunk manifest (as `diskkit hash` computes it) to check it against.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ObjectManifest {
+    /// Format of the object (`raw`, `vpc`).
+    pub format: String,
+    /// Bytes of the object.
+    pub object_size: u64,
+    /// Name of the pushed source.
+    pub source: String,
+    /// When the push completed, in seconds since 1970-01-01 UTC.
+    pub created: u64,
+    /// Guest content of the object (its virtual size may exceed the source's where the
+    /// format rounds sizes up; the extra bytes are zeros).
+    pub guest: Manifest,
+}
+
+impl ObjectManifest {
+    pub fn from_json(bytes: &[u8]) -> Result<ObjectManifest> {
+        let m: ObjectManifest = serde_json::from_slice(bytes)
+            .map_err(|e| Error::invalid(format!("not a diskkit object manifest: {e}")))?;
+        // Re-checks the chunk list against the digest.
+        Manifest::from_json(serde_json::to_vec(&m.guest).unwrap_or_default().as_slice())?;
+        Ok(m)
+    }
+
+    pub fn format(&self) -> Result<Format> {
+        Format::parse(&self.format)
+    }
+}
+
+/// What is sent: the object's bytes as a function of the source.
+pub enum Export {
+    /// The guest bytes.
+    Raw,
+    /// A fixed VHD: the guest bytes, zero-padded to `guest_size`, then the footer.
+    VhdFixed {
+        guest_size: u64,
+        footer: Box<[u8; FOOTER_SIZE as usize]>,
+    },
+}
+
+impl Export {
+    /// The export of `src` as `format` with the `-o`/`-c` options in `create`.
+    pub fn plan(src: &dyn Image, format: Format, create: &mut CreateOptions) -> Result<Export> {
+        if create.compress {
+            return Err(Error::invalid(
+                "-c: compressed output is not streamed yet (push writes raw and fixed VHD)",
+            ));
+        }
+        match format {
+            Format::Raw => {
+                create.reject_unknown(format)?;
+                Ok(Export::Raw)
+            }
+            Format::Vhd => {
+                let (guest_size, footer) =
+                    diskkit_formats::vhd::stream::fixed_footer(src.virtual_size(), create)?;
+                Ok(Export::VhdFixed {
+                    guest_size,
+                    footer: Box::new(footer),
+                })
+            }
+            other => Err(Error::invalid(format!(
+                "push writes raw and vpc (fixed VHD) objects, not {other}"
+            ))),
+        }
+    }
+
+    pub fn format(&self) -> Format {
+        match self {
+            Export::Raw => Format::Raw,
+            Export::VhdFixed { .. } => Format::Vhd,
+        }
+    }
+
+    /// Guest size of the object.
+    pub fn guest_size(&self, src: &dyn Image) -> u64 {
+        match self {
+            Export::Raw => src.virtual_size(),
+            Export::VhdFixed { guest_size, .. } => *guest_size,
+        }
+    }
+
+    pub fn object_size(&self, src: &dyn Image) -> u64 {
+        match self {
+            Export::Raw => src.virtual_size(),
+            Export::VhdFixed { guest_size, .. } => guest_size + FOOTER_SIZE,
+        }
+    }
+
+    /// Fills `buf` with the object's bytes at `offset`.
+    pub fn fill(&self, src: &dyn Image, buf: &mut [u8], offset: u64) -> Result<()> {
+        let guest_end = self.guest_size(src);
+        let end = offset + buf.len() as u64;
+        let in_guest = end.min(guest_end).saturating_sub(offset) as usize;
+        let padded = Padded {
+            inner: src,
+            size: guest_end,
+        };
+        padded.read_at(&mut buf[..in_guest], offset)?;
+        if let Export::VhdFixed { footer, .. } = self {
+            for (i, b) in buf[in_guest..].iter_mut().enumerate() {
+                let at = offset + (in_guest + i) as u64 - guest_end;
+                *b = footer[at as usize];
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A source seen with a larger virtual size: the bytes past its end read as zeros.
+struct Padded<'a> {
+    inner: &'a dyn Image,
+    size: u64,
+}
+
+impl Image for Padded<'_> {
+    fn format(&self) -> Format {
+        self.inner.format()
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
+        let inner_size = self.inner.virtual_size();
+        if offset < inner_size {
+            return self.inner.map(offset, max_len.min(inner_size - offset));
+        }
+        Ok(Extent {
+            start: offset,
+            length: max_len,
+            kind: diskkit_formats::ExtentKind::Zero,
+            depth: 0,
+        })
+    }
+
+    /// Reads only what the map calls data; the rest is zero-filled without reading.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_guest_range(self.size, offset, buf.len() as u64)?;
+        for e in Extents::new(self, offset, offset + buf.len() as u64) {
+            let e = e?;
+            let at = (e.start - offset) as usize;
+            let part = &mut buf[at..at + e.length as usize];
+            if e.is_zero() {
+                part.fill(0);
+            } else {
+                self.inner.read_at(part, e.start)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn info(&self) -> ImageInfo {
+        ImageInfo::basic(PathBuf::new(), self.format(), self.size, 0)
+    }
+}
+
+pub struct PushOptions {
+    /// Part size asked for (`--part-size`); chosen by [`part_size`] when `None`.
+    pub part_size: Option<u64>,
+    /// Parts in flight at once.
+    pub parallel: usize,
+    /// Name of the source, recorded in the manifest.
+    pub source_name: String,
+    /// What identifies this push's input (source path, size, mtime, format, options): a rerun
+    /// resumes only the same input.
+    pub identity: String,
+}
+
+/// What a push did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PushReport {
+    pub object_size: u64,
+    pub part_size: u64,
+    pub parts: u32,
+    /// Parts sent by this run.
+    pub sent: u32,
+    /// Parts a previous run had completed (found in the checkpoint).
+    pub resumed: u32,
+}
+
+/// Milliseconds to wait after each part: lets tests interrupt an upload of a small image at a
+/// known point. Not for users; undocumented on purpose.
+fn test_part_delay() -> Option<std::time::Duration> {
+    std::env::var("DISKKIT_TEST_PART_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(std::time::Duration::from_millis)
+}
+
+/// Pushes `src` to `location` as `export`: hashes it, uploads the parts the checkpoint does not
+/// already list, completes the upload, checks the object's size and writes the manifest.
+pub fn push(
+    store: &Store,
+    location: &Location,
+    src: &dyn Image,
+    export: &Export,
+    opts: &PushOptions,
+    hashing: &dyn Progress,
+    uploading: &dyn Progress,
+) -> Result<PushReport> {
+    let key = &location.key;
+    if location.is_prefix() || key.ends_with(super::MANIFEST_SUFFIX) {
+        return Err(Error::invalid(format!(
+            "{}: name an object to push to, not a prefix or a manifest",
+            location.url()
+        )));
+    }
+    let object_size = export.object_size(src);
+    let url = location.url();
+    let cp_path = checkpoint::path_for(&url)?;
+    let previous = Checkpoint::load(&cp_path)?;
+    if let Some(c) = &previous
+        && c.identity != opts.identity
+    {
+        return Err(Error::invalid(format!(
+            "{url}: an unfinished upload of a different source or format is recorded in {}; \
+             run diskkit push --abort {url} first",
+            cp_path.display()
+        )));
+    }
+    let part = match &previous {
+        Some(c) => c.part_size,
+        None => part_size(object_size, opts.part_size)?,
+    };
+    let parts = u32::try_from(object_size.div_ceil(part).max(1))
+        .map_err(|_| Error::invalid("too many parts"))?;
+    let (sent, resumed, manifest) = if store.resumable() {
+        let cp = match previous {
+            Some(c) => c,
+            None => {
+                let c = Checkpoint {
+                    url: url.clone(),
+                    identity: opts.identity.clone(),
+                    upload_id: store.create_upload(key)?,
+                    object_size,
+                    part_size: part,
+                    parts: BTreeMap::new(),
+                };
+                c.save(&cp_path)?;
+                c
+            }
+        };
+        let manifest = guest_manifest(src, export, &opts.source_name, hashing)?;
+        let resumed = cp.parts.len() as u32;
+        let missing: Vec<u32> = (1..=parts).filter(|n| !cp.parts.contains_key(n)).collect();
+        uploading.advance(u64::from(resumed) * part);
+        let upload_id = cp.upload_id.clone();
+        let cp = Mutex::new(cp);
+        upload_parts(
+            store,
+            key,
+            &upload_id,
+            &missing,
+            part,
+            opts.parallel,
+            |n| export.fill_part(src, n, part, object_size),
+            |n, etag, len| {
+                uploading.advance(len);
+                let mut c = cp.lock().unwrap_or_else(|p| p.into_inner());
+                c.parts.insert(n, etag);
+                c.save(&cp_path)
+            },
+        )?;
+        let cp = cp.into_inner().unwrap_or_else(|p| p.into_inner());
+        let list: Vec<(u32, String)> = cp.parts.into_iter().collect();
+        store.complete_upload(key, &upload_id, &list, object_size)?;
+        (missing.len() as u32, resumed, manifest)
+    } else {
+        let manifest = guest_manifest(src, export, &opts.source_name, hashing)?;
+        store.upload_stream(key, object_size, part, opts.parallel, &mut |offset, buf| {
+            let len = part.min(object_size - offset);
+            buf.resize(len as usize, 0);
+            export.fill(src, buf, offset)?;
+            uploading.advance(len);
+            Ok(())
+        })?;
+        (parts, 0, manifest)
+    };
+    let object = ObjectManifest {
+        format: export.format().name().to_string(),
+        object_size,
+        source: opts.source_name.clone(),
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        guest: manifest,
+    };
+    let json =
+        serde_json::to_vec_pretty(&object).map_err(|e| Error::invalid(format!("manifest: {e}")))?;
+    store.write_small(&manifest_key(key), json)?;
+    Checkpoint::remove(&cp_path)?;
+    Ok(PushReport {
+        object_size,
+        part_size: part,
+        parts,
+        sent,
+        resumed,
+    })
+}
+
+/// The guest digest and chunk manifest of the object `export` makes of `src`.
+fn guest_manifest(
+    src: &dyn Image,
+    export: &Export,
+    source_name: &str,
+    hashing: &dyn Progress,
+) -> Result<Manifest> {
+    let guest = Padded {
+        inner: src,
+        size: export.guest_size(src),
+    };
+    let mut chunks = Vec::new();
+    let digest = hash_image(&guest, DEFAULT_CHUNK_SIZE, hashing, &mut |c| chunks.push(c))?;
+    let mut manifest = Manifest::new(digest.chunk_size, chunks)?;
+    manifest.format = Some(export.format().name().to_string());
+    manifest.source = Some(source_name.to_string());
+    Ok(manifest)
+}
+
+/// True when an unfinished upload to `location` is recorded (so the push can be resumed).
+pub fn has_checkpoint(location: &Location) -> bool {
+    checkpoint::path_for(&location.url()).is_ok_and(|p| p.exists())
+}
+
+/// Abandons the unfinished upload to `location` recorded in the checkpoint, and forgets it.
+pub fn abort(store: &Store, location: &Location) -> Result<()> {
+    let url = location.url();
+    let cp_path = checkpoint::path_for(&url)?;
+    let Some(cp) = Checkpoint::load(&cp_path)? else {
+        return Err(Error::invalid(format!(
+            "{url}: no unfinished upload recorded"
+        )));
+    };
+    store.abort_upload(&location.key, &cp.upload_id)?;
+    Checkpoint::remove(&cp_path)
+}
+
+impl Export {
+    /// The bytes of part `number` (from 1).
+    fn fill_part(&self, src: &dyn Image, number: u32, part: u64, size: u64) -> Result<Vec<u8>> {
+        let offset = u64::from(number - 1) * part;
+        let len = part.min(size - offset) as usize;
+        let mut buf = vec![0; len];
+        self.fill(src, &mut buf, offset)?;
+        Ok(buf)
+    }
+}
+
+/// Uploads parts `numbers` from `parallel` threads; `produce` makes a part's bytes, `done`
+/// records a sent part (number, ETag, length). Stops at the first error and returns it.
+#[allow(clippy::too_many_arguments)]
+fn upload_parts(
+    store: &Store,
+    key: &str,
+    upload_id: &str,
+    numbers: &[u32],
+    part: u64,
+    parallel: usize,
+    produce: impl Fn(u32) -> Result<Vec<u8>> + Sync,
+    done: impl Fn(u32, String, u64) -> Result<()> + Sync,
+) -> Result<()> {
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let first_error = Mutex::new(None);
+    let delay = test_part_delay();
+    std::thread::scope(|s| {
+        for _ in 0..parallel.clamp(1, numbers.len().max(1)) {
+            s.spawn(|| {
+                while !failed.load(Ordering::Relaxed) {
+                    let Some(&n) = numbers.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                        break;
+                    };
+                    let result = produce(n).and_then(|data| {
+                        let len = data.len() as u64;
+                        let offset = u64::from(n - 1) * part;
+                        let etag =
+                            store.upload_part(key, upload_id, n, offset, Bytes::from(data))?;
+                        done(n, etag, len)
+                    });
+                    if let Err(e) = result {
+                        failed.store(true, Ordering::Relaxed);
+                        first_error
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                        break;
+                    }
+                    if let Some(d) = delay {
+                        std::thread::sleep(d);
+                    }
+                }
+            });
+        }
+    });
+    match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_size_rule() {
+        const MIB: u64 = 1 << 20;
+        // Small objects: the default; never below the S3 minimum.
+        assert_eq!(part_size(1, None).unwrap(), DEFAULT_PART_SIZE);
+        assert_eq!(part_size(0, None).unwrap(), DEFAULT_PART_SIZE);
+        assert!(part_size(100 * MIB, Some(MIB)).is_err());
+        assert_eq!(part_size(64 * MIB, Some(5 * MIB)).unwrap(), 5 * MIB);
+        // Every size fits in 10,000 parts of at least 5 MiB, in whole MiB.
+        for size in [
+            10_000 * DEFAULT_PART_SIZE,
+            10_000 * DEFAULT_PART_SIZE + 1,
+            1 << 40,
+            (1 << 40) + 12345,
+            5 << 40,
+        ] {
+            let p = part_size(size, None).unwrap();
+            assert!(p >= MIN_PART_SIZE && p.is_multiple_of(MIB), "{size}: {p}");
+            assert!(size.div_ceil(p) <= MAX_PARTS, "{size}: {p}");
+            assert!(size.div_ceil(p - MIB) > MAX_PARTS || p == DEFAULT_PART_SIZE);
+        }
+        // A requested size that needs too many parts is refused.
+        assert!(part_size(1 << 40, Some(5 * MIB)).is_err());
+        assert!(part_size(u64::MAX / 2, None).is_err());
+    }
+}

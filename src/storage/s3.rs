@@ -1,0 +1,415 @@
+//! The S3 multipart upload calls (create, upload part, complete, abort), signed with AWS
+//! Signature Version 4. OpenDAL uploads multipart too, but keeps the upload id and part numbers
+//! to itself; resuming an interrupted push needs both.
+
+use super::location::Settings;
+use bytes::Bytes;
+use diskkit_formats::{Error, Result};
+use hmac::{Hmac, KeyInit, Mac};
+use reqwest::{Method, StatusCode};
+use sha2::{Digest, Sha256};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Attempts per request when the failure may be passing (connection refused or reset, timeout,
+/// 5xx, throttling), with doubling pauses from [`FIRST_BACKOFF`].
+pub const ATTEMPTS: u32 = 4;
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// A connection that cannot be opened in this time counts as a failed attempt.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A response that stalls this long between reads counts as a failed attempt.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Characters S3 leaves unescaped in canonical URIs and query strings.
+const UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+pub struct S3Client {
+    http: reqwest::Client,
+    /// `http(s)://host[:port]`, no trailing `/`.
+    scheme_host: String,
+    bucket: String,
+    region: String,
+    access_key: String,
+    secret_key: String,
+    session_token: Option<String>,
+    virtual_host: bool,
+}
+
+impl S3Client {
+    pub fn new(settings: &Settings, bucket: &str) -> Result<S3Client> {
+        let region = settings
+            .region
+            .clone()
+            .unwrap_or_else(|| "us-east-1".into());
+        let endpoint = settings
+            .endpoint
+            .clone()
+            .unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
+        let scheme_host = endpoint.trim_end_matches('/').to_string();
+        if !(scheme_host.starts_with("http://") || scheme_host.starts_with("https://"))
+            || scheme_host
+                .split("://")
+                .nth(1)
+                .is_some_and(|h| h.contains('/'))
+        {
+            return Err(Error::invalid(format!(
+                "endpoint '{endpoint}' is not http(s)://HOST[:PORT]"
+            )));
+        }
+        let (Some(access_key), Some(secret_key)) = (
+            settings.access_key_id.clone(),
+            settings.secret_access_key.clone(),
+        ) else {
+            return Err(Error::invalid(
+                "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile \
+                 (see diskkit push --help)",
+            ));
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(READ_TIMEOUT)
+            .build()
+            .map_err(|e| Error::invalid(format!("cannot set up HTTP client: {e}")))?;
+        Ok(S3Client {
+            http,
+            scheme_host,
+            bucket: bucket.to_string(),
+            region,
+            access_key,
+            secret_key,
+            session_token: settings.session_token.clone(),
+            virtual_host: settings.virtual_host,
+        })
+    }
+
+    /// Starts a multipart upload of `key`; returns its upload id.
+    pub async fn create_upload(&self, key: &str) -> Result<String> {
+        let body = self
+            .send(Method::POST, key, &[("uploads", "")], Bytes::new())
+            .await?;
+        xml_field(&body, "UploadId")
+            .ok_or_else(|| Error::invalid(format!("{}: no UploadId in the reply", self.url(key))))
+    }
+
+    /// Sends part `number` (from 1); returns its ETag. The payload hash is signed, so the server
+    /// checks the part's SHA-256 on arrival.
+    pub async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: u32,
+        data: Bytes,
+    ) -> Result<String> {
+        let n = number.to_string();
+        let query = [("partNumber", n.as_str()), ("uploadId", upload_id)];
+        let (_, headers) = self.send_raw(Method::PUT, key, &query, data).await?;
+        headers
+            .get(reqwest::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .ok_or_else(|| Error::invalid(format!("{}: part {number}: no ETag", self.url(key))))
+    }
+
+    /// Assembles the object from `parts` (number, ETag), in ascending number order.
+    pub async fn complete(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[(u32, String)],
+    ) -> Result<()> {
+        let mut xml = String::from("<CompleteMultipartUpload>");
+        for (n, etag) in parts {
+            xml.push_str(&format!(
+                "<Part><PartNumber>{n}</PartNumber><ETag>{}</ETag></Part>",
+                etag.replace('&', "&amp;").replace('<', "&lt;")
+            ));
+        }
+        xml.push_str("</CompleteMultipartUpload>");
+        let body = self
+            .send(
+                Method::POST,
+                key,
+                &[("uploadId", upload_id)],
+                Bytes::from(xml),
+            )
+            .await?;
+        // S3 may answer 200 and report the failure in the body.
+        if body.contains("<Error>") {
+            return Err(self.error(key, StatusCode::OK, &body));
+        }
+        Ok(())
+    }
+
+    /// Abandons the upload and frees its parts. An upload that is already gone is not an error.
+    pub async fn abort(&self, key: &str, upload_id: &str) -> Result<()> {
+        match self
+            .send(
+                Method::DELETE,
+                key,
+                &[("uploadId", upload_id)],
+                Bytes::new(),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("NoSuchUpload") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        key: &str,
+        query: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<String> {
+        self.send_raw(method, key, query, body).await.map(|r| r.0)
+    }
+
+    /// Sends a signed request, retrying passing failures; returns the body and headers of a
+    /// success.
+    async fn send_raw(
+        &self,
+        method: Method,
+        key: &str,
+        query: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<(String, reqwest::header::HeaderMap)> {
+        let mut backoff = FIRST_BACKOFF;
+        let mut attempt = 1;
+        loop {
+            let outcome = self.attempt(method.clone(), key, query, body.clone()).await;
+            let retry = match &outcome {
+                Ok((status, _, _)) => {
+                    status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
+                }
+                Err(_) => true,
+            };
+            if !retry || attempt >= ATTEMPTS {
+                return match outcome {
+                    Ok((status, text, headers)) if status.is_success() => Ok((text, headers)),
+                    Ok((status, text, _)) => Err(self.error(key, status, &text)),
+                    Err(e) => Err(Error::invalid(format!(
+                        "{}: cannot reach the endpoint {} after {attempt} attempts: {}",
+                        self.url(key),
+                        self.scheme_host,
+                        error_chain(&e)
+                    ))),
+                };
+            }
+            tokio::time::sleep(backoff).await;
+            backoff *= 2;
+            attempt += 1;
+        }
+    }
+
+    async fn attempt(
+        &self,
+        method: Method,
+        key: &str,
+        query: &[(&str, &str)],
+        body: Bytes,
+    ) -> std::result::Result<(StatusCode, String, reqwest::header::HeaderMap), reqwest::Error> {
+        let (host_url, host, path) = self.address(key);
+        let mut pairs: Vec<(String, String)> =
+            query.iter().map(|(k, v)| (encode(k), encode(v))).collect();
+        pairs.sort();
+        let query_string = pairs
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("&");
+        let payload_hash = hex(&Sha256::digest(&body));
+        let (date, stamp) = amz_time(SystemTime::now());
+        let mut headers = vec![
+            ("host", host),
+            ("x-amz-content-sha256", payload_hash.clone()),
+            ("x-amz-date", stamp.clone()),
+        ];
+        if let Some(t) = &self.session_token {
+            headers.push(("x-amz-security-token", t.clone()));
+        }
+        let canonical_headers: String = headers
+            .iter()
+            .map(|(k, v)| format!("{k}:{}\n", v.trim()))
+            .collect();
+        let signed_headers = headers.iter().map(|h| h.0).collect::<Vec<_>>().join(";");
+        let canonical_request = format!(
+            "{method}\n{path}\n{query_string}\n{canonical_headers}\n{signed_headers}\n{payload_hash}"
+        );
+        let scope = format!("{date}/{}/s3/aws4_request", self.region);
+        let string_to_sign = format!(
+            "AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{}",
+            hex(&Sha256::digest(canonical_request.as_bytes()))
+        );
+        let mut signing_key = hmac(
+            format!("AWS4{}", self.secret_key).as_bytes(),
+            date.as_bytes(),
+        );
+        for part in [self.region.as_str(), "s3", "aws4_request"] {
+            signing_key = hmac(&signing_key, part.as_bytes());
+        }
+        let signature = hex(&hmac(&signing_key, string_to_sign.as_bytes()));
+        let authorization = format!(
+            "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={signed_headers}, Signature={signature}",
+            self.access_key
+        );
+        let url = if query_string.is_empty() {
+            format!("{host_url}{path}")
+        } else {
+            format!("{host_url}{path}?{query_string}")
+        };
+        let mut request = self
+            .http
+            .request(method, url)
+            .header("authorization", authorization);
+        for (k, v) in headers.into_iter().skip(1) {
+            request = request.header(k, v);
+        }
+        let response = request.body(body).send().await?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let text = response.text().await?;
+        Ok((status, text, headers))
+    }
+
+    /// Base URL, Host header and canonical path of `key`, path-style or virtual-hosted.
+    fn address(&self, key: &str) -> (String, String, String) {
+        let (scheme, host) = self
+            .scheme_host
+            .split_once("://")
+            .unwrap_or(("https", &self.scheme_host));
+        let key_path: String = key.split('/').map(encode).collect::<Vec<_>>().join("/");
+        if self.virtual_host {
+            let host = format!("{}.{host}", self.bucket);
+            (format!("{scheme}://{host}"), host, format!("/{key_path}"))
+        } else {
+            (
+                self.scheme_host.clone(),
+                host.to_string(),
+                format!("/{}/{key_path}", encode(&self.bucket)),
+            )
+        }
+    }
+
+    fn url(&self, key: &str) -> String {
+        format!("s3://{}/{key}", self.bucket)
+    }
+
+    /// A clear message for an S3 error reply.
+    fn error(&self, key: &str, status: StatusCode, body: &str) -> Error {
+        let code = xml_field(body, "Code").unwrap_or_else(|| status.to_string());
+        let message = xml_field(body, "Message").unwrap_or_default();
+        let hint = match code.as_str() {
+            "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "AccessDenied" => {
+                " (check the access key and secret: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or the profile)"
+            }
+            "NoSuchBucket" => " (the bucket does not exist: create it first)",
+            "AuthorizationHeaderMalformed" | "PermanentRedirect" => {
+                " (wrong region? set AWS_REGION or --region)"
+            }
+            "NoSuchUpload" => {
+                " (the unfinished upload is gone on the server: run diskkit push --abort URL, then push again)"
+            }
+            _ => "",
+        };
+        Error::invalid(format!("{}: {code}: {message}{hint}", self.url(key)))
+    }
+}
+
+fn encode(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, UNRESERVED).to_string()
+}
+
+fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
+    // HMAC accepts keys of any length.
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
+    mac.update(data);
+    mac.finalize().into_bytes().to_vec()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    diskkit_formats::digest::hex(bytes)
+}
+
+/// The text of the first `<name>...</name>` element of `xml`.
+pub fn xml_field(xml: &str, name: &str) -> Option<String> {
+    let open = format!("<{name}>");
+    let start = xml.find(&open)? + open.len();
+    let len = xml[start..].find(&format!("</{name}>"))?;
+    Some(
+        xml[start..start + len]
+            .replace("&quot;", "\"")
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&amp;", "&"),
+    )
+}
+
+/// All causes of an error, outermost first: reqwest's own message is often just "error sending
+/// request" while the cause says "connection refused".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+/// `(YYYYMMDD, YYYYMMDDTHHMMSSZ)` of `t` in UTC.
+fn amz_time(t: SystemTime) -> (String, String) {
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    let date = format!("{y:04}{m:02}{d:02}");
+    let stamp = format!(
+        "{date}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    );
+    (date, stamp)
+}
+
+/// Gregorian (year, month, day) of a count of days since 1970-01-01.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_and_xml() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_440_938_160); // 2015-08-30 12:36:00 UTC
+        assert_eq!(amz_time(t), ("20150830".into(), "20150830T123600Z".into()));
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(
+            xml_field("<a><UploadId>x&amp;y</UploadId></a>", "UploadId").as_deref(),
+            Some("x&y")
+        );
+        assert_eq!(xml_field("<a>", "UploadId"), None);
+        assert_eq!(encode("a b/c~"), "a%20b%2Fc~");
+    }
+}

@@ -1,0 +1,515 @@
+//! push/pull/verify/ls/rm through the local-directory bucket and a real S3 server (SeaweedFS on
+//! loopback, started by scripts/test.sh, which exports DISKKIT_TEST_S3_ENDPOINT and the keys).
+//! Under CI a missing server fails the tests that need it; elsewhere they say why they skip.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+const ACCESS_KEY: &str = "diskkittest";
+const SECRET_KEY: &str = "diskkittestsecret";
+
+/// A diskkit invocation with its own checkpoint directory and S3 settings.
+struct Env {
+    cache: PathBuf,
+    endpoint: Option<String>,
+}
+
+impl Env {
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(diskkit_bin());
+        cmd.args(args)
+            .env("XDG_CACHE_HOME", &self.cache)
+            .env("XDG_CONFIG_HOME", &self.cache)
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .env("AWS_REGION", "us-east-1")
+            .env_remove("AWS_SESSION_TOKEN");
+        match &self.endpoint {
+            Some(e) => cmd.env("AWS_ENDPOINT_URL", e),
+            None => cmd.env_remove("AWS_ENDPOINT_URL"),
+        };
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> (i32, String, String) {
+        let out = self.command(args).output().expect("run diskkit");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.run(args);
+        assert_eq!(code, 0, "diskkit {args:?} failed:\n{out}\n{err}");
+        out
+    }
+
+    /// Completed parts recorded in the (only) checkpoint.
+    fn checkpoint_parts(&self) -> usize {
+        let dir = self.cache.join("diskkit/uploads");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return 0;
+        };
+        for e in entries.flatten() {
+            if e.path().extension().is_some_and(|x| x == "json")
+                && let Ok(text) = std::fs::read_to_string(e.path())
+                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+            {
+                return v["parts"].as_object().map_or(0, |p| p.len());
+            }
+        }
+        0
+    }
+}
+
+/// The S3 endpoint of the shared test server, or `None` (with the reason printed) outside CI.
+fn shared_server() -> Option<String> {
+    match std::env::var("DISKKIT_TEST_S3_ENDPOINT") {
+        Ok(e) if !e.is_empty() => Some(e),
+        _ => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "DISKKIT_TEST_S3_ENDPOINT is not set: run the tests through scripts/test.sh, \
+                 which starts the S3 test server"
+            );
+            eprintln!("skipped: no S3 test server (run scripts/test.sh to start one)");
+            None
+        }
+    }
+}
+
+/// A temporary directory and an environment that talks to the shared server.
+fn shared_server_env() -> Option<(tempfile::TempDir, Env)> {
+    let endpoint = shared_server()?;
+    let dir = tempdir();
+    let env = Env {
+        cache: dir.path().join("cache"),
+        endpoint: Some(endpoint),
+    };
+    Some((dir, env))
+}
+
+fn bucket_url(endpoint_bucket: &str, key: &str) -> String {
+    format!("s3://{endpoint_bucket}/{key}")
+}
+
+/// Sources of one guest content in three formats, `size` bytes.
+fn sources(dir: &Path, size: u64) -> Vec<PathBuf> {
+    let pattern = mixed_pattern(size);
+    let mut out = Vec::new();
+    for (fmt, name) in [
+        ("raw", "src.raw"),
+        ("qcow2", "src.qcow2"),
+        ("vpc", "src.vhd"),
+    ] {
+        let path = dir.join(name);
+        let mut args = vec!["create", "-f", fmt];
+        if fmt == "vpc" {
+            args.extend(["-o", "force_size=on"]);
+        }
+        let size_s = size.to_string();
+        args.extend([path_str(&path), size_s.as_str()]);
+        qemu_img(&args);
+        qemu_io(fmt, &path, &as_refs(&pattern));
+        out.push(path);
+    }
+    out
+}
+
+fn source_digest(env: &Env, src: &Path) -> String {
+    env.ok(&["hash", path_str(src)])
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn manifest_digest(path: &Path) -> (String, u64) {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    (
+        v["guest"]["digest"].as_str().unwrap().to_string(),
+        v["guest"]["virtual_size"].as_u64().unwrap(),
+    )
+}
+
+/// Pushes every source as raw and as fixed VHD to `url_of(key)`, pulls each back as raw and
+/// checks it against the source with qemu-img and against the manifest digest.
+fn round_trips(env: &Env, dir: &Path, url_of: &dyn Fn(&str) -> String) {
+    for src in sources(dir, 12 * MIB) {
+        let digest = source_digest(env, &src);
+        let name = src.file_name().unwrap().to_string_lossy().into_owned();
+        for (out_fmt, ext) in [("raw", "raw"), ("vpc", "vhd")] {
+            let key = format!("images/{name}.{ext}");
+            let url = url_of(&key);
+            env.ok(&[
+                "push",
+                "-O",
+                out_fmt,
+                "--parallel",
+                "3",
+                path_str(&src),
+                &url,
+            ]);
+            let out = env.ok(&["verify", &url]);
+            assert!(out.contains("OK"), "{out}");
+            let pulled = dir.join(format!("{name}.{ext}.pulled"));
+            env.ok(&["pull", &url, path_str(&pulled)]);
+            qemu_img(&["compare", path_str(&src), path_str(&pulled)]);
+            // The manifest digest is the digest of the object's guest content: the source's
+            // own for raw, and for VHD the source's padded to the VHD's size.
+            let listing = env.ok(&["ls", &url_of("images/")]);
+            let line = listing
+                .lines()
+                .find(|l| {
+                    l.split('\t').next().is_some_and(|k| {
+                        k.ends_with(&format!("/{name}.{ext}")) || k == format!("{name}.{ext}")
+                    })
+                })
+                .unwrap_or_else(|| panic!("{key} not in listing:\n{listing}"));
+            if out_fmt == "raw" {
+                assert!(line.ends_with(&digest), "{line} vs {digest}");
+            } else {
+                assert!(line.ends_with(&source_digest(env, &pulled)), "{line}");
+                assert!(line.contains("\tvpc\t"), "{line}");
+            }
+            std::fs::remove_file(&pulled).unwrap();
+        }
+    }
+}
+
+#[test]
+fn local_bucket_round_trips() {
+    let dir = tempdir();
+    let bucket = dir.path().join("bucket");
+    std::fs::create_dir(&bucket).unwrap();
+    let env = Env {
+        cache: dir.path().join("cache"),
+        endpoint: None,
+    };
+    round_trips(&env, dir.path(), &|key| {
+        format!("file://{}/{key}", bucket.display())
+    });
+    // The fixed VHD object is a valid VHD for qemu, same guest content as the source.
+    let vhd = bucket.join("images/src.qcow2.vhd");
+    qemu_img(&[
+        "compare",
+        "-F",
+        "vpc",
+        path_str(&dir.path().join("src.qcow2")),
+        path_str(&vhd),
+    ]);
+    let (digest, _) = manifest_digest(&bucket.join("images/src.raw.raw.diskkit.json"));
+    assert_eq!(digest, source_digest(&env, &dir.path().join("src.raw")));
+    // rm removes image and manifest; nothing else is left behind (no temporary uploads).
+    let url = format!("{}/images/src.raw.raw", bucket.display());
+    env.ok(&["rm", &url]);
+    assert!(!bucket.join("images/src.raw.raw").exists());
+    assert!(!bucket.join("images/src.raw.raw.diskkit.json").exists());
+    let left: Vec<_> = std::fs::read_dir(bucket.join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left.len(), 10, "{left:?}");
+    assert!(
+        left.iter().all(|n| !n.contains("diskkit-upload")),
+        "{left:?}"
+    );
+}
+
+#[test]
+fn s3_round_trips() {
+    let Some((dir, env)) = shared_server_env() else {
+        return;
+    };
+    let prefix = format!("rt-{}", std::process::id());
+    round_trips(&env, dir.path(), &|key| {
+        bucket_url("diskkit-test", &format!("{prefix}/{key}"))
+    });
+    let url = bucket_url("diskkit-test", &format!("{prefix}/images/src.raw.raw"));
+    env.ok(&["rm", &url]);
+    let (code, _, err) = env.run(&["verify", &url]);
+    assert_eq!(code, 2);
+    assert!(err.contains("no such object"), "{err}");
+}
+
+/// Starts a push that sends one part at a time slowly, kills it once `after` parts are recorded,
+/// and returns how many were.
+fn push_and_kill(env: &Env, src: &Path, url: &str, after: usize) -> usize {
+    let mut child = env
+        .command(&[
+            "push",
+            "--part-size",
+            "5M",
+            "--parallel",
+            "1",
+            path_str(src),
+            url,
+        ])
+        .env("DISKKIT_TEST_PART_DELAY_MS", "300")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while env.checkpoint_parts() < after {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "push made no progress"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "push ended before the kill"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    env.checkpoint_parts()
+}
+
+/// "N parts of ..., S sent now, R already sent before" → (N, S, R).
+fn part_counts(out: &str) -> (usize, usize, usize) {
+    let nums: Vec<usize> = out
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let n = nums.len();
+    assert!(n >= 3, "{out}");
+    let parts_at = out.find(" parts of ").unwrap();
+    let total = out[..parts_at]
+        .rsplit(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    (total, nums[n - 2], nums[n - 1])
+}
+
+fn kill_and_resume(env: &Env, dir: &Path, url: &str, stat_missing: &dyn Fn() -> bool) {
+    let src = dir.join("big.qcow2");
+    qemu_img(&["create", "-f", "qcow2", path_str(&src), "26M"]);
+    qemu_io("qcow2", &src, &as_refs(&mixed_pattern(26 * MIB)));
+    let done = push_and_kill(env, &src, url, 2);
+    assert!(done >= 2);
+    assert!(
+        stat_missing(),
+        "a killed push left an object under the final key"
+    );
+    let out = env.ok(&[
+        "push",
+        "--part-size",
+        "5M",
+        "--parallel",
+        "1",
+        path_str(&src),
+        url,
+    ]);
+    let (total, sent, resumed) = part_counts(&out);
+    assert_eq!(total, 6, "{out}");
+    assert_eq!(resumed, done, "{out}");
+    assert_eq!(sent, total - done, "{out}");
+    env.ok(&["verify", url]);
+    let pulled = dir.join("big.pulled");
+    env.ok(&["pull", url, path_str(&pulled)]);
+    qemu_img(&["compare", path_str(&src), path_str(&pulled)]);
+
+    // --abort forgets the upload: the next push starts over.
+    push_and_kill(env, &src, url, 1);
+    env.ok(&["push", "--abort", url]);
+    assert_eq!(env.checkpoint_parts(), 0);
+    let out = env.ok(&["push", "--part-size", "5M", path_str(&src), url]);
+    assert_eq!(part_counts(&out), (6, 6, 0), "{out}");
+}
+
+#[test]
+fn local_bucket_kill_and_resume() {
+    let dir = tempdir();
+    let bucket = dir.path().join("bucket");
+    std::fs::create_dir(&bucket).unwrap();
+    let env = Env {
+        cache: dir.path().join("cache"),
+        endpoint: None,
+    };
+    let url = format!("{}/disk.raw", bucket.display());
+    let target = bucket.join("disk.raw");
+    kill_and_resume(&env, dir.path(), &url, &|| !target.exists());
+}
+
+#[test]
+fn s3_kill_and_resume() {
+    let Some((dir, env)) = shared_server_env() else {
+        return;
+    };
+    let url = bucket_url(
+        "diskkit-test",
+        &format!("resume-{}/disk.raw", std::process::id()),
+    );
+    kill_and_resume(&env, dir.path(), &url, &|| {
+        let (code, _, err) = env.run(&["verify", &url]);
+        code == 2 && err.contains("no such object")
+    });
+}
+
+#[test]
+fn s3_errors_are_clear() {
+    let Some((dir, env)) = shared_server_env() else {
+        return;
+    };
+    let src = dir.path().join("s.raw");
+    qemu_img(&["create", "-f", "raw", path_str(&src), "1M"]);
+    let url = bucket_url("diskkit-test", "errors/s.raw");
+    let (code, _, err) = env
+        .command(&["push", path_str(&src), &url])
+        .env("AWS_SECRET_ACCESS_KEY", "wrong")
+        .output()
+        .map(|o| {
+            (
+                o.status.code().unwrap_or(-1),
+                String::new(),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            )
+        })
+        .unwrap();
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("SignatureDoesNotMatch") && err.contains("secret"),
+        "{err}"
+    );
+    let unreachable = Env {
+        cache: dir.path().join("cache"),
+        endpoint: Some("http://127.0.0.1:9".into()),
+    };
+    let (code, _, err) = unreachable.run(&["ls", "s3://diskkit-test/"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("127.0.0.1:9"), "{err}");
+    let (code, _, err) = unreachable.run(&["push", path_str(&src), &url]);
+    assert_eq!(code, 2);
+    assert!(err.contains("cannot reach the endpoint"), "{err}");
+}
+
+/// A SeaweedFS server of this test's own, to stop and restart midway.
+struct Server {
+    dir: PathBuf,
+    base: u16,
+    child: Child,
+}
+
+impl Server {
+    fn start(dir: &Path, base: u16) -> Server {
+        let child = Command::new("weed")
+            .args([
+                "mini",
+                &format!("-dir={}", dir.display()),
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                &format!("-master.port={}", base),
+                &format!("-volume.port={}", base + 1),
+                &format!("-filer.port={}", base + 2),
+                &format!("-s3.port={}", base + 3),
+                &format!("-webdav.port={}", base + 4),
+                &format!("-admin.port={}", base + 5),
+                "-admin.ui=false",
+                "-master.telemetry=false",
+                "-bucket=diskkit-test",
+            ])
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start weed");
+        let server = Server {
+            dir: dir.to_path_buf(),
+            base,
+            child,
+        };
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", base + 3)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "weed did not start"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        server
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.base + 3)
+    }
+
+    fn stop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[test]
+fn s3_server_dies_midway_then_resume() {
+    if shared_server().is_none() {
+        return;
+    }
+    let dir = tempdir();
+    let data = dir.path().join("weed");
+    std::fs::create_dir(&data).unwrap();
+    // Ports of our own (and their gRPC twins at +10000), away from the shared server's.
+    let base = 21000 + (std::process::id() % 400) as u16 * 10;
+    let mut server = Server::start(&data, base);
+    let env = Env {
+        cache: dir.path().join("cache"),
+        endpoint: Some(server.endpoint()),
+    };
+    let src = dir.path().join("d.qcow2");
+    qemu_img(&["create", "-f", "qcow2", path_str(&src), "26M"]);
+    qemu_io("qcow2", &src, &as_refs(&mixed_pattern(26 * MIB)));
+    let url = "s3://diskkit-test/dies/d.raw";
+    let push = env
+        .command(&[
+            "push",
+            "--part-size",
+            "5M",
+            "--parallel",
+            "1",
+            path_str(&src),
+            url,
+        ])
+        .env("DISKKIT_TEST_PART_DELAY_MS", "500")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while env.checkpoint_parts() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "push made no progress"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.stop();
+    let out = push.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot reach the endpoint"), "{err}");
+    assert!(err.contains("rerun the same command"), "{err}");
+    let done = env.checkpoint_parts();
+    let server = Server::start(&server.dir.clone(), base);
+    let out = env.ok(&["push", "--part-size", "5M", path_str(&src), url]);
+    assert_eq!(part_counts(&out), (6, 6 - done, done), "{out}");
+    env.ok(&["verify", url]);
+    drop(server);
+}
