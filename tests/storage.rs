@@ -145,18 +145,19 @@ fn round_trips(env: &Env, dir: &Path, url_of: &dyn Fn(&str) -> String) {
     for src in sources(dir, 12 * MIB) {
         let digest = source_digest(env, &src);
         let name = src.file_name().unwrap().to_string_lossy().into_owned();
-        for (out_fmt, ext) in [("raw", "raw"), ("vpc", "vhd")] {
+        for (out_fmt, opts, ext) in [
+            ("raw", "", "raw"),
+            ("vpc", "subformat=dynamic", "vhd"),
+            ("vpc", "subformat=fixed", "fixed.vhd"),
+        ] {
             let key = format!("images/{name}.{ext}");
             let url = url_of(&key);
-            env.ok(&[
-                "push",
-                "-O",
-                out_fmt,
-                "--parallel",
-                "3",
-                path_str(&src),
-                &url,
-            ]);
+            let mut args = vec!["push", "-O", out_fmt, "--parallel", "3"];
+            if !opts.is_empty() {
+                args.extend(["-o", opts]);
+            }
+            args.extend([path_str(&src), &url]);
+            env.ok(&args);
             let out = env.ok(&["verify", &url]);
             assert!(out.contains("OK"), "{out}");
             let pulled = dir.join(format!("{name}.{ext}.pulled"));
@@ -196,15 +197,20 @@ fn local_bucket_round_trips() {
     round_trips(&env, dir.path(), &|key| {
         format!("file://{}/{key}", bucket.display())
     });
-    // The fixed VHD object is a valid VHD for qemu, same guest content as the source.
-    let vhd = bucket.join("images/src.qcow2.vhd");
-    qemu_img(&[
-        "compare",
-        "-F",
-        "vpc",
-        path_str(&dir.path().join("src.qcow2")),
-        path_str(&vhd),
-    ]);
+    // The VHD objects are valid VHDs for qemu, with the source's guest content; the dynamic
+    // one stores only the blocks with data.
+    let src = dir.path().join("src.qcow2");
+    for name in ["src.qcow2.vhd", "src.qcow2.fixed.vhd"] {
+        let vhd = bucket.join("images").join(name);
+        qemu_img(&["compare", "-F", "vpc", path_str(&src), path_str(&vhd)]);
+    }
+    let dynamic = std::fs::metadata(bucket.join("images/src.qcow2.vhd"))
+        .unwrap()
+        .len();
+    assert!(
+        dynamic < 8 * MIB,
+        "dynamic VHD of 12 MiB with ~2 MiB of data: {dynamic}"
+    );
     let (digest, _) = manifest_digest(&bucket.join("images/src.raw.raw.diskkit.json"));
     assert_eq!(digest, source_digest(&env, &dir.path().join("src.raw")));
     // rm removes image and manifest; nothing else is left behind (no temporary uploads).
@@ -216,7 +222,7 @@ fn local_bucket_round_trips() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(left.len(), 10, "{left:?}");
+    assert_eq!(left.len(), 16, "{left:?}");
     assert!(
         left.iter().all(|n| !n.contains("diskkit-upload")),
         "{left:?}"

@@ -52,7 +52,10 @@ impl Connection {
 #[derive(clap::Args)]
 #[command(
     long_about = "Upload SRC to URL as a multipart upload with parallel parts, converting \
-on the fly with -O (raw, or vpc = fixed VHD); no local copy is made. Memory is about \
+on the fly with -O: raw, or vpc (VHD: dynamic by default, storing only the blocks the \
+source's allocation map touches; -o subformat=fixed, or target=azure for Azure's fixed, \
+MiB-aligned VHDs). No local copy is made: the object's layout is computed from the source's \
+allocation map before the first byte is sent, and each part is produced on demand. Memory is about \
 --part-size x --parallel.\n\n\
 Every push also writes URL.diskkit.json: the object's format and size, the source name, the \
 creation time and the guest digest with its chunk manifest (as diskkit hash computes them), \
@@ -68,10 +71,11 @@ pub struct PushArgs {
     /// Source format (detected from magic bytes when omitted)
     #[arg(short = 'f', value_parser = parse_format)]
     format: Option<Format>,
-    /// Object format: raw or vpc (fixed VHD) [default: raw]
+    /// Object format: raw or vpc (VHD) [default: raw]
     #[arg(short = 'O', value_parser = parse_format)]
     out_format: Option<Format>,
-    /// Object format options, qemu style (vpc: target=azure, force_size)
+    /// Object format options, qemu style (vpc: subformat=dynamic|fixed, block_size,
+    /// force_size, target=azure)
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
     /// Compress the output (not streamed yet: refused)
@@ -239,6 +243,9 @@ against its manifest (URL.diskkit.json).\n\nExit codes: 0 verified, 2 error or m
 )]
 #[command(after_help = URLS)]
 pub struct VerifyArgs {
+    /// Ranged reads in flight at once
+    #[arg(long, value_name = "N", default_value_t = push::DEFAULT_PARALLEL)]
+    parallel: usize,
     /// Show a progress bar
     #[arg(short = 'p', long)]
     progress: bool,
@@ -252,7 +259,7 @@ pub fn verify(args: VerifyArgs) -> Result<i32> {
     let (location, store) = args.connection.open(&args.url)?;
     let size = store.stat(&location.key)?.unwrap_or(0);
     let bar = Bar::new(args.progress, size, "verifying");
-    let digest = pull::verify(&store, &location, &bar)?;
+    let digest = pull::verify(&store, &location, args.parallel.max(1), &bar)?;
     bar.finish();
     println!("{}: OK {digest}", location.url());
     Ok(EXIT_OK)

@@ -1,4 +1,4 @@
-//! `pull`, `verify`, `ls`: images in a bucket read back through ranged reads.
+//! `pull`, `verify`, `ls`, `rm`: images in a bucket read back through ranged reads.
 //!
 //! [`RemoteImage`] makes a raw or fixed-VHD object an [`Image`] whose reads are ranged GETs, so
 //! the convert engine pulls it (parallel reads, zero detection for sparse output, any output
@@ -9,9 +9,9 @@ use super::store::is_upload_temp;
 use super::{Location, MANIFEST_SUFFIX, Store, manifest_key};
 use crate::convert::{ConvertOptions, convert_to_path};
 use crate::hash::hash_image;
-use crate::progress::Progress;
+use crate::progress::{NoProgress, Progress};
 use diskkit_formats::digest::hex;
-use diskkit_formats::image::check_guest_range;
+use diskkit_formats::image::{check_guest_range, first_nonzero_byte};
 use diskkit_formats::write::CreateOptions;
 use diskkit_formats::{Error, Extent, ExtentKind, Format, Image, ImageInfo, Result};
 use std::path::{Path, PathBuf};
@@ -24,65 +24,62 @@ pub struct RemoteImage<'a> {
     virtual_size: u64,
 }
 
+/// The manifest of the object at `location` and the object's size, checked against each
+/// other.
+pub fn open_manifest(store: &Store, location: &Location) -> Result<(ObjectManifest, u64)> {
+    if location.is_prefix() {
+        return Err(Error::invalid(format!(
+            "{}: name an object, not a prefix",
+            location.url()
+        )));
+    }
+    let Some(size) = store.stat(&location.key)? else {
+        return Err(Error::invalid(format!(
+            "{}: no such object",
+            location.url()
+        )));
+    };
+    let manifest_at = manifest_key(&location.key);
+    let Some(bytes) = store.read_small(&manifest_at)? else {
+        return Err(Error::invalid(format!(
+            "{}: no manifest {manifest_at} next to it (push it with diskkit push)",
+            location.url()
+        )));
+    };
+    let manifest = ObjectManifest::from_json(&bytes)?;
+    if manifest.object_size != size {
+        return Err(Error::invalid(format!(
+            "{}: object has {size} bytes, its manifest says {}",
+            location.url(),
+            manifest.object_size
+        )));
+    }
+    Ok((manifest, size))
+}
+
 impl<'a> RemoteImage<'a> {
-    /// The image at `location`, described by its manifest (required: it says the format and
-    /// the digest to check against).
-    pub fn open(
+    /// The object as an image when its guest bytes are stored first and whole (raw, fixed
+    /// VHD); `None` for formats that must be read locally.
+    pub fn new(
         store: &'a Store,
         location: &Location,
-    ) -> Result<(RemoteImage<'a>, ObjectManifest)> {
-        if location.is_prefix() {
-            return Err(Error::invalid(format!(
-                "{}: name an object, not a prefix",
-                location.url()
-            )));
-        }
-        let Some(size) = store.stat(&location.key)? else {
-            return Err(Error::invalid(format!(
-                "{}: no such object",
-                location.url()
-            )));
-        };
-        let manifest_at = manifest_key(&location.key);
-        let Some(bytes) = store.read_small(&manifest_at)? else {
-            return Err(Error::invalid(format!(
-                "{}: no manifest {manifest_at} next to it (push it with diskkit push)",
-                location.url()
-            )));
-        };
-        let manifest = ObjectManifest::from_json(&bytes)?;
-        if manifest.object_size != size {
-            return Err(Error::invalid(format!(
-                "{}: object has {size} bytes, its manifest says {}",
-                location.url(),
-                manifest.object_size
-            )));
-        }
+        manifest: &ObjectManifest,
+    ) -> Result<Option<RemoteImage<'a>>> {
         let format = manifest.format()?;
         let guest = manifest.guest.virtual_size;
-        let expected = match format {
-            Format::Raw => guest,
-            Format::Vhd => guest + diskkit_formats::vhd::layout::FOOTER_SIZE,
-            other => {
-                return Err(Error::invalid(format!(
-                    "{}: {other} objects cannot be read remotely",
-                    location.url()
-                )));
+        let direct = match format {
+            Format::Raw => manifest.object_size == guest,
+            Format::Vhd => {
+                manifest.object_size == guest + diskkit_formats::vhd::layout::FOOTER_SIZE
             }
+            _ => false,
         };
-        if expected != size {
-            return Err(Error::invalid(format!(
-                "{}: a {format} object of {guest} guest bytes has {expected} bytes, not {size}",
-                location.url()
-            )));
-        }
-        let image = RemoteImage {
+        Ok(direct.then(|| RemoteImage {
             store,
             location: location.clone(),
             format,
             virtual_size: guest,
-        };
-        Ok((image, manifest))
+        }))
     }
 }
 
@@ -122,7 +119,9 @@ impl Image for RemoteImage<'_> {
 }
 
 /// Downloads the image at `location` into a new image of `format` at `dst` (sparse where the
-/// guest has zeros), then checks the written image's digest against the manifest.
+/// guest has zeros), then checks the written image's digest against the manifest. Raw and fixed
+/// VHD objects are converted straight from ranged reads; others (dynamic VHD) are first
+/// downloaded next to `dst` and converted from there.
 pub fn pull(
     store: &Store,
     location: &Location,
@@ -132,55 +131,173 @@ pub fn pull(
     threads: usize,
     downloading: &dyn Progress,
 ) -> Result<String> {
-    let (remote, manifest) = RemoteImage::open(store, location)?;
+    let (manifest, size) = open_manifest(store, location)?;
     let opts = ConvertOptions {
         threads: Some(threads),
         ..ConvertOptions::default()
     };
-    convert_to_path(&remote, format, dst, create, &opts, downloading)?;
-    let written = diskkit_formats::open(
-        dst,
+    match RemoteImage::new(store, location, &manifest)? {
+        Some(remote) => {
+            convert_to_path(&remote, format, dst, create, &opts, downloading)?;
+        }
+        None => {
+            let dir = dst.parent().filter(|d| !d.as_os_str().is_empty());
+            let local = Download::new(dir.unwrap_or(Path::new(".")))?;
+            download(store, location, local.path(), size, threads, downloading)?;
+            let image = open_as(local.path(), manifest.format()?)?;
+            convert_to_path(image.as_ref(), format, dst, create, &opts, &NoProgress)?;
+        }
+    }
+    let written = open_as(dst, format)?;
+    check_digest(written.as_ref(), &manifest, location).map_err(|e| {
+        Error::invalid(format!(
+            "{e} (the pulled image is left at {})",
+            dst.display()
+        ))
+    })
+}
+
+fn open_as(path: &Path, format: Format) -> Result<Box<dyn Image>> {
+    diskkit_formats::open(
+        path,
         &diskkit_formats::OpenOptions {
             format: Some(format),
             snapshot: None,
         },
-    )?;
-    let size = manifest.guest.virtual_size;
-    let digest = hash_image(
-        written.as_ref(),
-        manifest.guest.chunk_size,
-        &crate::progress::NoProgress,
-        &mut |_| {},
-    )?;
-    if written.virtual_size() != size || digest.digest != manifest.guest.digest {
+    )
+}
+
+/// Checks the guest digest of `image` against the manifest; returns it.
+fn check_digest(
+    image: &dyn Image,
+    manifest: &ObjectManifest,
+    location: &Location,
+) -> Result<String> {
+    check_digest_with(image, manifest, location, &NoProgress)
+}
+
+fn check_digest_with(
+    image: &dyn Image,
+    manifest: &ObjectManifest,
+    location: &Location,
+    progress: &dyn Progress,
+) -> Result<String> {
+    let digest = hash_image(image, manifest.guest.chunk_size, progress, &mut |_| {})?;
+    if image.virtual_size() != manifest.guest.virtual_size || digest.digest != manifest.guest.digest
+    {
         return Err(Error::invalid(format!(
-            "{}: the pulled image's digest {} differs from the manifest's {} (left at {})",
+            "{}: content digest {} ({} bytes) differs from the manifest's {} ({} bytes)",
             location.url(),
             hex(&digest.digest),
+            image.virtual_size(),
             manifest.guest.digest_hex(),
-            dst.display()
+            manifest.guest.virtual_size
         )));
     }
     Ok(manifest.guest.digest_hex())
 }
 
 /// Reads the object at `location` and checks its guest digest against its manifest; returns
-/// the digest.
-pub fn verify(store: &Store, location: &Location, reading: &dyn Progress) -> Result<String> {
-    let (remote, manifest) = RemoteImage::open(store, location)?;
-    let digest = hash_image(&remote, manifest.guest.chunk_size, reading, &mut |_| {})?;
-    if digest.digest != manifest.guest.digest {
-        return Err(Error::invalid(format!(
-            "{}: content digest {} differs from the manifest's {}",
-            location.url(),
-            hex(&digest.digest),
-            manifest.guest.digest_hex()
-        )));
+/// the digest. Objects that cannot be read in place (dynamic VHD) are downloaded to a
+/// temporary file first.
+pub fn verify(
+    store: &Store,
+    location: &Location,
+    threads: usize,
+    reading: &dyn Progress,
+) -> Result<String> {
+    let (manifest, size) = open_manifest(store, location)?;
+    match RemoteImage::new(store, location, &manifest)? {
+        Some(remote) => {
+            let digest = check_digest_with(&remote, &manifest, location, reading)?;
+            if remote.format == Format::Vhd {
+                check_vhd_footer(store, location, manifest.guest.virtual_size)?;
+            }
+            Ok(digest)
+        }
+        None => {
+            let local = Download::new(&std::env::temp_dir())?;
+            download(store, location, local.path(), size, threads, reading)?;
+            let image = open_as(local.path(), manifest.format()?)?;
+            check_digest(image.as_ref(), &manifest, location)
+        }
     }
-    if let Format::Vhd = remote.format {
-        check_vhd_footer(store, location, manifest.guest.virtual_size)?;
+}
+
+/// A temporary file for a download, removed when dropped.
+struct Download(tempfile::TempPath);
+
+impl Download {
+    fn new(dir: &Path) -> Result<Download> {
+        tempfile::Builder::new()
+            .prefix(".diskkit-download-")
+            .tempfile_in(dir)
+            .map(|f| Download(f.into_temp_path()))
+            .map_err(|e| Error::io(dir, "create a temporary file", e))
     }
-    Ok(manifest.guest.digest_hex())
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+/// Bytes per ranged read of [`download`].
+const DOWNLOAD_CHUNK: u64 = 8 << 20;
+
+/// Copies the object at `location` (`size` bytes) into the file `path` with `threads` ranged
+/// reads at once; blocks of zeros are left as holes.
+fn download(
+    store: &Store,
+    location: &Location,
+    path: &Path,
+    size: u64,
+    threads: usize,
+    progress: &dyn Progress,
+) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(path, "open", e))?;
+    file.set_len(size)
+        .map_err(|e| Error::io(path, "set length", e))?;
+    let next = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let first_error = std::sync::Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                let mut buf = Vec::new();
+                while !failed.load(Ordering::Relaxed) {
+                    let at = next.fetch_add(DOWNLOAD_CHUNK, Ordering::Relaxed);
+                    if at >= size {
+                        break;
+                    }
+                    buf.resize(DOWNLOAD_CHUNK.min(size - at) as usize, 0);
+                    let result = store.read_at(&location.key, &mut buf, at).and_then(|()| {
+                        if first_nonzero_byte(&buf).is_some() {
+                            file.write_all_at(&buf, at)
+                                .map_err(|e| Error::io(path, format!("write at {at}"), e))?;
+                        }
+                        progress.advance(buf.len() as u64);
+                        Ok(())
+                    });
+                    if let Err(e) = result {
+                        failed.store(true, Ordering::Relaxed);
+                        first_error
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                    }
+                }
+            });
+        }
+    });
+    match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => file.sync_all().map_err(|e| Error::io(path, "sync", e)),
+    }
 }
 
 /// A fixed VHD object ends with a valid footer that gives the guest size.

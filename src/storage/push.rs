@@ -7,12 +7,13 @@
 
 use super::checkpoint::{self, Checkpoint};
 use super::{Location, Store, manifest_key};
+use crate::convert::allocated_ranges;
 use crate::hash::hash_image;
 use crate::progress::Progress;
 use bytes::Bytes;
 use diskkit_formats::digest::{DEFAULT_CHUNK_SIZE, Manifest};
 use diskkit_formats::image::check_guest_range;
-use diskkit_formats::vhd::layout::FOOTER_SIZE;
+use diskkit_formats::vhd::stream::VhdStream;
 use diskkit_formats::write::CreateOptions;
 use diskkit_formats::{Error, Extent, Extents, Format, Image, ImageInfo, Result};
 use serde::{Deserialize, Serialize};
@@ -95,11 +96,8 @@ impl ObjectManifest {
 pub enum Export {
     /// The guest bytes.
     Raw,
-    /// A fixed VHD: the guest bytes, zero-padded to `guest_size`, then the footer.
-    VhdFixed {
-        guest_size: u64,
-        footer: Box<[u8; FOOTER_SIZE as usize]>,
-    },
+    /// A VHD, fixed or dynamic, laid out from the source's allocation map.
+    Vhd(Box<VhdStream>),
 }
 
 impl Export {
@@ -107,7 +105,7 @@ impl Export {
     pub fn plan(src: &dyn Image, format: Format, create: &mut CreateOptions) -> Result<Export> {
         if create.compress {
             return Err(Error::invalid(
-                "-c: compressed output is not streamed yet (push writes raw and fixed VHD)",
+                "-c: compressed output is not streamed yet (push writes raw and VHD)",
             ));
         }
         match format {
@@ -116,15 +114,14 @@ impl Export {
                 Ok(Export::Raw)
             }
             Format::Vhd => {
-                let (guest_size, footer) =
-                    diskkit_formats::vhd::stream::fixed_footer(src.virtual_size(), create)?;
-                Ok(Export::VhdFixed {
-                    guest_size,
-                    footer: Box::new(footer),
-                })
+                let size = src.virtual_size();
+                let mut allocated = allocated_ranges(src, 0, size)
+                    .map(|r| r.map(|(start, end)| (start, end - start)));
+                let stream = VhdStream::plan(size, create, &mut allocated)?;
+                Ok(Export::Vhd(Box::new(stream)))
             }
             other => Err(Error::invalid(format!(
-                "push writes raw and vpc (fixed VHD) objects, not {other}"
+                "push writes raw and vpc (VHD) objects, not {other}"
             ))),
         }
     }
@@ -132,7 +129,7 @@ impl Export {
     pub fn format(&self) -> Format {
         match self {
             Export::Raw => Format::Raw,
-            Export::VhdFixed { .. } => Format::Vhd,
+            Export::Vhd(_) => Format::Vhd,
         }
     }
 
@@ -140,34 +137,27 @@ impl Export {
     pub fn guest_size(&self, src: &dyn Image) -> u64 {
         match self {
             Export::Raw => src.virtual_size(),
-            Export::VhdFixed { guest_size, .. } => *guest_size,
+            Export::Vhd(s) => s.guest_size(),
         }
     }
 
     pub fn object_size(&self, src: &dyn Image) -> u64 {
         match self {
             Export::Raw => src.virtual_size(),
-            Export::VhdFixed { guest_size, .. } => guest_size + FOOTER_SIZE,
+            Export::Vhd(s) => s.object_size(),
         }
     }
 
     /// Fills `buf` with the object's bytes at `offset`.
     pub fn fill(&self, src: &dyn Image, buf: &mut [u8], offset: u64) -> Result<()> {
-        let guest_end = self.guest_size(src);
-        let end = offset + buf.len() as u64;
-        let in_guest = end.min(guest_end).saturating_sub(offset) as usize;
         let padded = Padded {
             inner: src,
-            size: guest_end,
+            size: self.guest_size(src),
         };
-        padded.read_at(&mut buf[..in_guest], offset)?;
-        if let Export::VhdFixed { footer, .. } = self {
-            for (i, b) in buf[in_guest..].iter_mut().enumerate() {
-                let at = offset + (in_guest + i) as u64 - guest_end;
-                *b = footer[at as usize];
-            }
+        match self {
+            Export::Raw => padded.read_at(buf, offset),
+            Export::Vhd(s) => s.fill(buf, offset, &mut |b, at| padded.read_at(b, at)),
         }
-        Ok(())
     }
 }
 

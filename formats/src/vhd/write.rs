@@ -32,7 +32,7 @@ pub(super) struct Plan {
     pub(super) disk_type: DiskType,
     pub(super) virtual_size: u64,
     geometry: Geometry,
-    block_size: u64,
+    pub(super) block_size: u64,
 }
 
 impl Plan {
@@ -119,25 +119,25 @@ impl Plan {
         })
     }
 
-    fn entries(&self) -> u64 {
+    pub(super) fn entries(&self) -> u64 {
         self.virtual_size.div_ceil(self.block_size)
     }
 
-    fn table_offset(&self) -> u64 {
+    pub(super) fn table_offset(&self) -> u64 {
         FOOTER_SIZE + HEADER_SIZE
     }
 
-    fn bitmap_size(&self) -> u64 {
+    pub(super) fn bitmap_size(&self) -> u64 {
         bitmap_size(self.block_size)
     }
 
     /// File offset of the first block: after the BAT, placed so block data is 4 KiB-aligned.
-    fn first_block(&self) -> u64 {
+    pub(super) fn first_block(&self) -> u64 {
         let bat_end = self.table_offset() + bat_size(self.entries());
         (bat_end + self.bitmap_size()).next_multiple_of(DATA_ALIGNMENT) - self.bitmap_size()
     }
 
-    fn footprint(&self) -> u64 {
+    pub(super) fn footprint(&self) -> u64 {
         self.bitmap_size() + self.block_size
     }
 
