@@ -27,3 +27,40 @@ pub const MANIFEST_SUFFIX: &str = ".diskkit.json";
 pub fn manifest_key(key: &str) -> String {
     format!("{key}{MANIFEST_SUFFIX}")
 }
+
+/// Runs `job(0)`, `job(1)`, ... `job(count - 1)` from up to `threads` threads, each taking the
+/// next index when done; stops handing out work at the first error and returns it.
+fn run_parallel(
+    threads: usize,
+    count: usize,
+    job: impl Fn(usize) -> diskkit_formats::Result<()> + Sync,
+) -> diskkit_formats::Result<()> {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let first_error = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..threads.clamp(1, count.max(1)) {
+            s.spawn(|| {
+                while !failed.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= count {
+                        break;
+                    }
+                    if let Err(e) = job(i) {
+                        failed.store(true, Ordering::Relaxed);
+                        first_error
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                    }
+                }
+            });
+        }
+    });
+    match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}

@@ -255,49 +255,26 @@ fn download(
     progress: &dyn Progress,
 ) -> Result<()> {
     use std::os::unix::fs::FileExt;
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let file = std::fs::OpenOptions::new()
         .write(true)
         .open(path)
         .map_err(|e| Error::io(path, "open", e))?;
     file.set_len(size)
         .map_err(|e| Error::io(path, "set length", e))?;
-    let next = AtomicU64::new(0);
-    let failed = AtomicBool::new(false);
-    let first_error = std::sync::Mutex::new(None);
-    std::thread::scope(|s| {
-        for _ in 0..threads.max(1) {
-            s.spawn(|| {
-                let mut buf = Vec::new();
-                while !failed.load(Ordering::Relaxed) {
-                    let at = next.fetch_add(DOWNLOAD_CHUNK, Ordering::Relaxed);
-                    if at >= size {
-                        break;
-                    }
-                    buf.resize(DOWNLOAD_CHUNK.min(size - at) as usize, 0);
-                    let result = store.read_at(&location.key, &mut buf, at).and_then(|()| {
-                        if first_nonzero_byte(&buf).is_some() {
-                            file.write_all_at(&buf, at)
-                                .map_err(|e| Error::io(path, format!("write at {at}"), e))?;
-                        }
-                        progress.advance(buf.len() as u64);
-                        Ok(())
-                    });
-                    if let Err(e) = result {
-                        failed.store(true, Ordering::Relaxed);
-                        first_error
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get_or_insert(e);
-                    }
-                }
-            });
+    let count = usize::try_from(size.div_ceil(DOWNLOAD_CHUNK))
+        .map_err(|_| Error::invalid("object too large"))?;
+    super::run_parallel(threads, count, |i| {
+        let at = i as u64 * DOWNLOAD_CHUNK;
+        let mut buf = vec![0; DOWNLOAD_CHUNK.min(size - at) as usize];
+        store.read_at(&location.key, &mut buf, at)?;
+        if first_nonzero_byte(&buf).is_some() {
+            file.write_all_at(&buf, at)
+                .map_err(|e| Error::io(path, format!("write at {at}"), e))?;
         }
-    });
-    match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        Some(e) => Err(e),
-        None => file.sync_all().map_err(|e| Error::io(path, "sync", e)),
-    }
+        progress.advance(buf.len() as u64);
+        Ok(())
+    })?;
+    file.sync_all().map_err(|e| Error::io(path, "sync", e))
 }
 
 /// A fixed VHD object ends with a valid footer that gives the guest size.

@@ -20,7 +20,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// The smallest part S3 accepts (except for the last part of an object).
 pub const MIN_PART_SIZE: u64 = 5 << 20;
@@ -416,43 +415,19 @@ fn upload_parts(
     produce: impl Fn(u32) -> Result<Vec<u8>> + Sync,
     done: impl Fn(u32, String, u64) -> Result<()> + Sync,
 ) -> Result<()> {
-    let next = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
-    let first_error = Mutex::new(None);
     let delay = test_part_delay();
-    std::thread::scope(|s| {
-        for _ in 0..parallel.clamp(1, numbers.len().max(1)) {
-            s.spawn(|| {
-                while !failed.load(Ordering::Relaxed) {
-                    let Some(&n) = numbers.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                        break;
-                    };
-                    let result = produce(n).and_then(|data| {
-                        let len = data.len() as u64;
-                        let offset = u64::from(n - 1) * part;
-                        let etag =
-                            store.upload_part(key, upload_id, n, offset, Bytes::from(data))?;
-                        done(n, etag, len)
-                    });
-                    if let Err(e) = result {
-                        failed.store(true, Ordering::Relaxed);
-                        first_error
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get_or_insert(e);
-                        break;
-                    }
-                    if let Some(d) = delay {
-                        std::thread::sleep(d);
-                    }
-                }
-            });
+    super::run_parallel(parallel, numbers.len(), |i| {
+        let n = numbers[i];
+        let data = produce(n)?;
+        let len = data.len() as u64;
+        let offset = u64::from(n - 1) * part;
+        let etag = store.upload_part(key, upload_id, n, offset, Bytes::from(data))?;
+        done(n, etag, len)?;
+        if let Some(d) = delay {
+            std::thread::sleep(d);
         }
-    });
-    match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+        Ok(())
+    })
 }
 
 #[cfg(test)]
