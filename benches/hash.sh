@@ -13,10 +13,10 @@ dense=$WORK/dense-1G.raw
 [ -f "$dense" ] || python3 benches/gen_image.py "$dense" 1G --holes 0 --compressible 0
 for tool in "$DISKKIT hash" "openssl dgst -sha256" sha256sum; do
   $tool "$dense" >/dev/null
-  user=$( { /usr/bin/time -f %U $tool "$dense" >/dev/null; } 2>&1 )
-  python3 -c "print('%-58s %7.2f s user CPU = %.2f GB/s per core' % ('$tool, 1 GiB random data (warm)', $user, 2**30 / max($user, 0.01) / 1e9))"
+  /usr/bin/time -o "$WORK/time.txt" -f %U $tool "$dense" >/dev/null
+  user=$(cat "$WORK/time.txt")
+  python3 -c "print('%-40s %5.2f s user CPU = %.2f GB/s per core' % ('$(basename "${tool%% *}") over 1 GiB random data', $user, 2**30 / max($user, 0.01) / 1e9))"
 done
-
 side_by_side "raw $SIZE: diskkit hash vs sha256sum" \
   "$DISKKIT hash $raw" "sha256sum $raw"
 side_by_side "raw $SIZE: diskkit hash vs openssl dgst -sha256" \
