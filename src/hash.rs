@@ -3,12 +3,13 @@
 //!
 //! Images: one thread walks the extent map in guest order and cuts it into chunk jobs; chunks the
 //! map calls zero take the precomputed zero digest without a read, the others are read (their zero
-//! parts filled in, not read) and hashed by twice as many threads as cores, so that reads overlap
-//! with hashing. Jobs go in windows whose results are folded in order, so memory stays bounded
+//! parts filled in, not read) and hashed by twice as many threads as cores (see `parallel`), so
+//! that reads overlap with hashing. Jobs go in windows whose results are folded in order, so memory stays bounded
 //! whatever the image size.
 //!
 //! Streams: chunks are read sequentially while the previous batch is hashed in parallel.
 
+use crate::parallel::read_pool;
 use crate::progress::Progress;
 use diskkit_formats::digest::{ChunkDigest, ChunkHasher, DigestBuilder};
 use diskkit_formats::{Error, Extent, Extents, Image, Result};
@@ -32,11 +33,6 @@ const STREAM_BATCH_BYTES: u64 = 64 << 20;
 /// Data chunks per window of the image driver, per thread: enough that the idle tail at the end
 /// of a window is small.
 const DATA_CHUNKS_PER_THREAD: usize = 8;
-
-/// Hashing threads of the image driver per core: while a task waits for its read (cold cache,
-/// network disk), another one hashes. On 2 cores with a cold page cache, 1 GiB of data took
-/// 8-10 s with 2 threads, 4.4-7 s with 3, 2.8-5 s with 4; warm, the extra threads cost nothing.
-const THREADS_PER_CORE: usize = 2;
 
 /// Zero chunks per window cost 48 bytes each: this bounds a window of a huge sparse image.
 const MAX_WINDOW_CHUNKS: usize = 1 << 16;
@@ -65,12 +61,8 @@ pub fn hash_image(
     let mut builder = DigestBuilder::new(chunk_size)?;
     let size = image.virtual_size();
     let buffers = BufferPool::new(chunk_size as usize);
-    let threads = THREADS_PER_CORE * rayon::current_num_threads();
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .map_err(|e| Error::invalid(format!("cannot start {threads} hashing threads: {e}")))?;
-    let max_data_jobs = DATA_CHUNKS_PER_THREAD * threads;
+    let pool = read_pool()?;
+    let max_data_jobs = DATA_CHUNKS_PER_THREAD * pool.current_num_threads();
     let mut cutter = ChunkCutter::new(image, chunk_size);
     let mut window = Vec::new();
     loop {
