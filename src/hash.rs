@@ -49,15 +49,16 @@ enum Job {
     },
 }
 
-/// Hashes the guest content of `image` with chunks of `chunk_size` bytes. `on_chunk` receives every
-/// chunk digest in guest order (collect them for a manifest, or ignore them).
+/// Hashes the guest content of `image` with chunks of `chunk_size` bytes. `on_chunk`, when given,
+/// receives every chunk digest (SHA-256 and CRC-32) in guest order, e.g. to make a manifest;
+/// without it no CRC is computed.
 pub fn hash_image(
     image: &dyn Image,
     chunk_size: u64,
     progress: &dyn Progress,
-    on_chunk: &mut dyn FnMut(ChunkDigest),
+    mut on_chunk: Option<&mut dyn FnMut(ChunkDigest)>,
 ) -> Result<ImageHash> {
-    let hasher = ChunkHasher::new(chunk_size)?;
+    let hasher = chunk_hasher(chunk_size, on_chunk.is_some())?;
     let mut builder = DigestBuilder::new(chunk_size)?;
     let size = image.virtual_size();
     let buffers = BufferPool::new(chunk_size as usize);
@@ -102,7 +103,9 @@ pub fn hash_image(
         })?;
         for d in digests {
             builder.push(&d)?;
-            on_chunk(d);
+            if let Some(f) = on_chunk.as_mut() {
+                f(d);
+            }
         }
     }
     if builder.covered() != size {
@@ -117,6 +120,15 @@ pub fn hash_image(
         chunk_size,
         virtual_size: size,
     })
+}
+
+/// CRCs are only wanted with the chunk records.
+fn chunk_hasher(chunk_size: u64, with_crc: bool) -> Result<ChunkHasher> {
+    if with_crc {
+        ChunkHasher::new(chunk_size)
+    } else {
+        ChunkHasher::without_crc(chunk_size)
+    }
 }
 
 /// Reads the chunk at `offset` into `buf`: the `data` ranges from the image, zeros elsewhere.
@@ -222,14 +234,15 @@ impl BufferPool {
 }
 
 /// Hashes a raw stream (stdin) chunk by chunk until its end; the stream length is the virtual
-/// size. Reading overlaps with hashing of the previous batch of chunks.
+/// size. Reading overlaps with hashing of the previous batch of chunks. `on_chunk` as for
+/// [`hash_image`].
 pub fn hash_stream(
     reader: &mut (dyn Read + Send),
     chunk_size: u64,
     progress: &dyn Progress,
-    on_chunk: &mut dyn FnMut(ChunkDigest),
+    mut on_chunk: Option<&mut dyn FnMut(ChunkDigest)>,
 ) -> Result<ImageHash> {
-    let hasher = ChunkHasher::new(chunk_size)?;
+    let hasher = chunk_hasher(chunk_size, on_chunk.is_some())?;
     let mut builder = DigestBuilder::new(chunk_size)?;
     let batch = (STREAM_BATCH_BYTES / chunk_size).clamp(1, 2 * rayon::current_num_threads() as u64)
         as usize;
@@ -256,7 +269,9 @@ pub fn hash_stream(
         );
         for d in digests {
             builder.push(&d)?;
-            on_chunk(d);
+            if let Some(f) = on_chunk.as_mut() {
+                f(d);
+            }
         }
         // The batch just hashed lends its buffers to the read after next.
         spare = std::mem::replace(&mut current, next?);
