@@ -312,12 +312,69 @@ fn plain_and_joliet_only_images() {
         b"joliet keeps case\n"
     );
 
+    // ISO 9660:1999 (level 4) adds an enhanced volume descriptor.
+    let level4 = dir.path().join("level4.iso");
+    xorriso(&[
+        "-as",
+        "mkisofs",
+        "-iso-level",
+        "4",
+        "-o",
+        path_str(&level4),
+        path_str(&src),
+    ]);
+    let info: serde_json::Value = serde_json::from_str(&diskkit_ok(&[
+        "info",
+        "--output",
+        "json",
+        path_str(&level4),
+    ]))
+    .unwrap();
+    assert_eq!(info["format-specific"]["data"]["iso9660-1999"], true);
+
     // Not an ISO at all.
     let raw = dir.path().join("raw.img");
     fs::write(&raw, vec![0u8; 64 << 10]).unwrap();
     let (code, _, err) = diskkit(&["iso", "ls", path_str(&raw)]);
     assert_eq!(code, 2);
     assert!(err.contains("not an ISO 9660 image"), "{err}");
+}
+
+#[test]
+fn relocated_deep_directories_are_shown_in_place() {
+    // ISO 9660 allows 8 levels; with relocation the deeper ones move to rr_moved and Rock Ridge
+    // CL/RE entries record where they belong.
+    let dir = tempdir();
+    let src = dir.path().join("src");
+    let deep = src.join("1/2/3/4/5/6/7/8/9/10");
+    fs::create_dir_all(&deep).unwrap();
+    fs::write(deep.join("file"), b"deep\n").unwrap();
+    let iso = dir.path().join("reloc.iso");
+    xorriso(&[
+        "-compliance",
+        "deep_paths_off",
+        "-rr_reloc_dir",
+        "rr_moved",
+        "-outdev",
+        path_str(&iso),
+        "-map",
+        path_str(&src),
+        "/",
+    ]);
+    let plain = diskkit_ok(&["iso", "ls", "-R", "--names", "iso", path_str(&iso)]);
+    assert!(plain.lines().any(|l| l.starts_with("RR_MOVED/")), "{plain}");
+    let listing = diskkit_ok(&["iso", "ls", "-R", path_str(&iso)]);
+    assert!(
+        listing.lines().any(|l| l == "1/2/3/4/5/6/7/8/9/10/file"),
+        "{listing}"
+    );
+    assert!(!listing.contains("rr_moved"), "{listing}");
+    let out = dir.path().join("out");
+    diskkit_ok(&["iso", "extract", path_str(&iso), "-C", path_str(&out)]);
+    assert_eq!(
+        fs::read(out.join("1/2/3/4/5/6/7/8/9/10/file")).unwrap(),
+        b"deep\n"
+    );
 }
 
 /// Offsets of `needle` in `hay`.
