@@ -497,6 +497,37 @@ fn damaged_images_fail_cleanly() {
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("loop"), "{err}");
 
+    // A file extent past the end of the image: that file fails, the rest is extracted.
+    let mut image = pristine.clone();
+    let big = find_all(&image, b"BIG.BIN;1")[0] - 33;
+    image[big + 2..big + 6].copy_from_slice(&0x7fff_0000u32.to_le_bytes());
+    let outside_extent = dir.path().join("extent.iso");
+    fs::write(&outside_extent, &image).unwrap();
+    let out = dir.path().join("extent-out");
+    let (code, _, err) = diskkit(&[
+        "iso",
+        "extract",
+        path_str(&outside_extent),
+        "-C",
+        path_str(&out),
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("extent of ISO file \"big.bin\""), "{err}");
+    assert!(out.join("docs/one").is_file() && !out.join("docs/big.bin").exists());
+
+    // A Rock Ridge continuation area that continues into itself: a bounded chain, an error.
+    let mut image = pristine.clone();
+    let ce = find_all(&image, b"CE\x1c\x01")[0];
+    let field = |at: usize| u32::from_le_bytes(image[at..at + 4].try_into().unwrap()) as usize;
+    let target = field(ce + 4) * 2048 + field(ce + 12);
+    let entry = image[ce..ce + 28].to_vec();
+    image[target..target + 28].copy_from_slice(&entry);
+    let ce_loop = dir.path().join("ce-loop.iso");
+    fs::write(&ce_loop, &image).unwrap();
+    let (code, _, err) = diskkit(&["iso", "ls", path_str(&ce_loop)]);
+    assert_eq!(code, 2);
+    assert!(err.contains("SUSP continuation area"), "{err}");
+
     // Bytes of the descriptors and directories overwritten: always exit 0 or 2, never a crash,
     // never a write outside the output directory.
     let damaged = dir.path().join("damaged.iso");

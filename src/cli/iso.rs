@@ -258,7 +258,9 @@ impl Extractor<'_> {
                 let tmp = self.temp_name(&dir);
                 std::os::unix::fs::symlink(target, &tmp)
                     .map_err(|e| Error::io(&tmp, "create symbolic link", e))?;
-                rename(&tmp, &dir.join(name))
+                rename(&tmp, &dir.join(name)).inspect_err(|_| {
+                    fs::remove_file(&tmp).ok();
+                })
             }
             EntryKind::Special => Err(Error::invalid(
                 "device, FIFO or socket: not extracted".to_string(),
