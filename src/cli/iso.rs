@@ -53,6 +53,7 @@ struct LsArgs {
     /// Names to read: iso (ISO 9660), joliet, rr (Rock Ridge)
     #[arg(long, value_enum)]
     names: Option<Names>,
+    /// The ISO image file
     iso: PathBuf,
     /// Path inside the image (default: the root directory)
     path: Option<String>,
@@ -67,6 +68,7 @@ struct ExtractArgs {
     /// Directory to extract into (created when missing)
     #[arg(short = 'C', long = "directory", default_value = ".")]
     dir: PathBuf,
+    /// The ISO image file
     iso: PathBuf,
     /// Paths inside the image to extract (default: everything)
     paths: Vec<String>,
