@@ -425,11 +425,6 @@ mod tests {
         assert_eq!(mode_string(0o104755), "-rwsr-xr-x");
         assert_eq!(mode_string(0o041644), "drw-r--r-T");
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::link_escapes;
 
     #[test]
     fn links_that_leave_the_root() {
