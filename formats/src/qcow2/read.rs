@@ -194,7 +194,17 @@ impl Qcow2Image {
         let in_cluster = offset % cs;
         let to_cluster_end = cs - in_cluster;
         let (host, alloc, zero) = match self.geo.decode(&self.file, entry, bitmap, at)? {
-            Cluster::Unallocated => return Ok((Kind::Unallocated, to_cluster_end)),
+            Cluster::Unallocated => {
+                // Skip the table's following empty entries in one go: sparse tables are common.
+                let empty = table
+                    .get(i..)
+                    .unwrap_or_default()
+                    .chunks(words_per_entry as usize)
+                    .skip(1)
+                    .take_while(|e| e.iter().all(|&w| w == 0))
+                    .count() as u64;
+                return Ok((Kind::Unallocated, to_cluster_end + empty * cs));
+            }
             Cluster::Zero => return Ok((Kind::Zero, to_cluster_end)),
             Cluster::Compressed(d) => return Ok((Kind::Compressed(d, in_cluster), to_cluster_end)),
             Cluster::Data { host, alloc, zero } => (host, alloc, zero),
