@@ -17,4 +17,4 @@ pub use error::{Error, Result};
 pub use host::HostFile;
 pub use image::{Extent, ExtentKind, Extents, Format, Image, ImageInfo, SnapshotInfo};
 pub use open::{OpenOptions, detect, open};
-pub use write::{CreateOptions, ImageWriter, Measure};
+pub use write::{CreateOptions, ImageWriter, Measure, ResizeOutcome};

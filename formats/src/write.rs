@@ -40,6 +40,18 @@ pub struct Measure {
     pub fully_allocated: u64,
 }
 
+/// Result of resizing an image in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ResizeOutcome {
+    #[serde(rename = "old-size")]
+    pub old_size: u64,
+    #[serde(rename = "new-size")]
+    pub new_size: u64,
+    /// Allocated guest bytes past the new end that a shrink dropped.
+    #[serde(rename = "lost-bytes")]
+    pub lost_bytes: u64,
+}
+
 /// Options for creating an image: qemu-img's `-o key=value,...` list plus the flags that have
 /// their own switches (`-c`, `-B`/`-F`).
 #[derive(Debug, Clone, Default)]
