@@ -1,5 +1,5 @@
-//! qcow2 parsing: any bytes opened as qcow2 (and each internal snapshot view) must give errors,
-//! never panics, hangs or huge allocations.
+//! qcow2 parsing: any bytes checked or opened as qcow2 (and each internal snapshot view) must
+//! give errors, never panics, hangs or huge allocations.
 #![no_main]
 
 use diskkit_formats::{Extents, Format, Image, OpenOptions, open};
@@ -9,6 +9,8 @@ use std::io::Write;
 fuzz_target!(|data: &[u8]| {
     let mut f = tempfile::NamedTempFile::new().expect("temp file");
     f.write_all(data).expect("write fuzz input");
+    // check walks every table, snapshots' included, and the refcount structure.
+    let _ = diskkit_formats::qcow2::check(f.path(), None);
     let mut opts = OpenOptions {
         format: Some(Format::Qcow2),
         snapshot: None,

@@ -7,7 +7,7 @@
 
 use super::compress::compress;
 use super::header::{COMPAT_LAZY_REFCOUNTS, CompressionType, Header, INCOMPAT_EXTENDED_L2};
-use super::l2::{COPIED, Geometry, MAX_L1_BYTES, ZERO};
+use super::l2::{COMPRESSED, COPIED, Geometry, MAX_L1_BYTES, OFFSET_MASK, ZERO};
 use super::refcount::{Counts, RefcountLayout, write_structure};
 use crate::error::{Error, Result};
 use crate::image::{Format, first_nonzero_byte};
@@ -195,9 +195,16 @@ struct State {
     compressed_free: Option<(u64, u64)>,
     /// L2 tables by L1 index: the entries (two words each with extended L2).
     tables: HashMap<u64, Vec<u64>>,
-    /// Clusters written in pieces: their content so far and how many bytes arrived.
+    /// Clusters of a compressed image written in pieces: their content so far and how many
+    /// bytes arrived (compression needs the whole cluster).
     partial: HashMap<u64, (Vec<u8>, u64)>,
+    /// Bytes held in `partial`.
+    partial_bytes: u64,
 }
+
+/// Memory that clusters assembled from pieces may hold; past it, further clusters written in
+/// pieces are stored uncompressed, each piece written in place as it arrives.
+const MAX_PARTIAL_BYTES: u64 = 256 << 20;
 
 impl State {
     fn empty() -> State {
@@ -206,6 +213,7 @@ impl State {
             compressed_free: None,
             tables: HashMap::new(),
             partial: HashMap::new(),
+            partial_bytes: 0,
         }
     }
 }
@@ -339,29 +347,69 @@ impl Qcow2Writer {
         self.pwrite(data, host)
     }
 
-    /// Adds `data` (or zeros, when `None`) at `skip` bytes into cluster `c`, which this call does
-    /// not cover whole; stores the cluster once all its bytes have arrived.
+    /// Host offset of guest cluster `c` when it is mapped to an uncompressed host cluster.
+    fn mapped_host(&self, st: &State, c: u64) -> Option<u64> {
+        let per_table = self.geo.l2_entries();
+        let words = (self.geo.l2_entry_bytes() / 8) as usize;
+        let entry = *st
+            .tables
+            .get(&(c / per_table))?
+            .get((c % per_table) as usize * words)?;
+        let host = entry & OFFSET_MASK;
+        (entry & COMPRESSED == 0 && host != 0).then_some(host)
+    }
+
+    /// Stores `len` bytes of `data` (or zeros, when `None`) at `skip` bytes into cluster `c`,
+    /// which this call does not cover whole. Uncompressed clusters are allocated by their first
+    /// piece and written in place (a fresh host cluster reads as zeros where nothing was
+    /// written); compressed images assemble the cluster in memory and store it once complete.
     fn put_partial(&self, c: u64, skip: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
-        let full = self.cluster_len(c);
-        let done = {
+        if self.cfg.compress {
+            let full = self.cluster_len(c);
             let mut st = self.lock();
-            let (buf, filled) = st
-                .partial
-                .entry(c)
-                .or_insert_with(|| (vec![0u8; full as usize], 0));
-            if let Some(d) = data {
-                buf[skip as usize..(skip + len) as usize].copy_from_slice(d);
+            let buffered = st.partial.contains_key(&c);
+            if buffered
+                || (self.mapped_host(&st, c).is_none()
+                    && st.partial_bytes + full <= MAX_PARTIAL_BYTES)
+            {
+                if !buffered {
+                    st.partial_bytes += full;
+                }
+                let (buf, filled) = st
+                    .partial
+                    .entry(c)
+                    .or_insert_with(|| (vec![0u8; full as usize], 0));
+                if let Some(d) = data {
+                    buf[skip as usize..(skip + len) as usize].copy_from_slice(d);
+                }
+                *filled += len;
+                if *filled < full {
+                    return Ok(());
+                }
+                st.partial_bytes -= full;
+                let buf = st.partial.remove(&c).map(|(b, _)| b).unwrap_or_default();
+                drop(st);
+                return self.put_cluster(c, Content::Data(&buf));
             }
-            *filled += len;
-            if *filled >= full {
-                st.partial.remove(&c).map(|(b, _)| b)
-            } else {
-                None
+        }
+        let zero = data.is_none_or(|d| first_nonzero_byte(d).is_none());
+        let host = {
+            let mut st = self.lock();
+            match self.mapped_host(&st, c) {
+                Some(h) => h,
+                // Zeros in an image that reads as zeros: nothing to store.
+                None if zero && self.zero_initialized() => return Ok(()),
+                None => {
+                    let h = st.next_cluster;
+                    st.next_cluster += self.geo.cluster_size();
+                    self.set_entry(&mut st, c, h | COPIED, u64::from(u32::MAX));
+                    h
+                }
             }
         };
-        match done {
-            Some(buf) => self.put_cluster(c, Content::Data(&buf)),
-            None => Ok(()),
+        match data {
+            Some(d) if !zero => self.pwrite(d, host + skip),
+            _ => Ok(()),
         }
     }
 
@@ -416,8 +464,8 @@ impl ImageWriter for Qcow2Writer {
         self.virtual_size
     }
 
-    /// Clusters written in several pieces are assembled in memory and stored when complete (or
-    /// at `finish`, the missing bytes reading as zeros).
+    /// A cluster may arrive in several pieces (from any threads); bytes of it that are never
+    /// written read as zeros.
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.for_clusters(offset, buf.len() as u64, |c, skip, n, whole, at| {
             let piece = &buf[at..at + n as usize];
