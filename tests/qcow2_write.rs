@@ -29,9 +29,15 @@ fn create_opts(spec: &str, compress: bool, backing: Option<(&str, Format)>) -> C
 /// new image does not already read as zeros.
 fn copy_into(src: &Path, out: &Path, mut opts: CreateOptions) {
     let image = lib_open(src);
-    let writer = Qcow2Writer::create(out, image.virtual_size(), &mut opts).unwrap();
+    copy_with(
+        image.as_ref(),
+        Qcow2Writer::create(out, image.virtual_size(), &mut opts).unwrap(),
+    );
+}
+
+fn copy_with(image: &dyn Image, writer: Qcow2Writer) {
     let mut jobs = Vec::new();
-    for e in Extents::new(image.as_ref(), 0, image.virtual_size()) {
+    for e in Extents::new(image, 0, image.virtual_size()) {
         let e = e.unwrap();
         let mut pos = e.start;
         while pos < e.end() {
@@ -163,6 +169,28 @@ fn writes_overlays_with_zero_clusters_over_backing_data() {
             info.contains("\"backing-filename-format\": \"qcow2\""),
             "{info}"
         );
+    }
+}
+
+#[test]
+fn writes_into_existing_empty_images() {
+    let dir = tempdir();
+    let src = source(dir.path());
+    let image = lib_open(&src);
+    let size = image.virtual_size().to_string();
+    for (i, opts) in ["cluster_size=4k", "compat=0.10,cluster_size=2M"]
+        .into_iter()
+        .enumerate()
+    {
+        let out = p(dir.path(), &format!("n{i}.qcow2"));
+        qemu_img(&["create", "-f", "qcow2", "-o", opts, path_str(&out), &size]);
+        copy_with(
+            image.as_ref(),
+            Qcow2Writer::open_existing(&out, i == 0).unwrap(),
+        );
+        assert_clean_and_equal(&src, &out);
+        // Now it holds data: refused.
+        assert!(Qcow2Writer::open_existing(&out, false).is_err());
     }
 }
 

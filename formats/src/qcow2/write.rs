@@ -7,9 +7,10 @@
 
 use super::compress::compress;
 use super::header::{COMPAT_LAZY_REFCOUNTS, CompressionType, Header, INCOMPAT_EXTENDED_L2};
-use super::l2::{COMPRESSED, COPIED, Geometry, MAX_L1_BYTES, OFFSET_MASK, ZERO};
+use super::l2::{COMPRESSED, COPIED, Geometry, MAX_L1_BYTES, OFFSET_MASK, ZERO, read_table};
 use super::refcount::{Counts, RefcountLayout, write_structure};
 use crate::error::{Error, Result};
+use crate::host::HostFile;
 use crate::image::{Format, first_nonzero_byte};
 use crate::write::{CreateOptions, ImageWriter, Measure};
 use std::collections::HashMap;
@@ -261,6 +262,66 @@ impl Qcow2Writer {
             geo,
             virtual_size,
             state: Mutex::new(state),
+        })
+    }
+
+    /// Opens an existing, empty qcow2 image (as `qemu-img create` makes it) to write into it
+    /// (`convert -n`), keeping its options, size and backing file. New data goes after the
+    /// existing file end, so the image stays valid until `finish` switches the header.
+    pub fn open_existing(path: &Path, compress: bool) -> Result<Qcow2Writer> {
+        let host = HostFile::open(path)?;
+        let h = Header::read(&host)?;
+        let refuse = |why: &str| Err(Error::unsupported(path, format!("writing into {why}")));
+        if h.nb_snapshots > 0 || h.has_data_file() || h.autoclear_features != 0 {
+            return refuse("a qcow2 image with snapshots, a data file or bitmaps");
+        }
+        if h.dirty() || h.corrupt() {
+            return refuse("a qcow2 image marked dirty or corrupt");
+        }
+        let l1 = read_table(
+            &host,
+            h.l1_table_offset,
+            u64::from(h.l1_size),
+            "qcow2 L1 table",
+        )?;
+        let geo = h.geometry();
+        for &e in &l1 {
+            let off = e & OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            let table = host.read_vec_at(off, geo.cluster_size(), "qcow2 L2 table")?;
+            if table.iter().any(|&b| b != 0) {
+                return refuse("a qcow2 image that already holds data");
+            }
+        }
+        let cfg = Config {
+            version: h.version,
+            cluster_bits: h.cluster_bits,
+            refcount_order: h.refcount_order,
+            compression: h.compression,
+            compress,
+            lazy_refcounts: h.lazy_refcounts(),
+            extended_l2: h.extended_l2(),
+            preallocate_metadata: false,
+            backing_file: h.backing_file.clone(),
+            backing_format: h.backing_format.as_deref().map(Format::parse).transpose()?,
+        };
+        cfg.l1_entries(h.size)?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(path, "open for writing", e))?;
+        Ok(Qcow2Writer {
+            path: path.to_path_buf(),
+            file,
+            cfg,
+            geo,
+            virtual_size: h.size,
+            state: Mutex::new(State {
+                next_cluster: host.len().next_multiple_of(geo.cluster_size()),
+                ..State::empty()
+            }),
         })
     }
 
