@@ -184,13 +184,10 @@ fn writes_into_existing_empty_images() {
     {
         let out = p(dir.path(), &format!("n{i}.qcow2"));
         qemu_img(&["create", "-f", "qcow2", "-o", opts, path_str(&out), &size]);
-        copy_with(
-            image.as_ref(),
-            Qcow2Writer::open_existing(&out, i == 0).unwrap(),
-        );
+        copy_with(image.as_ref(), Qcow2Writer::open_existing(&out).unwrap());
         assert_clean_and_equal(&src, &out);
         // Now it holds data: refused.
-        assert!(Qcow2Writer::open_existing(&out, false).is_err());
+        assert!(Qcow2Writer::open_existing(&out).is_err());
     }
 }
 
@@ -221,14 +218,13 @@ fn measure_agrees_with_qemu() {
         "cluster_size=2M,refcount_bits=64",
         "extended_l2=on",
     ] {
-        let allocated = Extents::new(image.as_ref(), 0, image.virtual_size())
-            .map(Result::unwrap)
-            .filter(|e| !e.is_zero())
-            .map(|e| (e.start, e.length));
+        let mut allocated = Extents::new(image.as_ref(), 0, image.virtual_size())
+            .filter(|e| e.as_ref().is_ok_and(|e| !e.is_zero()))
+            .map(|e| e.map(|e| (e.start, e.end())));
         let ours = measure(
             image.virtual_size(),
             &mut create_opts(spec, false, None),
-            allocated,
+            &mut allocated,
         )
         .unwrap();
         let mut args = vec!["measure", "--output=json", "-O", "qcow2"];
@@ -355,6 +351,10 @@ fn check_agrees_with_qemu_and_repairs() {
             theirs["compressed-clusters"].as_u64().unwrap_or(0)
         );
         assert_eq!(ours.image_end_offset, theirs["image-end-offset"].as_u64());
+        assert_eq!(
+            ours.fragmented_clusters.unwrap_or(0),
+            theirs["fragmented-clusters"].as_u64().unwrap_or(0)
+        );
         assert_eq!(ours.exit_code(), 0);
     }
 
@@ -418,27 +418,25 @@ fn resize_grows_and_shrinks() {
     let before = p(dir.path(), "before.raw");
     qemu_img(&["convert", "-O", "raw", path_str(&img), path_str(&before)]);
 
-    let out = resize(&img, 4 * MIB, false).unwrap();
-    assert_eq!(
-        (out.old_size, out.new_size, out.lost_bytes),
-        (MIB, 4 * MIB, 0)
-    );
+    resize(&img, 4 * MIB).unwrap();
     assert!(qemu_img(&["check", path_str(&img)]).contains("No errors"));
     assert!(qemu_img(&["info", "--output=json", path_str(&img)]).contains("4194304"));
     qemu_img(&["compare", path_str(&before), path_str(&img)]);
     qemu_io("qcow2", &img, &["write -P 0x33 3M 4k"]);
 
-    // Shrinking needs the flag and reports what is dropped: the 0x32 data past the new end
-    // (which cuts a cluster) and the 4k at 3M.
+    // Through the CLI: shrinking needs --shrink and reports what is dropped: the 0x32 data past
+    // the new end (which cuts a cluster) and the 4k at 3M.
     let new_size = 1000 * 1024 + 100;
-    let err = resize(&img, new_size, false).unwrap_err().to_string();
-    assert!(err.contains("shrink"), "{err}");
+    let (code, _, err) = diskkit(&["resize", path_str(&img), &new_size.to_string()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--shrink"), "{err}");
     let lost = (1024 * 1024 - new_size) + 4096;
-    let out = resize(&img, new_size, true).unwrap();
-    assert_eq!(out.lost_bytes, lost);
+    let (code, _, err) = diskkit(&["resize", "--shrink", path_str(&img), &new_size.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains(&format!("({lost} bytes)")), "{err}");
     assert!(qemu_img(&["check", path_str(&img)]).contains("No errors"));
     // Growing again shows zeros past the old end, including the cut cluster's tail.
-    resize(&img, MIB, false).unwrap();
+    resize(&img, MIB).unwrap();
     let expect = p(dir.path(), "expect.raw");
     std::fs::copy(&before, &expect).unwrap();
     let mut bytes = std::fs::read(&expect).unwrap();

@@ -4,12 +4,17 @@
 //! This crate knows nothing of the command line, async runtimes or object storage.
 
 pub mod check;
+pub mod digest;
 pub mod error;
 pub mod host;
 pub mod image;
+pub mod iso;
 pub mod open;
 pub mod qcow2;
 pub mod raw;
+pub mod vhd;
+pub mod vhdx;
+pub mod vmdk;
 pub mod write;
 
 pub use check::{CheckReport, Repair};
@@ -17,4 +22,4 @@ pub use error::{Error, Result};
 pub use host::HostFile;
 pub use image::{Extent, ExtentKind, Extents, Format, Image, ImageInfo, SnapshotInfo};
 pub use open::{OpenOptions, detect, open};
-pub use write::{CreateOptions, ImageWriter, Measure, ResizeOutcome};
+pub use write::{CreateOptions, ImageWriter, Measure};

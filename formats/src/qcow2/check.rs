@@ -61,7 +61,6 @@ fn walk_l1(
 ) {
     let cs = geo.cluster_size();
     let words = (geo.l2_entry_bytes() / 8) as usize;
-    let mut last_host = None;
     for (l1_index, &l1e) in l1.iter().enumerate() {
         let off = l1e & OFFSET_MASK;
         if off == 0 {
@@ -80,6 +79,8 @@ fn walk_l1(
             continue;
         };
         let table = be_words(&raw);
+        // Fragmentation is judged within each L2 table, as qemu-img check does.
+        let mut last_host = None;
         for (i, e) in table.chunks(words).enumerate() {
             let at = off + (i * words * 8) as u64;
             let bitmap = e.get(1).copied().unwrap_or(0);
@@ -105,21 +106,21 @@ fn walk_l1(
             {
                 t.copied.push((host / cs, e[0] & COPIED != 0, at));
             }
+            let r = &mut t.report;
+            let bump = |n: &mut Option<u64>| *n = Some(n.unwrap_or(0) + 1);
             match cluster {
                 Cluster::Data { host, .. } | Cluster::Zero { host } if host != 0 => {
-                    t.report.allocated_clusters =
-                        Some(t.report.allocated_clusters.unwrap_or(0) + 1);
+                    bump(&mut r.allocated_clusters);
                     if last_host.is_some_and(|h: u64| h + cs != host) {
-                        t.report.fragmented_clusters =
-                            Some(t.report.fragmented_clusters.unwrap_or(0) + 1);
+                        bump(&mut r.fragmented_clusters);
                     }
                     last_host = Some(host);
                 }
                 Cluster::Compressed(_) => {
-                    t.report.allocated_clusters =
-                        Some(t.report.allocated_clusters.unwrap_or(0) + 1);
-                    t.report.compressed_clusters =
-                        Some(t.report.compressed_clusters.unwrap_or(0) + 1);
+                    // Compressed clusters count as fragmented, as qemu-img check counts them.
+                    bump(&mut r.allocated_clusters);
+                    bump(&mut r.compressed_clusters);
+                    bump(&mut r.fragmented_clusters);
                 }
                 _ => {}
             }

@@ -10,12 +10,11 @@ use super::header::{Header, OFF_SIZE};
 use super::l2::{Cluster, Geometry, MAX_L1_BYTES, OFFSET_MASK, be_words, read_table};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
-use crate::write::ResizeOutcome;
 use std::path::Path;
 
-/// Resizes the qcow2 image at `path` to `new_size` bytes. Shrinking needs `shrink`; without it
-/// the error says how many allocated bytes would be lost.
-pub fn resize(path: &Path, new_size: u64, shrink: bool) -> Result<ResizeOutcome> {
+/// Resizes the qcow2 image at `path` to `new_size` bytes. Shrinking drops the guest data past
+/// the new end: callers confirm that with the user first.
+pub fn resize(path: &Path, new_size: u64) -> Result<()> {
     let file = HostFile::open(path)?;
     let h = Header::read(&file)?;
     let refuse = |why: &str| Err(Error::unsupported(path, format!("resizing {why}")));
@@ -49,17 +48,7 @@ pub fn resize(path: &Path, new_size: u64, shrink: bool) -> Result<ResizeOutcome>
     let rw = open_rw(path)?;
     let mut new_h = h.clone();
     new_h.size = new_size;
-    let mut lost_bytes = 0;
-
     if new_size < old_size {
-        lost_bytes = allocated_past(&file, &geo, &l1, new_size, old_size)?;
-        if !shrink {
-            return Err(Error::invalid(format!(
-                "{}: shrinking from {old_size} to {new_size} bytes drops {lost_bytes} allocated \
-                 bytes; pass --shrink to do it",
-                path.display()
-            )));
-        }
         unmap_past(&file, &rw, &geo, &l1, h.l1_table_offset, new_size)?;
     } else if new_size > old_size {
         let needed = geo.l1_entries_for(new_size);
@@ -78,11 +67,7 @@ pub fn resize(path: &Path, new_size: u64, shrink: bool) -> Result<ResizeOutcome>
             new_h.l1_size = needed as u32;
         }
     } else {
-        return Ok(ResizeOutcome {
-            old_size,
-            new_size,
-            lost_bytes: 0,
-        });
+        return Ok(());
     }
 
     rw.sync_data().map_err(|e| Error::io(path, "sync", e))?;
@@ -94,12 +79,7 @@ pub fn resize(path: &Path, new_size: u64, shrink: bool) -> Result<ResizeOutcome>
     let encoded = new_h.encode()?;
     let fields = encoded.get(OFF_SIZE as usize..60).unwrap_or_default();
     patch(&rw, path, fields, OFF_SIZE)?;
-    rw.sync_all().map_err(|e| Error::io(path, "sync", e))?;
-    Ok(ResizeOutcome {
-        old_size,
-        new_size,
-        lost_bytes,
-    })
+    rw.sync_all().map_err(|e| Error::io(path, "sync", e))
 }
 
 /// Calls `f(guest cluster index, cluster, file offset of its entry)` for every mapped cluster of
@@ -132,20 +112,6 @@ fn for_each_cluster_from(
         }
     }
     Ok(())
-}
-
-/// Guest bytes in `[from, to)` that hold data (plain or compressed).
-fn allocated_past(file: &HostFile, geo: &Geometry, l1: &[u64], from: u64, to: u64) -> Result<u64> {
-    let cs = geo.cluster_size();
-    let mut total = 0;
-    for_each_cluster_from(file, geo, l1, from / cs, |c, cluster, _| {
-        if matches!(cluster, Cluster::Data { .. } | Cluster::Compressed(_)) {
-            let (start, end) = (c * cs, (c + 1) * cs);
-            total += end.min(to).saturating_sub(start.max(from));
-        }
-        Ok(())
-    })?;
-    Ok(total)
 }
 
 /// Unmaps every guest cluster that starts at or after `new_size`, drops L2 tables wholly past

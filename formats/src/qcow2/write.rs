@@ -268,7 +268,7 @@ impl Qcow2Writer {
     /// Opens an existing, empty qcow2 image (as `qemu-img create` makes it) to write into it
     /// (`convert -n`), keeping its options, size and backing file. New data goes after the
     /// existing file end, so the image stays valid until `finish` switches the header.
-    pub fn open_existing(path: &Path, compress: bool) -> Result<Qcow2Writer> {
+    pub fn open_existing(path: &Path) -> Result<Qcow2Writer> {
         let host = HostFile::open(path)?;
         let h = Header::read(&host)?;
         let refuse = |why: &str| Err(Error::unsupported(path, format!("writing into {why}")));
@@ -300,7 +300,7 @@ impl Qcow2Writer {
             cluster_bits: h.cluster_bits,
             refcount_order: h.refcount_order,
             compression: h.compression,
-            compress,
+            compress: false,
             lazy_refcounts: h.lazy_refcounts(),
             extended_l2: h.extended_l2(),
             preallocate_metadata: false,
@@ -552,6 +552,11 @@ impl ImageWriter for Qcow2Writer {
         self.cfg.backing_file.is_none()
     }
 
+    /// Whole clusters: each is then stored (and compressed) by one call.
+    fn write_alignment(&self) -> u64 {
+        self.geo.cluster_size()
+    }
+
     fn finish(self: Box<Self>) -> Result<()> {
         let partial: Vec<(u64, Vec<u8>)> = self
             .lock()
@@ -639,11 +644,11 @@ impl ImageWriter for Qcow2Writer {
 }
 
 /// Size of a new qcow2 image of `virtual_size` bytes holding the guest ranges `allocated`
-/// (sorted, as an extent walk yields them), as `qemu-img measure -O qcow2` computes it.
+/// (`(start, end)`, ascending), as `qemu-img measure -O qcow2` computes it.
 pub fn measure(
     virtual_size: u64,
     opts: &mut CreateOptions,
-    allocated: impl Iterator<Item = (u64, u64)>,
+    allocated: &mut dyn Iterator<Item = Result<(u64, u64)>>,
 ) -> Result<Measure> {
     let cfg = Config::from_opts(opts)?;
     cfg.l1_entries(virtual_size)?;
@@ -655,9 +660,10 @@ pub fn measure(
     } else {
         let mut total = 0u64;
         let mut counted_end = 0u64;
-        for (start, len) in allocated {
+        for range in allocated {
+            let (start, end) = range?;
             let first = (start / cs * cs).max(counted_end);
-            let end = (start + len).next_multiple_of(cs);
+            let end = end.next_multiple_of(cs);
             if end > first {
                 total += end - first;
                 counted_end = end;
