@@ -192,6 +192,42 @@ fn writes_into_existing_empty_images() {
 }
 
 #[test]
+fn convert_cli_writes_qcow2() {
+    let dir = tempdir();
+    let src = source(dir.path());
+    let out = p(dir.path(), "cli.qcow2");
+    diskkit_ok(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-c",
+        "-o",
+        "compression_type=zstd,cluster_size=16k",
+        path_str(&src),
+        path_str(&out),
+    ]);
+    assert_clean_and_equal(&src, &out);
+    let overlay = p(dir.path(), "overlay.qcow2");
+    diskkit_ok(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-B",
+        "src.raw",
+        "-F",
+        "raw",
+        path_str(&out),
+        path_str(&overlay),
+    ]);
+    assert_clean_and_equal(&src, &overlay);
+    let measured = diskkit_ok(&["measure", "-O", "qcow2", path_str(&src)]);
+    assert_eq!(
+        measured,
+        qemu_img(&["measure", "-O", "qcow2", path_str(&src)])
+    );
+}
+
+#[test]
 fn refuses_bad_options() {
     let dir = tempdir();
     let out = p(dir.path(), "x.qcow2");
@@ -356,6 +392,10 @@ fn check_agrees_with_qemu_and_repairs() {
             theirs["fragmented-clusters"].as_u64().unwrap_or(0)
         );
         assert_eq!(ours.exit_code(), 0);
+        assert_eq!(
+            diskkit_ok(&["check", path_str(img)]),
+            qemu_img(&["check", path_str(img)])
+        );
     }
 
     // A leak: one more cluster at the end of the file with refcount 1.
