@@ -548,3 +548,63 @@ fn resize_fixed_and_dynamic() {
     let e = vhd::resize(&img, 2 << 30, false).unwrap_err();
     assert!(e.to_string().contains("room for 512 entries"), "{e}");
 }
+
+#[test]
+fn qemu_writes_into_images_diskkit_made() {
+    let dir = tempdir();
+    // An empty dynamic disk, and one shrunk so that blocks were dropped from its end: qemu
+    // appends new blocks at the footer, which must not sit on stale bytes.
+    let empty = p(dir.path(), "empty.vhd");
+    let w = VhdWriter::create(&empty, 8 * MIB, &mut opts("force_size=on")).unwrap();
+    Box::new(w).finish().unwrap();
+    let shrunk = p(dir.path(), "shrunk.vhd");
+    let w = VhdWriter::create(&shrunk, 8 * MIB, &mut opts("force_size=on")).unwrap();
+    w.write_at(&vec![0x66; 8 * MIB as usize], 0).unwrap();
+    Box::new(w).finish().unwrap();
+    vhd::resize(&shrunk, 3 * MIB, true).unwrap();
+    vhd::resize(&shrunk, 8 * MIB, false).unwrap();
+    for img in [&empty, &shrunk] {
+        qemu_io(
+            "vpc",
+            img,
+            &["write -P 0x55 5M 4k", "write -P 0x44 100k 1k"],
+        );
+        let guest = qemu_vpc_bytes(img, dir.path());
+        assert_eq!(read_all(open_vhd(img).as_ref()), guest);
+        assert!(
+            guest[4 * MIB as usize..5 * MIB as usize]
+                .iter()
+                .all(|&b| b == 0)
+        );
+        assert_eq!(vhd::check(img, None).unwrap().exit_code(), 0);
+    }
+}
+
+#[test]
+fn fixed_vhd_is_detected_and_old_511_byte_footer_read() {
+    let dir = tempdir();
+    let img = p(dir.path(), "fixed.vhd");
+    qemu_img(&[
+        "create",
+        "-f",
+        "vpc",
+        "-o",
+        "subformat=fixed,force_size=on",
+        path_str(&img),
+        "4M",
+    ]);
+    qemu_io("vpc", &img, &["write -P 0x3c 1M 64k"]);
+    // qemu probes it as raw; diskkit finds the footer.
+    assert!(qemu_img(&["info", path_str(&img)]).contains("file format: raw"));
+    assert_eq!(open_vhd(&img).format(), Format::Vhd);
+    let guest = qemu_vpc_bytes(&img, dir.path());
+
+    // The same disk with a 511-byte footer (no saved-state byte), as some early tools wrote.
+    let mut bytes = std::fs::read(&img).unwrap();
+    bytes.pop();
+    let old = p(dir.path(), "old.vhd");
+    std::fs::write(&old, &bytes).unwrap();
+    let image = open_vhd(&old);
+    assert_eq!(image.format(), Format::Vhd);
+    assert_eq!(read_all(image.as_ref()), guest);
+}

@@ -141,10 +141,21 @@ impl Plan {
         self.bitmap_size() + self.block_size
     }
 
+    /// Where the footer of a dynamic disk with `blocks` blocks goes: after the last block, or
+    /// right after the BAT when there is none (where qemu, which appends blocks at the footer,
+    /// allocates the first block; a footer further on would end up inside that block's data).
+    fn footer_offset(&self, blocks: u64) -> u64 {
+        if blocks == 0 {
+            self.table_offset() + bat_size(self.entries())
+        } else {
+            self.first_block() + blocks * self.footprint()
+        }
+    }
+
     fn file_size(&self, blocks: u64) -> u64 {
         match self.disk_type {
             DiskType::Fixed => self.virtual_size + FOOTER_SIZE,
-            _ => self.first_block() + blocks * self.footprint() + FOOTER_SIZE,
+            _ => self.footer_offset(blocks) + FOOTER_SIZE,
         }
     }
 
@@ -349,7 +360,8 @@ impl ImageWriter for VhdWriter {
                     self.plan.table_offset(),
                     "VHD block allocation table",
                 )?;
-                a.next_free
+                let blocks = a.bat.iter().filter(|&&e| e != UNALLOCATED).count();
+                self.plan.footer_offset(blocks as u64)
             }
         };
         self.write_file(&self.footer, end, "VHD footer")?;
