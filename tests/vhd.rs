@@ -464,6 +464,20 @@ fn hostile_vhds_fail_cleanly() {
         assert!(matches!(open_err(&path), Error::Corrupt { .. }), "{name}");
     }
 
+    // A parent locator claiming bytes at the end of the address space: check stays in the file.
+    let path = corrupt_copy(&good, dir.path(), "locator.vhd", |b| {
+        edit_header(b, &|h| {
+            h.parent_locators[0] = ParentLocator {
+                platform_code: PLATFORM_W2RU,
+                data_space: 1,
+                data_length: 512,
+                data_offset: u64::MAX - 10,
+            }
+        })
+    });
+    let r = vhd::check(Path::new(&path), Some(Repair::All)).unwrap();
+    assert!(r.image_end_offset.unwrap() <= len as u64 + 512);
+
     // An absurd size in a footer sized by current_size.
     let path = corrupt_copy(&good, dir.path(), "size.vhd", |b| {
         let mut f = Footer::parse(&b[..512]);

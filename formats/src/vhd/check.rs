@@ -115,7 +115,8 @@ pub fn check(path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
 }
 
 /// Checks the BAT entries of a dynamic disk. Returns the indexes of entries that point past the
-/// end of the file (repairable by clearing) and the end of the last block or metadata.
+/// end of the file (repairable by clearing) and the end of the last block or metadata (at most
+/// the file's end).
 fn check_blocks(
     file: &HostFile,
     l: &SparseLayout,
@@ -203,7 +204,8 @@ fn check_blocks(
     }
     report.allocated_clusters = Some(blocks.len() as u64 + bad.len() as u64);
     report.fragmented_clusters = Some(fragmented);
-    (bad, end)
+    // Hostile locator or BAT fields may claim ranges past the file; the image ends inside it.
+    (bad, end.min(file.len()))
 }
 
 /// What a resize did.

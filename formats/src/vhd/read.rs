@@ -666,7 +666,10 @@ fn open_parent(
             continue;
         };
         if !path.is_file() {
-            tried.push(path.display().to_string());
+            let shown = path.display().to_string();
+            if !tried.contains(&shown) {
+                tried.push(shown);
+            }
             continue;
         }
         let image = chain.open(&path, None, None)?;
