@@ -622,3 +622,39 @@ fn fixed_vhd_is_detected_and_old_511_byte_footer_read() {
     assert_eq!(image.format(), Format::Vhd);
     assert_eq!(read_all(image.as_ref()), guest);
 }
+
+#[test]
+fn sizes_round_like_qemu() {
+    let dir = tempdir();
+    let ours = p(dir.path(), "ours.vhd");
+    let theirs = p(dir.path(), "theirs.vhd");
+    // Small disks (17 sectors per track), 31 and 63 sectors, 255 sectors past ~31.5 GiB, and
+    // past the largest CHS geometry (~127 GiB) where only current_size can express the size.
+    for size in [
+        MIB,
+        10 * MIB + 4097,
+        300 * MIB + 1,
+        (1 << 30) - 512,
+        40 << 30,
+        (130 << 30) + 7,
+    ] {
+        for spec in ["force_size=off", "force_size=on"] {
+            let w = VhdWriter::create(&ours, size, &mut opts(spec)).unwrap();
+            let planned = w.virtual_size();
+            Box::new(w).finish().unwrap();
+            qemu_img(&[
+                "create",
+                "-f",
+                "vpc",
+                "-o",
+                spec,
+                path_str(&theirs),
+                &size.to_string(),
+            ]);
+            let expected = qemu_virtual_size(&theirs);
+            assert_eq!(planned, expected, "{size} {spec}");
+            assert_eq!(qemu_virtual_size(&ours), expected, "{size} {spec}");
+            assert_eq!(open_vhd(&ours).virtual_size(), expected);
+        }
+    }
+}
