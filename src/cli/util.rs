@@ -1,7 +1,7 @@
 //! Helpers shared by the subcommands: opening images from flags, output modes, human sizes.
 
 use clap::ValueEnum;
-use diskkit::formats::{Format, Image, OpenOptions, Result, open};
+use diskkit::formats::{CreateOptions, Format, Image, OpenOptions, Result, open};
 use diskkit::progress::Progress;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
@@ -30,6 +30,15 @@ pub fn open_image(
     )
 }
 
+/// Collects repeated `-o key=value,...` arguments.
+pub fn create_options(specs: &[String]) -> Result<CreateOptions> {
+    let mut opts = CreateOptions::default();
+    for spec in specs {
+        opts.parse_options(spec)?;
+    }
+    Ok(opts)
+}
+
 /// `1 GiB`, `512 KiB`, `3.5 MiB`: sizes as qemu-img prints them.
 pub fn human_size(bytes: u64) -> String {
     const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
@@ -50,9 +59,7 @@ pub fn human_size(bytes: u64) -> String {
     }
 }
 
-#[allow(unused_imports)] // used by create, resize and hash as they land
 pub use diskkit::formats::write::parse_size;
-
 /// A progress bar over `total` bytes when `enabled`, hidden otherwise.
 pub struct Bar(ProgressBar);
 
