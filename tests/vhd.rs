@@ -217,7 +217,8 @@ fn written_vhds_are_read_by_qemu() {
         let report = vhd::check(&out, None).unwrap();
         assert_eq!(report.exit_code(), 0, "{spec}: {:?}", report.messages);
 
-        let m = vhd::measure(src_size, &mut opts(spec), allocated.iter().cloned()).unwrap();
+        let mut ranges = allocated.iter().map(|r| Ok((r.start, r.end)));
+        let m = vhd::measure(src_size, &mut opts(spec), &mut ranges).unwrap();
         let len = std::fs::metadata(&out).unwrap().len();
         assert_eq!(m.required, len, "{spec}");
         assert!(m.fully_allocated >= len);
@@ -657,4 +658,61 @@ fn sizes_round_like_qemu() {
             assert_eq!(open_vhd(&ours).virtual_size(), expected);
         }
     }
+}
+
+#[test]
+fn cli_convert_measure_check_resize() {
+    let dir = tempdir();
+    let src = p(dir.path(), "src.qcow2");
+    qemu_img(&["create", "-f", "qcow2", path_str(&src), "9M"]);
+    qemu_io("qcow2", &src, &as_refs(&mixed_pattern(9 * MIB)));
+    for (args, size) in [
+        (vec!["-O", "vpc"], None),
+        (
+            vec!["-O", "vhd", "-o", "subformat=fixed,force_size=on"],
+            Some(9 * MIB),
+        ),
+        (vec!["--target", "azure"], Some(9 * MIB)),
+    ] {
+        let out = p(dir.path(), "out.vhd");
+        let mut cmd = vec!["convert"];
+        cmd.extend(&args);
+        cmd.extend([path_str(&src), path_str(&out)]);
+        diskkit_ok(&cmd);
+        qemu_img(&[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "vpc",
+            path_str(&src),
+            path_str(&out),
+        ]);
+        if let Some(size) = size {
+            assert_eq!(qemu_virtual_size(&out), size, "{args:?}");
+        }
+        let check = diskkit_ok(&["check", "--output", "json", path_str(&out)]);
+        let check: serde_json::Value = serde_json::from_str(&check).unwrap();
+        assert_eq!(check["corruptions"], 0, "{args:?}");
+    }
+    let m: serde_json::Value = serde_json::from_str(&diskkit_ok(&[
+        "measure",
+        "-O",
+        "vpc",
+        "--output",
+        "json",
+        path_str(&src),
+    ]))
+    .unwrap();
+    let out = p(dir.path(), "out.vhd");
+    diskkit_ok(&["convert", "-O", "vpc", path_str(&src), path_str(&out)]);
+    assert_eq!(m["required"], std::fs::metadata(&out).unwrap().len());
+
+    diskkit_ok(&["resize", path_str(&out), "+64M"]);
+    assert!(qemu_virtual_size(&out) >= 73 * MIB);
+    assert_eq!(diskkit(&["resize", path_str(&out), "4M"]).0, 2);
+    diskkit_ok(&["resize", "--shrink", path_str(&out), "4M"]);
+    assert!(qemu_virtual_size(&out) >= 4 * MIB && qemu_virtual_size(&out) < 5 * MIB);
+    let (code, out_text, _) = diskkit(&["check", path_str(&out)]);
+    assert_eq!(code, 0, "{out_text}");
 }

@@ -8,6 +8,7 @@
 use crate::error::{Error, Result};
 use crate::image::Format;
 use crate::raw::{self, RawWriter};
+use crate::vhd::{self, VhdWriter};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -49,6 +50,7 @@ pub fn create(
 ) -> Result<Box<dyn ImageWriter>> {
     match format {
         Format::Raw => Ok(Box::new(RawWriter::create(path, virtual_size, opts)?)),
+        Format::Vhd => Ok(Box::new(VhdWriter::create(path, virtual_size, opts)?)),
         other => Err(cannot_write(other)),
     }
 }
@@ -64,7 +66,7 @@ pub fn open_existing(format: Format, path: &Path) -> Result<Box<dyn ImageWriter>
 }
 
 /// Host bytes a new image of `format` needs for a guest of `virtual_size` bytes whose data lies
-/// in `allocated` (guest ranges `(start, length)`, ascending).
+/// in `allocated` (guest ranges `(start, end)`, ascending, as `convert::allocated_ranges` yields).
 pub fn measure(
     format: Format,
     virtual_size: u64,
@@ -78,6 +80,7 @@ pub fn measure(
             let _ = allocated;
             Ok(raw::measure(virtual_size))
         }
+        Format::Vhd => vhd::measure(virtual_size, opts, allocated),
         other => Err(cannot_write(other)),
     }
 }
@@ -87,6 +90,7 @@ pub fn measure(
 pub fn resize(format: Format, path: &Path, new_size: u64) -> Result<()> {
     match format {
         Format::Raw => raw::resize(path, new_size),
+        Format::Vhd => vhd::resize(path, new_size, true).map(|_| ()),
         other => Err(Error::invalid(format!("cannot resize {other} images"))),
     }
 }
