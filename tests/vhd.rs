@@ -55,6 +55,11 @@ fn qemu_virtual_size(path: &Path) -> u64 {
     info["virtual-size"].as_u64().unwrap()
 }
 
+fn qemu_create_vpc(path: &Path, spec: &str, size: u64) {
+    let size = size.to_string();
+    qemu_img(&["create", "-f", "vpc", "-o", spec, path_str(path), &size]);
+}
+
 fn opts(spec: &str) -> CreateOptions {
     let mut o = CreateOptions::default();
     o.parse_options(spec).unwrap();
@@ -111,15 +116,7 @@ fn qemu_made_vhds_read_like_qemu() {
         "subformat=fixed,force_size=on",
     ] {
         let img = p(dir.path(), "qemu.vhd");
-        qemu_img(&[
-            "create",
-            "-f",
-            "vpc",
-            "-o",
-            spec,
-            path_str(&img),
-            &size.to_string(),
-        ]);
+        qemu_create_vpc(&img, spec, size);
         let vsize = qemu_virtual_size(&img);
         qemu_io("vpc", &img, &as_refs(&mixed_pattern(vsize & !4095)));
 
@@ -643,15 +640,7 @@ fn sizes_round_like_qemu() {
             let w = VhdWriter::create(&ours, size, &mut opts(spec)).unwrap();
             let planned = w.virtual_size();
             Box::new(w).finish().unwrap();
-            qemu_img(&[
-                "create",
-                "-f",
-                "vpc",
-                "-o",
-                spec,
-                path_str(&theirs),
-                &size.to_string(),
-            ]);
+            qemu_create_vpc(&theirs, spec, size);
             let expected = qemu_virtual_size(&theirs);
             assert_eq!(planned, expected, "{size} {spec}");
             assert_eq!(qemu_virtual_size(&ours), expected, "{size} {spec}");
