@@ -8,7 +8,9 @@
 use crate::error::{Error, Result};
 use crate::image::Format;
 use crate::raw::{self, RawWriter};
+use crate::vhd::{self, VhdWriter};
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::Path;
 
 /// A destination image being written.
@@ -49,6 +51,7 @@ pub fn create(
 ) -> Result<Box<dyn ImageWriter>> {
     match format {
         Format::Raw => Ok(Box::new(RawWriter::create(path, virtual_size, opts)?)),
+        Format::Vhd => Ok(Box::new(VhdWriter::create(path, virtual_size, opts)?)),
         other => Err(cannot_write(other)),
     }
 }
@@ -64,29 +67,46 @@ pub fn open_existing(format: Format, path: &Path) -> Result<Box<dyn ImageWriter>
 }
 
 /// Host bytes a new image of `format` needs for a guest of `virtual_size` bytes whose data lies
-/// in `allocated` (guest ranges `(start, length)`, ascending).
+/// in `allocated` (guest ranges, ascending).
 pub fn measure(
     format: Format,
     virtual_size: u64,
     opts: &mut CreateOptions,
-    allocated: &mut dyn Iterator<Item = Result<(u64, u64)>>,
+    allocated: &mut dyn Iterator<Item = Result<Range<u64>>>,
 ) -> Result<Measure> {
-    match format {
+    // Formats take plain ranges; the first error of the walk ends it and is returned.
+    let mut walk_error = None;
+    let ranges = allocated.map_while(|r| match r {
+        Ok(range) => Some(range),
+        Err(e) => {
+            walk_error = Some(e);
+            None
+        }
+    });
+    let measured = match format {
         Format::Raw => {
             opts.reject_unknown(format)?;
-            // A raw image needs every byte whatever the data; `allocated` is not consulted.
-            let _ = allocated;
+            // A raw image needs every byte whatever the data.
             Ok(raw::measure(virtual_size))
         }
+        Format::Vhd => vhd::measure(virtual_size, opts, ranges),
         other => Err(cannot_write(other)),
+    }?;
+    match walk_error {
+        Some(e) => Err(e),
+        None => Ok(measured),
     }
 }
 
-/// Changes the virtual size of an image in place. Shrinking drops guest data past the new end;
-/// callers confirm that with the user first.
-pub fn resize(format: Format, path: &Path, new_size: u64) -> Result<()> {
+/// Changes the virtual size of an image in place and returns the size it got (formats may round
+/// it up). Shrinking drops guest data past the new end and needs `shrink`.
+pub fn resize(format: Format, path: &Path, new_size: u64, shrink: bool) -> Result<u64> {
     match format {
-        Format::Raw => raw::resize(path, new_size),
+        Format::Raw => {
+            raw::resize(path, new_size)?;
+            Ok(new_size)
+        }
+        Format::Vhd => Ok(vhd::resize(path, new_size, shrink)?.virtual_size),
         other => Err(Error::invalid(format!("cannot resize {other} images"))),
     }
 }
