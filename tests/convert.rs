@@ -29,6 +29,18 @@ fn qemu_data_ranges(path: &Path, fmt: &str) -> Vec<(u64, u64)> {
         .collect()
 }
 
+fn qemu_virtual_size(path: &Path, fmt: &str) -> u64 {
+    let info: serde_json::Value = serde_json::from_str(&qemu_img(&[
+        "info",
+        "--output=json",
+        "-f",
+        fmt,
+        path_str(path),
+    ]))
+    .unwrap();
+    info["virtual-size"].as_u64().unwrap()
+}
+
 fn is_data_at(ranges: &[(u64, u64)], offset: u64) -> bool {
     ranges.iter().any(|&(s, l)| s <= offset && offset < s + l)
 }
@@ -324,7 +336,10 @@ fn interop_sources(dir: &Path) -> Vec<Source> {
         fmt: "raw",
         snapshot: None,
     }];
-    for (name, fmt, opts) in [("dyn.vhd", "vpc", &["-o", "subformat=dynamic"][..])] {
+    for (name, fmt, opts) in [
+        ("dyn.vhd", "vpc", &["-o", "subformat=dynamic"][..]),
+        ("fixed.vhd", "vpc", &["-o", "subformat=fixed"]),
+    ] {
         let img = p(dir, name);
         let mut args = vec!["convert", "-O", fmt];
         args.extend(opts);
@@ -412,25 +427,9 @@ fn vhd_create_measure_resize_check() {
         path_str(&img),
         "16M",
     ]);
-    let info: serde_json::Value = serde_json::from_str(&qemu_img(&[
-        "info",
-        "--output=json",
-        "-f",
-        "vpc",
-        path_str(&img),
-    ]))
-    .unwrap();
-    assert_eq!(info["virtual-size"], 16 * MIB);
+    assert_eq!(qemu_virtual_size(&img, "vpc"), 16 * MIB);
     diskkit_ok(&["resize", path_str(&img), "+8M"]);
-    let info: serde_json::Value = serde_json::from_str(&qemu_img(&[
-        "info",
-        "--output=json",
-        "-f",
-        "vpc",
-        path_str(&img),
-    ]))
-    .unwrap();
-    assert_eq!(info["virtual-size"], 24 * MIB);
+    assert_eq!(qemu_virtual_size(&img, "vpc"), 24 * MIB);
     let (code, out, _) = diskkit(&["check", path_str(&img)]);
     assert_eq!(code, 0);
     assert!(out.contains("No errors were found on the image."), "{out}");
