@@ -337,7 +337,15 @@ fn interop_sources(dir: &Path) -> Vec<Source> {
         snapshot: None,
     }];
     for (name, fmt, opts) in [
-        ("dyn.vhd", "vpc", &["-o", "subformat=dynamic"][..]),
+        ("v3.qcow2", "qcow2", &["-o", "compat=1.1"][..]),
+        ("v2.qcow2", "qcow2", &["-o", "compat=0.10"]),
+        ("zlib.qcow2", "qcow2", &["-c"]),
+        (
+            "zstd.qcow2",
+            "qcow2",
+            &["-c", "-o", "compression_type=zstd"],
+        ),
+        ("dyn.vhd", "vpc", &["-o", "subformat=dynamic"]),
         ("fixed.vhd", "vpc", &["-o", "subformat=fixed"]),
     ] {
         let img = p(dir, name);
@@ -351,6 +359,44 @@ fn interop_sources(dir: &Path) -> Vec<Source> {
             snapshot: None,
         });
     }
+    // A chain whose top overwrites, zeroes and adds to the base's data.
+    let base = p(dir, "base.qcow2");
+    qemu_img(&["convert", "-O", "qcow2", path_str(&raw), path_str(&base)]);
+    let top = p(dir, "top.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        path_str(&base),
+        "-F",
+        "qcow2",
+        path_str(&top),
+    ]);
+    qemu_io(
+        "qcow2",
+        &top,
+        &[
+            "write -P 0x66 32k 64k",
+            "write -z 0 16k",
+            "write -P 0x67 6M 100k",
+        ],
+    );
+    out.push(Source {
+        path: top,
+        fmt: "qcow2",
+        snapshot: None,
+    });
+    // Converted as of the snapshot, not the current state.
+    let snap = p(dir, "snap.qcow2");
+    qemu_img(&["convert", "-O", "qcow2", path_str(&raw), path_str(&snap)]);
+    qemu_img(&["snapshot", "-c", "before", path_str(&snap)]);
+    qemu_io("qcow2", &snap, &["write -P 0x99 0 1M", "write -z 2M 2M"]);
+    out.push(Source {
+        path: snap,
+        fmt: "qcow2",
+        snapshot: Some("before"),
+    });
     out
 }
 
