@@ -6,7 +6,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 const MIB: u64 = 1 << 20;
-const SIGKILL: i32 = 9;
 
 /// Bytes the file occupies on the host.
 fn allocated(path: &Path) -> u64 {
@@ -204,33 +203,38 @@ fn killed_conversion_leaves_no_output() {
     drop(f);
     let before = file_hash(&src);
     let out = p(dir.path(), "out.raw");
-    let mut killed = false;
-    // Kill as soon as the temporary output appears, then sooner and sooner if it finished first.
-    for delay_ms in [20, 5, 0] {
-        let mut child = std::process::Command::new(diskkit_bin())
-            .args(["convert", "-m", "1", path_str(&src), path_str(&out)])
-            .spawn()
-            .unwrap();
-        let tmp = p(dir.path(), &format!(".out.raw.diskkit-tmp-{}", child.id()));
-        while !tmp.exists() && child.try_wait().unwrap().is_none() {
-            std::thread::sleep(std::time::Duration::from_micros(200));
+    // SIGKILL cannot be caught: the temporary file stays, the final name never appears. SIGTERM
+    // is caught: the temporary file is removed too.
+    for signal in [libc::SIGKILL, libc::SIGTERM] {
+        let mut killed = false;
+        // Signal as soon as the temporary output appears, sooner and sooner if it finished first.
+        for delay_ms in [20, 5, 0] {
+            let mut child = std::process::Command::new(diskkit_bin())
+                .args(["convert", "-m", "1", path_str(&src), path_str(&out)])
+                .spawn()
+                .unwrap();
+            let tmp = p(dir.path(), &format!(".out.raw.diskkit-tmp-{}", child.id()));
+            while !tmp.exists() && child.try_wait().unwrap().is_none() {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+            // SAFETY: signals our own child, which has not been reaped yet.
+            unsafe { libc::kill(child.id() as i32, signal) };
+            let status = child.wait().unwrap();
+            if status.signal() == Some(signal) {
+                killed = true;
+                assert!(!out.exists(), "signal {signal} left {}", out.display());
+                if signal == libc::SIGKILL {
+                    std::fs::remove_file(&tmp).unwrap();
+                }
+                assert_eq!(listing(dir.path()), ["big.raw"], "signal {signal}");
+                break;
+            }
+            assert!(status.success());
+            std::fs::remove_file(&out).unwrap();
         }
-        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
-        child.kill().unwrap();
-        let status = child.wait().unwrap();
-        if status.signal() == Some(SIGKILL) {
-            killed = true;
-            assert!(!out.exists(), "a killed conversion left {}", out.display());
-            std::fs::remove_file(&tmp).ok();
-            break;
-        }
-        assert!(status.success());
-        std::fs::remove_file(&out).unwrap();
+        assert!(killed, "every conversion finished before signal {signal}");
     }
-    assert!(
-        killed,
-        "every conversion finished before it could be killed"
-    );
     assert_eq!(file_hash(&src), before, "the source changed");
 }
 
