@@ -53,6 +53,7 @@ struct LsArgs {
     /// Names to read: iso (ISO 9660), joliet, rr (Rock Ridge)
     #[arg(long, value_enum)]
     names: Option<Names>,
+    /// The ISO image file
     iso: PathBuf,
     /// Path inside the image (default: the root directory)
     path: Option<String>,
@@ -67,6 +68,7 @@ struct ExtractArgs {
     /// Directory to extract into (created when missing)
     #[arg(short = 'C', long = "directory", default_value = ".")]
     dir: PathBuf,
+    /// The ISO image file
     iso: PathBuf,
     /// Paths inside the image to extract (default: everything)
     paths: Vec<String>,
@@ -258,7 +260,9 @@ impl Extractor<'_> {
                 let tmp = self.temp_name(&dir);
                 std::os::unix::fs::symlink(target, &tmp)
                     .map_err(|e| Error::io(&tmp, "create symbolic link", e))?;
-                rename(&tmp, &dir.join(name))
+                rename(&tmp, &dir.join(name)).inspect_err(|_| {
+                    fs::remove_file(&tmp).ok();
+                })
             }
             EntryKind::Special => Err(Error::invalid(
                 "device, FIFO or socket: not extracted".to_string(),
