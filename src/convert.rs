@@ -15,7 +15,6 @@ use diskkit_formats::write::{self, CreateOptions, ImageWriter};
 use diskkit_formats::{Error, Extents, Format, Image, Result};
 use rayon::prelude::*;
 use std::iter::Peekable;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
@@ -320,7 +319,7 @@ fn refuse_input_as_output(src: &dyn Image, backing: Option<&dyn Image>, out: &Pa
     Ok(())
 }
 
-/// The guest ranges of `image` in `[start, end)` that its map does not call zero:
+/// The guest ranges `(start, end)` of `image` in `[start, end)` that its map does not call zero:
 /// what a copy must read. Metadata only.
 pub fn allocated_ranges<'a>(image: &'a dyn Image, start: u64, end: u64) -> DataRanges<'a> {
     DataRanges(Extents::new(image, start, end))
@@ -329,13 +328,13 @@ pub fn allocated_ranges<'a>(image: &'a dyn Image, start: u64, end: u64) -> DataR
 pub struct DataRanges<'a>(Extents<'a>);
 
 impl Iterator for DataRanges<'_> {
-    type Item = Result<Range<u64>>;
+    type Item = Result<(u64, u64)>;
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
             match self.0.next()? {
                 Ok(e) if e.is_zero() => continue,
-                Ok(e) => return Some(Ok(e.start..e.end())),
+                Ok(e) => return Some(Ok((e.start, e.end()))),
                 Err(err) => return Some(Err(err)),
             }
         }
@@ -374,7 +373,7 @@ impl Plan<'_> {
         let mut next_data = self.end;
         for layer in &mut self.layers {
             match layer.peek() {
-                Some(Ok(r)) => next_data = next_data.min(r.start),
+                Some(Ok((s, _))) => next_data = next_data.min(*s),
                 Some(Err(_)) => return Err(take_error(layer)),
                 None => {}
             }
@@ -399,10 +398,10 @@ impl Plan<'_> {
             let mut ranges = Vec::new();
             loop {
                 match layer.peek_mut() {
-                    Some(Ok(r)) if r.start < end => {
-                        ranges.push((r.start.max(start), r.end.min(end)));
-                        if r.end > end {
-                            r.start = end;
+                    Some(Ok((s, e))) if *s < end => {
+                        ranges.push(((*s).max(start), (*e).min(end)));
+                        if *e > end {
+                            *s = end;
                             break;
                         }
                         layer.next();

@@ -10,7 +10,6 @@ use crate::image::Format;
 use crate::raw::{self, RawWriter};
 use crate::vhd::{self, VhdWriter};
 use std::collections::BTreeMap;
-use std::ops::Range;
 use std::path::Path;
 
 /// A destination image being written.
@@ -67,17 +66,18 @@ pub fn open_existing(format: Format, path: &Path) -> Result<Box<dyn ImageWriter>
 }
 
 /// Host bytes a new image of `format` needs for a guest of `virtual_size` bytes whose data lies
-/// in `allocated` (guest ranges, ascending).
+/// in `allocated` (guest ranges `(start, end)`, ascending, as
+/// `convert::allocated_ranges` yields them).
 pub fn measure(
     format: Format,
     virtual_size: u64,
     opts: &mut CreateOptions,
-    allocated: &mut dyn Iterator<Item = Result<Range<u64>>>,
+    allocated: &mut dyn Iterator<Item = Result<(u64, u64)>>,
 ) -> Result<Measure> {
-    // Formats take plain ranges; the first error of the walk ends it and is returned.
+    // VHD takes plain ranges: the first error of the walk ends it and is returned.
     let mut walk_error = None;
     let ranges = allocated.map_while(|r| match r {
-        Ok(range) => Some(range),
+        Ok((start, end)) => Some(start..end),
         Err(e) => {
             walk_error = Some(e);
             None
@@ -98,15 +98,13 @@ pub fn measure(
     }
 }
 
-/// Changes the virtual size of an image in place and returns the size it got (formats may round
-/// it up). Shrinking drops guest data past the new end and needs `shrink`.
-pub fn resize(format: Format, path: &Path, new_size: u64, shrink: bool) -> Result<u64> {
+/// Changes the virtual size of an image in place. Shrinking drops guest data past the new end;
+/// callers confirm that with the user first.
+pub fn resize(format: Format, path: &Path, new_size: u64) -> Result<()> {
     match format {
-        Format::Raw => {
-            raw::resize(path, new_size)?;
-            Ok(new_size)
-        }
-        Format::Vhd => Ok(vhd::resize(path, new_size, shrink)?.virtual_size),
+        Format::Raw => raw::resize(path, new_size),
+        // Confirmed by the caller: VHD's own shrink guard is passed.
+        Format::Vhd => vhd::resize(path, new_size, true).map(|_| ()),
         other => Err(Error::invalid(format!("cannot resize {other} images"))),
     }
 }

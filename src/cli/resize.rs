@@ -45,7 +45,7 @@ pub fn run(args: Args) -> Result<i32> {
                 )));
             }
             allocated_ranges(image.as_ref(), new, old)
-                .map(|r| r.map(|r| r.end - r.start))
+                .map(|r| r.map(|(start, end)| end - start))
                 .sum::<Result<u64>>()?
         } else {
             0
@@ -53,7 +53,7 @@ pub fn run(args: Args) -> Result<i32> {
         (image.format(), new, lost)
     };
     // The image is closed before it changes.
-    write::resize(format, &args.image, new, args.shrink)?;
+    write::resize(format, &args.image, new)?;
     if lost > 0 {
         eprintln!(
             "diskkit: warning: {} ({lost} bytes) of allocated data past the new end were discarded",
