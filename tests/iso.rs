@@ -223,7 +223,20 @@ fn listing_and_extraction_reproduce_the_tree() {
 
     // Extraction reproduces names, modes, contents and link targets.
     let out = dir.path().join("out");
-    diskkit_ok(&["iso", "extract", path_str(&iso), "-C", path_str(&out)]);
+    // The absolute link is refused by default (exit 2, the rest extracted) and kept on request.
+    let (code, _, err) = diskkit(&["iso", "extract", path_str(&iso), "-C", path_str(&out)]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("abs-link") && err.contains("outside"), "{err}");
+    assert!(fs::symlink_metadata(out.join("abs-link")).is_err());
+    assert!(fs::read_link(out.join("level0/level1/up-link")).is_ok());
+    diskkit_ok(&[
+        "iso",
+        "extract",
+        "--keep-outside-links",
+        path_str(&iso),
+        "-C",
+        path_str(&out),
+    ]);
     let mut got = snapshot(&out);
     got.remove("boot.catalog");
     assert_eq!(got.len(), want.len());
@@ -468,13 +481,30 @@ fn hostile_names_and_links_never_escape() {
     assert!(err.contains("../evil"), "{err}");
     assert!(!listing.contains("evil"), "{listing}");
 
+    // By default the link to `outside` is refused; the directory of the same name is then an
+    // ordinary directory inside the output.
     let out = dir.path().join("out");
     let (code, _, err) = diskkit(&["iso", "extract", path_str(&iso), "-C", path_str(&out)]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("links are never followed"), "{err}");
+    assert!(err.contains("points outside the output directory"), "{err}");
+    assert!(!out.join("zzlink1").is_symlink());
     assert_empty(&outside);
     assert!(!dir.path().join("evil").exists());
     assert_eq!(fs::read(out.join("good")).unwrap(), b"good\n");
+
+    // Kept on request, the link is created but never written through.
+    let out = dir.path().join("out-links");
+    let (code, _, err) = diskkit(&[
+        "iso",
+        "extract",
+        "--keep-outside-links",
+        path_str(&iso),
+        "-C",
+        path_str(&out),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("links are never followed"), "{err}");
+    assert_empty(&outside);
     assert_eq!(fs::read_link(out.join("zzlink1")).unwrap(), outside);
 }
 
