@@ -258,11 +258,10 @@ fn seal(s: &mut [u8]) {
     s[4..8].copy_from_slice(&crc.to_le_bytes());
 }
 
-/// The file offsets of the BAT and of the first payload block of a qemu-made dynamic VHDX.
+/// The file offsets of the log and the BAT of a qemu-made VHDX.
 struct VhdxLayout {
     log_offset: u64,
     bat_offset: u64,
-    first_block: u64,
 }
 
 fn layout(bytes: &[u8]) -> VhdxLayout {
@@ -274,16 +273,9 @@ fn layout(bytes: &[u8]) -> VhdxLayout {
             bat_offset = le64(bytes, e + 16);
         }
     }
-    let first_block = (le64(bytes, bat_offset as usize) >> 20) << 20;
-    assert_eq!(
-        le64(bytes, bat_offset as usize) & 7,
-        6,
-        "block 0 is present"
-    );
     VhdxLayout {
         log_offset: le64(bytes, 64 * 1024 + 72),
         bat_offset,
-        first_block,
     }
 }
 
@@ -350,6 +342,9 @@ fn vhdx_with_log(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
     qemu_io("vhdx", &img, &["write -P 0x11 0 2M", "write -P 0x22 2M 1M"]);
     let mut bytes = std::fs::read(&img).unwrap();
     let l = layout(&bytes);
+    let block0 = le64(&bytes, l.bat_offset as usize);
+    assert_eq!(block0 & 7, 6, "block 0 is present");
+    let first_block = block0 >> 20 << 20;
     let guid = [0x5a; 16];
     let mut sector = vec![0xabu8; 4096];
     sector[..8].copy_from_slice(b"LEADING!");
@@ -360,8 +355,8 @@ fn vhdx_with_log(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
     let entry = log_entry(
         &guid,
         7,
-        &[(l.first_block + 8192, sector), (bat_sector, bat)],
-        &[(l.first_block + 65536, 3 * 4096)],
+        &[(first_block + 8192, sector), (bat_sector, bat)],
+        &[(first_block + 65536, 3 * 4096)],
         bytes.len() as u64,
     );
     let at = l.log_offset as usize;
@@ -699,4 +694,157 @@ fn patch(src: &[u8], at: usize, bytes: &[u8]) -> Vec<u8> {
     let mut b = src.to_vec();
     b[at..at + bytes.len()].copy_from_slice(bytes);
     b
+}
+
+// ---- VHDX differencing (qemu cannot make these: built by patching a qemu-made image) --------
+
+/// A GUID in VHDX byte order (first three fields little-endian).
+fn guid_bytes(d1: u32, d2: u16, d3: u16, d4: [u8; 8]) -> [u8; 16] {
+    let mut g = [0u8; 16];
+    g[..4].copy_from_slice(&d1.to_le_bytes());
+    g[4..6].copy_from_slice(&d2.to_le_bytes());
+    g[6..8].copy_from_slice(&d3.to_le_bytes());
+    g[8..].copy_from_slice(&d4);
+    g
+}
+
+fn utf16(s: &str) -> Vec<u8> {
+    s.encode_utf16().flat_map(|u| u.to_le_bytes()).collect()
+}
+
+/// A parent locator item naming `relative_path`.
+fn parent_locator(relative_path: &str) -> Vec<u8> {
+    let vhdx_type = guid_bytes(
+        0xB04AEFB7,
+        0xD19E,
+        0x4A81,
+        [0xB7, 0x89, 0x25, 0xB8, 0xE9, 0x44, 0x59, 0x13],
+    );
+    let pairs = [
+        ("parent_linkage", "{00000000-0000-0000-0000-000000000000}"),
+        ("relative_path", relative_path),
+    ];
+    let mut item = vhdx_type.to_vec();
+    item.extend_from_slice(&0u16.to_le_bytes());
+    item.extend_from_slice(&(pairs.len() as u16).to_le_bytes());
+    let mut strings = Vec::new();
+    let strings_at = 20 + 12 * pairs.len();
+    for (k, v) in pairs {
+        let (k, v) = (utf16(k), utf16(v));
+        let key_at = strings_at + strings.len();
+        strings.extend_from_slice(&k);
+        let value_at = strings_at + strings.len();
+        strings.extend_from_slice(&v);
+        item.extend_from_slice(&(key_at as u32).to_le_bytes());
+        item.extend_from_slice(&(value_at as u32).to_le_bytes());
+        item.extend_from_slice(&(k.len() as u16).to_le_bytes());
+        item.extend_from_slice(&(v.len() as u16).to_le_bytes());
+    }
+    item.extend_from_slice(&strings);
+    item
+}
+
+#[test]
+fn vhdx_differencing_reads_parent_and_sector_bitmap() {
+    let dir = tempdir();
+    let d = dir.path();
+    let parent = p(d, "parent.vhdx");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vhdx",
+        "-o",
+        "block_size=1M",
+        path_str(&parent),
+        "8M",
+    ]);
+    qemu_io("vhdx", &parent, &["write -P 0x50 0 8M"]);
+    let child = p(d, "child.vhdx");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vhdx",
+        "-o",
+        "block_size=1M",
+        path_str(&child),
+        "8M",
+    ]);
+    qemu_io("vhdx", &child, &["write -P 0x63 1M 2M"]);
+
+    let mut b = std::fs::read(&child).unwrap();
+    let l = layout(&b);
+    let meta = le64(&b, 192 * 1024 + 16 + 32 + 16) as usize;
+    // File parameters: set HasParent.
+    let fp = meta + le32(&b, meta + 32 + 16) as usize;
+    b[fp + 4] |= 2;
+    // A sixth metadata item: the parent locator.
+    let count = u16::from_le_bytes([b[meta + 10], b[meta + 11]]) as usize;
+    let item = parent_locator("parent.vhdx");
+    let e = meta + 32 + 32 * count;
+    b[e..e + 16].copy_from_slice(&guid_bytes(
+        0xA8D35F2D,
+        0xB30B,
+        0x454D,
+        [0xAB, 0xF7, 0xD3, 0xD8, 0x48, 0x34, 0xAB, 0x0C],
+    ));
+    b[e + 16..e + 20].copy_from_slice(&0x20000u32.to_le_bytes());
+    b[e + 20..e + 24].copy_from_slice(&(item.len() as u32).to_le_bytes());
+    b[e + 24..e + 28].copy_from_slice(&4u32.to_le_bytes());
+    b[meta + 10..meta + 12].copy_from_slice(&((count + 1) as u16).to_le_bytes());
+    b[meta + 0x20000..meta + 0x20000 + item.len()].copy_from_slice(&item);
+    // BAT: block 0 from the parent, block 1 here, block 2 half here (sector bitmap), the rest
+    // from the parent. The chunk's sector bitmap goes at the end of the file.
+    let bat = l.bat_offset as usize;
+    let entry = |i: usize| le64(&b, bat + 8 * i);
+    let (block1, block2) = (entry(1) >> 20 << 20, entry(2) >> 20 << 20);
+    let bitmap_at = b.len() as u64;
+    let mut bitmap = vec![0u8; 1 << 20];
+    let sectors_per_block = 2048;
+    bitmap[2 * sectors_per_block / 8..(2 * sectors_per_block + 1024) / 8].fill(0xff);
+    b.extend_from_slice(&bitmap);
+    let chunk_ratio = 4096;
+    let mut set =
+        |i: usize, v: u64| b[bat + 8 * i..bat + 8 * i + 8].copy_from_slice(&v.to_le_bytes());
+    set(0, 0);
+    set(1, block1 | 6);
+    set(2, block2 | 7);
+    for i in 3..8 {
+        set(i, 0);
+    }
+    set(chunk_ratio, bitmap_at | 6);
+    std::fs::write(&child, &b).unwrap();
+
+    let image = open_image(&child);
+    assert_eq!(
+        image.info().format_specific.unwrap()["data"]["subformat"],
+        "differencing"
+    );
+    let ours = diskkit_bytes(image.as_ref());
+    let m = MIB as usize;
+    let expect = |range: std::ops::Range<usize>, v: u8| {
+        assert!(
+            ours[range.clone()].iter().all(|&x| x == v),
+            "{range:?} != {v:#x}"
+        );
+    };
+    expect(0..m, 0x50);
+    expect(m..2 * m + m / 2, 0x63);
+    expect(2 * m + m / 2..8 * m, 0x50);
+    let depths: Vec<(u64, u32)> = Extents::new(image.as_ref(), 0, image.virtual_size())
+        .map(|e| e.map(|e| (e.start, e.depth)).unwrap())
+        .collect();
+    assert_eq!(
+        depths,
+        [(0, 1), (m as u64, 0), (2 * m as u64 + m as u64 / 2, 1)]
+    );
+    let info = info_json(&child);
+    assert_eq!(info["backing-filename"], "parent.vhdx");
+
+    // Without its parent the image cannot be read.
+    std::fs::remove_file(&parent).unwrap();
+    let (code, _, err) = diskkit(&["info", path_str(&child)]);
+    assert_eq!(code, 2);
+    assert!(err.contains("parent"), "{err}");
 }
