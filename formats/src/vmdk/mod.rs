@@ -130,7 +130,7 @@ impl VmdkImage {
     }
 
     /// What backs the guest bytes from `offset` on, and for how many bytes (at most `max_len`,
-    /// never past the end of a grain or an extent).
+    /// never past the end of a grain table, a compressed grain or an extent).
     fn locate(&self, offset: u64, max_len: u64) -> Result<(Source, u64)> {
         let index = self.extent_index(offset);
         let Some(ext) = self.extents.get(index) else {
@@ -166,10 +166,9 @@ impl VmdkImage {
                 }
             }
             Storage::Sparse(s) => {
-                let grain = s.grain_bytes();
-                let grain_start = within - within % grain;
-                let len = max_len.min(grain_start + grain - within);
-                let source = match s.grain(within)? {
+                let (grain, len) = s.grain_run(within, max_len)?;
+                let grain_start = within - within % s.grain_bytes();
+                let source = match grain {
                     Grain::Unallocated => Source::Unallocated,
                     Grain::Zero => Source::Zero,
                     Grain::Data(at) => Source::Host {
