@@ -279,11 +279,12 @@ fn layout(bytes: &[u8]) -> VhdxLayout {
     }
 }
 
-/// A log entry of sequence `seq` at log offset 0 that writes `sectors` (file offset, 4 KiB of
-/// content) and zeroes `zeros` (file offset, length).
+/// A log entry of sequence `seq` whose sequence starts at log offset `tail`, that writes
+/// `sectors` (file offset, 4 KiB of content) and zeroes `zeros` (file offset, length).
 fn log_entry(
     guid: &[u8; 16],
     seq: u64,
+    tail: u32,
     sectors: &[(u64, Vec<u8>)],
     zeros: &[(u64, u64)],
     file_len: u64,
@@ -294,7 +295,7 @@ fn log_entry(
     e[..4].copy_from_slice(b"loge");
     let len = e.len() as u32;
     e[8..12].copy_from_slice(&len.to_le_bytes());
-    e[12..16].copy_from_slice(&0u32.to_le_bytes()); // tail: this entry
+    e[12..16].copy_from_slice(&tail.to_le_bytes());
     e[16..24].copy_from_slice(&seq.to_le_bytes());
     e[24..28].copy_from_slice(&(count as u32).to_le_bytes());
     e[32..48].copy_from_slice(guid);
@@ -355,18 +356,102 @@ fn vhdx_with_log(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
     let entry = log_entry(
         &guid,
         7,
+        0,
         &[(first_block + 8192, sector), (bat_sector, bat)],
         &[(first_block + 65536, 3 * 4096)],
         bytes.len() as u64,
     );
-    let at = l.log_offset as usize;
-    bytes[at..at + entry.len()].copy_from_slice(&entry);
-    for h in [64 * 1024, 128 * 1024] {
-        bytes[h + 48..h + 64].copy_from_slice(&guid);
-        seal(&mut bytes[h..h + 4096]);
-    }
+    put_log_entry(&mut bytes, &l, 0, &entry);
+    set_log_guid(&mut bytes, &guid);
     std::fs::write(&img, &bytes).unwrap();
     (img, bytes)
+}
+
+/// Writes `entry` at log offset `pos` of the (1 MiB, circular) log.
+fn put_log_entry(bytes: &mut [u8], l: &VhdxLayout, pos: usize, entry: &[u8]) {
+    let log_len = 1 << 20;
+    for (i, sector) in entry.chunks(4096).enumerate() {
+        let at = l.log_offset as usize + (pos + 4096 * i) % log_len;
+        bytes[at..at + 4096].copy_from_slice(sector);
+    }
+}
+
+/// Marks the log as holding entries of `guid` in both headers.
+fn set_log_guid(bytes: &mut [u8], guid: &[u8; 16]) {
+    for h in [64 * 1024, 128 * 1024] {
+        bytes[h + 48..h + 64].copy_from_slice(guid);
+        seal(&mut bytes[h..h + 4096]);
+    }
+}
+
+/// qemu's replay of the log (it replays when opening read-write) of a copy of `img`.
+fn qemu_replayed_bytes(img: &Path, dir: &Path) -> Vec<u8> {
+    let replayed = p(dir, "replayed.vhdx");
+    std::fs::copy(img, &replayed).unwrap();
+    qemu_io("vhdx", &replayed, &["read 0 512"]);
+    qemu_guest_bytes(&replayed, dir)
+}
+
+#[test]
+fn vhdx_log_sequence_wrapping_the_circular_log() {
+    let dir = tempdir();
+    let img = p(dir.path(), "wrap.vhdx");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vhdx",
+        "-o",
+        "block_size=1M",
+        path_str(&img),
+        "8M",
+    ]);
+    qemu_io("vhdx", &img, &["write -P 0x11 0 1M"]);
+    let mut bytes = std::fs::read(&img).unwrap();
+    let l = layout(&bytes);
+    let block0 = le64(&bytes, l.bat_offset as usize) >> 20 << 20;
+    let guid = [0x3c; 16];
+    let log_len = 1u32 << 20;
+    let sector = |v: u8| vec![v; 4096];
+    let tail = log_len - 4096;
+    // seq 7 at the last log sector wraps its data sector to log offset 0; seq 8 follows at 4 KiB
+    // and zeroes what seq 7 wrote; seq 3 is an older sequence that must not be replayed.
+    let e7 = log_entry(
+        &guid,
+        7,
+        tail,
+        &[(block0, sector(0x77))],
+        &[],
+        bytes.len() as u64,
+    );
+    let e8 = log_entry(
+        &guid,
+        8,
+        tail,
+        &[(block0 + 8192, sector(0x88))],
+        &[(block0, 4096)],
+        bytes.len() as u64,
+    );
+    let e3 = log_entry(
+        &guid,
+        3,
+        65536,
+        &[(block0 + 16384, sector(0x33))],
+        &[],
+        bytes.len() as u64,
+    );
+    put_log_entry(&mut bytes, &l, tail as usize, &e7);
+    put_log_entry(&mut bytes, &l, 4096, &e8);
+    put_log_entry(&mut bytes, &l, 65536, &e3);
+    set_log_guid(&mut bytes, &guid);
+    std::fs::write(&img, &bytes).unwrap();
+
+    let ours = diskkit_bytes(open_image(&img).as_ref());
+    assert!(ours[..4096].iter().all(|&b| b == 0));
+    assert!(ours[4096..8192].iter().all(|&b| b == 0x11));
+    assert!(ours[8192..12288].iter().all(|&b| b == 0x88));
+    assert!(ours[16384..20480].iter().all(|&b| b == 0x11));
+    assert!(ours == qemu_replayed_bytes(&img, dir.path()));
 }
 
 #[test]
@@ -388,11 +473,7 @@ fn vhdx_log_is_replayed_in_memory_like_qemu_replays_it() {
     assert!(ours[65536..65536 + 3 * 4096].iter().all(|&b| b == 0));
     assert!(ours[MIB as usize..2 * MIB as usize].iter().all(|&b| b == 0));
 
-    // qemu replays the log when it opens the image read-write.
-    let replayed = p(dir.path(), "replayed.vhdx");
-    std::fs::copy(&img, &replayed).unwrap();
-    qemu_io("vhdx", &replayed, &["read 0 512"]);
-    assert!(ours == qemu_guest_bytes(&replayed, dir.path()));
+    assert!(ours == qemu_replayed_bytes(&img, dir.path()));
 }
 
 #[test]
