@@ -108,10 +108,15 @@ impl VmdkImage {
         };
         let virtual_size = extents.last().map_or(0, |e| e.guest_start + e.length);
         let parent = match (&descriptor.parent_file_name_hint, descriptor.parent_cid) {
-            (Some(hint), cid) if cid != NO_PARENT_CID => {
-                Some(chain.open(&resolve(&path, hint), None, None)?)
+            (_, NO_PARENT_CID) => None,
+            (Some(hint), _) => Some(chain.open(&resolve(&path, hint), None, None)?),
+            (None, _) => {
+                warnings.push(
+                    "delta disk without parentFileNameHint: unallocated grains read as zeros"
+                        .into(),
+                );
+                None
             }
-            _ => None,
         };
         Ok(VmdkImage {
             path,
