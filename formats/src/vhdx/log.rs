@@ -76,6 +76,21 @@ impl LoggedFile {
         Ok(buf)
     }
 
+    /// Whether the `len` bytes at `offset` start with data or a hole of the host file, and how
+    /// far that lasts (at least one byte). Ranges the log patches count as data.
+    pub fn data_run(&self, offset: u64, len: u64) -> Result<(bool, u64)> {
+        let end = offset.saturating_add(len);
+        let patched = self
+            .patches
+            .range(..end)
+            .next_back()
+            .is_some_and(|(s, (l, _))| s.saturating_add(*l) > offset);
+        if patched || len == 0 {
+            return Ok((true, len));
+        }
+        self.host.data_run(offset, len)
+    }
+
     /// Reads the file as the replayed log leaves it.
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64, structure: &str) -> Result<()> {
         self.check_range(offset, buf.len() as u64, structure)?;

@@ -756,9 +756,19 @@ impl Image for VhdxImage {
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
         check_guest_range(self.virtual_size, offset, 1)?;
         let max_len = max_len.min(self.virtual_size - offset);
-        let (source, length) = self.locate(offset, max_len)?;
+        let (source, mut length) = self.locate(offset, max_len)?;
         let kind = match source {
-            Source::Host(offset) => ExtentKind::Data { offset },
+            Source::Host(at) => {
+                // Blocks are often sparse on the host (qemu's fixed images are): holes read as
+                // zeros, so map them as such and spare readers the work.
+                let (data, run) = self.file.data_run(at, length)?;
+                length = run;
+                if data {
+                    ExtentKind::Data { offset: at }
+                } else {
+                    ExtentKind::Zero
+                }
+            }
             Source::Zero => ExtentKind::Zero,
             Source::Unallocated => return map_backing(self.parent.as_deref(), offset, length),
         };

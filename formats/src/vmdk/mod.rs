@@ -149,25 +149,16 @@ impl VmdkImage {
             Storage::Zero => (Source::Zero, max_len),
             Storage::Flat { file, start } => {
                 let host = start + within;
-                if host >= file.len() {
-                    // Past the end of a short flat file: qemu reads zeros there too.
-                    (Source::Zero, max_len)
-                } else {
-                    let len = max_len.min(file.len() - host);
-                    match file.next_data(host)? {
-                        Some(d) if d == host => {
-                            let hole = file.next_hole(host)?.max(host + 1);
-                            (
-                                Source::Host {
-                                    extent: index,
-                                    offset: host,
-                                },
-                                len.min(hole - host),
-                            )
-                        }
-                        Some(d) => (Source::Zero, len.min(d - host)),
-                        None => (Source::Zero, len),
-                    }
+                // Holes, and the end of a short flat file (qemu reads zeros there too), are zero.
+                match file.data_run(host, max_len)? {
+                    (true, len) => (
+                        Source::Host {
+                            extent: index,
+                            offset: host,
+                        },
+                        len,
+                    ),
+                    (false, len) => (Source::Zero, len),
                 }
             }
             Storage::Sparse(s) => {
@@ -324,9 +315,13 @@ fn open_extents(
                     }
                     Storage::Sparse(s)
                 } else {
-                    let start = line.offset.checked_mul(SECTOR).ok_or_else(|| {
-                        Error::corrupt(path, "vmdk descriptor", 0, "extent offset overflows")
-                    })?;
+                    let start = line
+                        .offset
+                        .checked_mul(SECTOR)
+                        .filter(|s| s.checked_add(length).is_some())
+                        .ok_or_else(|| {
+                            Error::corrupt(path, "vmdk descriptor", 0, "extent offset overflows")
+                        })?;
                     Storage::Flat { file, start }
                 }
             }
