@@ -249,9 +249,12 @@ impl VhdxImage {
             let is_bitmap = (i + 1).is_multiple_of(self.chunk_ratio + 1);
             let state = bat_state(entry);
             if is_bitmap {
+                // Only differencing images consult sector bitmaps. Elsewhere the entries are
+                // unused, and qemu before 8.0 left garbage in them: ignore them there.
                 match state {
+                    _ if !has_parent => {}
                     SB_NOT_PRESENT => {}
-                    SB_PRESENT if has_parent => self.check_block(entry, MIB, &corrupt)?,
+                    SB_PRESENT => self.check_block(entry, MIB, &corrupt)?,
                     s => return Err(corrupt(format!("sector bitmap entry in state {s}"))),
                 }
                 continue;
