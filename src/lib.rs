@@ -2,6 +2,8 @@
 //! Synchronous and free of command-line concerns; the CLI in `main.rs` is a thin layer on top.
 
 pub mod compare;
+pub mod convert;
+pub mod hash;
 pub mod progress;
 
 pub use diskkit_formats as formats;

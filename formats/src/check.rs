@@ -1,7 +1,20 @@
 //! Consistency checks of image metadata (`diskkit check`), reported as `qemu-img check` does.
 
+use crate::error::Result;
+use crate::image::Format;
 use serde::Serialize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// Checks the metadata of the image at `path` (repairing what `repair` allows). `None` when the
+/// format has no metadata to check (raw, ISO).
+pub fn check(format: Format, path: &Path, repair: Option<Repair>) -> Result<Option<CheckReport>> {
+    let _ = (path, repair);
+    match format {
+        Format::Raw | Format::Iso | Format::Vhdx | Format::Vmdk | Format::Qcow2 | Format::Vhd => {
+            Ok(None)
+        }
+    }
+}
 
 /// What `check -r` may repair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,11 +4,15 @@
 //! This crate knows nothing of the command line, async runtimes or object storage.
 
 pub mod check;
+pub mod digest;
 pub mod error;
 pub mod host;
 pub mod image;
+pub mod iso;
 pub mod open;
+pub mod qcow2;
 pub mod raw;
+pub mod vhd;
 pub mod vhdx;
 pub mod vmdk;
 pub mod write;

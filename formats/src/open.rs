@@ -3,7 +3,10 @@
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 use crate::image::{Format, Image};
+use crate::iso::IsoImage;
+use crate::qcow2::Qcow2Image;
 use crate::raw::RawImage;
+use crate::vhd::{self, VhdImage};
 use crate::vhdx::VhdxImage;
 use crate::vmdk::VmdkImage;
 use std::path::{Path, PathBuf};
@@ -27,7 +30,10 @@ pub fn detect(file: &HostFile) -> Result<Format> {
     file.read_exact_at(&mut head[..n], 0, "format magic")?;
     Ok(match &head[..n] {
         [b'Q', b'F', b'I', 0xfb, ..] => Format::Qcow2,
+        b"conectix" => Format::Vhd,
         b"vhdxfile" => Format::Vhdx,
+        _ if vhd::has_fixed_footer(file)? => Format::Vhd,
+        _ if crate::iso::has_magic(file)? => Format::Iso,
         _ if crate::vmdk::detect(file)? => Format::Vmdk,
         _ => Format::Raw,
     })
@@ -82,12 +88,11 @@ impl Chain {
         }
         match format {
             Format::Raw => Ok(Box::new(RawImage::open(file))),
+            Format::Qcow2 => Ok(Box::new(Qcow2Image::open(file, self, snapshot)?)),
+            Format::Vhd => Ok(Box::new(VhdImage::open(file, self)?)),
+            Format::Iso => Ok(Box::new(IsoImage::open(file)?)),
             Format::Vmdk => Ok(Box::new(VmdkImage::open(file, self)?)),
             Format::Vhdx => Ok(Box::new(VhdxImage::open(file, self)?)),
-            other => Err(Error::unsupported(
-                path,
-                format!("reading {other} images is not implemented yet"),
-            )),
         }
     }
 }

@@ -7,7 +7,9 @@
 
 use crate::error::{Error, Result};
 use crate::image::Format;
+use crate::raw::{self, RawWriter};
 use std::collections::BTreeMap;
+use std::path::Path;
 
 /// A destination image being written.
 pub trait ImageWriter: Send + Sync {
@@ -26,8 +28,71 @@ pub trait ImageWriter: Send + Sync {
     /// True when the fresh image reads as zeros everywhere, so zero ranges can be skipped.
     fn zero_initialized(&self) -> bool;
 
+    /// Writes must start and end on multiples of this many bytes (a power of two), except a
+    /// write that ends at the virtual size. Formats that allocate whole clusters or blocks say
+    /// their cluster size, so that each cluster is written once, whole.
+    fn write_alignment(&self) -> u64 {
+        1
+    }
+
     /// Completes metadata and syncs everything to stable storage.
     fn finish(self: Box<Self>) -> Result<()>;
+}
+
+/// Creates a new image of `format` at `path` (replacing any file there). The format takes the
+/// options it knows out of `opts` and refuses the others.
+pub fn create(
+    format: Format,
+    path: &Path,
+    virtual_size: u64,
+    opts: &mut CreateOptions,
+) -> Result<Box<dyn ImageWriter>> {
+    match format {
+        Format::Raw => Ok(Box::new(RawWriter::create(path, virtual_size, opts)?)),
+        other => Err(cannot_write(other)),
+    }
+}
+
+/// Opens an existing image to overwrite its guest content in place (`convert -n`).
+pub fn open_existing(format: Format, path: &Path) -> Result<Box<dyn ImageWriter>> {
+    match format {
+        Format::Raw => Ok(Box::new(RawWriter::open_existing(path)?)),
+        other => Err(Error::invalid(format!(
+            "cannot write into existing {other} images (-n needs a raw target)"
+        ))),
+    }
+}
+
+/// Host bytes a new image of `format` needs for a guest of `virtual_size` bytes whose data lies
+/// in `allocated` (guest ranges `(start, length)`, ascending).
+pub fn measure(
+    format: Format,
+    virtual_size: u64,
+    opts: &mut CreateOptions,
+    allocated: &mut dyn Iterator<Item = Result<(u64, u64)>>,
+) -> Result<Measure> {
+    match format {
+        Format::Raw => {
+            opts.reject_unknown(format)?;
+            // A raw image needs every byte whatever the data; `allocated` is not consulted.
+            let _ = allocated;
+            Ok(raw::measure(virtual_size))
+        }
+        other => Err(cannot_write(other)),
+    }
+}
+
+/// Changes the virtual size of an image in place. Shrinking drops guest data past the new end;
+/// callers confirm that with the user first.
+pub fn resize(format: Format, path: &Path, new_size: u64) -> Result<()> {
+    match format {
+        Format::Raw => raw::resize(path, new_size),
+        other => Err(Error::invalid(format!("cannot resize {other} images"))),
+    }
+}
+
+fn cannot_write(format: Format) -> Error {
+    Error::invalid(format!("cannot write {format} images"))
 }
 
 /// Output of `measure`, as `qemu-img measure` reports it.
@@ -101,6 +166,13 @@ impl CreateOptions {
             .transpose()
     }
 
+    /// Takes out a size option (`2M`, `65536`; suffixes as [`parse_size`]).
+    pub fn take_size(&mut self, key: &str) -> Result<Option<u64>> {
+        self.take(key)
+            .map(|v| parse_size(&v).map_err(|e| Error::invalid(format!("option {key}: {e}"))))
+            .transpose()
+    }
+
     /// Fails when options remain that the format did not take.
     pub fn reject_unknown(&self, format: Format) -> Result<()> {
         if self.options.is_empty() {
@@ -112,6 +184,38 @@ impl CreateOptions {
             names.join(", ")
         )))
     }
+}
+
+/// Parses `10G`, `512M`, `4k`, `1.5T` or a plain byte count.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        None => (s, 1u64),
+        Some((i, _)) => {
+            let unit = s[i..].to_ascii_lowercase();
+            let unit = unit.trim_end_matches("ib").trim_end_matches('b');
+            let shift = match unit {
+                "" => 0,
+                "k" => 10,
+                "m" => 20,
+                "g" => 30,
+                "t" => 40,
+                "p" => 50,
+                "e" => 60,
+                _ => return Err(format!("unknown size suffix in '{s}'")),
+            };
+            (&s[..i], 1u64 << shift)
+        }
+    };
+    let value: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (examples: 10G, 512M, 4096)"))?;
+    let bytes = value * mult as f64;
+    if !(0.0..=u64::MAX as f64).contains(&bytes) || bytes.fract() != 0.0 {
+        return Err(format!("'{s}' is not a whole number of bytes"));
+    }
+    Ok(bytes as u64)
 }
 
 #[cfg(test)]

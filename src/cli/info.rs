@@ -118,18 +118,67 @@ fn human(info: &ImageInfo) -> String {
     {
         s.push_str("Format specific information:\n");
         for (k, v) in data {
-            let v = match v {
-                serde_json::Value::String(t) => t.clone(),
-                other => other.to_string(),
-            };
-            s.push_str(&format!("    {k}: {v}\n"));
+            if k == "bootable"
+                && let Some(summary) = boot_summary(data)
+            {
+                s.push_str(&format!("    {k}: {summary}\n"));
+            } else {
+                human_value(&mut s, 4, k, v);
+            }
         }
     }
     s
 }
 
+/// One `key: value` line, or for objects and arrays a `key:` line with the members (array
+/// items as `[i]`) indented below.
+fn human_value(s: &mut String, indent: usize, key: &str, v: &serde_json::Value) {
+    use serde_json::Value;
+    let pad = " ".repeat(indent);
+    match v {
+        Value::Object(map) if !map.is_empty() => {
+            s.push_str(&format!("{pad}{key}:\n"));
+            for (k, v) in map {
+                human_value(s, indent + 4, k, v);
+            }
+        }
+        Value::Array(items) if !items.is_empty() => {
+            s.push_str(&format!("{pad}{key}:\n"));
+            for (i, v) in items.iter().enumerate() {
+                human_value(s, indent + 4, &format!("[{i}]"), v);
+            }
+        }
+        Value::String(t) => s.push_str(&format!("{pad}{key}: {t}\n")),
+        other => s.push_str(&format!("{pad}{key}: {other}\n")),
+    }
+}
+
+/// "yes (BIOS no-emulation, UEFI)" from El Torito boot entries (`bootable`, `boot-entries`).
+fn boot_summary(data: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
+    let entries = data.get("boot-entries")?.as_array()?;
+    let bootable: Vec<String> = entries
+        .iter()
+        .filter(|e| e["bootable"] == true)
+        .map(|e| {
+            let platform = e["platform"].as_str().unwrap_or("?");
+            let emulation = e["emulation"].as_str().unwrap_or("?");
+            match platform {
+                "uefi" if emulation == "no-emulation" => "UEFI".to_string(),
+                "uefi" => format!("UEFI {emulation}"),
+                "bios" => format!("BIOS {emulation}"),
+                other => format!("{other} {emulation}"),
+            }
+        })
+        .collect();
+    Some(if bootable.is_empty() {
+        "no".to_string()
+    } else {
+        format!("yes ({})", bootable.join(", "))
+    })
+}
+
 /// UTC date from seconds since the epoch, `YYYY-MM-DD hh:mm:ss`.
-fn format_date(secs: u64) -> String {
+pub(super) fn format_date(secs: u64) -> String {
     let days = secs / 86400;
     let rem = secs % 86400;
     // Civil-from-days (proleptic Gregorian), valid for any u64 day count we can meet.

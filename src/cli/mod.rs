@@ -1,8 +1,15 @@
 //! Command-line interface, qemu-img style. Each subcommand lives in its own module.
 
+mod check;
 mod compare;
+mod convert;
+mod create;
+mod hash;
 mod info;
+mod iso;
 mod map;
+mod measure;
+mod resize;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -24,7 +31,7 @@ format, reading only what the image's allocation map says holds data.\n\n\
 Formats are detected from magic bytes, never from file names; -f FMT forces one \
 (raw, qcow2, vpc|vhd, vhdx, vmdk, iso).\n\n\
 Exit codes: 0 success (compare: identical), 1 compare: images differ, 2 error \
-(bad arguments, unreadable or corrupt image).",
+(bad arguments, unreadable or corrupt image); check has its own (see diskkit check --help).",
     after_help = "Sizes accept suffixes K, M, G, T, P (powers of 1024), e.g. 10G or 512M."
 )]
 pub struct Cli {
@@ -37,6 +44,13 @@ enum Command {
     Info(info::Args),
     Map(map::Args),
     Compare(compare::Args),
+    Iso(iso::Args),
+    Hash(hash::Args),
+    Convert(convert::Args),
+    Create(create::Args),
+    Measure(measure::Args),
+    Resize(resize::Args),
+    Check(check::Args),
 }
 
 pub fn run() -> i32 {
@@ -45,6 +59,13 @@ pub fn run() -> i32 {
         Command::Info(a) => info::run(a),
         Command::Map(a) => map::run(a),
         Command::Compare(a) => compare::run(a),
+        Command::Iso(a) => iso::run(a),
+        Command::Hash(a) => hash::run(a),
+        Command::Convert(a) => convert::run(a),
+        Command::Create(a) => create::run(a),
+        Command::Measure(a) => measure::run(a),
+        Command::Resize(a) => resize::run(a),
+        Command::Check(a) => check::run(a),
     };
     match result {
         Ok(code) => code,

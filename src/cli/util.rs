@@ -1,7 +1,7 @@
 //! Helpers shared by the subcommands: opening images from flags, output modes, human sizes.
 
 use clap::ValueEnum;
-use diskkit::formats::{Format, Image, OpenOptions, Result, open};
+use diskkit::formats::{CreateOptions, Format, Image, OpenOptions, Result, open};
 use diskkit::progress::Progress;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
@@ -30,6 +30,15 @@ pub fn open_image(
     )
 }
 
+/// Collects repeated `-o key=value,...` arguments.
+pub fn create_options(specs: &[String]) -> Result<CreateOptions> {
+    let mut opts = CreateOptions::default();
+    for spec in specs {
+        opts.parse_options(spec)?;
+    }
+    Ok(opts)
+}
+
 /// `1 GiB`, `512 KiB`, `3.5 MiB`: sizes as qemu-img prints them.
 pub fn human_size(bytes: u64) -> String {
     const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
@@ -50,39 +59,7 @@ pub fn human_size(bytes: u64) -> String {
     }
 }
 
-#[allow(dead_code)] // used by create, resize and hash as they land
-/// Parses `10G`, `512M`, `4k`, `1.5T` or a plain byte count.
-pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        None => (s, 1u64),
-        Some((i, _)) => {
-            let unit = s[i..].to_ascii_lowercase();
-            let unit = unit.trim_end_matches("ib").trim_end_matches('b');
-            let shift = match unit {
-                "" => 0,
-                "k" => 10,
-                "m" => 20,
-                "g" => 30,
-                "t" => 40,
-                "p" => 50,
-                "e" => 60,
-                _ => return Err(format!("unknown size suffix in '{s}'")),
-            };
-            (&s[..i], 1u64 << shift)
-        }
-    };
-    let value: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (examples: 10G, 512M, 4096)"))?;
-    let bytes = value * mult as f64;
-    if !(0.0..=u64::MAX as f64).contains(&bytes) || bytes.fract() != 0.0 {
-        return Err(format!("'{s}' is not a whole number of bytes"));
-    }
-    Ok(bytes as u64)
-}
-
+pub use diskkit::formats::write::parse_size;
 /// A progress bar over `total` bytes when `enabled`, hidden otherwise.
 pub struct Bar(ProgressBar);
 

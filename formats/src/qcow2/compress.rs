@@ -1,0 +1,75 @@
+//! Compressed clusters: raw deflate (zlib type, 4 KiB window as qemu uses) and zstd frames.
+
+use super::header::CompressionType;
+use flate2::{Decompress, FlushDecompress, Status};
+
+/// Decompresses one cluster: `out` must be filled exactly. Trailing input bytes are allowed (the
+/// descriptor rounds up to sectors, and another cluster's data may share the last sector).
+pub fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) -> Result<(), String> {
+    let produced = match kind {
+        CompressionType::Zlib => inflate(input, out)?,
+        CompressionType::Zstd => unzstd(input, out)?,
+    };
+    if produced != out.len() {
+        return Err(format!(
+            "{} data decompresses to {produced} bytes, not a cluster of {}",
+            kind.name(),
+            out.len()
+        ));
+    }
+    Ok(())
+}
+
+fn inflate(input: &[u8], out: &mut [u8]) -> Result<usize, String> {
+    let mut d = Decompress::new(false);
+    loop {
+        let (before_in, before_out) = (d.total_in(), d.total_out());
+        let status = d
+            .decompress(
+                &input[before_in as usize..],
+                &mut out[before_out as usize..],
+                FlushDecompress::Finish,
+            )
+            .map_err(|e| format!("deflate: {e}"))?;
+        let done = d.total_out() as usize == out.len() || status == Status::StreamEnd;
+        if done || (d.total_in(), d.total_out()) == (before_in, before_out) {
+            return Ok(d.total_out() as usize);
+        }
+    }
+}
+
+fn unzstd(input: &[u8], out: &mut [u8]) -> Result<usize, String> {
+    use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
+    let mut dec = Decoder::new().map_err(|e| format!("zstd: {e}"))?;
+    let mut inb = InBuffer::around(input);
+    let mut outb = OutBuffer::around(out);
+    loop {
+        let before = (inb.pos(), outb.pos());
+        let hint = dec
+            .run(&mut inb, &mut outb)
+            .map_err(|e| format!("zstd: {e}"))?;
+        let full = outb.pos() == outb.capacity();
+        if full || hint == 0 || (inb.pos(), outb.pos()) == before {
+            return Ok(outb.pos());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_short_output() {
+        let data: Vec<u8> = (0..65536u32).map(|i| (i / 300) as u8).collect();
+        let mut c = zstd::bulk::compress(&data, 0).unwrap();
+        c.extend_from_slice(&[0xab; 100]);
+        let mut out = vec![0u8; data.len()];
+        decompress(CompressionType::Zstd, &c, &mut out).unwrap();
+        assert_eq!(out, data);
+        let mut big = vec![0u8; data.len() * 2];
+        assert!(decompress(CompressionType::Zstd, &c, &mut big).is_err());
+        assert!(decompress(CompressionType::Zstd, &c[..c.len() / 4], &mut out).is_err());
+        assert!(decompress(CompressionType::Zlib, &c, &mut out).is_err());
+    }
+}

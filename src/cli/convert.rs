@@ -1,0 +1,133 @@
+//! `diskkit convert`: copy an image into a new one of any format, like `qemu-img convert`.
+
+use super::EXIT_OK;
+use super::util::{Bar, create_options, open_image, parse_format, parse_size};
+use diskkit::convert::{ConvertOptions, convert_into_existing, convert_to_path};
+use diskkit::formats::{Error, Format, Image, Result};
+use std::path::{Path, PathBuf};
+
+/// Convert an image to another format (or copy it), reading only its allocated data
+#[derive(clap::Args)]
+#[command(
+    long_about = "Convert SRC into a new image DST of format -O (default raw). Only the \
+ranges SRC's allocation map calls data are read; aligned runs of zeros inside them (-S) become \
+holes or unallocated clusters. Work is spread over several threads with bounded memory.\n\n\
+DST is written under a temporary name (.DST.diskkit-tmp-PID) in the same directory and renamed \
+into place only once complete and synced: an interrupted or failed conversion never leaves a \
+partial image under the final name (a killed process may leave the temporary file). The source \
+is only read, and an output that is one of the inputs is refused. With -n the existing DST is \
+overwritten in place instead (raw targets only, including block devices).\n\n\
+Prints nothing on success unless -p. Exit codes: 0 success, 2 error."
+)]
+pub struct Args {
+    /// Source format (detected from magic bytes when omitted)
+    #[arg(short = 'f', value_parser = parse_format)]
+    format: Option<Format>,
+    /// Output format: raw, qcow2, vpc (or vhd) [default: raw]
+    #[arg(short = 'O', value_parser = parse_format)]
+    out_format: Option<Format>,
+    /// Output format options, qemu style: key=value,key2=value2 (repeatable)
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Compress the output's data (qcow2; pick the algorithm with -o compression_type=zlib|zstd)
+    #[arg(short = 'c')]
+    compress: bool,
+    /// Show a progress bar
+    #[arg(short = 'p', long)]
+    progress: bool,
+    /// Aligned runs of at least SIZE zero bytes inside data are not written (multiple of 512;
+    /// 0 writes all allocated data)
+    #[arg(short = 'S', value_name = "SIZE", value_parser = parse_size, default_value = "4k")]
+    sparse_size: u64,
+    /// Write into the existing DST instead of creating it (raw files or block devices; DST must
+    /// be at least as large as SRC)
+    #[arg(short = 'n')]
+    no_create: bool,
+    /// Make DST an overlay on BACKING: only ranges that differ from BACKING are written.
+    /// BACKING is recorded as given; a relative name is relative to DST's directory
+    #[arg(short = 'B', value_name = "BACKING")]
+    backing: Option<String>,
+    /// Format of BACKING (detected when omitted)
+    #[arg(short = 'F', value_parser = parse_format)]
+    backing_format: Option<Format>,
+    /// Worker threads [default: one per CPU]
+    #[arg(short = 'm', long = "parallel", value_name = "N")]
+    threads: Option<usize>,
+    /// Convert the image as of this internal snapshot (qcow2; name or ID)
+    #[arg(short = 'l', long = "snapshot", value_name = "NAME|ID")]
+    snapshot: Option<String>,
+    /// Output profile for a cloud: azure = fixed VHD with the size rounded as Azure requires
+    /// (same as -O vpc -o subformat=fixed,target=azure)
+    #[arg(long, value_enum)]
+    target: Option<Target>,
+    src: PathBuf,
+    dst: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Target {
+    Azure,
+}
+
+pub fn run(args: Args) -> Result<i32> {
+    let src = open_image(&args.src, args.format, args.snapshot.as_deref())?;
+    let mut create = create_options(&args.options)?;
+    let out_format = match args.target {
+        Some(Target::Azure) => {
+            if args.out_format.is_some_and(|f| f != Format::Vhd) {
+                return Err(Error::invalid("--target azure writes VHD images (-O vpc)"));
+            }
+            create.options.insert("target".into(), "azure".into());
+            create
+                .options
+                .entry("subformat".into())
+                .or_insert_with(|| "fixed".into());
+            Format::Vhd
+        }
+        None => args.out_format.unwrap_or(Format::Raw),
+    };
+    create.compress = args.compress;
+    let backing = match &args.backing {
+        Some(name) => Some(open_backing(name, args.backing_format, &args.dst)?),
+        None => None,
+    };
+    if let Some(b) = &backing {
+        create.backing_file = args.backing.clone();
+        create.backing_format = Some(b.format());
+    }
+    let opts = ConvertOptions {
+        sparse_size: args.sparse_size,
+        backing: backing.as_deref(),
+        threads: args.threads,
+    };
+    let bar = Bar::new(args.progress, src.virtual_size(), "converting");
+    if args.no_create {
+        if args.compress || !args.options.is_empty() || args.backing.is_some() {
+            return Err(Error::invalid(
+                "-n writes into an existing image: -o, -c and -B need a new one",
+            ));
+        }
+        convert_into_existing(src.as_ref(), out_format, &args.dst, &opts, &bar)?;
+    } else {
+        convert_to_path(
+            src.as_ref(),
+            out_format,
+            &args.dst,
+            &mut create,
+            &opts,
+            &bar,
+        )?;
+    }
+    bar.finish();
+    Ok(EXIT_OK)
+}
+
+/// Opens `-B NAME` as the new image will find it: relative to the new image's directory.
+pub fn open_backing(name: &str, format: Option<Format>, image: &Path) -> Result<Box<dyn Image>> {
+    let path = Path::new(name);
+    let path = match image.parent() {
+        Some(dir) if path.is_relative() => dir.join(path),
+        _ => path.to_path_buf(),
+    };
+    open_image(&path, format, None)
+}

@@ -1,0 +1,754 @@
+//! Conversion of an image into a writer of any format, driven by the source's extent map.
+//!
+//! Ranges the source maps as zero are never read. The rest is cut into chunks aligned to the
+//! destination's cluster size and handled in parallel: each worker reads one chunk, finds the
+//! blocks of zeros inside it (`-S`), and writes the non-zero runs. Memory stays at a few chunk
+//! buffers per worker whatever the image size.
+//!
+//! Output safety: [`convert_to_path`] writes a new image under a temporary name in the target's
+//! directory and renames it into place only once it is complete and synced, so an interrupted
+//! conversion never leaves a partial image under the final name; the source is only read.
+
+use crate::progress::Progress;
+use diskkit_formats::image::first_nonzero_byte;
+use diskkit_formats::write::{self, CreateOptions, ImageWriter};
+use diskkit_formats::{Error, Extents, Format, Image, Result};
+use rayon::prelude::*;
+use std::iter::Peekable;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Guest bytes handled per parallel task (rounded up to the zero-detection unit).
+const CHUNK: u64 = 2 << 20;
+/// qemu-img's default `-S`: runs of zeros this long (and aligned) become holes.
+pub const DEFAULT_SPARSE_SIZE: u64 = 4096;
+/// Upper bound on `-S` and on a writer's alignment, which size the per-thread buffers.
+const MAX_UNIT: u64 = 64 << 20;
+
+#[derive(Clone, Copy)]
+pub struct ConvertOptions<'a> {
+    /// Zero detection granularity (`-S`): aligned blocks of this many zero bytes inside data are
+    /// not written. 0 writes all data the source maps as allocated.
+    pub sparse_size: u64,
+    /// Overlay mode (`-B`): the output's backing image. Only ranges whose content differs from
+    /// it are written; the rest stays unallocated and reads through to the backing image.
+    pub backing: Option<&'a dyn Image>,
+    /// Worker threads (`-m`); `None` uses one per CPU.
+    pub threads: Option<usize>,
+}
+
+impl Default for ConvertOptions<'_> {
+    fn default() -> Self {
+        ConvertOptions {
+            sparse_size: DEFAULT_SPARSE_SIZE,
+            backing: None,
+            threads: None,
+        }
+    }
+}
+
+/// What a conversion did, in guest bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConvertStats {
+    /// Read from the source (and from the backing image in overlay mode).
+    pub read: u64,
+    /// Written as data.
+    pub written: u64,
+    /// Recorded as zeros with `write_zeroes` (ranges skipped on a zero-initialized output are
+    /// not counted).
+    pub zeroed: u64,
+}
+
+/// Copies the guest content of `src` into `dst`, which must be at least as large.
+pub fn convert(
+    src: &dyn Image,
+    dst: &dyn ImageWriter,
+    opts: &ConvertOptions,
+    progress: &dyn Progress,
+) -> Result<ConvertStats> {
+    let size = src.virtual_size();
+    if dst.virtual_size() < size {
+        return Err(Error::invalid(format!(
+            "the output ({} bytes) is smaller than the source ({size} bytes)",
+            dst.virtual_size()
+        )));
+    }
+    let align = dst.write_alignment();
+    if !align.is_power_of_two() || align > MAX_UNIT {
+        return Err(Error::invalid(format!(
+            "output write alignment {align} is not a power of two up to {MAX_UNIT}"
+        )));
+    }
+    if !opts.sparse_size.is_multiple_of(512) || opts.sparse_size > MAX_UNIT {
+        return Err(Error::invalid(format!(
+            "-S {}: must be a multiple of 512 up to {MAX_UNIT}, or 0",
+            opts.sparse_size
+        )));
+    }
+    let detect = if opts.sparse_size > 0 {
+        opts.sparse_size
+    } else {
+        DEFAULT_SPARSE_SIZE
+    };
+    let unit = detect.max(align).next_multiple_of(align);
+    let engine = Engine {
+        src,
+        dst,
+        backing: opts.backing,
+        detect_zeros: opts.sparse_size > 0,
+        unit,
+        zero_needed: opts.backing.is_some() || !dst.zero_initialized(),
+        progress,
+        read: AtomicU64::new(0),
+        written: AtomicU64::new(0),
+        zeroed: AtomicU64::new(0),
+    };
+    let chunk = CHUNK.max(unit).next_multiple_of(unit);
+    let mut layers = vec![allocated_ranges(src, 0, size).peekable()];
+    if let Some(b) = opts.backing {
+        layers.push(allocated_ranges(b, 0, size).peekable());
+    }
+    let plan = Plan {
+        layers,
+        pos: 0,
+        end: size,
+        chunk,
+    };
+    let run = || {
+        plan.par_bridge()
+            .try_for_each_init(Buffers::default, |bufs, job| engine.run(job?, bufs))
+    };
+    match opts.threads {
+        None => run()?,
+        Some(n) => rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build()
+            .map_err(|e| Error::invalid(format!("cannot start {n} threads: {e}")))?
+            .install(run)?,
+    }
+    Ok(ConvertStats {
+        read: engine.read.into_inner(),
+        written: engine.written.into_inner(),
+        zeroed: engine.zeroed.into_inner(),
+    })
+}
+
+/// Converts `src` into a new image of `format` at `path`, safely: see the module notes. `create`
+/// carries the output's `-o` options, compression and backing file.
+pub fn convert_to_path(
+    src: &dyn Image,
+    format: Format,
+    path: &Path,
+    create: &mut CreateOptions,
+    opts: &ConvertOptions,
+    progress: &dyn Progress,
+) -> Result<ConvertStats> {
+    refuse_input_as_output(src, opts.backing, path)?;
+    write_new_image(format, path, src.virtual_size(), create, |w| {
+        convert(src, w, opts, progress)
+    })
+}
+
+/// Converts `src` into the existing image at `path` (`convert -n`): the target is written in
+/// place, so an interrupted conversion leaves it partly overwritten. Its size must be at least
+/// the source's; bytes past the source's end are left as they are.
+pub fn convert_into_existing(
+    src: &dyn Image,
+    format: Format,
+    path: &Path,
+    opts: &ConvertOptions,
+    progress: &dyn Progress,
+) -> Result<ConvertStats> {
+    refuse_input_as_output(src, opts.backing, path)?;
+    let writer = write::open_existing(format, path)?;
+    let stats = convert(src, writer.as_ref(), opts, progress)?;
+    writer.finish()?;
+    Ok(stats)
+}
+
+/// Creates a new image at `path`, lets `fill` write its content, and moves it into place only
+/// when complete and synced. On failure nothing is left behind and any previous file at `path`
+/// is untouched.
+pub fn write_new_image<T>(
+    format: Format,
+    path: &Path,
+    virtual_size: u64,
+    create: &mut CreateOptions,
+    fill: impl FnOnce(&dyn ImageWriter) -> Result<T>,
+) -> Result<T> {
+    let path = final_target(path)?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let Some(name) = path.file_name() else {
+        return Err(Error::invalid(format!(
+            "{}: not a file name",
+            path.display()
+        )));
+    };
+    let tmp = dir.join(format!(
+        ".{}.diskkit-tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let writer = write::create(format, &tmp, virtual_size, create)?;
+        let out = fill(writer.as_ref())?;
+        writer.finish()?;
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, "rename into place", e))?;
+        sync_dir(&dir)?;
+        Ok(out)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// The file a new image replaces: a symlink's target; devices and directories are refused (a
+/// rename would replace the device node; `-n` writes into devices).
+fn final_target(path: &Path) -> Result<PathBuf> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if path.is_symlink() {
+                return Err(Error::invalid(format!(
+                    "{}: dangling symlink",
+                    path.display()
+                )));
+            }
+            Ok(path.to_path_buf())
+        }
+        Err(e) => Err(Error::io(path, "stat", e)),
+        Ok(m) if m.is_file() => {
+            if path.is_symlink() {
+                std::fs::canonicalize(path).map_err(|e| Error::io(path, "resolve symlink", e))
+            } else {
+                Ok(path.to_path_buf())
+            }
+        }
+        Ok(_) => Err(Error::invalid(format!(
+            "{}: exists and is not a regular file (use -n to write into a device)",
+            path.display()
+        ))),
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, "sync directory", e))
+}
+
+/// Refuses an output that is one of the files being read (the source chain or the backing).
+fn refuse_input_as_output(src: &dyn Image, backing: Option<&dyn Image>, out: &Path) -> Result<()> {
+    let Ok(out) = std::fs::canonicalize(out) else {
+        return Ok(()); // does not exist yet
+    };
+    for top in [Some(src), backing].into_iter().flatten() {
+        let mut layer = Some(top);
+        while let Some(l) = layer {
+            if std::fs::canonicalize(l.info().filename).is_ok_and(|p| p == out) {
+                return Err(Error::invalid(format!(
+                    "{}: the output is also an input of this conversion",
+                    out.display()
+                )));
+            }
+            layer = l.backing();
+        }
+    }
+    Ok(())
+}
+
+/// The guest ranges `(start, end)` of `image` in `[start, end)` that its map does not call zero:
+/// what a copy must read. Metadata only.
+pub fn allocated_ranges<'a>(image: &'a dyn Image, start: u64, end: u64) -> DataRanges<'a> {
+    DataRanges(Extents::new(image, start, end))
+}
+
+pub struct DataRanges<'a>(Extents<'a>);
+
+impl Iterator for DataRanges<'_> {
+    type Item = Result<(u64, u64)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            match self.0.next()? {
+                Ok(e) if e.is_zero() => continue,
+                Ok(e) => return Some(Ok((e.start, e.end()))),
+                Err(err) => return Some(Err(err)),
+            }
+        }
+    }
+}
+
+/// A unit of work: a range where no layer has data, or one chunk with the data ranges of each
+/// layer (source, then backing) inside it.
+enum Job {
+    Gap {
+        start: u64,
+        end: u64,
+    },
+    Chunk {
+        start: u64,
+        end: u64,
+        layers: Vec<Vec<(u64, u64)>>,
+    },
+}
+
+/// Cuts the guest space into jobs, walking the layers' extent maps in step. Sequential and
+/// metadata-only; the workers pull jobs as they become free, so few are ever pending.
+struct Plan<'a> {
+    layers: Vec<Peekable<DataRanges<'a>>>,
+    /// Chunk-aligned start of the next job.
+    pos: u64,
+    end: u64,
+    chunk: u64,
+}
+
+impl Plan<'_> {
+    fn next_job(&mut self) -> Result<Option<Job>> {
+        if self.pos >= self.end {
+            return Ok(None);
+        }
+        let mut next_data = self.end;
+        for layer in &mut self.layers {
+            match layer.peek() {
+                Some(Ok((s, _))) => next_data = next_data.min(*s),
+                Some(Err(_)) => return Err(take_error(layer)),
+                None => {}
+            }
+        }
+        // Ranges below `pos` were consumed by earlier jobs, so `next_data >= pos`.
+        let chunk_start = if next_data >= self.end {
+            self.end
+        } else {
+            next_data / self.chunk * self.chunk
+        };
+        if chunk_start > self.pos {
+            let job = Job::Gap {
+                start: self.pos,
+                end: chunk_start,
+            };
+            self.pos = chunk_start;
+            return Ok(Some(job));
+        }
+        let (start, end) = (self.pos, (self.pos + self.chunk).min(self.end));
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for layer in &mut self.layers {
+            let mut ranges = Vec::new();
+            loop {
+                match layer.peek_mut() {
+                    Some(Ok((s, e))) if *s < end => {
+                        ranges.push(((*s).max(start), (*e).min(end)));
+                        if *e > end {
+                            *s = end;
+                            break;
+                        }
+                        layer.next();
+                    }
+                    Some(Err(_)) => return Err(take_error(layer)),
+                    _ => break,
+                }
+            }
+            layers.push(ranges);
+        }
+        self.pos = end;
+        Ok(Some(Job::Chunk { start, end, layers }))
+    }
+}
+
+fn take_error(layer: &mut Peekable<DataRanges>) -> Error {
+    match layer.next() {
+        Some(Err(e)) => e,
+        _ => Error::invalid("extent walk lost its error"),
+    }
+}
+
+impl Iterator for Plan<'_> {
+    type Item = Result<Job>;
+
+    fn next(&mut self) -> Option<Result<Job>> {
+        match self.next_job() {
+            Ok(job) => job.map(Ok),
+            Err(e) => {
+                self.pos = self.end;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// What to do with one zero-detection unit of a chunk.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Write,
+    Zero,
+    /// Overlay mode: same content as the backing image, leave unallocated.
+    Skip,
+}
+
+/// Per-worker buffers, reused from chunk to chunk.
+#[derive(Default)]
+struct Buffers {
+    src: Vec<u8>,
+    backing: Vec<u8>,
+    actions: Vec<Action>,
+}
+
+struct Engine<'a> {
+    src: &'a dyn Image,
+    dst: &'a dyn ImageWriter,
+    backing: Option<&'a dyn Image>,
+    detect_zeros: bool,
+    /// Granularity of zero detection and of the write/zero/skip decision: a multiple of the
+    /// output's alignment.
+    unit: u64,
+    /// Zero ranges must be recorded (output not zero-initialized, or overlay over a backing).
+    zero_needed: bool,
+    progress: &'a dyn Progress,
+    read: AtomicU64,
+    written: AtomicU64,
+    zeroed: AtomicU64,
+}
+
+impl Engine<'_> {
+    fn run(&self, job: Job, bufs: &mut Buffers) -> Result<()> {
+        match job {
+            Job::Gap { start, end } => {
+                // Zeros on both sides in overlay mode: nothing differs from the backing image.
+                if self.backing.is_none() && self.zero_needed {
+                    self.zero(start, end - start)?;
+                }
+                self.progress.advance(end - start);
+            }
+            Job::Chunk { start, end, layers } => {
+                self.chunk(start, end, &layers, bufs)?;
+                self.progress.advance(end - start);
+            }
+        }
+        Ok(())
+    }
+
+    fn chunk(
+        &self,
+        start: u64,
+        end: u64,
+        layers: &[Vec<(u64, u64)>],
+        bufs: &mut Buffers,
+    ) -> Result<()> {
+        let len = (end - start) as usize;
+        let unit = self.unit as usize;
+        let no_ranges = Vec::new();
+        let src_ranges = layers.first().unwrap_or(&no_ranges);
+        let back_ranges = layers.get(1).unwrap_or(&no_ranges);
+        self.fill(self.src, src_ranges, start, len, &mut bufs.src)?;
+        let src_data = units_with_data(src_ranges, start, len, unit);
+        let back_data = match self.backing {
+            Some(b) => {
+                self.fill(b, back_ranges, start, len, &mut bufs.backing)?;
+                units_with_data(back_ranges, start, len, unit)
+            }
+            None => vec![false; src_data.len()],
+        };
+        bufs.actions.clear();
+        for (i, piece) in bufs.src.chunks(unit).enumerate() {
+            let src_zero =
+                !src_data[i] || (self.detect_zeros && first_nonzero_byte(piece).is_none());
+            let action = if self.backing.is_some() {
+                let same = (!src_data[i] && !back_data[i])
+                    || bufs.backing.get(i * unit..i * unit + piece.len()) == Some(piece);
+                if same {
+                    Action::Skip
+                } else if src_zero {
+                    Action::Zero
+                } else {
+                    Action::Write
+                }
+            } else if src_zero {
+                Action::Zero
+            } else {
+                Action::Write
+            };
+            bufs.actions.push(action);
+        }
+        let mut i = 0;
+        while i < bufs.actions.len() {
+            let action = bufs.actions[i];
+            let run = bufs.actions[i..]
+                .iter()
+                .take_while(|&&a| a == action)
+                .count();
+            let (lo, hi) = (i * unit, ((i + run) * unit).min(len));
+            let offset = start + lo as u64;
+            match action {
+                Action::Write => {
+                    self.dst.write_at(&bufs.src[lo..hi], offset)?;
+                    self.written.fetch_add((hi - lo) as u64, Ordering::Relaxed);
+                }
+                Action::Zero if self.zero_needed => self.zero(offset, (hi - lo) as u64)?,
+                Action::Zero | Action::Skip => {}
+            }
+            i += run;
+        }
+        Ok(())
+    }
+
+    /// Fills `buf` with the guest bytes of `[start, start + len)`: `ranges` read from `image`,
+    /// zeros elsewhere.
+    fn fill(
+        &self,
+        image: &dyn Image,
+        ranges: &[(u64, u64)],
+        start: u64,
+        len: usize,
+        buf: &mut Vec<u8>,
+    ) -> Result<()> {
+        buf.resize(len, 0);
+        let mut pos = 0;
+        for &(s, e) in ranges {
+            let (lo, hi) = ((s - start) as usize, (e - start) as usize);
+            buf[pos..lo].fill(0);
+            image.read_at(&mut buf[lo..hi], s)?;
+            self.read.fetch_add(e - s, Ordering::Relaxed);
+            pos = hi;
+        }
+        buf[pos..].fill(0);
+        Ok(())
+    }
+
+    fn zero(&self, offset: u64, len: u64) -> Result<()> {
+        self.dst.write_zeroes(offset, len)?;
+        self.zeroed.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// For each `unit`-sized piece of a chunk, whether any of `ranges` touches it.
+fn units_with_data(ranges: &[(u64, u64)], start: u64, len: usize, unit: usize) -> Vec<bool> {
+    let mut has = vec![false; len.div_ceil(unit)];
+    for &(s, e) in ranges {
+        let first = (s - start) as usize / unit;
+        let last = ((e - start) as usize).div_ceil(unit);
+        has[first..last].fill(true);
+    }
+    has
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::NoProgress;
+    use diskkit_formats::{Extent, ExtentKind, ImageInfo};
+    use std::sync::Mutex;
+
+    /// An in-memory image whose map calls `data` ranges data and the rest zero.
+    struct MemImage {
+        bytes: Vec<u8>,
+        data: Vec<(u64, u64)>,
+    }
+
+    impl MemImage {
+        fn new(size: usize, writes: &[(u64, &[u8])]) -> Self {
+            let mut bytes = vec![0; size];
+            let mut data = Vec::new();
+            for &(off, buf) in writes {
+                bytes[off as usize..off as usize + buf.len()].copy_from_slice(buf);
+                data.push((off, off + buf.len() as u64));
+            }
+            data.sort();
+            MemImage { bytes, data }
+        }
+    }
+
+    impl Image for MemImage {
+        fn format(&self) -> Format {
+            Format::Raw
+        }
+        fn virtual_size(&self) -> u64 {
+            self.bytes.len() as u64
+        }
+        fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
+            let end = offset + max_len.min(self.virtual_size() - offset);
+            let (kind, until) = match self.data.iter().find(|(_, e)| *e > offset) {
+                Some(&(s, e)) if s <= offset => (ExtentKind::Data { offset }, e),
+                Some(&(s, _)) => (ExtentKind::Zero, s),
+                None => (ExtentKind::Zero, end),
+            };
+            Ok(Extent {
+                start: offset,
+                length: until.min(end) - offset,
+                kind,
+                depth: 0,
+            })
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            buf.copy_from_slice(&self.bytes[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn info(&self) -> ImageInfo {
+            ImageInfo::basic(PathBuf::from("mem"), Format::Raw, self.virtual_size(), 0)
+        }
+    }
+
+    /// A writer that checks alignment and records what it was asked to do.
+    struct RecordingWriter {
+        size: u64,
+        align: u64,
+        zero_initialized: bool,
+        writes: Mutex<Vec<(u64, Vec<u8>)>>,
+        zeroes: Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl RecordingWriter {
+        fn new(size: u64, align: u64, zero_initialized: bool) -> Self {
+            RecordingWriter {
+                size,
+                align,
+                zero_initialized,
+                writes: Mutex::default(),
+                zeroes: Mutex::default(),
+            }
+        }
+
+        fn check_aligned(&self, offset: u64, len: u64) {
+            assert_eq!(offset % self.align, 0, "unaligned start {offset:#x}");
+            let end = offset + len;
+            assert!(
+                end.is_multiple_of(self.align) || end == self.size,
+                "unaligned end {end:#x}"
+            );
+        }
+
+        /// Guest content as written; `None` bytes were never written nor zeroed.
+        fn content(&self) -> Vec<Option<u8>> {
+            let mut out = vec![None; self.size as usize];
+            for (off, buf) in self.writes.lock().unwrap().iter() {
+                for (i, b) in buf.iter().enumerate() {
+                    out[*off as usize + i] = Some(*b);
+                }
+            }
+            for &(off, len) in self.zeroes.lock().unwrap().iter() {
+                out[off as usize..(off + len) as usize].fill(Some(0));
+            }
+            out
+        }
+
+        fn written_bytes(&self) -> u64 {
+            let w = self.writes.lock().unwrap();
+            w.iter().map(|(_, b)| b.len() as u64).sum()
+        }
+    }
+
+    impl ImageWriter for RecordingWriter {
+        fn virtual_size(&self) -> u64 {
+            self.size
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+            self.check_aligned(offset, buf.len() as u64);
+            self.writes.lock().unwrap().push((offset, buf.to_vec()));
+            Ok(())
+        }
+        fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+            self.check_aligned(offset, len);
+            self.zeroes.lock().unwrap().push((offset, len));
+            Ok(())
+        }
+        fn zero_initialized(&self) -> bool {
+            self.zero_initialized
+        }
+        fn write_alignment(&self) -> u64 {
+            self.align
+        }
+        fn finish(self: Box<Self>) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    const MIB: usize = 1 << 20;
+
+    fn sample() -> MemImage {
+        // Unaligned data, zeros written as data, a run across a chunk boundary, an odd size.
+        MemImage::new(
+            5 * MIB + 1000,
+            &[
+                (100, &[0x11; 3000]),
+                (70_000, &[0; 200_000]),
+                (2 * MIB as u64 - 5000, &[0x22; 10_000]),
+                (5 * MIB as u64, &[0x33; 1000]),
+            ],
+        )
+    }
+
+    #[test]
+    fn writes_aligned_runs_and_skips_zeros() {
+        let src = sample();
+        for align in [1, 512, 65536, 2 << 20] {
+            let dst = RecordingWriter::new(src.virtual_size(), align, true);
+            let stats = convert(&src, &dst, &ConvertOptions::default(), &NoProgress).unwrap();
+            let content = dst.content();
+            for (i, b) in content.iter().enumerate() {
+                assert_eq!(b.unwrap_or(0), src.bytes[i], "align {align} byte {i}");
+            }
+            // The 200 KB of zeros written as data are detected and not written.
+            assert!(dst.written_bytes() < 100_000 + 4 * align, "align {align}");
+            assert_eq!(stats.written, dst.written_bytes());
+            assert_eq!(stats.read, 3000 + 200_000 + 10_000 + 1000);
+        }
+    }
+
+    #[test]
+    fn sparse_size_zero_writes_all_data_and_existing_targets_get_zeroes() {
+        let src = sample();
+        let dst = RecordingWriter::new(src.virtual_size() + 4096, 1, false);
+        let opts = ConvertOptions {
+            sparse_size: 0,
+            threads: Some(2),
+            ..Default::default()
+        };
+        convert(&src, &dst, &opts, &NoProgress).unwrap();
+        assert!(dst.written_bytes() >= 200_000);
+        let content = dst.content();
+        // Every source byte is written or zeroed; the target's extra tail is left alone.
+        for (i, b) in content.iter().enumerate().take(src.bytes.len()) {
+            assert_eq!(*b, Some(src.bytes[i]), "byte {i}");
+        }
+        assert!(content[src.bytes.len()..].iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn overlay_writes_only_differences() {
+        let backing = MemImage::new(4 * MIB, &[(0, &[0x44; 3 * MIB])]);
+        let mut changed = vec![0x44; 3 * MIB];
+        changed[MIB..MIB + 10].fill(0x55);
+        changed[2 * MIB..2 * MIB + 65536].fill(0);
+        let src = MemImage::new(5 * MIB, &[(0, &changed), (4 * MIB as u64 + 7, &[9; 5])]);
+        let dst = RecordingWriter::new(src.virtual_size(), 65536, false);
+        let opts = ConvertOptions {
+            backing: Some(&backing),
+            ..Default::default()
+        };
+        convert(&src, &dst, &opts, &NoProgress).unwrap();
+        let mut writes = dst.writes.lock().unwrap().clone();
+        writes.sort();
+        let written: Vec<(u64, usize)> = writes.iter().map(|(o, b)| (*o, b.len())).collect();
+        assert_eq!(written, [(MIB as u64, 65536), (4 * MIB as u64, 65536)]);
+        assert_eq!(*dst.zeroes.lock().unwrap(), [(2 * MIB as u64, 65536)]);
+        let content = dst.content();
+        assert_eq!(content[MIB], Some(0x55));
+        assert_eq!(content[4 * MIB + 7], Some(9));
+    }
+
+    #[test]
+    fn refuses_bad_sparse_size_and_small_output() {
+        let src = sample();
+        let dst = RecordingWriter::new(src.virtual_size(), 1, true);
+        let opts = ConvertOptions {
+            sparse_size: 1000,
+            ..Default::default()
+        };
+        assert!(convert(&src, &dst, &opts, &NoProgress).is_err());
+        let small = RecordingWriter::new(src.virtual_size() - 1, 1, true);
+        assert!(convert(&src, &small, &ConvertOptions::default(), &NoProgress).is_err());
+    }
+}

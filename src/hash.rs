@@ -1,0 +1,297 @@
+//! Parallel computation of the diskkit guest digest (defined in `diskkit_formats::digest`) of an
+//! image in any format, or of a raw stream.
+//!
+//! Images: one thread walks the extent map in guest order and cuts it into chunk jobs; chunks the
+//! map calls zero take the precomputed zero digest without a read, the others are read (their zero
+//! parts filled in, not read) and hashed by all cores. Jobs go in windows whose results are folded
+//! in order, so memory stays bounded whatever the image size.
+//!
+//! Streams: chunks are read sequentially while the previous batch is hashed in parallel.
+
+use crate::progress::Progress;
+use diskkit_formats::digest::{ChunkDigest, ChunkHasher, DigestBuilder};
+use diskkit_formats::{Error, Extent, Extents, Image, Result};
+use rayon::prelude::*;
+use std::io::{ErrorKind, Read};
+use std::ops::Range;
+use std::sync::Mutex;
+
+/// The digest of a whole image or stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageHash {
+    pub digest: [u8; 32],
+    pub chunk_size: u64,
+    pub virtual_size: u64,
+}
+
+/// Guest bytes read into memory at once per hashing thread, in the stream driver: enough chunks
+/// to keep every core busy, few enough to bound memory for large chunk sizes.
+const STREAM_BATCH_BYTES: u64 = 64 << 20;
+
+/// Data chunks per window of the image driver, per thread: enough that the idle tail at the end
+/// of a window is small.
+const DATA_CHUNKS_PER_THREAD: usize = 16;
+
+/// Zero chunks per window cost 48 bytes each: this bounds a window of a huge sparse image.
+const MAX_WINDOW_CHUNKS: usize = 1 << 16;
+
+/// What to do for one chunk.
+enum Job {
+    /// The map says every byte reads as zero.
+    Zero { offset: u64, length: u64 },
+    /// Read the `data` ranges (guest offsets); the rest of the chunk is zeros.
+    Read {
+        offset: u64,
+        length: u64,
+        data: Vec<Range<u64>>,
+    },
+}
+
+/// Hashes the guest content of `image` with chunks of `chunk_size` bytes. `on_chunk` receives every
+/// chunk digest in guest order (collect them for a manifest, or ignore them).
+pub fn hash_image(
+    image: &dyn Image,
+    chunk_size: u64,
+    progress: &dyn Progress,
+    on_chunk: &mut dyn FnMut(ChunkDigest),
+) -> Result<ImageHash> {
+    let hasher = ChunkHasher::new(chunk_size)?;
+    let mut builder = DigestBuilder::new(chunk_size)?;
+    let size = image.virtual_size();
+    let buffers = BufferPool::new(chunk_size as usize);
+    let max_data_jobs = DATA_CHUNKS_PER_THREAD * rayon::current_num_threads();
+    let mut cutter = ChunkCutter::new(image, chunk_size);
+    let mut window = Vec::new();
+    loop {
+        window.clear();
+        let mut data_jobs = 0;
+        while data_jobs < max_data_jobs && window.len() < MAX_WINDOW_CHUNKS {
+            match cutter.next_job()? {
+                Some(job) => {
+                    data_jobs += usize::from(matches!(job, Job::Read { .. }));
+                    window.push(job);
+                }
+                None => break,
+            }
+        }
+        if window.is_empty() {
+            break;
+        }
+        let digests = window
+            .par_iter()
+            .map(|job| {
+                let d = match job {
+                    Job::Zero { offset, length } => hasher.zero(*offset, *length),
+                    Job::Read {
+                        offset,
+                        length,
+                        data,
+                    } => buffers.with(*length as usize, |buf| {
+                        fill_chunk(image, *offset, data, buf)?;
+                        Ok(hasher.hash(*offset, buf))
+                    })?,
+                };
+                progress.advance(d.length);
+                Ok(d)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for d in digests {
+            builder.push(&d)?;
+            on_chunk(d);
+        }
+    }
+    if builder.covered() != size {
+        return Err(Error::invalid(format!(
+            "{} driver mapped {} of {size} bytes",
+            image.format(),
+            builder.covered()
+        )));
+    }
+    Ok(ImageHash {
+        digest: builder.finish(),
+        chunk_size,
+        virtual_size: size,
+    })
+}
+
+/// Reads the chunk at `offset` into `buf`: the `data` ranges from the image, zeros elsewhere.
+fn fill_chunk(image: &dyn Image, offset: u64, data: &[Range<u64>], buf: &mut [u8]) -> Result<()> {
+    let mut pos = 0;
+    for r in data {
+        let (from, to) = ((r.start - offset) as usize, (r.end - offset) as usize);
+        buf[pos..from].fill(0);
+        image.read_at(&mut buf[from..to], r.start)?;
+        pos = to;
+    }
+    buf[pos..].fill(0);
+    Ok(())
+}
+
+/// Walks the extent map once, in guest order, and cuts it into chunk jobs.
+struct ChunkCutter<'a> {
+    extents: Extents<'a>,
+    /// The extent that covers `pos`, once fetched.
+    current: Option<Extent>,
+    pos: u64,
+    size: u64,
+    chunk_size: u64,
+}
+
+impl<'a> ChunkCutter<'a> {
+    fn new(image: &'a dyn Image, chunk_size: u64) -> Self {
+        let size = image.virtual_size();
+        ChunkCutter {
+            extents: Extents::new(image, 0, size),
+            current: None,
+            pos: 0,
+            size,
+            chunk_size,
+        }
+    }
+
+    fn next_job(&mut self) -> Result<Option<Job>> {
+        let offset = self.pos;
+        if offset >= self.size {
+            return Ok(None);
+        }
+        let end = (offset + self.chunk_size).min(self.size);
+        let mut data: Vec<Range<u64>> = Vec::new();
+        while self.pos < end {
+            let e = match self.current {
+                Some(e) if e.end() > self.pos => e,
+                _ => {
+                    let e = self.extents.next().transpose()?.ok_or_else(|| {
+                        Error::invalid(format!("extent map ends before {:#x}", self.pos))
+                    })?;
+                    self.current = Some(e);
+                    e
+                }
+            };
+            let part_end = e.end().min(end);
+            if !e.is_zero() {
+                match data.last_mut() {
+                    Some(last) if last.end == self.pos => last.end = part_end,
+                    _ => data.push(self.pos..part_end),
+                }
+            }
+            self.pos = part_end;
+        }
+        let length = end - offset;
+        Ok(Some(if data.is_empty() {
+            Job::Zero { offset, length }
+        } else {
+            Job::Read {
+                offset,
+                length,
+                data,
+            }
+        }))
+    }
+}
+
+/// Chunk buffers reused across chunks: as many exist as chunks are read at once, and they are
+/// freed when the hash is done.
+struct BufferPool {
+    free: Mutex<Vec<Vec<u8>>>,
+    chunk_size: usize,
+}
+
+impl BufferPool {
+    fn new(chunk_size: usize) -> Self {
+        BufferPool {
+            free: Mutex::new(Vec::new()),
+            chunk_size,
+        }
+    }
+
+    /// Runs `f` on a buffer of `len` bytes (at most the chunk size) with unspecified content.
+    fn with<T>(&self, len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
+        let taken = self.free.lock().ok().and_then(|mut v| v.pop());
+        let mut buf = taken.unwrap_or_else(|| vec![0; self.chunk_size]);
+        let out = f(&mut buf[..len]);
+        if let Ok(mut v) = self.free.lock() {
+            v.push(buf);
+        }
+        out
+    }
+}
+
+/// Hashes a raw stream (stdin) chunk by chunk until its end; the stream length is the virtual
+/// size. Reading overlaps with hashing of the previous batch of chunks.
+pub fn hash_stream(
+    reader: &mut (dyn Read + Send),
+    chunk_size: u64,
+    progress: &dyn Progress,
+    on_chunk: &mut dyn FnMut(ChunkDigest),
+) -> Result<ImageHash> {
+    let hasher = ChunkHasher::new(chunk_size)?;
+    let mut builder = DigestBuilder::new(chunk_size)?;
+    let batch = (STREAM_BATCH_BYTES / chunk_size).clamp(1, 2 * rayon::current_num_threads() as u64)
+        as usize;
+    let mut spare = Vec::new();
+    let mut current = read_batch(reader, chunk_size as usize, batch, &mut spare)?;
+    while !current.is_empty() {
+        let base = builder.covered();
+        let (digests, next) = rayon::join(
+            || {
+                let offsets = current.iter().scan(base, |next_offset, c| {
+                    let o = *next_offset;
+                    *next_offset += c.len() as u64;
+                    Some(o)
+                });
+                let jobs: Vec<(u64, &Vec<u8>)> = offsets.zip(&current).collect();
+                jobs.into_par_iter()
+                    .map(|(o, c)| {
+                        progress.advance(c.len() as u64);
+                        hasher.hash(o, c)
+                    })
+                    .collect::<Vec<_>>()
+            },
+            || read_batch(reader, chunk_size as usize, batch, &mut spare),
+        );
+        for d in digests {
+            builder.push(&d)?;
+            on_chunk(d);
+        }
+        // The batch just hashed lends its buffers to the read after next.
+        spare = std::mem::replace(&mut current, next?);
+    }
+    Ok(ImageHash {
+        chunk_size,
+        virtual_size: builder.covered(),
+        digest: builder.finish(),
+    })
+}
+
+/// Reads up to `count` chunks; only the last one read may be short (the end of the stream).
+/// Buffers come from `spare` when it has some.
+fn read_batch(
+    reader: &mut (dyn Read + Send),
+    chunk_size: usize,
+    count: usize,
+    spare: &mut Vec<Vec<u8>>,
+) -> Result<Vec<Vec<u8>>> {
+    let mut chunks = Vec::with_capacity(count);
+    while chunks.len() < count {
+        let mut buf = spare.pop().unwrap_or_default();
+        buf.resize(chunk_size, 0);
+        let mut filled = 0;
+        while filled < chunk_size {
+            match reader.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io("<stdin>".as_ref(), "read", e)),
+            }
+        }
+        if filled == 0 {
+            break;
+        }
+        buf.truncate(filled);
+        chunks.push(buf);
+        if filled < chunk_size {
+            break;
+        }
+    }
+    Ok(chunks)
+}

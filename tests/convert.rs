@@ -1,0 +1,311 @@
+//! convert, create, measure, resize and check against qemu-img.
+
+mod common;
+use common::*;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+const MIB: u64 = 1 << 20;
+const SIGKILL: i32 = 9;
+
+/// Bytes the file occupies on the host.
+fn allocated(path: &Path) -> u64 {
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// qemu-img map of a raw file: the (start, length) ranges it reports as data.
+fn qemu_data_ranges(path: &Path, fmt: &str) -> Vec<(u64, u64)> {
+    let map: Vec<serde_json::Value> = serde_json::from_str(&qemu_img(&[
+        "map",
+        "--output=json",
+        "-f",
+        fmt,
+        path_str(path),
+    ]))
+    .unwrap();
+    map.iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect()
+}
+
+fn is_data_at(ranges: &[(u64, u64)], offset: u64) -> bool {
+    ranges.iter().any(|&(s, l)| s <= offset && offset < s + l)
+}
+
+fn identical(a: &Path, b: &Path) {
+    let out = qemu_img(&["compare", path_str(a), path_str(b)]);
+    assert!(out.contains("identical"), "{out}");
+}
+
+/// Files in `dir`, sorted, hidden (temporary) ones included.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn mixed_raw(dir: &Path, name: &str, size: u64) -> std::path::PathBuf {
+    let img = p(dir, name);
+    qemu_img(&["create", "-f", "raw", path_str(&img), &size.to_string()]);
+    qemu_io("raw", &img, &as_refs(&mixed_pattern(size)));
+    img
+}
+
+#[test]
+fn raw_to_raw_stays_sparse_and_detects_zeros() {
+    let dir = tempdir();
+    let src = mixed_raw(dir.path(), "src.raw", 16 * MIB);
+    let out = p(dir.path(), "out.raw");
+    assert_eq!(diskkit_ok(&["convert", path_str(&src), path_str(&out)]), "");
+    identical(&src, &out);
+    assert!(allocated(&out) <= allocated(&src));
+    // mixed_pattern writes 128 KiB of zeros as data at 2 MiB: the default -S 4k makes it a hole,
+    // -S 0 copies it as data.
+    let zeros_at = 2 * MIB + 4096;
+    assert!(is_data_at(&qemu_data_ranges(&src, "raw"), zeros_at));
+    assert!(!is_data_at(&qemu_data_ranges(&out, "raw"), zeros_at));
+    assert!(is_data_at(&qemu_data_ranges(&out, "raw"), 4096));
+
+    let out0 = p(dir.path(), "out0.raw");
+    diskkit_ok(&[
+        "convert",
+        "-S",
+        "0",
+        "-m",
+        "1",
+        path_str(&src),
+        path_str(&out0),
+    ]);
+    identical(&src, &out0);
+    assert!(is_data_at(&qemu_data_ranges(&out0, "raw"), zeros_at));
+    assert_eq!(listing(dir.path()), ["out.raw", "out0.raw", "src.raw"]);
+}
+
+#[test]
+fn convert_into_existing_target() {
+    let dir = tempdir();
+    let src = mixed_raw(dir.path(), "src.raw", 8 * MIB);
+    let tgt = p(dir.path(), "tgt.raw");
+    qemu_img(&[
+        "create",
+        "-f",
+        "raw",
+        path_str(&tgt),
+        &(8 * MIB).to_string(),
+    ]);
+    qemu_io("raw", &tgt, &["write -P 0x77 0 8M"]);
+    diskkit_ok(&["convert", "-n", "-O", "raw", path_str(&src), path_str(&tgt)]);
+    identical(&src, &tgt);
+    // Zero ranges were punched, not left with the old content.
+    assert!(allocated(&tgt) < 8 * MIB);
+
+    let small = p(dir.path(), "small.raw");
+    qemu_img(&["create", "-f", "raw", path_str(&small), "4M"]);
+    let (code, _, err) = diskkit(&["convert", "-n", path_str(&src), path_str(&small)]);
+    assert_eq!(code, 2);
+    assert!(err.contains("smaller"), "{err}");
+}
+
+#[test]
+fn failed_conversion_leaves_nothing_and_keeps_old_output() {
+    let dir = tempdir();
+    let src = mixed_raw(dir.path(), "src.raw", 8 * MIB);
+    let out = p(dir.path(), "out.raw");
+    // Fails at creation (unknown option) and while copying (bad -S).
+    for args in [["-o", "bogus=1"], ["-S", "1000"]] {
+        let (code, _, err) =
+            diskkit(&["convert", args[0], args[1], path_str(&src), path_str(&out)]);
+        assert_eq!(code, 2, "{args:?}");
+        assert!(err.starts_with("diskkit: "), "{err}");
+        assert_eq!(listing(dir.path()), ["src.raw"]);
+    }
+    // An existing output survives a failed conversion untouched.
+    std::fs::write(&out, b"previous").unwrap();
+    let (code, _, _) = diskkit(&["convert", "-S", "1000", path_str(&src), path_str(&out)]);
+    assert_eq!(code, 2);
+    assert_eq!(std::fs::read(&out).unwrap(), b"previous");
+    assert_eq!(listing(dir.path()), ["out.raw", "src.raw"]);
+}
+
+#[test]
+fn refuses_to_overwrite_its_input() {
+    let dir = tempdir();
+    let src = mixed_raw(dir.path(), "src.raw", 8 * MIB);
+    let before = std::fs::read(&src).unwrap();
+    for extra in [&[][..], &["-n"][..]] {
+        let mut args = vec!["convert"];
+        args.extend_from_slice(extra);
+        args.extend([path_str(&src), path_str(&src)]);
+        let (code, _, err) = diskkit(&args);
+        assert_eq!(code, 2);
+        assert!(err.contains("also an input"), "{err}");
+    }
+    assert_eq!(std::fs::read(&src).unwrap(), before);
+}
+
+/// A cheap pseudo-random stream (xorshift), so the data is not compressible nor zero.
+fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn file_hash(path: &Path) -> u64 {
+    use std::hash::{DefaultHasher, Hasher};
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut h = DefaultHasher::new();
+    let mut buf = vec![0; MIB as usize];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            return h.finish();
+        }
+        h.write(&buf[..n]);
+    }
+}
+
+#[test]
+fn killed_conversion_leaves_no_output() {
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempdir();
+    let src = p(dir.path(), "big.raw");
+    let f = std::fs::File::create(&src).unwrap();
+    f.set_len(256 * MIB).unwrap();
+    // 128 MiB of random data in runs of 8 MiB, every other run a hole.
+    for i in 0..16 {
+        f.write_all_at(&pseudo_random(i + 1, 8 * MIB as usize), i * 16 * MIB)
+            .unwrap();
+    }
+    drop(f);
+    let before = file_hash(&src);
+    let out = p(dir.path(), "out.raw");
+    let mut killed = false;
+    // Kill as soon as the temporary output appears, then sooner and sooner if it finished first.
+    for delay_ms in [20, 5, 0] {
+        let mut child = std::process::Command::new(diskkit_bin())
+            .args(["convert", "-m", "1", path_str(&src), path_str(&out)])
+            .spawn()
+            .unwrap();
+        let tmp = p(dir.path(), &format!(".out.raw.diskkit-tmp-{}", child.id()));
+        while !tmp.exists() && child.try_wait().unwrap().is_none() {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        child.kill().unwrap();
+        let status = child.wait().unwrap();
+        if status.signal() == Some(SIGKILL) {
+            killed = true;
+            assert!(!out.exists(), "a killed conversion left {}", out.display());
+            std::fs::remove_file(&tmp).ok();
+            break;
+        }
+        assert!(status.success());
+        std::fs::remove_file(&out).unwrap();
+    }
+    assert!(
+        killed,
+        "every conversion finished before it could be killed"
+    );
+    assert_eq!(file_hash(&src), before, "the source changed");
+}
+
+#[test]
+fn create_matches_qemu() {
+    let dir = tempdir();
+    let img = p(dir.path(), "new.raw");
+    let out = diskkit_ok(&["create", "-f", "raw", path_str(&img), "10M"]);
+    assert!(out.starts_with("Formatting"), "{out}");
+    let info: serde_json::Value =
+        serde_json::from_str(&qemu_img(&["info", "--output=json", path_str(&img)])).unwrap();
+    assert_eq!(info["virtual-size"], 10 * MIB);
+    assert_eq!(info["format"], "raw");
+    assert_eq!(allocated(&img), 0);
+
+    let full = p(dir.path(), "full.raw");
+    diskkit_ok(&[
+        "create",
+        "-q",
+        "-o",
+        "preallocation=full",
+        path_str(&full),
+        "1M",
+    ]);
+    assert_eq!(allocated(&full), MIB);
+    let (code, _, err) = diskkit(&["create", "-o", "preallocation=maybe", path_str(&full), "1M"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("preallocation"), "{err}");
+    let (code, _, _) = diskkit(&["create", "-f", "raw", path_str(&img)]);
+    assert_eq!(code, 2, "a size is needed without -b");
+}
+
+#[test]
+fn measure_raw_matches_qemu() {
+    let dir = tempdir();
+    let src = mixed_raw(dir.path(), "src.raw", 8 * MIB);
+    for args in [
+        vec!["measure", "-O", "raw", path_str(&src)],
+        vec!["measure", "-O", "raw", "--size", "1G"],
+    ] {
+        assert_eq!(diskkit_ok(&args), qemu_img(&args));
+    }
+    let json: serde_json::Value = serde_json::from_str(&diskkit_ok(&[
+        "measure", "-O", "raw", "--output", "json", "--size", "3M",
+    ]))
+    .unwrap();
+    assert_eq!(json["required"], 3 * MIB);
+    assert_eq!(json["fully-allocated"], 3 * MIB);
+}
+
+#[test]
+fn resize_raw_like_qemu() {
+    let dir = tempdir();
+    let img = mixed_raw(dir.path(), "img.raw", 8 * MIB);
+    let size = |p: &Path| std::fs::metadata(p).unwrap().len();
+    assert_eq!(
+        diskkit_ok(&["resize", path_str(&img), "+2M"]),
+        "Image resized.\n"
+    );
+    assert_eq!(size(&img), 10 * MIB);
+    diskkit_ok(&["resize", "-q", path_str(&img), "12M"]);
+    assert_eq!(size(&img), 12 * MIB);
+
+    // Shrinking needs --shrink, and says how much allocated data it drops.
+    let (code, _, err) = diskkit(&["resize", path_str(&img), "-6M"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--shrink"), "{err}");
+    assert_eq!(size(&img), 12 * MIB);
+    let (code, out, err) = diskkit(&["resize", "--shrink", path_str(&img), "-6M"]);
+    assert_eq!((code, out.as_str()), (0, "Image resized.\n"));
+    assert_eq!(size(&img), 6 * MIB);
+    // The 12 KiB written at the end of the original 8 MiB are gone.
+    assert!(err.contains("(12288 bytes)"), "{err}");
+    let (code, _, err) = diskkit(&["resize", "--shrink", path_str(&img), "4M"]);
+    assert_eq!(code, 0);
+    assert_eq!(err, "", "nothing allocated between 4M and 6M");
+}
+
+#[test]
+fn check_raw_has_no_checks_as_qemu() {
+    let dir = tempdir();
+    let img = mixed_raw(dir.path(), "img.raw", 8 * MIB);
+    let qemu = std::process::Command::new("qemu-img")
+        .args(["check", "-f", "raw", path_str(&img)])
+        .output()
+        .unwrap();
+    let (code, _, err) = diskkit(&["check", path_str(&img)]);
+    assert_eq!(Some(code), qemu.status.code());
+    assert!(err.contains("does not support checks"), "{err}");
+}

@@ -1,0 +1,284 @@
+//! `diskkit hash`: one digest per guest content whatever the format, checked against a plain
+//! reference implementation of the definition; manifests, --check, stdin, sparse images.
+
+mod common;
+use common::*;
+use diskkit::formats::digest::{DEFAULT_CHUNK_SIZE, Manifest};
+use diskkit::formats::{Extent, Format, Image, ImageInfo, OpenOptions, Result, open};
+use diskkit::hash::hash_image;
+use diskkit::progress::NoProgress;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const MIB: u64 = 1 << 20;
+
+/// The digest definition computed the straightforward way, independent of the engine:
+/// `chunk_sha(offset, length)` gives the SHA-256 of each chunk in turn.
+fn reference_digest(
+    chunk_size: u64,
+    size: u64,
+    mut chunk_sha: impl FnMut(u64, u64) -> [u8; 32],
+) -> String {
+    let mut h = Sha256::new();
+    h.update(b"diskkit-guest-sha256-v1");
+    h.update(chunk_size.to_le_bytes());
+    let mut offset = 0;
+    while offset < size {
+        let len = chunk_size.min(size - offset);
+        h.update(chunk_sha(offset, len));
+        offset += len;
+    }
+    h.update(size.to_le_bytes());
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The reference digest of a raw file, reading every byte.
+fn reference_digest_of_file(path: &Path, chunk_size: u64) -> String {
+    let bytes = std::fs::read(path).unwrap();
+    reference_digest(chunk_size, bytes.len() as u64, |o, l| {
+        Sha256::digest(&bytes[o as usize..(o + l) as usize]).into()
+    })
+}
+
+/// The digest `diskkit hash` prints for `path` with extra `args`.
+fn diskkit_digest(path: &Path, args: &[&str]) -> String {
+    let mut all = vec!["hash"];
+    all.extend_from_slice(args);
+    all.push(path_str(path));
+    let out = diskkit_ok(&all);
+    let (digest, name) = out.trim_end().split_once("  ").expect("DIGEST  NAME");
+    assert_eq!(name, path_str(path));
+    digest.to_string()
+}
+
+/// The digest of `path` hashed as a raw stream on stdin.
+fn diskkit_stdin_digest(path: &Path) -> String {
+    let out = Command::new(diskkit_bin())
+        .args(["hash", "-"])
+        .stdin(Stdio::from(std::fs::File::open(path).unwrap()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.ends_with("  -\n"), "{text}");
+    text[..64].to_string()
+}
+
+/// A sparse raw image with a mix of data, written zeros, zero ranges and holes.
+fn mixed_raw(dir: &Path, size: u64) -> std::path::PathBuf {
+    let img = p(dir, "mixed.raw");
+    qemu_img(&["create", "-f", "raw", path_str(&img), &size.to_string()]);
+    qemu_io("raw", &img, &as_refs(&mixed_pattern(size)));
+    img
+}
+
+#[test]
+fn same_content_same_digest_in_every_format() {
+    let dir = tempdir();
+    let size = 20 * MIB + 64 * 1024; // a short last chunk
+    let raw = mixed_raw(dir.path(), size);
+    let expected = reference_digest_of_file(&raw, DEFAULT_CHUNK_SIZE);
+    assert_eq!(diskkit_digest(&raw, &[]), expected);
+    assert_eq!(diskkit_stdin_digest(&raw), expected);
+
+    // The same guest content in other layouts and formats, made by qemu-img.
+    let variants: &[(&str, &[&str])] = &[
+        // Every byte written: no holes for the map to skip.
+        ("dense.raw", &["-O", "raw", "-S", "0"]),
+    ];
+    for (name, convert_args) in variants {
+        let img = p(dir.path(), name);
+        let mut args = vec!["convert", "-f", "raw"];
+        args.extend_from_slice(convert_args);
+        args.extend([path_str(&raw), path_str(&img)]);
+        qemu_img(&args);
+        assert_eq!(diskkit_digest(&img, &[]), expected, "{name}");
+    }
+
+    // Other chunk sizes give other digests, each as the definition says.
+    for chunk in [4096u64, 64 * MIB] {
+        let flag = format!("--chunk-size={chunk}");
+        assert_eq!(
+            diskkit_digest(&raw, &[&flag]),
+            reference_digest_of_file(&raw, chunk),
+            "{chunk}"
+        );
+    }
+}
+
+#[test]
+fn one_changed_byte_is_found_by_check() {
+    let dir = tempdir();
+    let raw = mixed_raw(dir.path(), 16 * MIB);
+    let manifest = p(dir.path(), "disk.manifest.json");
+    let out = diskkit_ok(&[
+        "hash",
+        "--chunk-size",
+        "1M",
+        "--manifest",
+        path_str(&manifest),
+        path_str(&raw),
+    ]);
+    let (code, out_ok, _) = diskkit(&["hash", "--check", path_str(&manifest), path_str(&raw)]);
+    assert_eq!(
+        (code, out_ok.as_str()),
+        (0, format!("{}: OK\n", path_str(&raw)).as_str())
+    );
+
+    // A byte in a hole (chunk 6) changes: only that chunk differs, the digest changes.
+    let offset = 6 * MIB + 12345;
+    qemu_io("raw", &raw, &[&format!("write -P 0x77 {offset} 1")]);
+    assert_ne!(
+        diskkit_digest(&raw, &["--chunk-size", "1M"]),
+        out[..64].to_string()
+    );
+    let (code, out, _) = diskkit(&["hash", "--check", path_str(&manifest), path_str(&raw)]);
+    assert_eq!(code, 1, "{out}");
+    let differs: Vec<&str> = out.lines().filter(|l| l.contains("differs")).collect();
+    assert_eq!(differs, [format!("chunk 6 at offset {}: differs", 6 * MIB)]);
+    assert!(out.contains("FAILED (1 of 16 chunks differ)"), "{out}");
+
+    // A different size is named as such.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&raw)
+        .unwrap()
+        .set_len(17 * MIB)
+        .unwrap();
+    let (code, out, _) = diskkit(&["hash", "--check", path_str(&manifest), path_str(&raw)]);
+    assert_eq!(code, 1);
+    assert!(out.contains("virtual size 17825792 differs"), "{out}");
+
+    // A damaged manifest is an error, not a mismatch.
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(
+        &manifest,
+        text.replacen("\"length\": 1048576", "\"length\": 7", 1),
+    )
+    .unwrap();
+    let (code, _, err) = diskkit(&["hash", "--check", path_str(&manifest), path_str(&raw)]);
+    assert_eq!(code, 2);
+    assert!(err.contains("inconsistent"), "{err}");
+}
+
+#[test]
+fn manifest_round_trip() {
+    let dir = tempdir();
+    let size = 10 * MIB + 4096;
+    let raw = mixed_raw(dir.path(), size);
+    let manifest_path = p(dir.path(), "m.json");
+    let out = diskkit_ok(&[
+        "hash",
+        "--manifest",
+        path_str(&manifest_path),
+        path_str(&raw),
+    ]);
+    let text = std::fs::read_to_string(&manifest_path).unwrap();
+    let m = Manifest::from_json(text.as_bytes()).unwrap();
+    assert_eq!(m.digest_hex(), out[..64]);
+    assert_eq!(m.virtual_size, size);
+    assert_eq!(m.format.as_deref(), Some("raw"));
+    assert_eq!(m.source.as_deref(), Some(path_str(&raw)));
+    assert_eq!(Manifest::from_json(m.to_json().as_bytes()).unwrap(), m);
+    // Every chunk record is the SHA-256 and CRC-32 of those bytes.
+    let bytes = std::fs::read(&raw).unwrap();
+    assert_eq!(m.chunks.len(), 3);
+    for c in &m.chunks {
+        let data = &bytes[c.offset as usize..(c.offset + c.length) as usize];
+        assert_eq!(c.sha256, <[u8; 32]>::from(Sha256::digest(data)));
+        assert_eq!(c.crc32, crc32fast::hash(data));
+    }
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json["algorithm"], "sha256");
+    assert_eq!(json["chunks"][2]["length"], 2 * MIB + 4096);
+    // Only the manifest is left in the directory: the temporary file was renamed over it.
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(names.len(), 2);
+}
+
+#[test]
+fn several_images_and_errors() {
+    let dir = tempdir();
+    let raw = mixed_raw(dir.path(), 8 * MIB);
+    let empty = p(dir.path(), "empty.raw");
+    std::fs::write(&empty, b"").unwrap();
+    let (code, out, err) = diskkit(&["hash", path_str(&raw), "/nonexistent.img", path_str(&empty)]);
+    assert_eq!(code, 2);
+    assert!(err.contains("/nonexistent.img"), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[1].starts_with(&reference_digest_of_file(&empty, DEFAULT_CHUNK_SIZE)));
+    for bad in ["3M", "2K", "1G"] {
+        assert_eq!(diskkit(&["hash", "--chunk-size", bad, path_str(&raw)]).0, 2);
+    }
+}
+
+/// An image wrapper that counts the guest bytes read through it.
+struct CountingImage {
+    inner: Box<dyn Image>,
+    read: AtomicU64,
+}
+
+impl Image for CountingImage {
+    fn format(&self) -> Format {
+        self.inner.format()
+    }
+    fn virtual_size(&self) -> u64 {
+        self.inner.virtual_size()
+    }
+    fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
+        self.inner.map(offset, max_len)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.inner.read_at(buf, offset)
+    }
+    fn info(&self) -> ImageInfo {
+        self.inner.info()
+    }
+}
+
+fn counted(path: &Path) -> CountingImage {
+    CountingImage {
+        inner: open(path, &OpenOptions::default()).unwrap(),
+        read: AtomicU64::new(0),
+    }
+}
+
+#[test]
+fn sparse_terabyte_is_hashed_without_reading() {
+    let dir = tempdir();
+    let img = p(dir.path(), "huge.raw");
+    let size = (1u64 << 40) + 12345;
+    std::fs::File::create(&img).unwrap().set_len(size).unwrap();
+    let image = counted(&img);
+    let hash = hash_image(&image, DEFAULT_CHUNK_SIZE, &NoProgress, &mut |_| {}).unwrap();
+    assert_eq!(
+        image.read.load(Ordering::Relaxed),
+        0,
+        "holes must not be read"
+    );
+    let mut zero_sha = HashMap::new();
+    let expected = reference_digest(DEFAULT_CHUNK_SIZE, size, |_, len| {
+        *zero_sha
+            .entry(len)
+            .or_insert_with(|| Sha256::digest(vec![0u8; len as usize]).into())
+    });
+    let got: String = hash.digest.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(got, expected);
+    assert_eq!(hash.virtual_size, size);
+
+    // With data, only the chunks holding data are read, and the digest still follows the
+    // reference read byte by byte.
+    let small = mixed_raw(dir.path(), 16 * MIB);
+    let image = counted(&small);
+    let mut chunks = Vec::new();
+    let hash = hash_image(&image, MIB, &NoProgress, &mut |c| chunks.push(c)).unwrap();
+    let got: String = hash.digest.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(got, reference_digest_of_file(&small, MIB));
+    assert!(image.read.load(Ordering::Relaxed) < 8 * MIB);
+    assert_eq!(chunks.len(), 16);
+}
