@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs diskkit's whole test suite on a fresh Debian machine: installs what the tests need when it is
-# missing (qemu-utils for the qemu-img/qemu-io oracle), then runs every workspace test.
+# missing (qemu-utils for the qemu-img/qemu-io oracle, xorriso to build test ISOs), then runs every
+# workspace test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
