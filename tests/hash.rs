@@ -67,19 +67,11 @@ fn diskkit_stdin_digest(path: &Path) -> String {
     text[..64].to_string()
 }
 
-/// A sparse raw image with a mix of data, written zeros, zero ranges and holes.
-fn mixed_raw(dir: &Path, size: u64) -> std::path::PathBuf {
-    let img = p(dir, "mixed.raw");
-    qemu_img(&["create", "-f", "raw", path_str(&img), &size.to_string()]);
-    qemu_io("raw", &img, &as_refs(&mixed_pattern(size)));
-    img
-}
-
 #[test]
 fn same_content_same_digest_in_every_format() {
     let dir = tempdir();
     let size = 20 * MIB + 64 * 1024; // a short last chunk
-    let raw = mixed_raw(dir.path(), size);
+    let raw = mixed_raw(dir.path(), "mixed.raw", size);
     let expected = reference_digest_of_file(&raw, DEFAULT_CHUNK_SIZE);
     assert_eq!(diskkit_digest(&raw, &[]), expected);
     assert_eq!(diskkit_stdin_digest(&raw), expected);
@@ -137,7 +129,7 @@ fn same_content_same_digest_in_every_format() {
 #[test]
 fn backing_chain_hashes_as_its_guest_view() {
     let dir = tempdir();
-    let base = mixed_raw(dir.path(), 12 * MIB);
+    let base = mixed_raw(dir.path(), "mixed.raw", 12 * MIB);
     let middle = p(dir.path(), "middle.qcow2");
     let top = p(dir.path(), "top.qcow2");
     qemu_img(&[
@@ -185,7 +177,7 @@ fn backing_chain_hashes_as_its_guest_view() {
 #[test]
 fn one_changed_byte_is_found_by_check() {
     let dir = tempdir();
-    let raw = mixed_raw(dir.path(), 16 * MIB);
+    let raw = mixed_raw(dir.path(), "mixed.raw", 16 * MIB);
     let manifest = p(dir.path(), "disk.manifest.json");
     let out = diskkit_ok(&[
         "hash",
@@ -258,7 +250,7 @@ fn one_changed_byte_is_found_by_check() {
 fn manifest_round_trip() {
     let dir = tempdir();
     let size = 10 * MIB + 4096;
-    let raw = mixed_raw(dir.path(), size);
+    let raw = mixed_raw(dir.path(), "mixed.raw", size);
     let manifest_path = p(dir.path(), "m.json");
     let out = diskkit_ok(&[
         "hash",
@@ -292,7 +284,7 @@ fn manifest_round_trip() {
 #[test]
 fn several_images_and_errors() {
     let dir = tempdir();
-    let raw = mixed_raw(dir.path(), 8 * MIB);
+    let raw = mixed_raw(dir.path(), "mixed.raw", 8 * MIB);
     let empty = p(dir.path(), "empty.raw");
     std::fs::write(&empty, b"").unwrap();
     let (code, out, err) = diskkit(&["hash", path_str(&raw), "/nonexistent.img", path_str(&empty)]);
@@ -363,7 +355,7 @@ fn sparse_terabyte_is_hashed_without_reading() {
 
     // With data, only the chunks holding data are read, and the digest still follows the
     // reference read byte by byte.
-    let small = mixed_raw(dir.path(), 16 * MIB);
+    let small = mixed_raw(dir.path(), "mixed.raw", 16 * MIB);
     let image = counted(&small);
     let mut chunks = Vec::new();
     let hash = hash_image(&image, MIB, &NoProgress, Some(&mut |c| chunks.push(c))).unwrap();
