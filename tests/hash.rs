@@ -366,3 +366,24 @@ fn sparse_terabyte_is_hashed_without_reading() {
     // Without chunk records (and CRCs), the same digest.
     assert_eq!(hash_image(&image, MIB, &NoProgress, None).unwrap(), hash);
 }
+
+#[test]
+fn snapshot_is_hashed_as_it_was() {
+    let dir = tempdir();
+    let raw = mixed_raw(dir.path(), "mixed.raw", 8 * MIB);
+    let img = p(dir.path(), "snap.qcow2");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        path_str(&raw),
+        path_str(&img),
+    ]);
+    qemu_img(&["snapshot", "-c", "before", path_str(&img)]);
+    qemu_io("qcow2", &img, &["write -P 0x99 0 1M"]);
+    let before = diskkit_digest(&raw, &[]);
+    assert_eq!(diskkit_digest(&img, &["-l", "before"]), before);
+    assert_ne!(diskkit_digest(&img, &[]), before);
+}
