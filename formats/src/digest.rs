@@ -138,8 +138,8 @@ impl ChunkHasher {
         })
     }
 
-    /// Computes only the SHA-256 (`crc32` is 0): all the image digest needs, and the CRC would
-    /// cost a tenth of the hashing time.
+    /// Computes only the SHA-256 (`crc32` is 0): all the image digest needs; the CRC would add
+    /// about 7% to the hashing time (crc32fast runs ~14 times faster than SHA-NI here).
     pub fn without_crc(chunk_size: u64) -> Result<Self> {
         let mut hasher = ChunkHasher::new(chunk_size)?;
         hasher.with_crc = false;
