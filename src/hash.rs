@@ -3,11 +3,13 @@
 //!
 //! Images: one thread walks the extent map in guest order and cuts it into chunk jobs; chunks the
 //! map calls zero take the precomputed zero digest without a read, the others are read (their zero
-//! parts filled in, not read) and hashed by all cores. Jobs go in windows whose results are folded
-//! in order, so memory stays bounded whatever the image size.
+//! parts filled in, not read) and hashed by twice as many threads as cores (see `parallel`), so
+//! that reads overlap with hashing. Jobs go in windows whose results are folded in order, so memory stays bounded
+//! whatever the image size.
 //!
 //! Streams: chunks are read sequentially while the previous batch is hashed in parallel.
 
+use crate::parallel::read_pool;
 use crate::progress::Progress;
 use diskkit_formats::digest::{ChunkDigest, ChunkHasher, DigestBuilder};
 use diskkit_formats::{Error, Extent, Extents, Image, Result};
@@ -30,7 +32,7 @@ const STREAM_BATCH_BYTES: u64 = 64 << 20;
 
 /// Data chunks per window of the image driver, per thread: enough that the idle tail at the end
 /// of a window is small.
-const DATA_CHUNKS_PER_THREAD: usize = 16;
+const DATA_CHUNKS_PER_THREAD: usize = 8;
 
 /// Zero chunks per window cost 48 bytes each: this bounds a window of a huge sparse image.
 const MAX_WINDOW_CHUNKS: usize = 1 << 16;
@@ -59,7 +61,8 @@ pub fn hash_image(
     let mut builder = DigestBuilder::new(chunk_size)?;
     let size = image.virtual_size();
     let buffers = BufferPool::new(chunk_size as usize);
-    let max_data_jobs = DATA_CHUNKS_PER_THREAD * rayon::current_num_threads();
+    let pool = read_pool()?;
+    let max_data_jobs = DATA_CHUNKS_PER_THREAD * pool.current_num_threads();
     let mut cutter = ChunkCutter::new(image, chunk_size);
     let mut window = Vec::new();
     loop {
@@ -77,24 +80,26 @@ pub fn hash_image(
         if window.is_empty() {
             break;
         }
-        let digests = window
-            .par_iter()
-            .map(|job| {
-                let d = match job {
-                    Job::Zero { offset, length } => hasher.zero(*offset, *length),
-                    Job::Read {
-                        offset,
-                        length,
-                        data,
-                    } => buffers.with(*length as usize, |buf| {
-                        fill_chunk(image, *offset, data, buf)?;
-                        Ok(hasher.hash(*offset, buf))
-                    })?,
-                };
-                progress.advance(d.length);
-                Ok(d)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let digests = pool.install(|| {
+            window
+                .par_iter()
+                .map(|job| {
+                    let d = match job {
+                        Job::Zero { offset, length } => hasher.zero(*offset, *length),
+                        Job::Read {
+                            offset,
+                            length,
+                            data,
+                        } => buffers.with(*length as usize, |buf| {
+                            fill_chunk(image, *offset, data, buf)?;
+                            Ok(hasher.hash(*offset, buf))
+                        })?,
+                    };
+                    progress.advance(d.length);
+                    Ok(d)
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
         for d in digests {
             builder.push(&d)?;
             on_chunk(d);

@@ -84,10 +84,33 @@ fn same_content_same_digest_in_every_format() {
     assert_eq!(diskkit_digest(&raw, &[]), expected);
     assert_eq!(diskkit_stdin_digest(&raw), expected);
 
-    // The same guest content in other layouts and formats, made by qemu-img.
+    // The same guest content in other layouts and formats, made by qemu-img; a manifest of the
+    // raw image checks every one of them.
+    let manifest = p(dir.path(), "raw.manifest.json");
+    diskkit_ok(&["hash", "--manifest", path_str(&manifest), path_str(&raw)]);
     let variants: &[(&str, &[&str])] = &[
         // Every byte written: no holes for the map to skip.
         ("dense.raw", &["-O", "raw", "-S", "0"]),
+        ("plain.qcow2", &["-O", "qcow2"]),
+        ("zlib.qcow2", &["-O", "qcow2", "-c"]),
+        (
+            "zstd.qcow2",
+            &["-O", "qcow2", "-c", "-o", "compression_type=zstd"],
+        ),
+        (
+            "small-clusters.qcow2",
+            &["-O", "qcow2", "-o", "cluster_size=4096"],
+        ),
+        (
+            "fixed.vhd",
+            &["-O", "vpc", "-o", "subformat=fixed,force_size=on"],
+        ),
+        (
+            "dynamic.vhd",
+            &["-O", "vpc", "-o", "subformat=dynamic,force_size=on"],
+        ),
+        ("disk.vmdk", &["-O", "vmdk"]),
+        ("disk.vhdx", &["-O", "vhdx"]),
     ];
     for (name, convert_args) in variants {
         let img = p(dir.path(), name);
@@ -96,6 +119,8 @@ fn same_content_same_digest_in_every_format() {
         args.extend([path_str(&raw), path_str(&img)]);
         qemu_img(&args);
         assert_eq!(diskkit_digest(&img, &[]), expected, "{name}");
+        let (code, out, err) = diskkit(&["hash", "--check", path_str(&manifest), path_str(&img)]);
+        assert_eq!(code, 0, "{name}: {out}{err}");
     }
 
     // Other chunk sizes give other digests, each as the definition says.
@@ -107,6 +132,54 @@ fn same_content_same_digest_in_every_format() {
             "{chunk}"
         );
     }
+}
+
+#[test]
+fn backing_chain_hashes_as_its_guest_view() {
+    let dir = tempdir();
+    let base = mixed_raw(dir.path(), 12 * MIB);
+    let middle = p(dir.path(), "middle.qcow2");
+    let top = p(dir.path(), "top.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        path_str(&base),
+        "-F",
+        "raw",
+        path_str(&middle),
+    ]);
+    qemu_io(
+        "qcow2",
+        &middle,
+        &["write -P 0x55 1M 64k", "write -z 0 32k"],
+    );
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        path_str(&middle),
+        "-F",
+        "qcow2",
+        path_str(&top),
+    ]);
+    // Data over a hole, zeros over data of the layer below, data at the end.
+    qemu_io(
+        "qcow2",
+        &top,
+        &[
+            "write -P 0x66 7M 4k",
+            "write -z 1M 4k",
+            "write -P 0x77 11M 1M",
+        ],
+    );
+    let flat = p(dir.path(), "flat.raw");
+    std::fs::write(&flat, qemu_guest_bytes(&top, dir.path())).unwrap();
+    let expected = reference_digest_of_file(&flat, MIB);
+    assert_eq!(diskkit_digest(&top, &["--chunk-size", "1M"]), expected);
+    assert_ne!(diskkit_digest(&middle, &["--chunk-size", "1M"]), expected);
 }
 
 #[test]
@@ -127,19 +200,36 @@ fn one_changed_byte_is_found_by_check() {
         (code, out_ok.as_str()),
         (0, format!("{}: OK\n", path_str(&raw)).as_str())
     );
+    let qcow2 = p(dir.path(), "disk.qcow2");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-c",
+        path_str(&raw),
+        path_str(&qcow2),
+    ]);
 
-    // A byte in a hole (chunk 6) changes: only that chunk differs, the digest changes.
-    let offset = 6 * MIB + 12345;
-    qemu_io("raw", &raw, &[&format!("write -P 0x77 {offset} 1")]);
-    assert_ne!(
-        diskkit_digest(&raw, &["--chunk-size", "1M"]),
-        out[..64].to_string()
-    );
-    let (code, out, _) = diskkit(&["hash", "--check", path_str(&manifest), path_str(&raw)]);
-    assert_eq!(code, 1, "{out}");
-    let differs: Vec<&str> = out.lines().filter(|l| l.contains("differs")).collect();
-    assert_eq!(differs, [format!("chunk 6 at offset {}: differs", 6 * MIB)]);
-    assert!(out.contains("FAILED (1 of 16 chunks differ)"), "{out}");
+    // A byte changes in a hole (chunk 6) of the raw image and in compressed data (chunk 1) of the
+    // qcow2 image: only that chunk differs, and the digest changes.
+    for (img, fmt, chunk) in [(&raw, "raw", 6), (&qcow2, "qcow2", 1)] {
+        let offset = chunk * MIB + 12345;
+        qemu_io(fmt, img, &[&format!("write -P 0x77 {offset} 1")]);
+        assert_ne!(
+            diskkit_digest(img, &["--chunk-size", "1M"]),
+            out[..64].to_string()
+        );
+        let (code, out, _) = diskkit(&["hash", "--check", path_str(&manifest), path_str(img)]);
+        assert_eq!(code, 1, "{out}");
+        let differs: Vec<&str> = out.lines().filter(|l| l.contains("differs")).collect();
+        assert_eq!(
+            differs,
+            [format!("chunk {chunk} at offset {}: differs", chunk * MIB)]
+        );
+        assert!(out.contains("FAILED (1 of 16 chunks differ)"), "{out}");
+    }
 
     // A different size is named as such.
     std::fs::OpenOptions::new()

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 pub fn check(format: Format, path: &Path, repair: Option<Repair>) -> Result<Option<CheckReport>> {
     match format {
         Format::Qcow2 => crate::qcow2::check(path, repair).map(Some),
-        Format::Raw | Format::Iso | Format::Vhdx | Format::Vmdk | Format::Vhd => Ok(None),
+        Format::Vhd => crate::vhd::check(path, repair).map(Some),
+        Format::Raw | Format::Iso | Format::Vhdx | Format::Vmdk => Ok(None),
     }
 }
 

@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::image::Format;
 use crate::qcow2::{self, Qcow2Writer};
 use crate::raw::{self, RawWriter};
+use crate::vhd::{self, VhdWriter};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -51,6 +52,7 @@ pub fn create(
     match format {
         Format::Raw => Ok(Box::new(RawWriter::create(path, virtual_size, opts)?)),
         Format::Qcow2 => Ok(Box::new(Qcow2Writer::create(path, virtual_size, opts)?)),
+        Format::Vhd => Ok(Box::new(VhdWriter::create(path, virtual_size, opts)?)),
         other => Err(cannot_write(other)),
     }
 }
@@ -78,11 +80,11 @@ pub fn measure(
     match format {
         Format::Raw => {
             opts.reject_unknown(format)?;
-            // A raw image needs every byte whatever the data; `allocated` is not consulted.
-            let _ = allocated;
+            // A raw image needs every byte whatever the data.
             Ok(raw::measure(virtual_size))
         }
         Format::Qcow2 => qcow2::measure(virtual_size, opts, allocated),
+        Format::Vhd => vhd::measure(virtual_size, opts, allocated),
         other => Err(cannot_write(other)),
     }
 }
@@ -93,6 +95,7 @@ pub fn resize(format: Format, path: &Path, new_size: u64) -> Result<()> {
     match format {
         Format::Raw => raw::resize(path, new_size),
         Format::Qcow2 => qcow2::resize(path, new_size),
+        Format::Vhd => vhd::resize(path, new_size, true).map(|_| ()),
         other => Err(Error::invalid(format!("cannot resize {other} images"))),
     }
 }
