@@ -1,17 +1,30 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: inspects, maps and compares the sample image shipped in
-# testdata/. Builds diskkit first (release).
+# The main job on the embedded default: takes the sample image shipped in testdata/ through what a
+# cloud import needs: inspect it, convert it to the upload formats, prove the outputs carry the
+# same disk (compare, hash), and check their metadata. Builds diskkit first (release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked -q
 dk=target/release/diskkit
-sample=testdata/sample.qcow2
+sample=${1:-testdata/sample.qcow2}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+step() { printf '\n== %s\n' "$*"; }
 
-echo "== diskkit info $sample"
+step "diskkit info $sample"
 $dk info "$sample"
-echo "== diskkit map $sample"
+step "diskkit map $sample"
 $dk map "$sample"
-echo "== diskkit compare $sample testdata/sample.raw"
-$dk compare "$sample" testdata/sample.raw
+step "convert to VHD dynamic, VHD fixed for Azure, and zstd-compressed qcow2"
+# force_size keeps the exact virtual size (without it VHD rounds up to a CHS geometry, as qemu).
+$dk convert -p -O vpc -o force_size=on "$sample" "$work/disk.vhd"
+$dk convert -p -O vpc --target azure "$sample" "$work/disk-azure.vhd"
+$dk convert -p -O qcow2 -c -o compression_type=zstd "$sample" "$work/disk.qcow2"
+ls -l "$work"
+step "compare every output with the source (--strict: sizes must match too)"
+for out in "$work"/*; do $dk compare --strict "$sample" "$out"; done
+step "guest digests: one value for the same disk in every format"
+$dk hash "$sample" "$work"/*
+step "check metadata"
+$dk check "$work/disk.qcow2"
+$dk check "$work/disk.vhd"

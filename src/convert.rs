@@ -16,7 +16,7 @@ use diskkit_formats::{Error, Extents, Format, Image, Result};
 use rayon::prelude::*;
 use std::iter::Peekable;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
 /// Guest bytes handled per parallel task (rounded up to the zero-detection unit).
 const CHUNK: u64 = 2 << 20;
@@ -192,6 +192,7 @@ pub fn write_new_image<T>(
         name.to_string_lossy(),
         std::process::id()
     ));
+    let _pending = PendingTemp::register(&tmp);
     let result = (|| {
         let writer = write::create(format, &tmp, virtual_size, create)?;
         let out = fill(writer.as_ref())?;
@@ -204,6 +205,64 @@ pub fn write_new_image<T>(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// The temporary output being written, as a C string owned by this slot (null when none), so
+/// that a signal handler can remove it. One slot: the command line writes one image at a time.
+static PENDING_TEMP: AtomicPtr<libc::c_char> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Registers a temporary output in [`PENDING_TEMP`] for as long as it lives.
+struct PendingTemp;
+
+impl PendingTemp {
+    fn register(path: &Path) -> PendingTemp {
+        use std::os::unix::ffi::OsStrExt;
+        if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) {
+            release(PENDING_TEMP.swap(c.into_raw(), Ordering::SeqCst));
+        }
+        PendingTemp
+    }
+}
+
+impl Drop for PendingTemp {
+    fn drop(&mut self) {
+        release(PENDING_TEMP.swap(std::ptr::null_mut(), Ordering::SeqCst));
+    }
+}
+
+fn release(ptr: *mut libc::c_char) {
+    if !ptr.is_null() {
+        // SAFETY: every non-null pointer in the slot came from CString::into_raw, and swapping
+        // it out made this the only owner.
+        drop(unsafe { std::ffi::CString::from_raw(ptr) });
+    }
+}
+
+/// Makes SIGINT, SIGTERM and SIGHUP remove the temporary output of a conversion in progress
+/// before the process dies of the signal, so an interrupted `convert` leaves no partial file.
+/// For programs; call once at start.
+pub fn remove_temp_output_on_signals() {
+    extern "C" fn on_signal(sig: libc::c_int) {
+        let ptr = PENDING_TEMP.swap(std::ptr::null_mut(), Ordering::SeqCst);
+        // SAFETY: only async-signal-safe calls; `ptr` is a valid C string owned by us now (it
+        // is leaked: the process is about to die).
+        unsafe {
+            if !ptr.is_null() {
+                libc::unlink(ptr);
+            }
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+        }
+    }
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: installs a handler that only makes async-signal-safe calls.
+        unsafe {
+            libc::signal(
+                sig,
+                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            );
+        }
+    }
 }
 
 /// The file a new image replaces: a symlink's target; devices and directories are refused (a

@@ -6,7 +6,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 const MIB: u64 = 1 << 20;
-const SIGKILL: i32 = 9;
 
 /// Bytes the file occupies on the host.
 fn allocated(path: &Path) -> u64 {
@@ -29,6 +28,18 @@ fn qemu_data_ranges(path: &Path, fmt: &str) -> Vec<(u64, u64)> {
         .collect()
 }
 
+fn qemu_virtual_size(path: &Path, fmt: &str) -> u64 {
+    let info: serde_json::Value = serde_json::from_str(&qemu_img(&[
+        "info",
+        "--output=json",
+        "-f",
+        fmt,
+        path_str(path),
+    ]))
+    .unwrap();
+    info["virtual-size"].as_u64().unwrap()
+}
+
 fn is_data_at(ranges: &[(u64, u64)], offset: u64) -> bool {
     ranges.iter().any(|&(s, l)| s <= offset && offset < s + l)
 }
@@ -46,13 +57,6 @@ fn listing(dir: &Path) -> Vec<String> {
         .collect();
     names.sort();
     names
-}
-
-fn mixed_raw(dir: &Path, name: &str, size: u64) -> std::path::PathBuf {
-    let img = p(dir, name);
-    qemu_img(&["create", "-f", "raw", path_str(&img), &size.to_string()]);
-    qemu_io("raw", &img, &as_refs(&mixed_pattern(size)));
-    img
 }
 
 #[test]
@@ -192,33 +196,38 @@ fn killed_conversion_leaves_no_output() {
     drop(f);
     let before = file_hash(&src);
     let out = p(dir.path(), "out.raw");
-    let mut killed = false;
-    // Kill as soon as the temporary output appears, then sooner and sooner if it finished first.
-    for delay_ms in [20, 5, 0] {
-        let mut child = std::process::Command::new(diskkit_bin())
-            .args(["convert", "-m", "1", path_str(&src), path_str(&out)])
-            .spawn()
-            .unwrap();
-        let tmp = p(dir.path(), &format!(".out.raw.diskkit-tmp-{}", child.id()));
-        while !tmp.exists() && child.try_wait().unwrap().is_none() {
-            std::thread::sleep(std::time::Duration::from_micros(200));
+    // SIGKILL cannot be caught: the temporary file stays, the final name never appears. SIGTERM
+    // is caught: the temporary file is removed too.
+    for signal in [libc::SIGKILL, libc::SIGTERM] {
+        let mut killed = false;
+        // Signal as soon as the temporary output appears, sooner and sooner if it finished first.
+        for delay_ms in [20, 5, 0] {
+            let mut child = std::process::Command::new(diskkit_bin())
+                .args(["convert", "-m", "1", path_str(&src), path_str(&out)])
+                .spawn()
+                .unwrap();
+            let tmp = p(dir.path(), &format!(".out.raw.diskkit-tmp-{}", child.id()));
+            while !tmp.exists() && child.try_wait().unwrap().is_none() {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+            // SAFETY: signals our own child, which has not been reaped yet.
+            unsafe { libc::kill(child.id() as i32, signal) };
+            let status = child.wait().unwrap();
+            if status.signal() == Some(signal) {
+                killed = true;
+                assert!(!out.exists(), "signal {signal} left {}", out.display());
+                if signal == libc::SIGKILL {
+                    std::fs::remove_file(&tmp).unwrap();
+                }
+                assert_eq!(listing(dir.path()), ["big.raw"], "signal {signal}");
+                break;
+            }
+            assert!(status.success());
+            std::fs::remove_file(&out).unwrap();
         }
-        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
-        child.kill().unwrap();
-        let status = child.wait().unwrap();
-        if status.signal() == Some(SIGKILL) {
-            killed = true;
-            assert!(!out.exists(), "a killed conversion left {}", out.display());
-            std::fs::remove_file(&tmp).ok();
-            break;
-        }
-        assert!(status.success());
-        std::fs::remove_file(&out).unwrap();
+        assert!(killed, "every conversion finished before signal {signal}");
     }
-    assert!(
-        killed,
-        "every conversion finished before it could be killed"
-    );
     assert_eq!(file_hash(&src), before, "the source changed");
 }
 
@@ -308,4 +317,182 @@ fn check_raw_has_no_checks_as_qemu() {
     let (code, _, err) = diskkit(&["check", path_str(&img)]);
     assert_eq!(Some(code), qemu.status.code());
     assert!(err.contains("does not support checks"), "{err}");
+}
+
+/// A conversion source: qemu's format name, and the snapshot to convert (qcow2).
+struct Source {
+    path: std::path::PathBuf,
+    fmt: &'static str,
+    snapshot: Option<&'static str>,
+}
+
+fn interop_sources(dir: &Path) -> Vec<Source> {
+    let raw = mixed_raw(dir, "src.raw", 8 * MIB);
+    let mut out = vec![Source {
+        path: raw.clone(),
+        fmt: "raw",
+        snapshot: None,
+    }];
+    for (name, fmt, opts) in [
+        ("v3.qcow2", "qcow2", &["-o", "compat=1.1"][..]),
+        ("v2.qcow2", "qcow2", &["-o", "compat=0.10"]),
+        ("zlib.qcow2", "qcow2", &["-c"]),
+        (
+            "zstd.qcow2",
+            "qcow2",
+            &["-c", "-o", "compression_type=zstd"],
+        ),
+        ("dyn.vhd", "vpc", &["-o", "subformat=dynamic"]),
+        ("fixed.vhd", "vpc", &["-o", "subformat=fixed"]),
+    ] {
+        let img = p(dir, name);
+        let mut args = vec!["convert", "-O", fmt];
+        args.extend(opts);
+        args.extend([path_str(&raw), path_str(&img)]);
+        qemu_img(&args);
+        out.push(Source {
+            path: img,
+            fmt,
+            snapshot: None,
+        });
+    }
+    // A chain whose top overwrites, zeroes and adds to the base's data.
+    let base = p(dir, "base.qcow2");
+    qemu_img(&["convert", "-O", "qcow2", path_str(&raw), path_str(&base)]);
+    let top = p(dir, "top.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        path_str(&base),
+        "-F",
+        "qcow2",
+        path_str(&top),
+    ]);
+    qemu_io(
+        "qcow2",
+        &top,
+        &[
+            "write -P 0x66 32k 64k",
+            "write -z 0 16k",
+            "write -P 0x67 6M 100k",
+        ],
+    );
+    out.push(Source {
+        path: top,
+        fmt: "qcow2",
+        snapshot: None,
+    });
+    // Converted as of the snapshot, not the current state.
+    let snap = p(dir, "snap.qcow2");
+    qemu_img(&["convert", "-O", "qcow2", path_str(&raw), path_str(&snap)]);
+    qemu_img(&["snapshot", "-c", "before", path_str(&snap)]);
+    qemu_io("qcow2", &snap, &["write -P 0x99 0 1M", "write -z 2M 2M"]);
+    out.push(Source {
+        path: snap,
+        fmt: "qcow2",
+        snapshot: Some("before"),
+    });
+    out
+}
+
+/// Every source converts to every output format identically (qemu-img compare) and into images
+/// qemu-img check calls clean.
+#[test]
+fn interop_matrix() {
+    let dir = tempdir();
+    // (label, qemu format of the output, diskkit arguments)
+    let outputs: [(&str, &str, &[&str]); 5] = [
+        ("raw", "raw", &["-O", "raw"]),
+        ("vpc-fixed", "vpc", &["-O", "vpc", "-o", "subformat=fixed"]),
+        (
+            "vpc-dynamic",
+            "vpc",
+            &["-O", "vhd", "-o", "subformat=dynamic"],
+        ),
+        ("vpc-force", "vpc", &["-O", "vpc", "-o", "force_size=on"]),
+        ("azure", "vpc", &["--target", "azure"]),
+    ];
+    for src in interop_sources(dir.path()) {
+        // What the source reads as, according to qemu.
+        let reference = p(dir.path(), "reference.raw");
+        let mut args = vec!["convert", "-f", src.fmt, "-O", "raw"];
+        let snap_opt = src.snapshot.map(|s| format!("snapshot.name={s}"));
+        if let Some(o) = &snap_opt {
+            args.extend(["-l", o]);
+        }
+        args.extend([path_str(&src.path), path_str(&reference)]);
+        qemu_img(&args);
+        for (label, fmt, extra) in outputs {
+            let out = p(dir.path(), &format!("out-{label}"));
+            let mut args = vec!["convert"];
+            args.extend(extra);
+            if let Some(s) = src.snapshot {
+                args.extend(["-l", s]);
+            }
+            args.extend([path_str(&src.path), path_str(&out)]);
+            diskkit_ok(&args);
+            let cmp = qemu_img(&[
+                "compare",
+                "-f",
+                "raw",
+                "-F",
+                fmt,
+                path_str(&reference),
+                path_str(&out),
+            ]);
+            assert!(
+                cmp.contains("identical"),
+                "{} -> {label}: {cmp}",
+                src.path.display()
+            );
+            if fmt != "raw" {
+                // qemu-img check knows no vpc checks; ours must find the image clean.
+                let (code, report, err) = diskkit(&["check", "-f", fmt, path_str(&out)]);
+                assert_eq!(code, 0, "{label}: {report}{err}");
+            }
+            std::fs::remove_file(&out).unwrap();
+        }
+    }
+}
+
+#[test]
+fn vhd_create_measure_resize_check() {
+    let dir = tempdir();
+    let img = p(dir.path(), "new.vhd");
+    diskkit_ok(&[
+        "create",
+        "-f",
+        "vpc",
+        "-o",
+        "force_size=on",
+        path_str(&img),
+        "16M",
+    ]);
+    assert_eq!(qemu_virtual_size(&img, "vpc"), 16 * MIB);
+    diskkit_ok(&["resize", path_str(&img), "+8M"]);
+    assert_eq!(qemu_virtual_size(&img, "vpc"), 24 * MIB);
+    let (code, out, _) = diskkit(&["check", path_str(&img)]);
+    assert_eq!(code, 0);
+    assert!(out.contains("No errors were found on the image."), "{out}");
+
+    // A dynamic VHD needs its metadata plus one 2 MiB block per block touched by data.
+    let src = mixed_raw(dir.path(), "src.raw", 8 * MIB);
+    let m: serde_json::Value = serde_json::from_str(&diskkit_ok(&[
+        "measure",
+        "-O",
+        "vpc",
+        "--output",
+        "json",
+        path_str(&src),
+    ]))
+    .unwrap();
+    let out = p(dir.path(), "out.vhd");
+    diskkit_ok(&["convert", "-O", "vpc", path_str(&src), path_str(&out)]);
+    assert_eq!(
+        m["required"].as_u64().unwrap(),
+        std::fs::metadata(&out).unwrap().len()
+    );
+    assert!(m["fully-allocated"].as_u64().unwrap() > 8 * MIB);
 }

@@ -223,7 +223,20 @@ fn listing_and_extraction_reproduce_the_tree() {
 
     // Extraction reproduces names, modes, contents and link targets.
     let out = dir.path().join("out");
-    diskkit_ok(&["iso", "extract", path_str(&iso), "-C", path_str(&out)]);
+    // The absolute link is refused by default (exit 2, the rest extracted) and kept on request.
+    let (code, _, err) = diskkit(&["iso", "extract", path_str(&iso), "-C", path_str(&out)]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("abs-link") && err.contains("outside"), "{err}");
+    assert!(fs::symlink_metadata(out.join("abs-link")).is_err());
+    assert!(fs::read_link(out.join("level0/level1/up-link")).is_ok());
+    diskkit_ok(&[
+        "iso",
+        "extract",
+        "--keep-outside-links",
+        path_str(&iso),
+        "-C",
+        path_str(&out),
+    ]);
     let mut got = snapshot(&out);
     got.remove("boot.catalog");
     assert_eq!(got.len(), want.len());
@@ -312,12 +325,69 @@ fn plain_and_joliet_only_images() {
         b"joliet keeps case\n"
     );
 
+    // ISO 9660:1999 (level 4) adds an enhanced volume descriptor.
+    let level4 = dir.path().join("level4.iso");
+    xorriso(&[
+        "-as",
+        "mkisofs",
+        "-iso-level",
+        "4",
+        "-o",
+        path_str(&level4),
+        path_str(&src),
+    ]);
+    let info: serde_json::Value = serde_json::from_str(&diskkit_ok(&[
+        "info",
+        "--output",
+        "json",
+        path_str(&level4),
+    ]))
+    .unwrap();
+    assert_eq!(info["format-specific"]["data"]["iso9660-1999"], true);
+
     // Not an ISO at all.
     let raw = dir.path().join("raw.img");
     fs::write(&raw, vec![0u8; 64 << 10]).unwrap();
     let (code, _, err) = diskkit(&["iso", "ls", path_str(&raw)]);
     assert_eq!(code, 2);
     assert!(err.contains("not an ISO 9660 image"), "{err}");
+}
+
+#[test]
+fn relocated_deep_directories_are_shown_in_place() {
+    // ISO 9660 allows 8 levels; with relocation the deeper ones move to rr_moved and Rock Ridge
+    // CL/RE entries record where they belong.
+    let dir = tempdir();
+    let src = dir.path().join("src");
+    let deep = src.join("1/2/3/4/5/6/7/8/9/10");
+    fs::create_dir_all(&deep).unwrap();
+    fs::write(deep.join("file"), b"deep\n").unwrap();
+    let iso = dir.path().join("reloc.iso");
+    xorriso(&[
+        "-compliance",
+        "deep_paths_off",
+        "-rr_reloc_dir",
+        "rr_moved",
+        "-outdev",
+        path_str(&iso),
+        "-map",
+        path_str(&src),
+        "/",
+    ]);
+    let plain = diskkit_ok(&["iso", "ls", "-R", "--names", "iso", path_str(&iso)]);
+    assert!(plain.lines().any(|l| l.starts_with("RR_MOVED/")), "{plain}");
+    let listing = diskkit_ok(&["iso", "ls", "-R", path_str(&iso)]);
+    assert!(
+        listing.lines().any(|l| l == "1/2/3/4/5/6/7/8/9/10/file"),
+        "{listing}"
+    );
+    assert!(!listing.contains("rr_moved"), "{listing}");
+    let out = dir.path().join("out");
+    diskkit_ok(&["iso", "extract", path_str(&iso), "-C", path_str(&out)]);
+    assert_eq!(
+        fs::read(out.join("1/2/3/4/5/6/7/8/9/10/file")).unwrap(),
+        b"deep\n"
+    );
 }
 
 /// Offsets of `needle` in `hay`.
@@ -411,13 +481,30 @@ fn hostile_names_and_links_never_escape() {
     assert!(err.contains("../evil"), "{err}");
     assert!(!listing.contains("evil"), "{listing}");
 
+    // By default the link to `outside` is refused; the directory of the same name is then an
+    // ordinary directory inside the output.
     let out = dir.path().join("out");
     let (code, _, err) = diskkit(&["iso", "extract", path_str(&iso), "-C", path_str(&out)]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("links are never followed"), "{err}");
+    assert!(err.contains("points outside the output directory"), "{err}");
+    assert!(!out.join("zzlink1").is_symlink());
     assert_empty(&outside);
     assert!(!dir.path().join("evil").exists());
     assert_eq!(fs::read(out.join("good")).unwrap(), b"good\n");
+
+    // Kept on request, the link is created but never written through.
+    let out = dir.path().join("out-links");
+    let (code, _, err) = diskkit(&[
+        "iso",
+        "extract",
+        "--keep-outside-links",
+        path_str(&iso),
+        "-C",
+        path_str(&out),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("links are never followed"), "{err}");
+    assert_empty(&outside);
     assert_eq!(fs::read_link(out.join("zzlink1")).unwrap(), outside);
 }
 
@@ -439,6 +526,37 @@ fn damaged_images_fail_cleanly() {
     let (code, _, err) = diskkit(&["iso", "ls", "-R", path_str(&looped)]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("loop"), "{err}");
+
+    // A file extent past the end of the image: that file fails, the rest is extracted.
+    let mut image = pristine.clone();
+    let big = find_all(&image, b"BIG.BIN;1")[0] - 33;
+    image[big + 2..big + 6].copy_from_slice(&0x7fff_0000u32.to_le_bytes());
+    let outside_extent = dir.path().join("extent.iso");
+    fs::write(&outside_extent, &image).unwrap();
+    let out = dir.path().join("extent-out");
+    let (code, _, err) = diskkit(&[
+        "iso",
+        "extract",
+        path_str(&outside_extent),
+        "-C",
+        path_str(&out),
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("extent of ISO file \"big.bin\""), "{err}");
+    assert!(out.join("docs/one").is_file() && !out.join("docs/big.bin").exists());
+
+    // A Rock Ridge continuation area that continues into itself: a bounded chain, an error.
+    let mut image = pristine.clone();
+    let ce = find_all(&image, b"CE\x1c\x01")[0];
+    let field = |at: usize| u32::from_le_bytes(image[at..at + 4].try_into().unwrap()) as usize;
+    let target = field(ce + 4) * 2048 + field(ce + 12);
+    let entry = image[ce..ce + 28].to_vec();
+    image[target..target + 28].copy_from_slice(&entry);
+    let ce_loop = dir.path().join("ce-loop.iso");
+    fs::write(&ce_loop, &image).unwrap();
+    let (code, _, err) = diskkit(&["iso", "ls", path_str(&ce_loop)]);
+    assert_eq!(code, 2);
+    assert!(err.contains("SUSP continuation area"), "{err}");
 
     // Bytes of the descriptors and directories overwritten: always exit 0 or 2, never a crash,
     // never a write outside the output directory.

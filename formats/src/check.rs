@@ -8,11 +8,10 @@ use std::path::{Path, PathBuf};
 /// Checks the metadata of the image at `path` (repairing what `repair` allows). `None` when the
 /// format has no metadata to check (raw, ISO).
 pub fn check(format: Format, path: &Path, repair: Option<Repair>) -> Result<Option<CheckReport>> {
-    let _ = (path, repair);
     match format {
-        Format::Raw | Format::Iso | Format::Vhdx | Format::Vmdk | Format::Qcow2 | Format::Vhd => {
-            Ok(None)
-        }
+        Format::Qcow2 => crate::qcow2::check(path, repair).map(Some),
+        Format::Vhd => crate::vhd::check(path, repair).map(Some),
+        Format::Raw | Format::Iso | Format::Vhdx | Format::Vmdk => Ok(None),
     }
 }
 

@@ -7,7 +7,9 @@
 
 use crate::error::{Error, Result};
 use crate::image::Format;
+use crate::qcow2::{self, Qcow2Writer};
 use crate::raw::{self, RawWriter};
+use crate::vhd::{self, VhdWriter};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -49,6 +51,8 @@ pub fn create(
 ) -> Result<Box<dyn ImageWriter>> {
     match format {
         Format::Raw => Ok(Box::new(RawWriter::create(path, virtual_size, opts)?)),
+        Format::Qcow2 => Ok(Box::new(Qcow2Writer::create(path, virtual_size, opts)?)),
+        Format::Vhd => Ok(Box::new(VhdWriter::create(path, virtual_size, opts)?)),
         other => Err(cannot_write(other)),
     }
 }
@@ -57,14 +61,16 @@ pub fn create(
 pub fn open_existing(format: Format, path: &Path) -> Result<Box<dyn ImageWriter>> {
     match format {
         Format::Raw => Ok(Box::new(RawWriter::open_existing(path)?)),
+        Format::Qcow2 => Ok(Box::new(Qcow2Writer::open_existing(path)?)),
         other => Err(Error::invalid(format!(
-            "cannot write into existing {other} images (-n needs a raw target)"
+            "cannot write into existing {other} images (-n needs a raw or qcow2 target)"
         ))),
     }
 }
 
 /// Host bytes a new image of `format` needs for a guest of `virtual_size` bytes whose data lies
-/// in `allocated` (guest ranges `(start, length)`, ascending).
+/// in `allocated` (guest ranges `(start, end)`, ascending, as
+/// `convert::allocated_ranges` yields them).
 pub fn measure(
     format: Format,
     virtual_size: u64,
@@ -74,10 +80,11 @@ pub fn measure(
     match format {
         Format::Raw => {
             opts.reject_unknown(format)?;
-            // A raw image needs every byte whatever the data; `allocated` is not consulted.
-            let _ = allocated;
+            // A raw image needs every byte whatever the data.
             Ok(raw::measure(virtual_size))
         }
+        Format::Qcow2 => qcow2::measure(virtual_size, opts, allocated),
+        Format::Vhd => vhd::measure(virtual_size, opts, allocated),
         other => Err(cannot_write(other)),
     }
 }
@@ -87,6 +94,8 @@ pub fn measure(
 pub fn resize(format: Format, path: &Path, new_size: u64) -> Result<()> {
     match format {
         Format::Raw => raw::resize(path, new_size),
+        Format::Qcow2 => qcow2::resize(path, new_size),
+        Format::Vhd => vhd::resize(path, new_size, true).map(|_| ()),
         other => Err(Error::invalid(format!("cannot resize {other} images"))),
     }
 }

@@ -106,13 +106,15 @@ fn human(r: &CheckReport) -> String {
     }
     if let (Some(total), Some(alloc)) = (r.total_clusters, r.allocated_clusters)
         && total > 0
+        && alloc > 0
     {
-        let pct = |n: u64| n as f64 * 100.0 / total as f64;
+        // As qemu-img: fragmented and compressed are shares of the allocated clusters.
+        let pct = |n: u64, of: u64| n as f64 * 100.0 / of as f64;
         out.push_str(&format!(
             "{alloc}/{total} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters\n",
-            pct(alloc),
-            pct(r.fragmented_clusters.unwrap_or(0)),
-            pct(r.compressed_clusters.unwrap_or(0))
+            pct(alloc, total),
+            pct(r.fragmented_clusters.unwrap_or(0), alloc),
+            pct(r.compressed_clusters.unwrap_or(0), alloc)
         ));
     }
     if let Some(end) = r.image_end_offset {

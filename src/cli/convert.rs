@@ -14,7 +14,8 @@ ranges SRC's allocation map calls data are read; aligned runs of zeros inside th
 holes or unallocated clusters. Work is spread over several threads with bounded memory.\n\n\
 DST is written under a temporary name (.DST.diskkit-tmp-PID) in the same directory and renamed \
 into place only once complete and synced: an interrupted or failed conversion never leaves a \
-partial image under the final name (a killed process may leave the temporary file). The source \
+partial image under the final name. SIGINT, SIGTERM and SIGHUP remove the temporary file; only \
+a process killed with SIGKILL (or a crash of the machine) can leave it behind. The source \
 is only read, and an output that is one of the inputs is refused. With -n the existing DST is \
 overwritten in place instead (raw targets only, including block devices).\n\n\
 Prints nothing on success unless -p. Exit codes: 0 success, 2 error."
@@ -70,6 +71,7 @@ enum Target {
 }
 
 pub fn run(args: Args) -> Result<i32> {
+    diskkit::convert::remove_temp_output_on_signals();
     let src = open_image(&args.src, args.format, args.snapshot.as_deref())?;
     let mut create = create_options(&args.options)?;
     let out_format = match args.target {

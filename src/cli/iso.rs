@@ -53,6 +53,7 @@ struct LsArgs {
     /// Names to read: iso (ISO 9660), joliet, rr (Rock Ridge)
     #[arg(long, value_enum)]
     names: Option<Names>,
+    /// The ISO image file
     iso: PathBuf,
     /// Path inside the image (default: the root directory)
     path: Option<String>,
@@ -67,6 +68,11 @@ struct ExtractArgs {
     /// Directory to extract into (created when missing)
     #[arg(short = 'C', long = "directory", default_value = ".")]
     dir: PathBuf,
+    /// Also create symbolic links whose target lies outside DIR (absolute, or climbing out with
+    /// ..). They are refused by default; either way diskkit never writes through a link.
+    #[arg(long)]
+    keep_outside_links: bool,
+    /// The ISO image file
     iso: PathBuf,
     /// Paths inside the image to extract (default: everything)
     paths: Vec<String>,
@@ -177,6 +183,7 @@ fn extract(args: ExtractArgs) -> Result<i32> {
         dirs: Vec::new(),
         failures: 0,
         temp_counter: 0,
+        keep_outside_links: args.keep_outside_links,
     };
     let paths = if args.paths.is_empty() {
         vec![String::new()]
@@ -213,6 +220,26 @@ fn extract(args: ExtractArgs) -> Result<i32> {
     Ok(EXIT_OK)
 }
 
+/// True when a link at directory depth `depth` below the output root, with target `target`,
+/// resolves (lexically) outside the root: an absolute target, or more `..` than levels above it.
+fn link_escapes(depth: usize, target: &str) -> bool {
+    if target.starts_with('/') {
+        return true;
+    }
+    let mut level = depth;
+    for part in target.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => match level.checked_sub(1) {
+                Some(l) => level = l,
+                None => return true,
+            },
+            _ => level += 1,
+        }
+    }
+    false
+}
+
 /// Writes entries under `root` without ever following a symbolic link: parents must be real
 /// directories (checked with `symlink_metadata`, created one level at a time), files are written
 /// to a new temporary name (`O_CREAT|O_EXCL|O_NOFOLLOW`) and renamed into place, and links are
@@ -225,6 +252,7 @@ struct Extractor<'a> {
     dirs: Vec<(PathBuf, usize, Option<u32>, Option<i64>)>,
     failures: u64,
     temp_counter: u64,
+    keep_outside_links: bool,
 }
 
 impl Extractor<'_> {
@@ -254,11 +282,19 @@ impl Extractor<'_> {
                 self.write_file(&dir, name, entry)
             }
             EntryKind::Symlink(target) => {
+                if !self.keep_outside_links && link_escapes(parents.len(), target) {
+                    return Err(Error::invalid(format!(
+                        "symbolic link to {target} points outside the output directory: not \
+                         extracted (--keep-outside-links creates it)"
+                    )));
+                }
                 let dir = self.real_dir(parents)?;
                 let tmp = self.temp_name(&dir);
                 std::os::unix::fs::symlink(target, &tmp)
                     .map_err(|e| Error::io(&tmp, "create symbolic link", e))?;
-                rename(&tmp, &dir.join(name))
+                rename(&tmp, &dir.join(name)).inspect_err(|_| {
+                    fs::remove_file(&tmp).ok();
+                })
             }
             EntryKind::Special => Err(Error::invalid(
                 "device, FIFO or socket: not extracted".to_string(),
@@ -388,5 +424,16 @@ mod tests {
         assert_eq!(mode_string(0o120777), "lrwxrwxrwx");
         assert_eq!(mode_string(0o104755), "-rwsr-xr-x");
         assert_eq!(mode_string(0o041644), "drw-r--r-T");
+    }
+
+    #[test]
+    fn links_that_leave_the_root() {
+        assert!(link_escapes(0, "/etc/passwd"));
+        assert!(link_escapes(0, "../x"));
+        assert!(link_escapes(1, "a/../../../x"));
+        assert!(!link_escapes(2, "../../docs/big.bin"));
+        assert!(!link_escapes(0, "docs/./one"));
+        assert!(!link_escapes(1, "a/b/../../.."));
+        assert!(link_escapes(1, "a/b/../../../.."));
     }
 }

@@ -32,7 +32,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<i32> {
-    let (format, old, lost) = {
+    let (format, new, lost) = {
         let image = open_image(&args.image, args.format, None)?;
         let old = image.virtual_size();
         let new = new_size(old, &args.size)?;
@@ -45,14 +45,14 @@ pub fn run(args: Args) -> Result<i32> {
                 )));
             }
             allocated_ranges(image.as_ref(), new, old)
-                .map(|r| r.map(|(s, e)| e - s))
+                .map(|r| r.map(|(start, end)| end - start))
                 .sum::<Result<u64>>()?
         } else {
             0
         };
-        (image.format(), old, lost)
+        (image.format(), new, lost)
     };
-    let new = new_size(old, &args.size)?;
+    // The image is closed before it changes.
     write::resize(format, &args.image, new)?;
     if lost > 0 {
         eprintln!(

@@ -182,7 +182,7 @@ fn check_digest_with(
     location: &Location,
     progress: &dyn Progress,
 ) -> Result<String> {
-    let digest = hash_image(image, manifest.guest.chunk_size, progress, &mut |_| {})?;
+    let digest = hash_image(image, manifest.guest.chunk_size, progress, None)?;
     if image.virtual_size() != manifest.guest.virtual_size || digest.digest != manifest.guest.digest
     {
         return Err(Error::invalid(format!(

@@ -366,7 +366,12 @@ fn guest_manifest(
         size: export.guest_size(src),
     };
     let mut chunks = Vec::new();
-    let digest = hash_image(&guest, DEFAULT_CHUNK_SIZE, hashing, &mut |c| chunks.push(c))?;
+    let digest = hash_image(
+        &guest,
+        DEFAULT_CHUNK_SIZE,
+        hashing,
+        Some(&mut |c| chunks.push(c)),
+    )?;
     let mut manifest = Manifest::new(digest.chunk_size, chunks)?;
     manifest.format = Some(export.format().name().to_string());
     manifest.source = Some(source_name.to_string());

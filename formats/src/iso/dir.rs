@@ -16,7 +16,7 @@ const MAX_DIR_BYTES: u64 = 16 << 20;
 /// tree's total is below its image size; this also bounds the memory a hostile tree can pin.
 const MAX_WALK_DIR_BYTES: u64 = 64 << 20;
 /// Deepest directory nesting a walk descends into.
-pub const MAX_DEPTH: usize = 64;
+const MAX_DEPTH: usize = 64;
 
 const FLAG_DIRECTORY: u8 = 2;
 const FLAG_ASSOCIATED: u8 = 4;
@@ -35,17 +35,6 @@ pub enum NameMode {
     Joliet,
     /// Rock Ridge names, modes, links and times of the primary tree.
     RockRidge,
-}
-
-impl NameMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            NameMode::Auto => "auto",
-            NameMode::Iso => "iso",
-            NameMode::Joliet => "joliet",
-            NameMode::RockRidge => "rr",
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -475,7 +464,7 @@ impl IsoFs {
     }
 
     /// Walks the tree below `dir` depth first, reporting every entry and every skipped part.
-    /// Directories reached twice (loops), nesting deeper than [`MAX_DEPTH`] and unreadable
+    /// Directories reached twice (loops), nesting deeper than `MAX_DEPTH` and unreadable
     /// subdirectories are skipped with a warning; a tree with more directory data than a real
     /// one could hold is an error.
     pub fn walk(&self, dir: &Entry, visit: &mut dyn FnMut(Visit) -> Result<()>) -> Result<()> {

@@ -9,7 +9,7 @@ mod eltorito;
 mod rockridge;
 mod volume;
 
-pub use dir::{Entry, EntryKind, FileReader, IsoFs, Listing, MAX_DEPTH, NameMode, Visit};
+pub use dir::{Entry, EntryKind, FileReader, IsoFs, Listing, NameMode, Visit};
 pub use eltorito::BootEntry;
 pub use volume::{Descriptor, Volumes, has_magic};
 

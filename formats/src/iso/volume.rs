@@ -39,7 +39,8 @@ pub struct Descriptor {
     /// Bytes per logical block: extents are counted in these.
     pub block_size: u32,
     pub volume_blocks: u32,
-    /// Where the root directory extent lies and how long it is.
+    /// Where the root directory's records start (past any extended attribute record) and how
+    /// many bytes they take.
     pub root_extent: u32,
     pub root_size: u32,
 }
@@ -167,7 +168,7 @@ impl Descriptor {
             volume_set_size: both_u16(d, 120),
             block_size,
             volume_blocks: both_u32(d, 80),
-            root_extent: root.extent,
+            root_extent: root.extent.saturating_add(u32::from(root.ear_blocks)),
             root_size: root.size,
         })
     }
