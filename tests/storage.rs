@@ -149,6 +149,7 @@ fn round_trips(env: &Env, dir: &Path, url_of: &dyn Fn(&str) -> String) {
             ("raw", "", "raw"),
             ("vpc", "subformat=dynamic", "vhd"),
             ("vpc", "subformat=fixed", "fixed.vhd"),
+            ("qcow2", "", "qcow2"),
         ] {
             let key = format!("images/{name}.{ext}");
             let url = url_of(&key);
@@ -174,11 +175,11 @@ fn round_trips(env: &Env, dir: &Path, url_of: &dyn Fn(&str) -> String) {
                     })
                 })
                 .unwrap_or_else(|| panic!("{key} not in listing:\n{listing}"));
-            if out_fmt == "raw" {
-                assert!(line.ends_with(&digest), "{line} vs {digest}");
-            } else {
+            assert!(line.contains(&format!("\t{out_fmt}\t")), "{line}");
+            if out_fmt == "vpc" {
                 assert!(line.ends_with(&source_digest(env, &pulled)), "{line}");
-                assert!(line.contains("\tvpc\t"), "{line}");
+            } else {
+                assert!(line.ends_with(&digest), "{line} vs {digest}");
             }
             std::fs::remove_file(&pulled).unwrap();
         }
@@ -204,6 +205,9 @@ fn local_bucket_round_trips() {
         let vhd = bucket.join("images").join(name);
         qemu_img(&["compare", "-F", "vpc", path_str(&src), path_str(&vhd)]);
     }
+    let qcow2 = bucket.join("images/src.vhd.qcow2");
+    qemu_img(&["check", path_str(&qcow2)]);
+    qemu_img(&["compare", path_str(&src), path_str(&qcow2)]);
     let dynamic = std::fs::metadata(bucket.join("images/src.qcow2.vhd"))
         .unwrap()
         .len();
@@ -222,7 +226,7 @@ fn local_bucket_round_trips() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(left.len(), 16, "{left:?}");
+    assert_eq!(left.len(), 22, "{left:?}");
     assert!(
         left.iter().all(|n| !n.contains("diskkit-upload")),
         "{left:?}"

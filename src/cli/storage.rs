@@ -54,7 +54,7 @@ impl Connection {
     long_about = "Upload SRC to URL as a multipart upload with parallel parts, converting \
 on the fly with -O: raw, or vpc (VHD: dynamic by default, storing only the blocks the \
 source's allocation map touches; -o subformat=fixed, or target=azure for Azure's fixed, \
-MiB-aligned VHDs). No local copy is made: the object's layout is computed from the source's \
+MiB-aligned VHDs), or qcow2 (plain v3, 64 KiB clusters, only clusters with data). No local copy is made: the object's layout is computed from the source's \
 allocation map before the first byte is sent, and each part is produced on demand. Memory is about \
 --part-size x --parallel.\n\n\
 Every push also writes URL.diskkit.json: the object's format and size, the source name, the \
@@ -71,7 +71,7 @@ pub struct PushArgs {
     /// Source format (detected from magic bytes when omitted)
     #[arg(short = 'f', value_parser = parse_format)]
     format: Option<Format>,
-    /// Object format: raw or vpc (VHD) [default: raw]
+    /// Object format: raw, vpc (VHD) or qcow2 [default: raw]
     #[arg(short = 'O', value_parser = parse_format)]
     out_format: Option<Format>,
     /// Object format options, qemu style (vpc: subformat=dynamic|fixed, block_size,

@@ -13,6 +13,7 @@ use crate::progress::Progress;
 use bytes::Bytes;
 use diskkit_formats::digest::{DEFAULT_CHUNK_SIZE, Manifest};
 use diskkit_formats::image::check_guest_range;
+use diskkit_formats::qcow2::stream::Qcow2Stream;
 use diskkit_formats::vhd::stream::VhdStream;
 use diskkit_formats::write::CreateOptions;
 use diskkit_formats::{Error, Extent, Extents, Format, Image, ImageInfo, Result};
@@ -97,6 +98,8 @@ pub enum Export {
     Raw,
     /// A VHD, fixed or dynamic, laid out from the source's allocation map.
     Vhd(Box<VhdStream>),
+    /// A plain qcow2 image, laid out from the source's allocation map.
+    Qcow2(Box<Qcow2Stream>),
 }
 
 impl Export {
@@ -104,23 +107,28 @@ impl Export {
     pub fn plan(src: &dyn Image, format: Format, create: &mut CreateOptions) -> Result<Export> {
         if create.compress {
             return Err(Error::invalid(
-                "-c: compressed output is not streamed yet (push writes raw and VHD)",
+                "-c: compressed qcow2 is not streamed yet (see README: the approach)",
             ));
         }
+        let size = src.virtual_size();
+        // Guest ranges (start, length) with data: the layout of VHD and qcow2 follows from them.
+        let mut allocated =
+            allocated_ranges(src, 0, size).map(|r| r.map(|(start, end)| (start, end - start)));
         match format {
             Format::Raw => {
                 create.reject_unknown(format)?;
                 Ok(Export::Raw)
             }
             Format::Vhd => {
-                let size = src.virtual_size();
-                let mut allocated = allocated_ranges(src, 0, size)
-                    .map(|r| r.map(|(start, end)| (start, end - start)));
                 let stream = VhdStream::plan(size, create, &mut allocated)?;
                 Ok(Export::Vhd(Box::new(stream)))
             }
+            Format::Qcow2 => {
+                let stream = Qcow2Stream::plan(size, create, &mut allocated)?;
+                Ok(Export::Qcow2(Box::new(stream)))
+            }
             other => Err(Error::invalid(format!(
-                "push writes raw and vpc (VHD) objects, not {other}"
+                "push writes raw, vpc (VHD) and qcow2 objects, not {other}"
             ))),
         }
     }
@@ -129,13 +137,14 @@ impl Export {
         match self {
             Export::Raw => Format::Raw,
             Export::Vhd(_) => Format::Vhd,
+            Export::Qcow2(_) => Format::Qcow2,
         }
     }
 
     /// Guest size of the object.
     pub fn guest_size(&self, src: &dyn Image) -> u64 {
         match self {
-            Export::Raw => src.virtual_size(),
+            Export::Raw | Export::Qcow2(_) => src.virtual_size(),
             Export::Vhd(s) => s.guest_size(),
         }
     }
@@ -144,6 +153,7 @@ impl Export {
         match self {
             Export::Raw => src.virtual_size(),
             Export::Vhd(s) => s.object_size(),
+            Export::Qcow2(s) => s.object_size(),
         }
     }
 
@@ -156,6 +166,7 @@ impl Export {
         match self {
             Export::Raw => padded.read_at(buf, offset),
             Export::Vhd(s) => s.fill(buf, offset, &mut |b, at| padded.read_at(b, at)),
+            Export::Qcow2(s) => s.fill(buf, offset, &mut |b, at| padded.read_at(b, at)),
         }
     }
 }

@@ -16,6 +16,7 @@ mod read;
 mod refcount;
 mod resize;
 pub mod snapshot;
+pub mod stream;
 mod write;
 
 pub use check::check;
