@@ -12,6 +12,7 @@ use super::header::Header;
 use super::l2::{COPIED, Geometry, MAX_L1_BYTES};
 use super::refcount::RefcountLayout;
 use crate::error::{Error, Result};
+use crate::image::check_guest_range;
 use crate::write::CreateOptions;
 
 const CLUSTER_BITS: u32 = 16;
@@ -179,15 +180,8 @@ impl Qcow2Stream {
         read_guest: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
     ) -> Result<()> {
         let size = self.object_size();
-        if offset
-            .checked_add(buf.len() as u64)
-            .is_none_or(|end| end > size)
-        {
-            return Err(Error::invalid(format!(
-                "qcow2 stream range {offset}+{} is outside its {size} bytes",
-                buf.len()
-            )));
-        }
+        // The stream's bytes play the guest's part here: same bounds rule.
+        check_guest_range(size, offset, buf.len() as u64)?;
         let cs = self.cluster_size();
         let mut done = 0;
         while done < buf.len() {

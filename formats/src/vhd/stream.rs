@@ -9,6 +9,7 @@
 use super::layout::{DiskType, DynamicHeader, FOOTER_SIZE, SECTOR, UNALLOCATED, bat_size};
 use super::write::Plan;
 use crate::error::{Error, Result};
+use crate::image::check_guest_range;
 use crate::write::CreateOptions;
 use byteorder::{BigEndian, ByteOrder};
 
@@ -78,15 +79,8 @@ impl VhdStream {
         read_guest: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
     ) -> Result<()> {
         let size = self.object_size();
-        if offset
-            .checked_add(buf.len() as u64)
-            .is_none_or(|end| end > size)
-        {
-            return Err(Error::invalid(format!(
-                "VHD stream range {offset}+{} is outside its {size} bytes",
-                buf.len()
-            )));
-        }
+        // The stream's bytes play the guest's part here: same bounds rule.
+        check_guest_range(size, offset, buf.len() as u64)?;
         let footer_at = size - FOOTER_SIZE;
         let mut done = 0;
         while done < buf.len() {
