@@ -34,19 +34,26 @@ export AWS_ENDPOINT_URL=$S3_ENDPOINT
 XDG_CACHE_HOME=$WORK/cache
 export XDG_CACHE_HOME
 
-RCLONE=":s3,provider=Other,access_key_id=$AWS_ACCESS_KEY_ID,secret_access_key=$AWS_SECRET_ACCESS_KEY,endpoint=$S3_ENDPOINT,region=$AWS_REGION:"
+# rclone's on-the-fly :s3: remote, configured through its environment variables.
+export RCLONE_S3_PROVIDER=Other RCLONE_S3_ACCESS_KEY_ID=$AWS_ACCESS_KEY_ID
+export RCLONE_S3_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY RCLONE_S3_ENDPOINT=$S3_ENDPOINT
+export RCLONE_S3_REGION=$AWS_REGION
+RCLONE=":s3:"
 PARALLEL=${PARALLEL:-8}
 PART=${PART:-16M}
-RCLONE_OPTS="--s3-upload-concurrency $PARALLEL --s3-chunk-size $PART --multi-thread-streams $PARALLEL --s3-disable-checksum"
+RCLONE_OPTS="--ignore-times --s3-upload-concurrency $PARALLEL --s3-chunk-size $PART --multi-thread-streams $PARALLEL --s3-disable-checksum"
 
 src=$(mixed_raw)
 qcow=$(mixed_qcow2 plain)
 
-# "seconds peak-KiB" of one run of a command line.
+# "seconds peak-KiB" of one run of a command line; its errors are shown if it fails.
 measure() {
-  local out
-  out=$( { /usr/bin/time -f "%e %M" bash -c "$1" >/dev/null 2>/dev/null; } 2>&1 | tail -1)
-  echo "$out"
+  if ! /usr/bin/time -o "$WORK/time.out" -f "%e %M" bash -c "$1" >/dev/null 2>"$WORK/cmd.err"; then
+    echo "failed: $1" >&2
+    cat "$WORK/cmd.err" >&2
+    exit 1
+  fi
+  cat "$WORK/time.out"
 }
 
 row() {

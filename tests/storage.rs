@@ -215,6 +215,12 @@ fn local_bucket_round_trips() {
         dynamic < 8 * MIB,
         "dynamic VHD of 12 MiB with ~2 MiB of data: {dynamic}"
     );
+    // Pulling converts on the fly into any writable format.
+    let pulled = dir.path().join("pulled.qcow2");
+    let url = format!("{}/images/src.vhd.raw", bucket.display());
+    env.ok(&["pull", "-O", "qcow2", &url, path_str(&pulled)]);
+    qemu_img(&["check", path_str(&pulled)]);
+    qemu_img(&["compare", path_str(&src), path_str(&pulled)]);
     let (digest, _) = manifest_digest(&bucket.join("images/src.raw.raw.diskkit.json"));
     assert_eq!(digest, source_digest(&env, &dir.path().join("src.raw")));
     // rm removes image and manifest; nothing else is left behind (no temporary uploads).

@@ -136,13 +136,26 @@ pub fn pull(
         threads: Some(threads),
         ..ConvertOptions::default()
     };
+    let dir = dst.parent().filter(|d| !d.as_os_str().is_empty());
+    let dir = dir.unwrap_or(Path::new("."));
+    let as_is = manifest.format()? == format && create.options.is_empty();
     match RemoteImage::new(store, location, &manifest)? {
+        // Same format, no options: the object's bytes are the image (larger reads than the
+        // convert engine's, holes where zeros were).
+        Some(_) | None if as_is => {
+            create.reject_unknown(format)?;
+            let local = Download::new(dir)?;
+            download(store, location, local.path(), size, threads, downloading)?;
+            local
+                .0
+                .persist(dst)
+                .map_err(|e| Error::io(dst, "rename into place", e.error))?;
+        }
         Some(remote) => {
             convert_to_path(&remote, format, dst, create, &opts, downloading)?;
         }
         None => {
-            let dir = dst.parent().filter(|d| !d.as_os_str().is_empty());
-            let local = Download::new(dir.unwrap_or(Path::new(".")))?;
+            let local = Download::new(dir)?;
             download(store, location, local.path(), size, threads, downloading)?;
             let image = open_as(local.path(), manifest.format()?)?;
             convert_to_path(image.as_ref(), format, dst, create, &opts, &NoProgress)?;
