@@ -55,6 +55,11 @@ fn qemu_virtual_size(path: &Path) -> u64 {
     info["virtual-size"].as_u64().unwrap()
 }
 
+fn qemu_create_vpc(path: &Path, spec: &str, size: u64) {
+    let size = size.to_string();
+    qemu_img(&["create", "-f", "vpc", "-o", spec, path_str(path), &size]);
+}
+
 fn opts(spec: &str) -> CreateOptions {
     let mut o = CreateOptions::default();
     o.parse_options(spec).unwrap();
@@ -111,15 +116,7 @@ fn qemu_made_vhds_read_like_qemu() {
         "subformat=fixed,force_size=on",
     ] {
         let img = p(dir.path(), "qemu.vhd");
-        qemu_img(&[
-            "create",
-            "-f",
-            "vpc",
-            "-o",
-            spec,
-            path_str(&img),
-            &size.to_string(),
-        ]);
+        qemu_create_vpc(&img, spec, size);
         let vsize = qemu_virtual_size(&img);
         qemu_io("vpc", &img, &as_refs(&mixed_pattern(vsize & !4095)));
 
@@ -217,7 +214,8 @@ fn written_vhds_are_read_by_qemu() {
         let report = vhd::check(&out, None).unwrap();
         assert_eq!(report.exit_code(), 0, "{spec}: {:?}", report.messages);
 
-        let m = vhd::measure(src_size, &mut opts(spec), allocated.iter().cloned()).unwrap();
+        let mut ranges = allocated.iter().map(|r| Ok((r.start, r.end)));
+        let m = vhd::measure(src_size, &mut opts(spec), &mut ranges).unwrap();
         let len = std::fs::metadata(&out).unwrap().len();
         assert_eq!(m.required, len, "{spec}");
         assert!(m.fully_allocated >= len);
@@ -464,6 +462,20 @@ fn hostile_vhds_fail_cleanly() {
         assert!(matches!(open_err(&path), Error::Corrupt { .. }), "{name}");
     }
 
+    // A parent locator claiming bytes at the end of the address space: check stays in the file.
+    let path = corrupt_copy(&good, dir.path(), "locator.vhd", |b| {
+        edit_header(b, &|h| {
+            h.parent_locators[0] = ParentLocator {
+                platform_code: PLATFORM_W2RU,
+                data_space: 1,
+                data_length: 512,
+                data_offset: u64::MAX - 10,
+            }
+        })
+    });
+    let r = vhd::check(Path::new(&path), Some(Repair::All)).unwrap();
+    assert!(r.image_end_offset.unwrap() <= len as u64 + 512);
+
     // An absurd size in a footer sized by current_size.
     let path = corrupt_copy(&good, dir.path(), "size.vhd", |b| {
         let mut f = Footer::parse(&b[..512]);
@@ -547,4 +559,149 @@ fn resize_fixed_and_dynamic() {
     assert_eq!(vhd::check(&img, None).unwrap().exit_code(), 0);
     let e = vhd::resize(&img, 2 << 30, false).unwrap_err();
     assert!(e.to_string().contains("room for 512 entries"), "{e}");
+}
+
+#[test]
+fn qemu_writes_into_images_diskkit_made() {
+    let dir = tempdir();
+    // An empty dynamic disk, and one shrunk so that blocks were dropped from its end: qemu
+    // appends new blocks at the footer, which must not sit on stale bytes.
+    let empty = p(dir.path(), "empty.vhd");
+    let w = VhdWriter::create(&empty, 8 * MIB, &mut opts("force_size=on")).unwrap();
+    Box::new(w).finish().unwrap();
+    let shrunk = p(dir.path(), "shrunk.vhd");
+    let w = VhdWriter::create(&shrunk, 8 * MIB, &mut opts("force_size=on")).unwrap();
+    w.write_at(&vec![0x66; 8 * MIB as usize], 0).unwrap();
+    Box::new(w).finish().unwrap();
+    vhd::resize(&shrunk, 3 * MIB, true).unwrap();
+    vhd::resize(&shrunk, 8 * MIB, false).unwrap();
+    for img in [&empty, &shrunk] {
+        qemu_io(
+            "vpc",
+            img,
+            &["write -P 0x55 5M 4k", "write -P 0x44 100k 1k"],
+        );
+        let guest = qemu_vpc_bytes(img, dir.path());
+        assert_eq!(read_all(open_vhd(img).as_ref()), guest);
+        assert!(
+            guest[4 * MIB as usize..5 * MIB as usize]
+                .iter()
+                .all(|&b| b == 0)
+        );
+        assert_eq!(vhd::check(img, None).unwrap().exit_code(), 0);
+    }
+}
+
+#[test]
+fn fixed_vhd_is_detected_and_old_511_byte_footer_read() {
+    let dir = tempdir();
+    let img = p(dir.path(), "fixed.vhd");
+    qemu_img(&[
+        "create",
+        "-f",
+        "vpc",
+        "-o",
+        "subformat=fixed,force_size=on",
+        path_str(&img),
+        "4M",
+    ]);
+    qemu_io("vpc", &img, &["write -P 0x3c 1M 64k"]);
+    // qemu probes it as raw; diskkit finds the footer.
+    assert!(qemu_img(&["info", path_str(&img)]).contains("file format: raw"));
+    assert_eq!(open_vhd(&img).format(), Format::Vhd);
+    let guest = qemu_vpc_bytes(&img, dir.path());
+
+    // The same disk with a 511-byte footer (no saved-state byte), as some early tools wrote.
+    let mut bytes = std::fs::read(&img).unwrap();
+    bytes.pop();
+    let old = p(dir.path(), "old.vhd");
+    std::fs::write(&old, &bytes).unwrap();
+    let image = open_vhd(&old);
+    assert_eq!(image.format(), Format::Vhd);
+    assert_eq!(read_all(image.as_ref()), guest);
+}
+
+#[test]
+fn sizes_round_like_qemu() {
+    let dir = tempdir();
+    let ours = p(dir.path(), "ours.vhd");
+    let theirs = p(dir.path(), "theirs.vhd");
+    // Small disks (17 sectors per track), 31 and 63 sectors, 255 sectors past ~31.5 GiB, and
+    // past the largest CHS geometry (~127 GiB) where only current_size can express the size.
+    for size in [
+        MIB,
+        10 * MIB + 4097,
+        300 * MIB + 1,
+        (1 << 30) - 512,
+        40 << 30,
+        (130 << 30) + 7,
+    ] {
+        for spec in ["force_size=off", "force_size=on"] {
+            let w = VhdWriter::create(&ours, size, &mut opts(spec)).unwrap();
+            let planned = w.virtual_size();
+            Box::new(w).finish().unwrap();
+            qemu_create_vpc(&theirs, spec, size);
+            let expected = qemu_virtual_size(&theirs);
+            assert_eq!(planned, expected, "{size} {spec}");
+            assert_eq!(qemu_virtual_size(&ours), expected, "{size} {spec}");
+            assert_eq!(open_vhd(&ours).virtual_size(), expected);
+        }
+    }
+}
+
+#[test]
+fn cli_convert_measure_check_resize() {
+    let dir = tempdir();
+    let src = p(dir.path(), "src.qcow2");
+    qemu_img(&["create", "-f", "qcow2", path_str(&src), "9M"]);
+    qemu_io("qcow2", &src, &as_refs(&mixed_pattern(9 * MIB)));
+    for (args, size) in [
+        (vec!["-O", "vpc"], None),
+        (
+            vec!["-O", "vhd", "-o", "subformat=fixed,force_size=on"],
+            Some(9 * MIB),
+        ),
+        (vec!["--target", "azure"], Some(9 * MIB)),
+    ] {
+        let out = p(dir.path(), "out.vhd");
+        let mut cmd = vec!["convert"];
+        cmd.extend(&args);
+        cmd.extend([path_str(&src), path_str(&out)]);
+        diskkit_ok(&cmd);
+        qemu_img(&[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "vpc",
+            path_str(&src),
+            path_str(&out),
+        ]);
+        if let Some(size) = size {
+            assert_eq!(qemu_virtual_size(&out), size, "{args:?}");
+        }
+        let check = diskkit_ok(&["check", "--output", "json", path_str(&out)]);
+        let check: serde_json::Value = serde_json::from_str(&check).unwrap();
+        assert_eq!(check["corruptions"], 0, "{args:?}");
+    }
+    let m: serde_json::Value = serde_json::from_str(&diskkit_ok(&[
+        "measure",
+        "-O",
+        "vpc",
+        "--output",
+        "json",
+        path_str(&src),
+    ]))
+    .unwrap();
+    let out = p(dir.path(), "out.vhd");
+    diskkit_ok(&["convert", "-O", "vpc", path_str(&src), path_str(&out)]);
+    assert_eq!(m["required"], std::fs::metadata(&out).unwrap().len());
+
+    diskkit_ok(&["resize", path_str(&out), "+64M"]);
+    assert!(qemu_virtual_size(&out) >= 73 * MIB);
+    assert_eq!(diskkit(&["resize", path_str(&out), "4M"]).0, 2);
+    diskkit_ok(&["resize", "--shrink", path_str(&out), "4M"]);
+    assert!(qemu_virtual_size(&out) >= 4 * MIB && qemu_virtual_size(&out) < 5 * MIB);
+    let (code, out_text, _) = diskkit(&["check", path_str(&out)]);
+    assert_eq!(code, 0, "{out_text}");
 }

@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 /// format has no metadata to check (raw, ISO).
 pub fn check(format: Format, path: &Path, repair: Option<Repair>) -> Result<Option<CheckReport>> {
     match format {
+        Format::Qcow2 => crate::qcow2::check(path, repair).map(Some),
         Format::Vhd => crate::vhd::check(path, repair).map(Some),
-        Format::Raw | Format::Iso | Format::Vhdx | Format::Vmdk | Format::Qcow2 => Ok(None),
+        Format::Raw | Format::Iso | Format::Vhdx | Format::Vmdk => Ok(None),
     }
 }
 

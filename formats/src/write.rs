@@ -7,6 +7,7 @@
 
 use crate::error::{Error, Result};
 use crate::image::Format;
+use crate::qcow2::{self, Qcow2Writer};
 use crate::raw::{self, RawWriter};
 use crate::vhd::{self, VhdWriter};
 use std::collections::BTreeMap;
@@ -50,6 +51,7 @@ pub fn create(
 ) -> Result<Box<dyn ImageWriter>> {
     match format {
         Format::Raw => Ok(Box::new(RawWriter::create(path, virtual_size, opts)?)),
+        Format::Qcow2 => Ok(Box::new(Qcow2Writer::create(path, virtual_size, opts)?)),
         Format::Vhd => Ok(Box::new(VhdWriter::create(path, virtual_size, opts)?)),
         other => Err(cannot_write(other)),
     }
@@ -59,8 +61,9 @@ pub fn create(
 pub fn open_existing(format: Format, path: &Path) -> Result<Box<dyn ImageWriter>> {
     match format {
         Format::Raw => Ok(Box::new(RawWriter::open_existing(path)?)),
+        Format::Qcow2 => Ok(Box::new(Qcow2Writer::open_existing(path)?)),
         other => Err(Error::invalid(format!(
-            "cannot write into existing {other} images (-n needs a raw target)"
+            "cannot write into existing {other} images (-n needs a raw or qcow2 target)"
         ))),
     }
 }
@@ -74,27 +77,16 @@ pub fn measure(
     opts: &mut CreateOptions,
     allocated: &mut dyn Iterator<Item = Result<(u64, u64)>>,
 ) -> Result<Measure> {
-    // VHD takes plain ranges: the first error of the walk ends it and is returned.
-    let mut walk_error = None;
-    let ranges = allocated.map_while(|r| match r {
-        Ok((start, end)) => Some(start..end),
-        Err(e) => {
-            walk_error = Some(e);
-            None
-        }
-    });
-    let measured = match format {
+    match format {
         Format::Raw => {
             opts.reject_unknown(format)?;
-            // A raw image needs every byte whatever the data.
+            // A raw image needs every byte whatever the data; `allocated` is not consulted.
+            let _ = allocated;
             Ok(raw::measure(virtual_size))
         }
-        Format::Vhd => vhd::measure(virtual_size, opts, ranges),
+        Format::Qcow2 => qcow2::measure(virtual_size, opts, allocated),
+        Format::Vhd => vhd::measure(virtual_size, opts, allocated),
         other => Err(cannot_write(other)),
-    }?;
-    match walk_error {
-        Some(e) => Err(e),
-        None => Ok(measured),
     }
 }
 
@@ -103,7 +95,7 @@ pub fn measure(
 pub fn resize(format: Format, path: &Path, new_size: u64) -> Result<()> {
     match format {
         Format::Raw => raw::resize(path, new_size),
-        // Confirmed by the caller: VHD's own shrink guard is passed.
+        Format::Qcow2 => qcow2::resize(path, new_size),
         Format::Vhd => vhd::resize(path, new_size, true).map(|_| ()),
         other => Err(Error::invalid(format!("cannot resize {other} images"))),
     }

@@ -106,15 +106,10 @@ fn human(r: &CheckReport) -> String {
     }
     if let (Some(total), Some(alloc)) = (r.total_clusters, r.allocated_clusters)
         && total > 0
+        && alloc > 0
     {
         // As qemu-img: fragmented and compressed are shares of the allocated clusters.
-        let pct = |n: u64, of: u64| {
-            if of == 0 {
-                0.0
-            } else {
-                n as f64 * 100.0 / of as f64
-            }
-        };
+        let pct = |n: u64, of: u64| n as f64 * 100.0 / of as f64;
         out.push_str(&format!(
             "{alloc}/{total} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters\n",
             pct(alloc, total),

@@ -1,7 +1,7 @@
 //! Compressed clusters: raw deflate (zlib type, 4 KiB window as qemu uses) and zstd frames.
 
 use super::header::CompressionType;
-use flate2::{Decompress, FlushDecompress, Status};
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
 /// Decompresses one cluster: `out` must be filled exactly. Trailing input bytes are allowed (the
 /// descriptor rounds up to sectors, and another cluster's data may share the last sector).
@@ -55,21 +55,43 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> Result<usize, String> {
     }
 }
 
+/// Compresses one cluster; `None` when the result would not be smaller than the input (qemu then
+/// stores the cluster uncompressed).
+pub fn compress(kind: CompressionType, input: &[u8]) -> Option<Vec<u8>> {
+    let out = match kind {
+        CompressionType::Zlib => deflate(input)?,
+        CompressionType::Zstd => zstd::bulk::compress(input, 0).ok()?,
+    };
+    (out.len() < input.len()).then_some(out)
+}
+
+fn deflate(input: &[u8]) -> Option<Vec<u8>> {
+    // qemu inflates with a 4 KiB window (windowBits -12): a bigger window would be unreadable.
+    let mut c = Compress::new_with_window_bits(Compression::default(), false, 12);
+    let mut out = Vec::with_capacity(input.len());
+    match c.compress_vec(input, &mut out, FlushCompress::Finish) {
+        Ok(Status::StreamEnd) => Some(out),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn rejects_short_output() {
+    fn round_trips_and_rejects_short_output() {
         let data: Vec<u8> = (0..65536u32).map(|i| (i / 300) as u8).collect();
-        let mut c = zstd::bulk::compress(&data, 0).unwrap();
-        c.extend_from_slice(&[0xab; 100]);
-        let mut out = vec![0u8; data.len()];
-        decompress(CompressionType::Zstd, &c, &mut out).unwrap();
-        assert_eq!(out, data);
-        let mut big = vec![0u8; data.len() * 2];
-        assert!(decompress(CompressionType::Zstd, &c, &mut big).is_err());
-        assert!(decompress(CompressionType::Zstd, &c[..c.len() / 4], &mut out).is_err());
-        assert!(decompress(CompressionType::Zlib, &c, &mut out).is_err());
+        for kind in [CompressionType::Zlib, CompressionType::Zstd] {
+            let mut c = compress(kind, &data).unwrap();
+            c.extend_from_slice(&[0xab; 100]);
+            let mut out = vec![0u8; data.len()];
+            decompress(kind, &c, &mut out).unwrap();
+            assert_eq!(out, data);
+            let mut big = vec![0u8; data.len() * 2];
+            assert!(decompress(kind, &c, &mut big).is_err());
+            assert!(decompress(kind, &c[..c.len() / 4], &mut out).is_err());
+        }
+        assert!(compress(CompressionType::Zlib, &[0x5a]).is_none());
     }
 }

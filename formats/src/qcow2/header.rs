@@ -1,5 +1,7 @@
 //! The qcow2 header (first cluster): fixed fields, version 3 additions and header extensions.
 
+use super::l2::Geometry;
+use super::refcount::RefcountLayout;
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 use std::path::Path;
@@ -99,6 +101,21 @@ fn text(path: &Path, what: &str, offset: u64, bytes: Vec<u8>) -> Result<String> 
 }
 
 impl Header {
+    pub fn geometry(&self) -> Geometry {
+        Geometry {
+            cluster_bits: self.cluster_bits,
+            extended_l2: self.extended_l2(),
+            has_data_file: self.has_data_file(),
+        }
+    }
+
+    pub fn refcount_layout(&self) -> RefcountLayout {
+        RefcountLayout {
+            cluster_bits: self.cluster_bits,
+            order: self.refcount_order,
+        }
+    }
+
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
     }
@@ -362,5 +379,99 @@ impl Header {
             pos = data_end.next_multiple_of(8);
         }
         Ok(())
+    }
+}
+
+impl Header {
+    /// A header for a new image; the table offsets are filled in when the layout is known.
+    pub fn new(version: u32, cluster_bits: u32, size: u64, refcount_order: u32) -> Header {
+        Header {
+            version,
+            backing_file_offset: 0,
+            backing_file_size: 0,
+            cluster_bits,
+            size,
+            crypt_method: 0,
+            l1_size: 0,
+            l1_table_offset: 0,
+            refcount_table_offset: 0,
+            refcount_table_clusters: 0,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+            incompatible_features: 0,
+            compatible_features: 0,
+            autoclear_features: 0,
+            refcount_order,
+            header_length: if version == 2 {
+                V2_HEADER_LEN
+            } else {
+                V3_HEADER_LEN_WITH_COMPRESSION
+            },
+            compression: CompressionType::Zlib,
+            backing_file: None,
+            backing_format: None,
+            data_file: None,
+        }
+    }
+
+    /// The first cluster of the image: header, extensions (backing format) and backing file name.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let mut b = Vec::with_capacity(self.cluster_size() as usize);
+        b.extend_from_slice(&MAGIC);
+        b.extend_from_slice(&self.version.to_be_bytes());
+        let name_slot = b.len();
+        b.extend_from_slice(&[0; 12]); // backing file offset and size, patched below
+        b.extend_from_slice(&self.cluster_bits.to_be_bytes());
+        b.extend_from_slice(&self.size.to_be_bytes());
+        b.extend_from_slice(&self.crypt_method.to_be_bytes());
+        b.extend_from_slice(&self.l1_size.to_be_bytes());
+        b.extend_from_slice(&self.l1_table_offset.to_be_bytes());
+        b.extend_from_slice(&self.refcount_table_offset.to_be_bytes());
+        b.extend_from_slice(&self.refcount_table_clusters.to_be_bytes());
+        b.extend_from_slice(&self.nb_snapshots.to_be_bytes());
+        b.extend_from_slice(&self.snapshots_offset.to_be_bytes());
+        if self.version >= 3 {
+            let mut incompat = self.incompatible_features;
+            if self.compression == CompressionType::Zstd {
+                incompat |= INCOMPAT_COMPRESSION;
+            }
+            b.extend_from_slice(&incompat.to_be_bytes());
+            b.extend_from_slice(&self.compatible_features.to_be_bytes());
+            b.extend_from_slice(&self.autoclear_features.to_be_bytes());
+            b.extend_from_slice(&self.refcount_order.to_be_bytes());
+            b.extend_from_slice(&self.header_length.to_be_bytes());
+            b.push(match self.compression {
+                CompressionType::Zlib => 0,
+                CompressionType::Zstd => 1,
+            });
+            b.resize(self.header_length as usize, 0);
+        }
+        if let Some(fmt) = &self.backing_format {
+            b.extend_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
+            b.extend_from_slice(&(fmt.len() as u32).to_be_bytes());
+            b.extend_from_slice(fmt.as_bytes());
+            b.resize(b.len().next_multiple_of(8), 0);
+        }
+        b.extend_from_slice(&[0; 8]); // end of extensions
+        if let Some(name) = &self.backing_file {
+            if name.len() > MAX_BACKING_NAME_LEN as usize {
+                return Err(Error::invalid(format!(
+                    "backing file name longer than {MAX_BACKING_NAME_LEN} bytes"
+                )));
+            }
+            let at = b.len() as u64;
+            b[name_slot..name_slot + 8].copy_from_slice(&at.to_be_bytes());
+            b[name_slot + 8..name_slot + 12].copy_from_slice(&(name.len() as u32).to_be_bytes());
+            b.extend_from_slice(name.as_bytes());
+        }
+        if b.len() as u64 > self.cluster_size() {
+            return Err(Error::invalid(format!(
+                "qcow2 header with backing file name needs {} bytes, more than a {}-byte cluster",
+                b.len(),
+                self.cluster_size()
+            )));
+        }
+        b.resize(self.cluster_size() as usize, 0);
+        Ok(b)
     }
 }

@@ -3,6 +3,7 @@
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 /// Bits 9..=55 of L1 and standard L2 entries: a host offset.
@@ -23,7 +24,10 @@ const L2_CACHE_BYTES: u64 = 32 << 20;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cluster {
     Unallocated,
-    Zero,
+    /// Reads as zeros; `host` (0 if none) is a cluster kept allocated for it.
+    Zero {
+        host: u64,
+    },
     /// Standard cluster at this host offset (in the data file when there is one). With extended
     /// L2 entries `alloc`/`zero` hold the subcluster bitmaps; otherwise every subcluster is
     /// allocated.
@@ -91,10 +95,16 @@ impl Geometry {
         62 - (self.cluster_bits - 8)
     }
 
+    /// Encodes a compressed cluster descriptor: `len` bytes of compressed data at `host`.
+    pub fn compressed_entry(&self, host: u64, len: u64) -> u64 {
+        let sectors = (host + len - 1) / 512 - host / 512;
+        COMPRESSED | (sectors << self.csize_shift()) | host
+    }
+
     /// Decodes an L2 entry (and its bitmap for extended L2). `at` is the entry's file offset,
     /// for errors.
-    pub fn decode(&self, file: &HostFile, entry: u64, bitmap: u64, at: u64) -> Result<Cluster> {
-        let bad = |why: String| Err(Error::corrupt(file.path(), "qcow2 L2 entry", at, why));
+    pub fn decode(&self, path: &Path, entry: u64, bitmap: u64, at: u64) -> Result<Cluster> {
+        let bad = |why: String| Err(Error::corrupt(path, "qcow2 L2 entry", at, why));
         if entry & COMPRESSED != 0 {
             if self.has_data_file {
                 return bad("compressed cluster in an image with an external data file".into());
@@ -117,7 +127,7 @@ impl Geometry {
         let allocated = host != 0 || (self.has_data_file && entry & COPIED != 0);
         if !self.extended_l2 {
             return Ok(if entry & ZERO != 0 {
-                Cluster::Zero
+                Cluster::Zero { host }
             } else if allocated {
                 Cluster::Data {
                     host,

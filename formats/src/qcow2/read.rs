@@ -58,11 +58,7 @@ impl Qcow2Image {
     pub fn open(file: HostFile, chain: &mut Chain, snapshot: Option<&str>) -> Result<Self> {
         let header = Header::read(&file)?;
         let path = file.path().to_path_buf();
-        let geo = Geometry {
-            cluster_bits: header.cluster_bits,
-            extended_l2: header.extended_l2(),
-            has_data_file: header.has_data_file(),
-        };
+        let geo = header.geometry();
         let (snapshots, _) = snapshot::read_table(&file, &header)?;
         let (l1_offset, l1_size, virtual_size, l1_structure) = match snapshot {
             None => (
@@ -193,9 +189,19 @@ impl Qcow2Image {
         let at = l2_offset + l2_index * self.geo.l2_entry_bytes();
         let in_cluster = offset % cs;
         let to_cluster_end = cs - in_cluster;
-        let (host, alloc, zero) = match self.geo.decode(&self.file, entry, bitmap, at)? {
-            Cluster::Unallocated => return Ok((Kind::Unallocated, to_cluster_end)),
-            Cluster::Zero => return Ok((Kind::Zero, to_cluster_end)),
+        let (host, alloc, zero) = match self.geo.decode(self.file.path(), entry, bitmap, at)? {
+            Cluster::Unallocated => {
+                // Skip the table's following empty entries in one go: sparse tables are common.
+                let empty = table
+                    .get(i..)
+                    .unwrap_or_default()
+                    .chunks(words_per_entry as usize)
+                    .skip(1)
+                    .take_while(|e| e.iter().all(|&w| w == 0))
+                    .count() as u64;
+                return Ok((Kind::Unallocated, to_cluster_end + empty * cs));
+            }
+            Cluster::Zero { .. } => return Ok((Kind::Zero, to_cluster_end)),
             Cluster::Compressed(d) => return Ok((Kind::Compressed(d, in_cluster), to_cluster_end)),
             Cluster::Data { host, alloc, zero } => (host, alloc, zero),
             Cluster::Subclusters { zero } => (0, 0, zero),

@@ -115,7 +115,8 @@ pub fn check(path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
 }
 
 /// Checks the BAT entries of a dynamic disk. Returns the indexes of entries that point past the
-/// end of the file (repairable by clearing) and the end of the last block or metadata.
+/// end of the file (repairable by clearing) and the end of the last block or metadata (at most
+/// the file's end).
 fn check_blocks(
     file: &HostFile,
     l: &SparseLayout,
@@ -203,7 +204,8 @@ fn check_blocks(
     }
     report.allocated_clusters = Some(blocks.len() as u64 + bad.len() as u64);
     report.fragmented_clusters = Some(fragmented);
-    (bad, end)
+    // Hostile locator or BAT fields may claim ranges past the file; the image ends inside it.
+    (bad, end.min(file.len()))
 }
 
 /// What a resize did.
@@ -301,8 +303,13 @@ fn resize_dynamic(
     let bs = l.block_size;
     let old_entries = l.bat.len();
     let entries = size.div_ceil(bs) as usize;
-    let mut footer_at = located.data_end;
     let mut header = l.header.clone();
+    // qemu reads max_table_entries entries and appends blocks after them: they must exist.
+    file.check_range(
+        header.table_offset,
+        bat_size(u64::from(header.max_table_entries)),
+        "VHD block allocation table",
+    )?;
 
     if entries as u64 > u64::from(header.max_table_entries) {
         // The BAT can grow in place up to the first block or parent locator behind it; with
@@ -332,8 +339,7 @@ fn resize_dynamic(
                     room * bs
                 )));
             }
-            Some(_) => {}
-            None => footer_at = footer_at.max(table + need),
+            _ => {}
         }
         header.max_table_entries =
             u32::try_from(entries).map_err(|_| Error::invalid("too many VHD blocks"))?;
@@ -374,6 +380,18 @@ fn resize_dynamic(
     )?;
     let footer = new.to_bytes();
     write(rw, path, &footer, 0, "VHD footer copy")?;
+    // The footer goes right after the last block still in use (or the BAT): qemu appends new
+    // blocks at the footer, and must not land on dropped blocks whose stale data it would show.
+    let footer_at = l
+        .bat
+        .iter()
+        .filter_map(|&e| l.block_range(e).map(|r| r.end))
+        .chain([
+            header.table_offset + bat_size(u64::from(header.max_table_entries)),
+            located.footer.data_offset + HEADER_SIZE,
+        ])
+        .max()
+        .unwrap_or(0);
     write(rw, path, &footer, footer_at, "VHD footer")?;
     rw.set_len(footer_at + FOOTER_SIZE)
         .map_err(|e| Error::io(path, "set length", e))?;

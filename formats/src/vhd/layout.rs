@@ -506,6 +506,30 @@ mod tests {
     }
 
     #[test]
+    fn guest_size_follows_qemus_creator_rules() {
+        let mut f = Footer::parse(&[]);
+        f.current_size = 10 << 20;
+        f.geometry = Geometry::for_sectors(f.current_size / SECTOR);
+        let chs = f.geometry.sectors() * SECTOR;
+        assert!(chs < f.current_size);
+        for (app, size) in [
+            (b"vpc ", chs),
+            (b"qemu", chs),
+            (b"dkit", chs),
+            (b"win ", 10 << 20),
+            (b"qem2", 10 << 20),
+            (b"d2v ", 10 << 20),
+            (b"tap\0", 10 << 20),
+        ] {
+            f.creator_app = *app;
+            assert_eq!(f.guest_size(), size, "{}", printable(app));
+        }
+        f.creator_app = *b"vpc ";
+        f.geometry = Geometry::MAX;
+        assert_eq!(f.guest_size(), 10 << 20);
+    }
+
+    #[test]
     fn bitmap_helpers() {
         assert_eq!(bitmap_size(2 << 20), 512);
         assert_eq!(bitmap_size(512), 512);

@@ -28,10 +28,6 @@ pub(crate) struct LocatedFooter {
     pub stale_copy: Option<u64>,
 }
 
-fn read_footer_at(file: &HostFile, offset: u64, len: u64) -> Result<Vec<u8>> {
-    file.read_vec_at(offset, len, "VHD footer")
-}
-
 fn checksum_error(file: &HostFile, structure: &str, offset: u64) -> Error {
     Error::corrupt(
         file.path(),
@@ -55,8 +51,8 @@ pub(crate) fn locate_footer(file: &HostFile) -> Result<LocatedFooter> {
         ));
     }
     let tail_at = len - FOOTER_SIZE;
-    let head = read_footer_at(file, 0, FOOTER_SIZE)?;
-    let mut tail = read_footer_at(file, tail_at, FOOTER_SIZE)?;
+    let head = file.read_vec_at(0, FOOTER_SIZE, "VHD footer copy")?;
+    let mut tail = file.read_vec_at(tail_at, FOOTER_SIZE, "VHD footer")?;
     let mut tail_at = tail_at;
     if !Footer::has_cookie(&tail) && tail.get(1..).is_some_and(Footer::has_cookie) {
         tail = tail.split_off(1);
@@ -666,7 +662,10 @@ fn open_parent(
             continue;
         };
         if !path.is_file() {
-            tried.push(path.display().to_string());
+            let shown = path.display().to_string();
+            if !tried.contains(&shown) {
+                tried.push(shown);
+            }
             continue;
         }
         let image = chain.open(&path, None, None)?;

@@ -6,7 +6,6 @@ use crate::image::{Format, check_guest_range};
 use crate::write::{CreateOptions, ImageWriter, Measure};
 use std::fs::File;
 use std::io::Read;
-use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -141,10 +140,21 @@ impl Plan {
         self.bitmap_size() + self.block_size
     }
 
+    /// Where the footer of a dynamic disk with `blocks` blocks goes: after the last block, or
+    /// right after the BAT when there is none (where qemu, which appends blocks at the footer,
+    /// allocates the first block; a footer further on would end up inside that block's data).
+    fn footer_offset(&self, blocks: u64) -> u64 {
+        if blocks == 0 {
+            self.table_offset() + bat_size(self.entries())
+        } else {
+            self.first_block() + blocks * self.footprint()
+        }
+    }
+
     fn file_size(&self, blocks: u64) -> u64 {
         match self.disk_type {
             DiskType::Fixed => self.virtual_size + FOOTER_SIZE,
-            _ => self.first_block() + blocks * self.footprint() + FOOTER_SIZE,
+            _ => self.footer_offset(blocks) + FOOTER_SIZE,
         }
     }
 
@@ -349,7 +359,8 @@ impl ImageWriter for VhdWriter {
                     self.plan.table_offset(),
                     "VHD block allocation table",
                 )?;
-                a.next_free
+                let blocks = a.bat.iter().filter(|&&e| e != UNALLOCATED).count();
+                self.plan.footer_offset(blocks as u64)
             }
         };
         self.write_file(&self.footer, end, "VHD footer")?;
@@ -360,12 +371,12 @@ impl ImageWriter for VhdWriter {
     }
 }
 
-/// Bytes a new VHD needs: `required` for the given allocated guest ranges (a dynamic disk
-/// stores every block they touch), `fully_allocated` for every block.
+/// Bytes a new VHD needs: `required` for the allocated guest ranges `(start, end)` (a dynamic
+/// disk stores every block they touch), `fully_allocated` for every block.
 pub fn measure(
     virtual_size: u64,
     opts: &mut CreateOptions,
-    allocated: impl IntoIterator<Item = Range<u64>>,
+    allocated: &mut dyn Iterator<Item = Result<(u64, u64)>>,
 ) -> Result<Measure> {
     let plan = Plan::from_options(virtual_size, opts)?;
     let entries = plan.entries();
@@ -378,12 +389,13 @@ pub fn measure(
     }
     let bs = plan.block_size;
     let mut touched = vec![0u64; entries.div_ceil(64) as usize];
-    for r in allocated {
-        let end = r.end.min(plan.virtual_size);
-        if r.start >= end {
+    for range in allocated {
+        let (start, end) = range?;
+        let end = end.min(plan.virtual_size);
+        if start >= end {
             continue;
         }
-        for b in r.start / bs..end.div_ceil(bs) {
+        for b in start / bs..end.div_ceil(bs) {
             if let Some(w) = touched.get_mut((b / 64) as usize) {
                 *w |= 1 << (b % 64);
             }
@@ -424,15 +436,21 @@ mod tests {
 
     #[test]
     fn measure_counts_touched_blocks() {
+        let ranges = [(0, 1), ((2 << 20) - 1, (2 << 20) + 1), (0, 512)];
         let m = measure(
             64 << 20,
             &mut opts("force_size=on"),
-            [0..1, (2 << 20) - 1..(2 << 20) + 1, 0..512],
+            &mut ranges.into_iter().map(Ok),
         )
         .unwrap();
         let one = bitmap_size(2 << 20) + (2 << 20);
         assert_eq!(m.fully_allocated - m.required, 30 * one);
-        let f = measure(64 << 20, &mut opts("subformat=fixed,force_size=on"), []).unwrap();
+        let f = measure(
+            64 << 20,
+            &mut opts("subformat=fixed,force_size=on"),
+            &mut std::iter::empty(),
+        )
+        .unwrap();
         assert_eq!(f.required, (64 << 20) + 512);
     }
 }
