@@ -363,6 +363,25 @@ fn interop_sources(dir: &Path) -> Vec<Source> {
             snapshot: None,
         });
     }
+    // A size that is no multiple of any cluster or sector size.
+    let odd = p(dir, "odd.raw");
+    qemu_img(&[
+        "create",
+        "-f",
+        "raw",
+        path_str(&odd),
+        &((5 << 20) + 333).to_string(),
+    ]);
+    qemu_io(
+        "raw",
+        &odd,
+        &["write -P 0x41 0 64k", "write -P 0x42 5M 333"],
+    );
+    out.push(Source {
+        path: odd,
+        fmt: "raw",
+        snapshot: None,
+    });
     // A chain whose top overwrites, zeroes and adds to the base's data.
     let base = p(dir, "base.qcow2");
     qemu_img(&["convert", "-O", "qcow2", path_str(&raw), path_str(&base)]);
