@@ -33,28 +33,28 @@ drop_cache() {
   fi
 }
 
-# Seconds (3 decimals) one run of a shell command line takes; output goes to /dev/null. Warm
-# runs are preceded by an untimed run that fills the page cache.
-seconds() {
+# "WALL CPU": seconds one run of a shell command line takes, wall-clock and CPU (user + system,
+# all threads); output goes to /dev/null. Warm runs follow an untimed run that fills the page
+# cache. CPU time is the steadier figure on a busy machine.
+measure() {
   if [ "$CACHE" = cold ]; then drop_cache; else bash -c "$1" >/dev/null 2>&1; fi
-  local start end
-  start=$(date +%s%N)
-  bash -c "$1" >/dev/null
-  end=$(date +%s%N)
-  python3 -c "print(f'{($end - $start) / 1e9:.3f}')"
+  /usr/bin/time -o "$WORK/time.txt" -f "%e %U %S" bash -c "$1" >/dev/null
+  python3 -c "w, u, s = map(float, open('$WORK/time.txt').read().split()); print(w, u + s)"
 }
 
-# Prints "label: A s vs B s = ratio" for two command lines; the goal is an upper bound on the ratio.
+# Prints wall and CPU seconds of two command lines and their ratios (ours / theirs); GOAL is an
+# upper bound on the wall-clock ratio.
 side_by_side() {
   local label=$1 ours=$2 theirs=$3 goal=${4:-}
   local a b
-  a=$(seconds "$ours")
-  b=$(seconds "$theirs")
+  a=$(measure "$ours")
+  b=$(measure "$theirs")
   python3 -c "
-a, b, goal = $a, $b, '$goal'
-r = a / b if b else float('inf')
-verdict = '' if not goal else ('  (goal <= %s: %s)' % (goal, 'met' if r <= float(goal) else 'NOT met'))
-print('%-58s %7.3f s vs %7.3f s  ratio %.2f%s' % ('$label', a, b, r, verdict))"
+(aw, ac), (bw, bc), goal = map(float, '$a'.split()), map(float, '$b'.split()), '$goal'
+r = aw / bw if bw else float('inf')
+verdict = '' if not goal else '  goal <= %s: %s' % (goal, 'met' if r <= float(goal) else 'NOT met')
+print('%s\n    wall %6.2f s vs %6.2f s = %.2f   cpu %6.2f s vs %6.2f s = %.2f%s'
+      % ('$label', aw, bw, r, ac, bc, ac / bc if bc else float('inf'), verdict))"
 }
 
 echo "# $(basename "$0"): SIZE=$SIZE, page cache $CACHE, $(nproc) cores, $(date -u +%F)"

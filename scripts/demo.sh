@@ -16,12 +16,13 @@ $dk info "$sample"
 step "diskkit map $sample"
 $dk map "$sample"
 step "convert to VHD dynamic, VHD fixed for Azure, and zstd-compressed qcow2"
-$dk convert -p -O vpc "$sample" "$work/disk.vhd"
+# force_size keeps the exact virtual size (without it VHD rounds up to a CHS geometry, as qemu).
+$dk convert -p -O vpc -o force_size=on "$sample" "$work/disk.vhd"
 $dk convert -p -O vpc --target azure "$sample" "$work/disk-azure.vhd"
 $dk convert -p -O qcow2 -c -o compression_type=zstd "$sample" "$work/disk.qcow2"
 ls -l "$work"
-step "compare every output with the source"
-for out in "$work"/*; do $dk compare "$sample" "$out"; done
+step "compare every output with the source (--strict: sizes must match too)"
+for out in "$work"/*; do $dk compare --strict "$sample" "$out"; done
 step "guest digests: one value for the same disk in every format"
 $dk hash "$sample" "$work"/*
 step "check metadata"

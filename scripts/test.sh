@@ -21,10 +21,14 @@ fi
 
 # A published bootable ISO for tests/iso.rs (skipped, with the reason printed, when unavailable).
 downloads=target/test-downloads
+fetch_grub() {
+  ( cd "$downloads" && apt-get download grub-rescue-pc >/dev/null 2>&1 &&
+    dpkg-deb -x grub-rescue-pc_*.deb grub-rescue-pc )
+}
 if ! ls "$downloads"/grub-rescue-pc/usr/lib/grub-rescue/*.iso >/dev/null 2>&1; then
   mkdir -p "$downloads"
-  ( cd "$downloads" && apt-get download grub-rescue-pc >/dev/null 2>&1 &&
-    dpkg-deb -x grub-rescue-pc_*.deb grub-rescue-pc ) ||
+  # A fresh machine may have no package lists yet: refresh them once and retry.
+  fetch_grub || { [ "$(id -u)" = 0 ] && apt-get update -qq && fetch_grub; } ||
     echo "note: grub-rescue-pc not downloadable; the published-ISO test will be skipped" >&2
 fi
 

@@ -1,6 +1,7 @@
 //! Guest-visible comparison of two images in any formats, driven by their extent maps: ranges that
 //! both maps call zero are never read, and the rest is read in parallel chunks.
 
+use crate::parallel::read_pool;
 use crate::progress::Progress;
 use diskkit_formats::image::first_nonzero_byte;
 use diskkit_formats::{Error, Extents, Image, Result};
@@ -43,19 +44,21 @@ pub fn compare(
     }
     let common = size_a.min(size_b);
     let chunks = common.div_ceil(CHUNK);
-    let first = (0..chunks)
-        .into_par_iter()
-        .map(|i| {
-            let start = i * CHUNK;
-            let end = (start + CHUNK).min(common);
-            let r = compare_range(a, b, start, end);
-            progress.advance(end - start);
-            r
-        })
-        .find_map_first(|r| match r {
-            Ok(None) => None,
-            other => Some(other),
-        });
+    let first = read_pool()?.install(|| {
+        (0..chunks)
+            .into_par_iter()
+            .map(|i| {
+                let start = i * CHUNK;
+                let end = (start + CHUNK).min(common);
+                let r = compare_range(a, b, start, end);
+                progress.advance(end - start);
+                r
+            })
+            .find_map_first(|r| match r {
+                Ok(None) => None,
+                other => Some(other),
+            })
+    });
     if let Some(r) = first
         && let Some(offset) = r?
     {

@@ -3,11 +3,13 @@
 //!
 //! Images: one thread walks the extent map in guest order and cuts it into chunk jobs; chunks the
 //! map calls zero take the precomputed zero digest without a read, the others are read (their zero
-//! parts filled in, not read) and hashed by all cores. Jobs go in windows whose results are folded
-//! in order, so memory stays bounded whatever the image size.
+//! parts filled in, not read) and hashed by twice as many threads as cores (see `parallel`), so
+//! that reads overlap with hashing. Jobs go in windows whose results are folded in order, so memory stays bounded
+//! whatever the image size.
 //!
 //! Streams: chunks are read sequentially while the previous batch is hashed in parallel.
 
+use crate::parallel::read_pool;
 use crate::progress::Progress;
 use diskkit_formats::digest::{ChunkDigest, ChunkHasher, DigestBuilder};
 use diskkit_formats::{Error, Extent, Extents, Image, Result};
@@ -30,7 +32,7 @@ const STREAM_BATCH_BYTES: u64 = 64 << 20;
 
 /// Data chunks per window of the image driver, per thread: enough that the idle tail at the end
 /// of a window is small.
-const DATA_CHUNKS_PER_THREAD: usize = 16;
+const DATA_CHUNKS_PER_THREAD: usize = 8;
 
 /// Zero chunks per window cost 48 bytes each: this bounds a window of a huge sparse image.
 const MAX_WINDOW_CHUNKS: usize = 1 << 16;
@@ -47,19 +49,21 @@ enum Job {
     },
 }
 
-/// Hashes the guest content of `image` with chunks of `chunk_size` bytes. `on_chunk` receives every
-/// chunk digest in guest order (collect them for a manifest, or ignore them).
+/// Hashes the guest content of `image` with chunks of `chunk_size` bytes. `on_chunk`, when given,
+/// receives every chunk digest (SHA-256 and CRC-32) in guest order, e.g. to make a manifest;
+/// without it no CRC is computed.
 pub fn hash_image(
     image: &dyn Image,
     chunk_size: u64,
     progress: &dyn Progress,
-    on_chunk: &mut dyn FnMut(ChunkDigest),
+    mut on_chunk: Option<&mut dyn FnMut(ChunkDigest)>,
 ) -> Result<ImageHash> {
-    let hasher = ChunkHasher::new(chunk_size)?;
+    let hasher = chunk_hasher(chunk_size, on_chunk.is_some())?;
     let mut builder = DigestBuilder::new(chunk_size)?;
     let size = image.virtual_size();
     let buffers = BufferPool::new(chunk_size as usize);
-    let max_data_jobs = DATA_CHUNKS_PER_THREAD * rayon::current_num_threads();
+    let pool = read_pool()?;
+    let max_data_jobs = DATA_CHUNKS_PER_THREAD * pool.current_num_threads();
     let mut cutter = ChunkCutter::new(image, chunk_size);
     let mut window = Vec::new();
     loop {
@@ -77,27 +81,31 @@ pub fn hash_image(
         if window.is_empty() {
             break;
         }
-        let digests = window
-            .par_iter()
-            .map(|job| {
-                let d = match job {
-                    Job::Zero { offset, length } => hasher.zero(*offset, *length),
-                    Job::Read {
-                        offset,
-                        length,
-                        data,
-                    } => buffers.with(*length as usize, |buf| {
-                        fill_chunk(image, *offset, data, buf)?;
-                        Ok(hasher.hash(*offset, buf))
-                    })?,
-                };
-                progress.advance(d.length);
-                Ok(d)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let digests = pool.install(|| {
+            window
+                .par_iter()
+                .map(|job| {
+                    let d = match job {
+                        Job::Zero { offset, length } => hasher.zero(*offset, *length),
+                        Job::Read {
+                            offset,
+                            length,
+                            data,
+                        } => buffers.with(*length as usize, |buf| {
+                            fill_chunk(image, *offset, data, buf)?;
+                            Ok(hasher.hash(*offset, buf))
+                        })?,
+                    };
+                    progress.advance(d.length);
+                    Ok(d)
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
         for d in digests {
             builder.push(&d)?;
-            on_chunk(d);
+            if let Some(f) = on_chunk.as_mut() {
+                f(d);
+            }
         }
     }
     if builder.covered() != size {
@@ -112,6 +120,15 @@ pub fn hash_image(
         chunk_size,
         virtual_size: size,
     })
+}
+
+/// CRCs are only wanted with the chunk records.
+fn chunk_hasher(chunk_size: u64, with_crc: bool) -> Result<ChunkHasher> {
+    if with_crc {
+        ChunkHasher::new(chunk_size)
+    } else {
+        ChunkHasher::without_crc(chunk_size)
+    }
 }
 
 /// Reads the chunk at `offset` into `buf`: the `data` ranges from the image, zeros elsewhere.
@@ -217,14 +234,15 @@ impl BufferPool {
 }
 
 /// Hashes a raw stream (stdin) chunk by chunk until its end; the stream length is the virtual
-/// size. Reading overlaps with hashing of the previous batch of chunks.
+/// size. Reading overlaps with hashing of the previous batch of chunks. `on_chunk` as for
+/// [`hash_image`].
 pub fn hash_stream(
     reader: &mut (dyn Read + Send),
     chunk_size: u64,
     progress: &dyn Progress,
-    on_chunk: &mut dyn FnMut(ChunkDigest),
+    mut on_chunk: Option<&mut dyn FnMut(ChunkDigest)>,
 ) -> Result<ImageHash> {
-    let hasher = ChunkHasher::new(chunk_size)?;
+    let hasher = chunk_hasher(chunk_size, on_chunk.is_some())?;
     let mut builder = DigestBuilder::new(chunk_size)?;
     let batch = (STREAM_BATCH_BYTES / chunk_size).clamp(1, 2 * rayon::current_num_threads() as u64)
         as usize;
@@ -251,7 +269,9 @@ pub fn hash_stream(
         );
         for d in digests {
             builder.push(&d)?;
-            on_chunk(d);
+            if let Some(f) = on_chunk.as_mut() {
+                f(d);
+            }
         }
         // The batch just hashed lends its buffers to the read after next.
         spare = std::mem::replace(&mut current, next?);

@@ -59,13 +59,6 @@ fn listing(dir: &Path) -> Vec<String> {
     names
 }
 
-fn mixed_raw(dir: &Path, name: &str, size: u64) -> std::path::PathBuf {
-    let img = p(dir, name);
-    qemu_img(&["create", "-f", "raw", path_str(&img), &size.to_string()]);
-    qemu_io("raw", &img, &as_refs(&mixed_pattern(size)));
-    img
-}
-
 #[test]
 fn raw_to_raw_stays_sparse_and_detects_zeros() {
     let dir = tempdir();

@@ -67,27 +67,42 @@ fn diskkit_stdin_digest(path: &Path) -> String {
     text[..64].to_string()
 }
 
-/// A sparse raw image with a mix of data, written zeros, zero ranges and holes.
-fn mixed_raw(dir: &Path, size: u64) -> std::path::PathBuf {
-    let img = p(dir, "mixed.raw");
-    qemu_img(&["create", "-f", "raw", path_str(&img), &size.to_string()]);
-    qemu_io("raw", &img, &as_refs(&mixed_pattern(size)));
-    img
-}
-
 #[test]
 fn same_content_same_digest_in_every_format() {
     let dir = tempdir();
     let size = 20 * MIB + 64 * 1024; // a short last chunk
-    let raw = mixed_raw(dir.path(), size);
+    let raw = mixed_raw(dir.path(), "mixed.raw", size);
     let expected = reference_digest_of_file(&raw, DEFAULT_CHUNK_SIZE);
     assert_eq!(diskkit_digest(&raw, &[]), expected);
     assert_eq!(diskkit_stdin_digest(&raw), expected);
 
-    // The same guest content in other layouts and formats, made by qemu-img.
+    // The same guest content in other layouts and formats, made by qemu-img; a manifest of the
+    // raw image checks every one of them.
+    let manifest = p(dir.path(), "raw.manifest.json");
+    diskkit_ok(&["hash", "--manifest", path_str(&manifest), path_str(&raw)]);
     let variants: &[(&str, &[&str])] = &[
         // Every byte written: no holes for the map to skip.
         ("dense.raw", &["-O", "raw", "-S", "0"]),
+        ("plain.qcow2", &["-O", "qcow2"]),
+        ("zlib.qcow2", &["-O", "qcow2", "-c"]),
+        (
+            "zstd.qcow2",
+            &["-O", "qcow2", "-c", "-o", "compression_type=zstd"],
+        ),
+        (
+            "small-clusters.qcow2",
+            &["-O", "qcow2", "-o", "cluster_size=4096"],
+        ),
+        (
+            "fixed.vhd",
+            &["-O", "vpc", "-o", "subformat=fixed,force_size=on"],
+        ),
+        (
+            "dynamic.vhd",
+            &["-O", "vpc", "-o", "subformat=dynamic,force_size=on"],
+        ),
+        ("disk.vmdk", &["-O", "vmdk"]),
+        ("disk.vhdx", &["-O", "vhdx"]),
     ];
     for (name, convert_args) in variants {
         let img = p(dir.path(), name);
@@ -96,6 +111,8 @@ fn same_content_same_digest_in_every_format() {
         args.extend([path_str(&raw), path_str(&img)]);
         qemu_img(&args);
         assert_eq!(diskkit_digest(&img, &[]), expected, "{name}");
+        let (code, out, err) = diskkit(&["hash", "--check", path_str(&manifest), path_str(&img)]);
+        assert_eq!(code, 0, "{name}: {out}{err}");
     }
 
     // Other chunk sizes give other digests, each as the definition says.
@@ -110,9 +127,57 @@ fn same_content_same_digest_in_every_format() {
 }
 
 #[test]
+fn backing_chain_hashes_as_its_guest_view() {
+    let dir = tempdir();
+    let base = mixed_raw(dir.path(), "mixed.raw", 12 * MIB);
+    let middle = p(dir.path(), "middle.qcow2");
+    let top = p(dir.path(), "top.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        path_str(&base),
+        "-F",
+        "raw",
+        path_str(&middle),
+    ]);
+    qemu_io(
+        "qcow2",
+        &middle,
+        &["write -P 0x55 1M 64k", "write -z 0 32k"],
+    );
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        path_str(&middle),
+        "-F",
+        "qcow2",
+        path_str(&top),
+    ]);
+    // Data over a hole, zeros over data of the layer below, data at the end.
+    qemu_io(
+        "qcow2",
+        &top,
+        &[
+            "write -P 0x66 7M 4k",
+            "write -z 1M 4k",
+            "write -P 0x77 11M 1M",
+        ],
+    );
+    let flat = p(dir.path(), "flat.raw");
+    std::fs::write(&flat, qemu_guest_bytes(&top, dir.path())).unwrap();
+    let expected = reference_digest_of_file(&flat, MIB);
+    assert_eq!(diskkit_digest(&top, &["--chunk-size", "1M"]), expected);
+    assert_ne!(diskkit_digest(&middle, &["--chunk-size", "1M"]), expected);
+}
+
+#[test]
 fn one_changed_byte_is_found_by_check() {
     let dir = tempdir();
-    let raw = mixed_raw(dir.path(), 16 * MIB);
+    let raw = mixed_raw(dir.path(), "mixed.raw", 16 * MIB);
     let manifest = p(dir.path(), "disk.manifest.json");
     let out = diskkit_ok(&[
         "hash",
@@ -127,19 +192,36 @@ fn one_changed_byte_is_found_by_check() {
         (code, out_ok.as_str()),
         (0, format!("{}: OK\n", path_str(&raw)).as_str())
     );
+    let qcow2 = p(dir.path(), "disk.qcow2");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-c",
+        path_str(&raw),
+        path_str(&qcow2),
+    ]);
 
-    // A byte in a hole (chunk 6) changes: only that chunk differs, the digest changes.
-    let offset = 6 * MIB + 12345;
-    qemu_io("raw", &raw, &[&format!("write -P 0x77 {offset} 1")]);
-    assert_ne!(
-        diskkit_digest(&raw, &["--chunk-size", "1M"]),
-        out[..64].to_string()
-    );
-    let (code, out, _) = diskkit(&["hash", "--check", path_str(&manifest), path_str(&raw)]);
-    assert_eq!(code, 1, "{out}");
-    let differs: Vec<&str> = out.lines().filter(|l| l.contains("differs")).collect();
-    assert_eq!(differs, [format!("chunk 6 at offset {}: differs", 6 * MIB)]);
-    assert!(out.contains("FAILED (1 of 16 chunks differ)"), "{out}");
+    // A byte changes in a hole (chunk 6) of the raw image and in compressed data (chunk 1) of the
+    // qcow2 image: only that chunk differs, and the digest changes.
+    for (img, fmt, chunk) in [(&raw, "raw", 6), (&qcow2, "qcow2", 1)] {
+        let offset = chunk * MIB + 12345;
+        qemu_io(fmt, img, &[&format!("write -P 0x77 {offset} 1")]);
+        assert_ne!(
+            diskkit_digest(img, &["--chunk-size", "1M"]),
+            out[..64].to_string()
+        );
+        let (code, out, _) = diskkit(&["hash", "--check", path_str(&manifest), path_str(img)]);
+        assert_eq!(code, 1, "{out}");
+        let differs: Vec<&str> = out.lines().filter(|l| l.contains("differs")).collect();
+        assert_eq!(
+            differs,
+            [format!("chunk {chunk} at offset {}: differs", chunk * MIB)]
+        );
+        assert!(out.contains("FAILED (1 of 16 chunks differ)"), "{out}");
+    }
 
     // A different size is named as such.
     std::fs::OpenOptions::new()
@@ -168,7 +250,7 @@ fn one_changed_byte_is_found_by_check() {
 fn manifest_round_trip() {
     let dir = tempdir();
     let size = 10 * MIB + 4096;
-    let raw = mixed_raw(dir.path(), size);
+    let raw = mixed_raw(dir.path(), "mixed.raw", size);
     let manifest_path = p(dir.path(), "m.json");
     let out = diskkit_ok(&[
         "hash",
@@ -202,7 +284,7 @@ fn manifest_round_trip() {
 #[test]
 fn several_images_and_errors() {
     let dir = tempdir();
-    let raw = mixed_raw(dir.path(), 8 * MIB);
+    let raw = mixed_raw(dir.path(), "mixed.raw", 8 * MIB);
     let empty = p(dir.path(), "empty.raw");
     std::fs::write(&empty, b"").unwrap();
     let (code, out, err) = diskkit(&["hash", path_str(&raw), "/nonexistent.img", path_str(&empty)]);
@@ -255,7 +337,7 @@ fn sparse_terabyte_is_hashed_without_reading() {
     let size = (1u64 << 40) + 12345;
     std::fs::File::create(&img).unwrap().set_len(size).unwrap();
     let image = counted(&img);
-    let hash = hash_image(&image, DEFAULT_CHUNK_SIZE, &NoProgress, &mut |_| {}).unwrap();
+    let hash = hash_image(&image, DEFAULT_CHUNK_SIZE, &NoProgress, None).unwrap();
     assert_eq!(
         image.read.load(Ordering::Relaxed),
         0,
@@ -273,12 +355,35 @@ fn sparse_terabyte_is_hashed_without_reading() {
 
     // With data, only the chunks holding data are read, and the digest still follows the
     // reference read byte by byte.
-    let small = mixed_raw(dir.path(), 16 * MIB);
+    let small = mixed_raw(dir.path(), "mixed.raw", 16 * MIB);
     let image = counted(&small);
     let mut chunks = Vec::new();
-    let hash = hash_image(&image, MIB, &NoProgress, &mut |c| chunks.push(c)).unwrap();
+    let hash = hash_image(&image, MIB, &NoProgress, Some(&mut |c| chunks.push(c))).unwrap();
     let got: String = hash.digest.iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(got, reference_digest_of_file(&small, MIB));
     assert!(image.read.load(Ordering::Relaxed) < 8 * MIB);
     assert_eq!(chunks.len(), 16);
+    // Without chunk records (and CRCs), the same digest.
+    assert_eq!(hash_image(&image, MIB, &NoProgress, None).unwrap(), hash);
+}
+
+#[test]
+fn snapshot_is_hashed_as_it_was() {
+    let dir = tempdir();
+    let raw = mixed_raw(dir.path(), "mixed.raw", 8 * MIB);
+    let img = p(dir.path(), "snap.qcow2");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        path_str(&raw),
+        path_str(&img),
+    ]);
+    qemu_img(&["snapshot", "-c", "before", path_str(&img)]);
+    qemu_io("qcow2", &img, &["write -P 0x99 0 1M"]);
+    let before = diskkit_digest(&raw, &[]);
+    assert_eq!(diskkit_digest(&img, &["-l", "before"]), before);
+    assert_ne!(diskkit_digest(&img, &[]), before);
 }

@@ -84,7 +84,8 @@ pub struct ChunkDigest {
     pub length: u64,
     #[serde(with = "hex32")]
     pub sha256: [u8; 32],
-    /// CRC-32 (IEEE, as zlib) of the chunk's bytes.
+    /// CRC-32 (IEEE, as zlib) of the chunk's bytes; 0 from a hasher made with
+    /// [`ChunkHasher::without_crc`].
     pub crc32: u32,
 }
 
@@ -124,18 +125,26 @@ impl ChunkDigest {
 /// chunk that the allocation map or a scan finds all zero.
 pub struct ChunkHasher {
     zero_chunk: ChunkDigest,
+    with_crc: bool,
 }
 
 impl ChunkHasher {
+    /// Computes the SHA-256 and CRC-32 of every chunk, as manifests record them.
     pub fn new(chunk_size: u64) -> Result<Self> {
         check_chunk_size(chunk_size)?;
         Ok(ChunkHasher {
             zero_chunk: ChunkDigest::of_zeros(0, chunk_size),
+            with_crc: true,
         })
     }
 
-    pub fn chunk_size(&self) -> u64 {
-        self.zero_chunk.length
+    /// Computes only the SHA-256 (`crc32` is 0): all the image digest needs; the CRC would add
+    /// about 7% to the hashing time (crc32fast runs ~14 times faster than SHA-NI here).
+    pub fn without_crc(chunk_size: u64) -> Result<Self> {
+        let mut hasher = ChunkHasher::new(chunk_size)?;
+        hasher.with_crc = false;
+        hasher.zero_chunk.crc32 = 0;
+        Ok(hasher)
     }
 
     /// Digests of the chunk `data` at `offset`. A zero scan runs far faster than SHA-256, so
@@ -143,8 +152,15 @@ impl ChunkHasher {
     pub fn hash(&self, offset: u64, data: &[u8]) -> ChunkDigest {
         if first_nonzero_byte(data).is_none() {
             self.zero(offset, data.len() as u64)
-        } else {
+        } else if self.with_crc {
             ChunkDigest::of(offset, data)
+        } else {
+            ChunkDigest {
+                offset,
+                length: data.len() as u64,
+                sha256: Sha256::digest(data).into(),
+                crc32: 0,
+            }
         }
     }
 
@@ -157,7 +173,11 @@ impl ChunkHasher {
                 ..self.zero_chunk
             }
         } else {
-            ChunkDigest::of_zeros(offset, length)
+            let d = ChunkDigest::of_zeros(offset, length);
+            ChunkDigest {
+                crc32: if self.with_crc { d.crc32 } else { 0 },
+                ..d
+            }
         }
     }
 }
@@ -360,11 +380,23 @@ mod tests {
             assert_eq!(m.digest, plain_digest(&content[..len], 4096), "{len}");
             assert_eq!(m.virtual_size, len as u64);
         }
-        // Zero shortcut: the same digests as hashing zeros, for full and short chunks.
+        // Zero shortcut: the same digests as hashing zeros, for full and short chunks; without
+        // CRCs, the same SHA-256.
         let hasher = ChunkHasher::new(4096).unwrap();
-        for len in [4096usize, 100] {
-            let zeros = vec![0u8; len];
-            assert_eq!(hasher.zero(8192, len as u64), ChunkDigest::of(8192, &zeros));
+        let sha_only = ChunkHasher::without_crc(4096).unwrap();
+        for data in [
+            vec![0u8; 4096],
+            vec![0u8; 100],
+            content[4096..8192].to_vec(),
+        ] {
+            let len = data.len() as u64;
+            let full = ChunkDigest::of(8192, &data);
+            assert_eq!(hasher.hash(8192, &data), full);
+            assert_eq!(sha_only.hash(8192, &data), ChunkDigest { crc32: 0, ..full });
+            if full.crc32 == crc32fast::hash(&vec![0u8; len as usize]) {
+                assert_eq!(hasher.zero(8192, len), full);
+                assert_eq!(sha_only.zero(8192, len).crc32, 0);
+            }
         }
         // Known answers, from the Python reimplementation in the module documentation.
         assert_eq!(

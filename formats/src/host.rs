@@ -116,6 +116,19 @@ impl HostFile {
         Ok(self.seek(offset, libc::SEEK_HOLE)?.unwrap_or(self.len))
     }
 
+    /// Whether the `len` bytes at `offset` start with data or with a hole (or the end of the
+    /// file), and for how many bytes that lasts (at least one, at most `len`).
+    pub fn data_run(&self, offset: u64, len: u64) -> Result<(bool, u64)> {
+        Ok(match self.next_data(offset)? {
+            Some(d) if d == offset => {
+                let hole = self.next_hole(offset)?.max(offset + 1);
+                (true, len.min(hole - offset))
+            }
+            Some(d) => (false, len.min(d - offset)),
+            None => (false, len),
+        })
+    }
+
     fn seek(&self, offset: u64, whence: libc::c_int) -> Result<Option<u64>> {
         use std::os::fd::AsRawFd;
         if offset >= self.len {

@@ -46,18 +46,15 @@ impl Image for RawImage {
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
         check_guest_range(self.file.len(), offset, 1)?;
         let max_len = max_len.min(self.file.len() - offset);
-        let (kind, end) = match self.file.next_data(offset)? {
-            Some(d) if d == offset => (
-                ExtentKind::Data { offset },
-                self.file.next_hole(offset)?.max(offset + 1),
-            ),
-            Some(d) => (ExtentKind::Zero, d),
-            None => (ExtentKind::Zero, self.file.len()),
-        };
+        let (data, length) = self.file.data_run(offset, max_len)?;
         Ok(Extent {
             start: offset,
-            length: (end - offset).min(max_len),
-            kind,
+            length,
+            kind: if data {
+                ExtentKind::Data { offset }
+            } else {
+                ExtentKind::Zero
+            },
             depth: 0,
         })
     }

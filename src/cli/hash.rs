@@ -66,7 +66,7 @@ pub fn run(args: Args) -> Result<i32> {
             return Err(Error::invalid("--manifest needs exactly one IMAGE"));
         };
         let mut chunks = Vec::new();
-        let (hash, format) = hash_one(&args, image, chunk_size, &mut |c| chunks.push(c))?;
+        let (hash, format) = hash_one(&args, image, chunk_size, Some(&mut |c| chunks.push(c)))?;
         let mut manifest = Manifest::new(chunk_size, chunks)?;
         manifest.format = Some(format);
         manifest.source = Some(image.display().to_string());
@@ -76,7 +76,7 @@ pub fn run(args: Args) -> Result<i32> {
     }
     let mut code = EXIT_OK;
     for image in &images {
-        match hash_one(&args, image, chunk_size, &mut |_| {}) {
+        match hash_one(&args, image, chunk_size, None) {
             Ok((hash, _)) => println!("{}  {}", hex(&hash.digest), image.display()),
             Err(e) => {
                 eprintln!("diskkit: {e}");
@@ -92,7 +92,7 @@ fn hash_one(
     args: &Args,
     image: &Path,
     chunk_size: u64,
-    on_chunk: &mut dyn FnMut(ChunkDigest),
+    on_chunk: Option<&mut dyn FnMut(ChunkDigest)>,
 ) -> Result<(ImageHash, String)> {
     if image == Path::new("-") {
         if args.format.is_some_and(|f| f != Format::Raw) || args.snapshot.is_some() {
@@ -118,12 +118,17 @@ fn check(args: &Args, manifest_path: &Path, image: &Path) -> Result<i32> {
         .map_err(|e| Error::invalid(format!("{}: {e}", manifest_path.display())))?;
     let mut differing = Vec::new();
     let mut index = 0usize;
-    let (hash, _) = hash_one(args, image, expected.chunk_size, &mut |c| {
-        if expected.chunks.get(index) != Some(&c) {
-            differing.push(c.offset);
-        }
-        index += 1;
-    })?;
+    let (hash, _) = hash_one(
+        args,
+        image,
+        expected.chunk_size,
+        Some(&mut |c| {
+            if expected.chunks.get(index) != Some(&c) {
+                differing.push(c.offset);
+            }
+            index += 1;
+        }),
+    )?;
     let name = image.display();
     if hash.virtual_size != expected.virtual_size {
         println!(

@@ -104,6 +104,14 @@ pub fn mixed_pattern(size: u64) -> Vec<String> {
     ]
 }
 
+/// A sparse raw image `name` in `dir` of `size` bytes holding the `mixed_pattern`.
+pub fn mixed_raw(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let img = p(dir, name);
+    qemu_img(&["create", "-f", "raw", path_str(&img), &size.to_string()]);
+    qemu_io("raw", &img, &as_refs(&mixed_pattern(size)));
+    img
+}
+
 pub fn as_refs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }

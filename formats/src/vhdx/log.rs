@@ -76,6 +76,21 @@ impl LoggedFile {
         Ok(buf)
     }
 
+    /// Whether the `len` bytes at `offset` start with data or a hole of the host file, and how
+    /// far that lasts (at least one byte). Ranges the log patches count as data.
+    pub fn data_run(&self, offset: u64, len: u64) -> Result<(bool, u64)> {
+        let end = offset.saturating_add(len);
+        let patched = self
+            .patches
+            .range(..end)
+            .next_back()
+            .is_some_and(|(s, (l, _))| s.saturating_add(*l) > offset);
+        if patched || len == 0 {
+            return Ok((true, len));
+        }
+        self.host.data_run(offset, len)
+    }
+
     /// Reads the file as the replayed log leaves it.
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64, structure: &str) -> Result<()> {
         self.check_range(offset, buf.len() as u64, structure)?;
@@ -89,7 +104,7 @@ impl LoggedFile {
         let end = offset + buf.len() as u64;
         // Patches are sorted and disjoint: walk back from the last one starting before `end`.
         for (&start, (len, patch)) in self.patches.range(..end).rev() {
-            let patch_end = start + len;
+            let patch_end = start.saturating_add(*len);
             if patch_end <= offset {
                 break;
             }
@@ -119,6 +134,9 @@ impl LoggedFile {
     /// Lays `patch` over [start, start + len), replacing what earlier patches said there.
     fn apply(&mut self, start: u64, len: u64, patch: Patch) {
         let end = start.saturating_add(len);
+        if end == start {
+            return;
+        }
         let overlapping: Vec<u64> = self
             .patches
             .range(..end)
@@ -441,5 +459,53 @@ impl Log<'_> {
             last_file_offset,
             descriptors,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// Later patches replace earlier ones; zero ranges split around them.
+    #[test]
+    fn overlay_layers_patches_in_order() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        let mut content = vec![0xeeu8; 64 * 1024];
+        content[60 * 1024..].fill(0x5a); // a "data sector" of the log at 60 KiB
+        f.write_all(&content).unwrap();
+        let host = HostFile::open(f.path()).unwrap();
+        let mut file = LoggedFile {
+            len: host.len() + 8192,
+            host,
+            patches: BTreeMap::new(),
+        };
+        file.apply(0, 32 * 1024, Patch::Zero);
+        let sector = Patch::Sector {
+            source: 60 * 1024,
+            leading: *b"leading!",
+            trailing: *b"tail",
+        };
+        file.apply(8 * 1024, LOG_SECTOR, sector);
+        file.apply(28 * 1024, 8 * 1024, Patch::Zero);
+        let mut buf = vec![0u8; 72 * 1024];
+        file.read_exact_at(&mut buf, 0, "test").unwrap();
+        assert!(buf[..8 * 1024].iter().all(|&b| b == 0));
+        assert_eq!(&buf[8 * 1024..8 * 1024 + 8], b"leading!");
+        assert!(buf[8 * 1024 + 8..12 * 1024 - 4].iter().all(|&b| b == 0x5a));
+        assert_eq!(&buf[12 * 1024 - 4..12 * 1024], b"tail");
+        assert!(buf[12 * 1024..36 * 1024].iter().all(|&b| b == 0));
+        assert!(buf[36 * 1024..60 * 1024].iter().all(|&b| b == 0xee));
+        // Past the file on disk but inside the length the log gives it: zeros.
+        assert!(buf[64 * 1024..].iter().all(|&b| b == 0));
+        let mut part = [0u8; 16];
+        file.read_exact_at(&mut part, 12 * 1024 - 8, "test")
+            .unwrap();
+        assert_eq!(&part[4..8], b"tail");
+        assert!(
+            file.read_exact_at(&mut part, 72 * 1024 - 8, "test")
+                .is_err()
+        );
+        assert_eq!(file.patches.len(), 4);
     }
 }

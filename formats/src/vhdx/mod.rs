@@ -249,9 +249,12 @@ impl VhdxImage {
             let is_bitmap = (i + 1).is_multiple_of(self.chunk_ratio + 1);
             let state = bat_state(entry);
             if is_bitmap {
+                // Only differencing images consult sector bitmaps. Elsewhere the entries are
+                // unused, and qemu before 8.0 left garbage in them: ignore them there.
                 match state {
+                    _ if !has_parent => {}
                     SB_NOT_PRESENT => {}
-                    SB_PRESENT if has_parent => self.check_block(entry, MIB, &corrupt)?,
+                    SB_PRESENT => self.check_block(entry, MIB, &corrupt)?,
                     s => return Err(corrupt(format!("sector bitmap entry in state {s}"))),
                 }
                 continue;
@@ -311,19 +314,48 @@ impl VhdxImage {
         self.bat.get(index as usize).copied().unwrap_or(0)
     }
 
-    /// What backs the guest bytes from `offset` on, for how many bytes (at most `max_len`,
-    /// never past a payload block).
+    /// What backs the guest bytes from `offset` on, for how many bytes (at most `max_len`): the
+    /// following blocks join the run while they read the same way (data that follows on in the
+    /// file, zeros, or unallocated); a partially present block is split by its sector bitmap.
     fn locate(&self, offset: u64, max_len: u64) -> Result<(Source, u64)> {
         let block = offset / self.block_size;
         let within = offset % self.block_size;
-        let len = max_len.min(self.block_size - within);
+        let first_len = max_len.min(self.block_size - within);
         let entry = self.payload_entry(block);
-        Ok(match bat_state(entry) {
-            PAYLOAD_FULLY_PRESENT => (Source::Host(bat_offset(entry) + within), len),
-            PAYLOAD_PARTIALLY_PRESENT => self.locate_partial(block, entry, within, len)?,
-            PAYLOAD_NOT_PRESENT => (Source::Unallocated, len),
+        let source = match self.block_source(entry) {
+            Some(source) => source,
+            None => return self.locate_partial(block, entry, within, first_len),
+        };
+        let source = match source {
+            Source::Host(at) => Source::Host(at + within),
+            other => other,
+        };
+        let mut len = first_len;
+        let mut next = block + 1;
+        while len < max_len {
+            let joins = match (&source, self.block_source(self.payload_entry(next))) {
+                (Source::Host(at), Some(Source::Host(b))) => Some(b) == at.checked_add(len),
+                (Source::Zero, Some(Source::Zero))
+                | (Source::Unallocated, Some(Source::Unallocated)) => true,
+                _ => false,
+            };
+            if !joins {
+                break;
+            }
+            len = (len + self.block_size).min(max_len);
+            next += 1;
+        }
+        Ok((source, len))
+    }
+
+    /// How a whole payload block reads, from its BAT entry; `None` for a partially present one.
+    fn block_source(&self, entry: u64) -> Option<Source> {
+        Some(match bat_state(entry) {
+            PAYLOAD_FULLY_PRESENT => Source::Host(bat_offset(entry)),
+            PAYLOAD_PARTIALLY_PRESENT => return None,
+            PAYLOAD_NOT_PRESENT => Source::Unallocated,
             // ZERO, and UNDEFINED/UNMAPPED whose contents the file does not define: zeros.
-            _ => (Source::Zero, len),
+            _ => Source::Zero,
         })
     }
 
@@ -487,7 +519,8 @@ fn region_table(file: &LoggedFile, log: &LogLocation) -> Result<Vec<Region>> {
                 guid_string(&g)
             )));
         }
-        file.check_range(offset, length, "vhdx region")?;
+        // On disk, not merely inside a size the log extends the file to.
+        file.host().check_range(offset, length, "vhdx region")?;
         let overlaps = |o: u64, l: u64| offset < o.saturating_add(l) && o < offset + length;
         if regions
             .iter()
@@ -726,9 +759,19 @@ impl Image for VhdxImage {
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
         check_guest_range(self.virtual_size, offset, 1)?;
         let max_len = max_len.min(self.virtual_size - offset);
-        let (source, length) = self.locate(offset, max_len)?;
+        let (source, mut length) = self.locate(offset, max_len)?;
         let kind = match source {
-            Source::Host(offset) => ExtentKind::Data { offset },
+            Source::Host(at) => {
+                // Blocks are often sparse on the host (qemu's fixed images are): holes read as
+                // zeros, so map them as such and spare readers the work.
+                let (data, run) = self.file.data_run(at, length)?;
+                length = run;
+                if data {
+                    ExtentKind::Data { offset: at }
+                } else {
+                    ExtentKind::Zero
+                }
+            }
             Source::Zero => ExtentKind::Zero,
             Source::Unallocated => return map_backing(self.parent.as_deref(), offset, length),
         };

@@ -97,7 +97,13 @@ impl Descriptor {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            if let Some(ext) = parse_extent_line(line).map_err(|r| corrupt(no, r))? {
+            let parsed = parse_extent_line(line).map_err(|e| match e {
+                LineError::Bad(r) => corrupt(no, r),
+                LineError::Unsupported(kind) => {
+                    Error::unsupported(path, format!("vmdk {kind} extents"))
+                }
+            })?;
+            if let Some(ext) = parsed {
                 if d.extents.len() >= MAX_EXTENTS {
                     return Err(corrupt(no, format!("more than {MAX_EXTENTS} extents")));
                 }
@@ -147,9 +153,21 @@ fn parse_cid(s: &str) -> std::result::Result<u32, String> {
     u32::from_str_radix(s, 16).map_err(|_| format!("bad CID {s:?}"))
 }
 
+enum LineError {
+    Bad(String),
+    /// An extent type VMware defines that diskkit does not read.
+    Unsupported(String),
+}
+
+impl From<String> for LineError {
+    fn from(reason: String) -> Self {
+        LineError::Bad(reason)
+    }
+}
+
 /// Parses an extent line; `Ok(None)` when the line is not one (it does not start with an access
 /// mode).
-fn parse_extent_line(line: &str) -> std::result::Result<Option<ExtentLine>, String> {
+fn parse_extent_line(line: &str) -> std::result::Result<Option<ExtentLine>, LineError> {
     let Some((access, rest)) = line.split_once(char::is_whitespace) else {
         return Ok(None);
     };
@@ -160,13 +178,16 @@ fn parse_extent_line(line: &str) -> std::result::Result<Option<ExtentLine>, Stri
     let sectors = words.next().unwrap_or("");
     let sectors: u64 = sectors
         .parse()
-        .map_err(|_| format!("bad extent size {sectors:?}"))?;
+        .map_err(|_| LineError::Bad(format!("bad extent size {sectors:?}")))?;
     let kind = match words.next().unwrap_or("") {
         "SPARSE" => ExtentType::Sparse,
         "FLAT" => ExtentType::Flat,
         "VMFS" => ExtentType::Vmfs,
         "ZERO" => ExtentType::Zero,
-        other => return Err(format!("unsupported extent type {other:?}")),
+        other @ ("VMFSSPARSE" | "SESPARSE" | "VMFSRDM" | "VMFSRAW") => {
+            return Err(LineError::Unsupported(other.to_string()));
+        }
+        other => return Err(format!("unknown extent type {other:?}").into()),
     };
     let rest = words.next().unwrap_or("").trim();
     if kind == ExtentType::Zero {
@@ -178,13 +199,13 @@ fn parse_extent_line(line: &str) -> std::result::Result<Option<ExtentLine>, Stri
         }));
     }
     let Some(quoted) = rest.strip_prefix('"') else {
-        return Err(format!("extent file name not quoted in {line:?}"));
+        return Err(format!("extent file name not quoted in {line:?}").into());
     };
     let Some((name, after)) = quoted.split_once('"') else {
-        return Err(format!("unterminated extent file name in {line:?}"));
+        return Err(format!("unterminated extent file name in {line:?}").into());
     };
     if name.is_empty() {
-        return Err("empty extent file name".to_string());
+        return Err(LineError::Bad("empty extent file name".into()));
     }
     let after = after.trim();
     let offset = if after.is_empty() {
@@ -192,10 +213,10 @@ fn parse_extent_line(line: &str) -> std::result::Result<Option<ExtentLine>, Stri
     } else {
         after
             .parse()
-            .map_err(|_| format!("bad extent offset {after:?}"))?
+            .map_err(|_| LineError::Bad(format!("bad extent offset {after:?}")))?
     };
     if kind == ExtentType::Sparse && offset != 0 {
-        return Err("sparse extents take no offset".to_string());
+        return Err(LineError::Bad("sparse extents take no offset".into()));
     }
     Ok(Some(ExtentLine {
         sectors,
@@ -225,6 +246,11 @@ RDONLY 100 FLAT \"with space.raw\" 8\nNOACCESS 20 ZERO\n\nddb.adapterType = \"id
         assert_eq!(d.extents[2].kind, ExtentType::Zero);
         assert_eq!(d.total_sectors(), Some(4192256 + 120));
         assert!(looks_like_descriptor(TEXT.as_bytes()));
+        let sesparse = format!("{MAGIC_LINE}\nRW 8 SESPARSE \"x\"\n");
+        assert!(matches!(
+            Descriptor::parse(sesparse.as_bytes(), Path::new("d"), 0),
+            Err(Error::Unsupported { .. })
+        ));
         assert!(!looks_like_descriptor(b"KDMV"));
     }
 
@@ -233,7 +259,7 @@ RDONLY 100 FLAT \"with space.raw\" 8\nNOACCESS 20 ZERO\n\nddb.adapterType = \"id
         for bad in [
             "RW 10 FLAT noquote.raw",
             "RW x FLAT \"a\"",
-            "RW 10 VMFSSPARSE \"a\"",
+            "RW 10 OTHER \"a\"",
             "RW 10 SPARSE \"a\" 5",
             "RW 10 FLAT \"a",
             "CID=zz",

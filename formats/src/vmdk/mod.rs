@@ -108,10 +108,15 @@ impl VmdkImage {
         };
         let virtual_size = extents.last().map_or(0, |e| e.guest_start + e.length);
         let parent = match (&descriptor.parent_file_name_hint, descriptor.parent_cid) {
-            (Some(hint), cid) if cid != NO_PARENT_CID => {
-                Some(chain.open(&resolve(&path, hint), None, None)?)
+            (_, NO_PARENT_CID) => None,
+            (Some(hint), _) => Some(chain.open(&resolve(&path, hint), None, None)?),
+            (None, _) => {
+                warnings.push(
+                    "delta disk without parentFileNameHint: unallocated grains read as zeros"
+                        .into(),
+                );
+                None
             }
-            _ => None,
         };
         Ok(VmdkImage {
             path,
@@ -130,7 +135,7 @@ impl VmdkImage {
     }
 
     /// What backs the guest bytes from `offset` on, and for how many bytes (at most `max_len`,
-    /// never past the end of a grain or an extent).
+    /// never past the end of a grain table, a compressed grain or an extent).
     fn locate(&self, offset: u64, max_len: u64) -> Result<(Source, u64)> {
         let index = self.extent_index(offset);
         let Some(ext) = self.extents.get(index) else {
@@ -144,32 +149,22 @@ impl VmdkImage {
             Storage::Zero => (Source::Zero, max_len),
             Storage::Flat { file, start } => {
                 let host = start + within;
-                if host >= file.len() {
-                    // Past the end of a short flat file: qemu reads zeros there too.
-                    (Source::Zero, max_len)
-                } else {
-                    let len = max_len.min(file.len() - host);
-                    match file.next_data(host)? {
-                        Some(d) if d == host => {
-                            let hole = file.next_hole(host)?.max(host + 1);
-                            (
-                                Source::Host {
-                                    extent: index,
-                                    offset: host,
-                                },
-                                len.min(hole - host),
-                            )
-                        }
-                        Some(d) => (Source::Zero, len.min(d - host)),
-                        None => (Source::Zero, len),
-                    }
+                // Holes, and the end of a short flat file (qemu reads zeros there too), are zero.
+                match file.data_run(host, max_len)? {
+                    (true, len) => (
+                        Source::Host {
+                            extent: index,
+                            offset: host,
+                        },
+                        len,
+                    ),
+                    (false, len) => (Source::Zero, len),
                 }
             }
             Storage::Sparse(s) => {
-                let grain = s.grain_bytes();
-                let grain_start = within - within % grain;
-                let len = max_len.min(grain_start + grain - within);
-                let source = match s.grain(within)? {
+                let (grain, len) = s.grain_run(within, max_len)?;
+                let grain_start = within - within % s.grain_bytes();
+                let source = match grain {
                     Grain::Unallocated => Source::Unallocated,
                     Grain::Zero => Source::Zero,
                     Grain::Data(at) => Source::Host {
@@ -320,9 +315,13 @@ fn open_extents(
                     }
                     Storage::Sparse(s)
                 } else {
-                    let start = line.offset.checked_mul(SECTOR).ok_or_else(|| {
-                        Error::corrupt(path, "vmdk descriptor", 0, "extent offset overflows")
-                    })?;
+                    let start = line
+                        .offset
+                        .checked_mul(SECTOR)
+                        .filter(|s| s.checked_add(length).is_some())
+                        .ok_or_else(|| {
+                            Error::corrupt(path, "vmdk descriptor", 0, "extent offset overflows")
+                        })?;
                     Storage::Flat { file, start }
                 }
             }

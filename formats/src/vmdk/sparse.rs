@@ -180,9 +180,13 @@ impl SparseExtent {
         self.header.capacity.saturating_mul(SECTOR)
     }
 
-    /// The grain holding extent byte `offset`.
-    pub fn grain(&self, offset: u64) -> Result<Grain> {
-        let grain_index = offset / self.grain_bytes;
+    /// The grain holding extent byte `offset`, and how many bytes from `offset` on (at most
+    /// `max_len`) read the same way: the following grains of the same table while they are
+    /// unallocated or zero alike, or their data follows on in the file. Compressed grains are
+    /// one grain each.
+    pub fn grain_run(&self, offset: u64, max_len: u64) -> Result<(Grain, u64)> {
+        let grain_bytes = self.grain_bytes;
+        let grain_index = offset / grain_bytes;
         let per_gt = u64::from(self.header.gtes_per_gt);
         let gd_index = (grain_index / per_gt) as usize;
         let Some(&gt_sector) = self.gd.get(gd_index) else {
@@ -190,20 +194,43 @@ impl SparseExtent {
                 "vmdk extent offset {offset:#x} is outside the extent"
             )));
         };
+        let first_len = (grain_bytes - offset % grain_bytes).min(max_len);
+        let table_rest = (per_gt - grain_index % per_gt - 1) * grain_bytes;
         if gt_sector == 0 {
-            return Ok(Grain::Unallocated);
+            return Ok((Grain::Unallocated, max_len.min(first_len + table_rest)));
         }
         let table = self.grain_table(gd_index, gt_sector)?;
-        let gte = table
-            .get((grain_index % per_gt) as usize)
-            .copied()
-            .unwrap_or(0);
-        Ok(match gte {
+        let first_entry = (grain_index % per_gt) as usize;
+        let entries = table.get(first_entry..).unwrap_or(&[]);
+        let mut grains = entries.iter().map(|&gte| self.classify(gte));
+        let first = grains.next().unwrap_or(Grain::Unallocated);
+        let mut len = first_len;
+        if !matches!(first, Grain::Compressed(_)) {
+            for (n, next) in (1u64..).zip(grains) {
+                if len >= max_len {
+                    break;
+                }
+                let continues = match (first, next) {
+                    (Grain::Data(a), Grain::Data(b)) => Some(b) == a.checked_add(n * grain_bytes),
+                    (Grain::Unallocated, Grain::Unallocated) | (Grain::Zero, Grain::Zero) => true,
+                    _ => false,
+                };
+                if !continues {
+                    break;
+                }
+                len = (len + grain_bytes).min(max_len);
+            }
+        }
+        Ok((first, len))
+    }
+
+    fn classify(&self, gte: u32) -> Grain {
+        match gte {
             0 => Grain::Unallocated,
             GTE_ZEROED if self.header.flags & FLAG_ZEROED_GRAIN_GTE != 0 => Grain::Zero,
             s if self.header.compressed() => Grain::Compressed(u64::from(s) * SECTOR),
             s => Grain::Data(u64::from(s) * SECTOR),
-        })
+        }
     }
 
     fn grain_table(&self, gd_index: usize, gt_sector: u32) -> Result<Arc<[u32]>> {
