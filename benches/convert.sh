@@ -74,9 +74,12 @@ cat "$SRC" > /dev/null
 echo "# source: $(du -h --apparent-size "$SRC" | cut -f1) virtual, $(du -h "$SRC" | cut -f1) allocated; $(nproc) CPUs"
 
 # run NAME CMD...: times CMD, appends "seconds peak_rss_kib" to $DIR/NAME.time
+# Dirty pages left by the previous run are written first: with ext4's ordered mode an fsync
+# would otherwise also wait for them, charging one tool for the other's deferred writes.
 run() {
     local name=$1
     shift
+    sync
     /usr/bin/time -f "%e %M" -a -o "$DIR/$name.time" "$@"
 }
 
