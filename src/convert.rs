@@ -183,6 +183,12 @@ pub fn write_new_image<T>(
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    if !dir.is_dir() {
+        return Err(Error::invalid(format!(
+            "{}: the output's directory does not exist",
+            dir.display()
+        )));
+    }
     let Some(name) = path.file_name() else {
         return Err(Error::invalid(format!(
             "{}: not a file name",
@@ -288,6 +294,10 @@ fn final_target(path: &Path) -> Result<PathBuf> {
                 Ok(path.to_path_buf())
             }
         }
+        Ok(m) if m.is_dir() => Err(Error::invalid(format!(
+            "{}: is a directory, not an image file",
+            path.display()
+        ))),
         Ok(_) => Err(Error::invalid(format!(
             "{}: exists and is not a regular file (use -n to write into a device)",
             path.display()

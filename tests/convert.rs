@@ -133,6 +133,18 @@ fn failed_conversion_leaves_nothing_and_keeps_old_output() {
     assert_eq!(code, 2);
     assert_eq!(std::fs::read(&out).unwrap(), b"previous");
     assert_eq!(listing(dir.path()), ["out.raw", "src.raw"]);
+    // Outputs that cannot be image files.
+    let missing = p(dir.path(), "missing/out.raw");
+    for (target, why) in [
+        (dir.path(), "is a directory"),
+        (missing.as_path(), "does not exist"),
+        (Path::new("/dev/null"), "use -n"),
+    ] {
+        let (code, _, err) = diskkit(&["convert", path_str(&src), path_str(target)]);
+        assert_eq!(code, 2);
+        assert!(err.contains(why), "{err}");
+    }
+    assert_eq!(listing(dir.path()), ["out.raw", "src.raw"]);
 }
 
 #[test]
