@@ -7,7 +7,10 @@
 # diskkit/qemu-img ratios (< 1 means diskkit is faster / smaller).
 #
 #   SIZE=1G benches/convert.sh          # quick run
-#   KEEP=1 BENCH_DIR=/var/tmp/b benches/convert.sh
+#   KEEP=1 BENCH_DIR=/var/tmp/b REPEAT=1 VERIFY=0 benches/convert.sh
+#
+# Each conversion runs REPEAT times (default 3): the best time and the worst peak RSS count.
+# VERIFY=1 (default) checks diskkit's outputs with qemu-img compare.
 #
 # Needs qemu-img, python3 and about 4x SIZE of free space (sparse source, outputs of both tools).
 # Page cache is left warm (the source is read once before timing): figures compare CPU and I/O
@@ -18,8 +21,10 @@ SIZE=${SIZE:-4G}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DIR=${BENCH_DIR:-$(mktemp -d -p "${TMPDIR:-/var/tmp}" diskkit-bench.XXXXXX)}
 VERIFY=${VERIFY:-1}
+REPEAT=${REPEAT:-3}
 mkdir -p "$DIR"
 [ "${KEEP:-0}" = 1 ] || trap 'rm -rf "$DIR"' EXIT
+rm -f "$DIR"/*.time
 
 cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
 DK=$ROOT/target/release/diskkit
@@ -68,27 +73,32 @@ PY
 cat "$SRC" > /dev/null
 echo "# source: $(du -h --apparent-size "$SRC" | cut -f1) virtual, $(du -h "$SRC" | cut -f1) allocated; $(nproc) CPUs"
 
-# run NAME CMD...: times CMD, records "seconds peak_rss_kib" in $DIR/NAME.time
+# run NAME CMD...: times CMD, appends "seconds peak_rss_kib" to $DIR/NAME.time
+# Dirty pages left by the previous run are written first: with ext4's ordered mode an fsync
+# would otherwise also wait for them, charging one tool for the other's deferred writes.
 run() {
     local name=$1
     shift
-    /usr/bin/time -f "%e %M" -o "$DIR/$name.time" "$@"
+    sync
+    /usr/bin/time -f "%e %M" -a -o "$DIR/$name.time" "$@"
 }
 
-secs() { cut -d' ' -f1 "$DIR/$1.time"; }
-rss() { cut -d' ' -f2 "$DIR/$1.time"; }
+# Best time and worst peak RSS over the repetitions (the machine may be shared).
+secs() { sort -n -k1 "$DIR/$1.time" | head -1 | cut -d' ' -f1; }
+rss() { sort -n -k2 "$DIR/$1.time" | tail -1 | cut -d' ' -f2; }
 ratio() { python3 -c "import sys; a, b = float(sys.argv[1]), float(sys.argv[2]); print(f'{a / b:.2f}' if b else 'n/a')" "$1" "$2"; }
 
-report() { # label diskkit-run qemu-run [diskkit-output qemu-output]
-    local label=$1 d=$2 q=$3
-    printf '%-28s time %7ss vs %7ss (x%s)  peak RSS %6s MiB vs %6s MiB (x%s)' \
-        "$label" "$(secs "$d")" "$(secs "$q")" "$(ratio "$(secs "$d")" "$(secs "$q")")" \
-        "$(($(rss "$d") / 1024))" "$(($(rss "$q") / 1024))" "$(ratio "$(rss "$d")" "$(rss "$q")")"
-    if [ $# -eq 5 ]; then
+report() { # label case [diskkit-output qemu-output]
+    local label=$1 c=$2
+    printf '%-22s time %6ss vs %6ss (x%s), synced %6ss (x%s)  peak RSS %4s vs %4s MiB (x%s)' \
+        "$label" "$(secs "dk-$c")" "$(secs "qi-$c")" "$(ratio "$(secs "dk-$c")" "$(secs "qi-$c")")" \
+        "$(secs "qs-$c")" "$(ratio "$(secs "dk-$c")" "$(secs "qs-$c")")" \
+        "$(($(rss "dk-$c") / 1024))" "$(($(rss "qi-$c") / 1024))" "$(ratio "$(rss "dk-$c")" "$(rss "qi-$c")")"
+    if [ $# -eq 4 ]; then
         local ds qs
-        ds=$(du -k "$4" | cut -f1)
-        qs=$(du -k "$5" | cut -f1)
-        printf '  output %s MiB vs %s MiB (x%s)' "$((ds / 1024))" "$((qs / 1024))" "$(ratio "$ds" "$qs")"
+        ds=$(du -k "$3" | cut -f1)
+        qs=$(du -k "$4" | cut -f1)
+        printf '  output %s vs %s MiB (x%s)' "$((ds / 1024))" "$((qs / 1024))" "$(ratio "$ds" "$qs")"
     fi
     echo
 }
@@ -98,24 +108,39 @@ verify() { # source output
     qemu-img compare -q "$1" "$2" || { echo "MISMATCH: $2 differs from $1" >&2; exit 1; }
 }
 
-run dk-raw-qcow2 "$DK" convert -O qcow2 "$SRC" "$DIR/dk.qcow2"
-run qi-raw-qcow2 qemu-img convert -m 8 -W -O qcow2 "$SRC" "$DIR/qi.qcow2"
-verify "$SRC" "$DIR/dk.qcow2"
-report "raw -> qcow2" dk-raw-qcow2 qi-raw-qcow2 "$DIR/dk.qcow2" "$DIR/qi.qcow2"
+# bench CASE SOURCE EXT QEMU_ARGS -- DISKKIT_ARGS: runs diskkit, qemu-img with its default
+# cache mode (unsafe: no sync at the end) and qemu-img -t writeback (syncs at the end, as
+# diskkit always does). Outputs are left as $DIR/dk.EXT and $DIR/qi.EXT.
+bench() {
+    local c=$1 src=$2 ext=$3
+    shift 3
+    local qemu_args=()
+    while [ "$1" != -- ]; do qemu_args+=("$1"); shift; done
+    shift
+    for _ in $(seq "$REPEAT"); do
+        rm -f "$DIR/dk.$ext" "$DIR/qi.$ext"
+        run "dk-$c" "$DK" convert "$@" "$src" "$DIR/dk.$ext"
+        rm -f "$DIR/qi.$ext"
+        run "qs-$c" qemu-img convert -t writeback -m 8 -W "${qemu_args[@]}" "$src" "$DIR/qi.$ext"
+        rm -f "$DIR/qi.$ext"
+        run "qi-$c" qemu-img convert -m 8 -W "${qemu_args[@]}" "$src" "$DIR/qi.$ext"
+    done
+    verify "$SRC" "$DIR/dk.$ext"
+}
 
-run dk-qcow2-raw "$DK" convert -O raw "$DIR/qi.qcow2" "$DIR/dk.raw"
-run qi-qcow2-raw qemu-img convert -m 8 -W -O raw "$DIR/qi.qcow2" "$DIR/qi.raw"
-verify "$SRC" "$DIR/dk.raw"
-report "qcow2 -> raw" dk-qcow2-raw qi-qcow2-raw "$DIR/dk.raw" "$DIR/qi.raw"
-rm -f "$DIR/dk.raw" "$DIR/qi.raw" "$DIR/dk.qcow2" "$DIR/qi.qcow2"
+echo "# diskkit vs qemu-img convert -m 8 -W (ratio < 1: diskkit faster or smaller);"
+echo "# 'synced' is qemu-img with -t writeback, which syncs the output at the end as diskkit does"
+bench raw-qcow2 "$SRC" qcow2 -O qcow2 -- -O qcow2
+report "raw -> qcow2" raw-qcow2 "$DIR/dk.qcow2" "$DIR/qi.qcow2"
+rm -f "$DIR/dk.qcow2"
 
-run dk-zstd "$DK" convert -O qcow2 -c -o compression_type=zstd "$SRC" "$DIR/dk.zst.qcow2"
-run qi-zstd qemu-img convert -c -o compression_type=zstd -m 8 -W -O qcow2 "$SRC" "$DIR/qi.zst.qcow2"
-verify "$SRC" "$DIR/dk.zst.qcow2"
-report "raw -> qcow2 -c zstd" dk-zstd qi-zstd "$DIR/dk.zst.qcow2" "$DIR/qi.zst.qcow2"
+bench qcow2-raw "$DIR/qi.qcow2" raw -O raw -- -O raw
+report "qcow2 -> raw" qcow2-raw
+rm -f "$DIR/dk.raw" "$DIR/qi.raw" "$DIR/qi.qcow2"
+
+bench zstd "$SRC" zst.qcow2 -O qcow2 -c -o compression_type=zstd -- -O qcow2 -c -o compression_type=zstd
+report "raw -> qcow2 -c zstd" zstd "$DIR/dk.zst.qcow2" "$DIR/qi.zst.qcow2"
 rm -f "$DIR/dk.zst.qcow2" "$DIR/qi.zst.qcow2"
 
-run dk-vpc "$DK" convert -O vpc -o subformat=dynamic "$SRC" "$DIR/dk.vhd"
-run qi-vpc qemu-img convert -m 8 -W -O vpc -o subformat=dynamic "$SRC" "$DIR/qi.vhd"
-verify "$SRC" "$DIR/dk.vhd"
-report "raw -> vpc dynamic" dk-vpc qi-vpc "$DIR/dk.vhd" "$DIR/qi.vhd"
+bench vpc "$SRC" vhd -O vpc -o subformat=dynamic -- -O vpc -o subformat=dynamic
+report "raw -> vpc dynamic" vpc "$DIR/dk.vhd" "$DIR/qi.vhd"

@@ -9,6 +9,7 @@
 //! directory and renames it into place only once it is complete and synced, so an interrupted
 //! conversion never leaves a partial image under the final name; the source is only read.
 
+use crate::parallel::read_pool;
 use crate::progress::Progress;
 use diskkit_formats::image::first_nonzero_byte;
 use diskkit_formats::write::{self, CreateOptions, ImageWriter};
@@ -33,7 +34,8 @@ pub struct ConvertOptions<'a> {
     /// Overlay mode (`-B`): the output's backing image. Only ranges whose content differs from
     /// it are written; the rest stays unallocated and reads through to the backing image.
     pub backing: Option<&'a dyn Image>,
-    /// Worker threads (`-m`); `None` uses one per CPU.
+    /// Worker threads (`-m`); `None` uses the engine's read pool (two per CPU, so that reads
+    /// and computation overlap).
     pub threads: Option<usize>,
 }
 
@@ -119,7 +121,7 @@ pub fn convert(
             .try_for_each_init(Buffers::default, |bufs, job| engine.run(job?, bufs))
     };
     match opts.threads {
-        None => run()?,
+        None => read_pool()?.install(run)?,
         Some(n) => rayon::ThreadPoolBuilder::new()
             .num_threads(n.max(1))
             .build()
@@ -181,6 +183,12 @@ pub fn write_new_image<T>(
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    if !dir.is_dir() {
+        return Err(Error::invalid(format!(
+            "{}: the output's directory does not exist",
+            dir.display()
+        )));
+    }
     let Some(name) = path.file_name() else {
         return Err(Error::invalid(format!(
             "{}: not a file name",
@@ -286,6 +294,10 @@ fn final_target(path: &Path) -> Result<PathBuf> {
                 Ok(path.to_path_buf())
             }
         }
+        Ok(m) if m.is_dir() => Err(Error::invalid(format!(
+            "{}: is a directory, not an image file",
+            path.display()
+        ))),
         Ok(_) => Err(Error::invalid(format!(
             "{}: exists and is not a regular file (use -n to write into a device)",
             path.display()

@@ -133,6 +133,18 @@ fn failed_conversion_leaves_nothing_and_keeps_old_output() {
     assert_eq!(code, 2);
     assert_eq!(std::fs::read(&out).unwrap(), b"previous");
     assert_eq!(listing(dir.path()), ["out.raw", "src.raw"]);
+    // Outputs that cannot be image files.
+    let missing = p(dir.path(), "missing/out.raw");
+    for (target, why) in [
+        (dir.path(), "is a directory"),
+        (missing.as_path(), "does not exist"),
+        (Path::new("/dev/null"), "use -n"),
+    ] {
+        let (code, _, err) = diskkit(&["convert", path_str(&src), path_str(target)]);
+        assert_eq!(code, 2);
+        assert!(err.contains(why), "{err}");
+    }
+    assert_eq!(listing(dir.path()), ["out.raw", "src.raw"]);
 }
 
 #[test]
@@ -356,6 +368,25 @@ fn interop_sources(dir: &Path) -> Vec<Source> {
             snapshot: None,
         });
     }
+    // A size that is no multiple of any cluster or sector size.
+    let odd = p(dir, "odd.raw");
+    qemu_img(&[
+        "create",
+        "-f",
+        "raw",
+        path_str(&odd),
+        &((5 << 20) + 333).to_string(),
+    ]);
+    qemu_io(
+        "raw",
+        &odd,
+        &["write -P 0x41 0 64k", "write -P 0x42 5M 333"],
+    );
+    out.push(Source {
+        path: odd,
+        fmt: "raw",
+        snapshot: None,
+    });
     // A chain whose top overwrites, zeroes and adds to the base's data.
     let base = p(dir, "base.qcow2");
     qemu_img(&["convert", "-O", "qcow2", path_str(&raw), path_str(&base)]);
@@ -403,8 +434,21 @@ fn interop_sources(dir: &Path) -> Vec<Source> {
 fn interop_matrix() {
     let dir = tempdir();
     // (label, qemu format of the output, diskkit arguments)
-    let outputs: [(&str, &str, &[&str]); 5] = [
+    let outputs: [(&str, &str, &[&str]); 10] = [
         ("raw", "raw", &["-O", "raw"]),
+        ("qcow2", "qcow2", &["-O", "qcow2"]),
+        (
+            "qcow2-zstd",
+            "qcow2",
+            &["-O", "qcow2", "-c", "-o", "compression_type=zstd"],
+        ),
+        ("qcow2-zlib", "qcow2", &["-O", "qcow2", "-c"]),
+        ("qcow2-v2", "qcow2", &["-O", "qcow2", "-o", "compat=0.10"]),
+        (
+            "qcow2-4k",
+            "qcow2",
+            &["-O", "qcow2", "-o", "cluster_size=4096"],
+        ),
         ("vpc-fixed", "vpc", &["-O", "vpc", "-o", "subformat=fixed"]),
         (
             "vpc-dynamic",
@@ -447,6 +491,10 @@ fn interop_matrix() {
                 "{} -> {label}: {cmp}",
                 src.path.display()
             );
+            if fmt == "qcow2" {
+                let check = qemu_img(&["check", path_str(&out)]);
+                assert!(check.contains("No errors"), "{label}: {check}");
+            }
             if fmt != "raw" {
                 // qemu-img check knows no vpc checks; ours must find the image clean.
                 let (code, report, err) = diskkit(&["check", "-f", fmt, path_str(&out)]);
@@ -495,4 +543,129 @@ fn vhd_create_measure_resize_check() {
         std::fs::metadata(&out).unwrap().len()
     );
     assert!(m["fully-allocated"].as_u64().unwrap() > 8 * MIB);
+}
+
+#[test]
+fn overlay_on_raw_backing_writes_only_differences() {
+    let dir = tempdir();
+    let base = mixed_raw(dir.path(), "base.raw", 8 * MIB);
+    let changed = p(dir.path(), "changed.raw");
+    std::fs::copy(&base, &changed).unwrap();
+    // Changed data, data zeroed over the base's data, and new data in a hole of the base.
+    qemu_io(
+        "raw",
+        &changed,
+        &[
+            "write -P 0x5a 1M 4k",
+            "write -z 0 64k",
+            "write -P 0x5b 6M 64k",
+        ],
+    );
+    let ov = p(dir.path(), "ov.qcow2");
+    diskkit_ok(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-B",
+        "base.raw",
+        "-F",
+        "raw",
+        path_str(&changed),
+        path_str(&ov),
+    ]);
+    // The overlay reads as the changed image, through its backing file.
+    identical(&changed, &ov);
+    let check = qemu_img(&["check", path_str(&ov)]);
+    assert!(check.contains("No errors"), "{check}");
+    let info: serde_json::Value =
+        serde_json::from_str(&qemu_img(&["info", "--output=json", path_str(&ov)])).unwrap();
+    assert_eq!(info["backing-filename"], "base.raw");
+    // Only the three changed 64 KiB clusters are allocated in the overlay itself.
+    let map: Vec<serde_json::Value> =
+        serde_json::from_str(&qemu_img(&["map", "--output=json", path_str(&ov)])).unwrap();
+    let own: Vec<(u64, u64)> = map
+        .iter()
+        .filter(|e| e["depth"] == 0 && e["present"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        own,
+        [(0, 64 << 10), (MIB, 64 << 10), (6 * MIB, 64 << 10)],
+        "{map:?}"
+    );
+}
+
+#[test]
+fn qcow2_create_measure_resize_check_match_qemu() {
+    let dir = tempdir();
+    let src = mixed_raw(dir.path(), "src.raw", 8 * MIB);
+    for opts in ["cluster_size=65536", "cluster_size=4096", "compat=0.10"] {
+        let args = ["measure", "-O", "qcow2", "-o", opts, path_str(&src)];
+        assert_eq!(diskkit_ok(&args), qemu_img(&args), "{opts}");
+        let args = ["measure", "-O", "qcow2", "-o", opts, "--size", "100G"];
+        assert_eq!(diskkit_ok(&args), qemu_img(&args), "{opts}");
+    }
+
+    let img = p(dir.path(), "new.qcow2");
+    diskkit_ok(&["create", "-f", "qcow2", path_str(&img), "16M"]);
+    assert_eq!(qemu_virtual_size(&img, "qcow2"), 16 * MIB);
+    assert!(qemu_img(&["check", path_str(&img)]).contains("No errors"));
+    // An overlay takes its backing file's size.
+    let top = p(dir.path(), "top.qcow2");
+    diskkit_ok(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "new.qcow2",
+        "-F",
+        "qcow2",
+        path_str(&top),
+    ]);
+    assert_eq!(qemu_virtual_size(&top, "qcow2"), 16 * MIB);
+
+    let data = p(dir.path(), "data.qcow2");
+    diskkit_ok(&["convert", "-O", "qcow2", path_str(&src), path_str(&data)]);
+    diskkit_ok(&["resize", path_str(&data), "+8M"]);
+    assert_eq!(qemu_virtual_size(&data, "qcow2"), 16 * MIB);
+    let (code, _, err) = diskkit(&["resize", "--shrink", path_str(&data), "6M"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("discarded"), "{err}");
+    assert_eq!(qemu_virtual_size(&data, "qcow2"), 6 * MIB);
+    assert!(qemu_img(&["check", path_str(&data)]).contains("No errors"));
+
+    let (code, out, _) = diskkit(&["check", path_str(&data)]);
+    assert_eq!(code, 0);
+    assert!(out.contains("No errors were found on the image."), "{out}");
+
+    // -n into an empty qcow2 image that qemu made keeps its cluster size.
+    let existing = p(dir.path(), "existing.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        path_str(&existing),
+        "8M",
+    ]);
+    diskkit_ok(&[
+        "convert",
+        "-n",
+        "-O",
+        "qcow2",
+        path_str(&src),
+        path_str(&existing),
+    ]);
+    identical(&src, &existing);
+    assert_eq!(
+        diskkit_ok(&["check", path_str(&existing)]),
+        qemu_img(&["check", path_str(&existing)])
+    );
+    assert!(qemu_img(&["info", path_str(&existing)]).contains("cluster_size: 4096"));
+    let (code, out, _) = diskkit(&["check", "--output", "json", path_str(&data)]);
+    assert_eq!(code, 0);
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["corruptions"], 0);
+    assert_eq!(json["leaks"], 0);
 }

@@ -22,7 +22,12 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mut buf = vec![0u8; 64 << 10];
-    for mode in [NameMode::Auto, NameMode::Iso, NameMode::Joliet, NameMode::RockRidge] {
+    for mode in [
+        NameMode::Auto,
+        NameMode::Iso,
+        NameMode::Joliet,
+        NameMode::RockRidge,
+    ] {
         let Ok(root) = fs.root(mode) else { continue };
         let mut entries = 0u32;
         let _ = fs.walk(&root, &mut |visit| {

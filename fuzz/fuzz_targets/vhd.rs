@@ -4,40 +4,18 @@
 //! checksums are covered by tests).
 #![no_main]
 
+use diskkit_formats::Format;
 use diskkit_formats::vhd;
 use diskkit_formats::vhd::layout::{DynamicHeader, FOOTER_SIZE, Footer, HEADER_SIZE};
-use diskkit_formats::{Extents, Format, Image, OpenOptions, open};
 use libfuzzer_sys::fuzz_target;
-use std::io::Write;
 
 fuzz_target!(|data: &[u8]| {
     let mut data = data.to_vec();
     fix_checksums(&mut data);
-    let mut f = tempfile::NamedTempFile::new().expect("temp file");
-    f.write_all(&data).expect("write fuzz input");
+    let f = diskkit_fuzz::image_file(&data);
     let _ = vhd::check(f.path(), None);
-    let opts = OpenOptions {
-        format: Some(Format::Vhd),
-        ..OpenOptions::default()
-    };
-    let Ok(image) = open(f.path(), &opts) else {
-        return;
-    };
-    walk(image.as_ref());
+    diskkit_fuzz::open_and_walk(&f, Some(Format::Vhd));
 });
-
-/// Maps the whole image and reads a bounded, unaligned piece at both ends of every extent (so
-/// reads cross sector bitmaps and block boundaries).
-fn walk(image: &dyn Image) {
-    let _ = image.info();
-    let mut buf = vec![0u8; 4099];
-    let extents = Extents::new(image, 0, image.virtual_size()).take(10_000);
-    for e in extents.map_while(Result::ok) {
-        let n = e.length.min(buf.len() as u64);
-        let _ = image.read_at(&mut buf[..n as usize], e.start);
-        let _ = image.read_at(&mut buf[..n as usize], e.end() - n);
-    }
-}
 
 /// Re-encodes the footers at both ends and the dynamic header they point to, which recomputes
 /// their checksums.

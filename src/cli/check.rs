@@ -30,6 +30,7 @@ pub struct Args {
     /// Print nothing; only the exit code tells
     #[arg(short = 'q', long)]
     quiet: bool,
+    /// The image to check
     image: PathBuf,
 }
 

@@ -17,7 +17,8 @@ into place only once complete and synced: an interrupted or failed conversion ne
 partial image under the final name. SIGINT, SIGTERM and SIGHUP remove the temporary file; only \
 a process killed with SIGKILL (or a crash of the machine) can leave it behind. The source \
 is only read, and an output that is one of the inputs is refused. With -n the existing DST is \
-overwritten in place instead (raw targets only, including block devices).\n\n\
+overwritten in place instead (raw files and block devices, or an empty qcow2 image as \
+create makes it, keeping its options).\n\n\
 Prints nothing on success unless -p. Exit codes: 0 success, 2 error."
 )]
 pub struct Args {
@@ -40,8 +41,8 @@ pub struct Args {
     /// 0 writes all allocated data)
     #[arg(short = 'S', value_name = "SIZE", value_parser = parse_size, default_value = "4k")]
     sparse_size: u64,
-    /// Write into the existing DST instead of creating it (raw files or block devices; DST must
-    /// be at least as large as SRC)
+    /// Write into the existing DST instead of creating it (raw files or block devices, or an
+    /// empty qcow2 image; DST must be at least as large as SRC)
     #[arg(short = 'n')]
     no_create: bool,
     /// Make DST an overlay on BACKING: only ranges that differ from BACKING are written.
@@ -51,8 +52,9 @@ pub struct Args {
     /// Format of BACKING (detected when omitted)
     #[arg(short = 'F', value_parser = parse_format)]
     backing_format: Option<Format>,
-    /// Worker threads [default: one per CPU]
-    #[arg(short = 'm', long = "parallel", value_name = "N")]
+    /// Worker threads, 1 to 64 [default: two per CPU]; memory is about 4 MiB per thread
+    #[arg(short = 'm', long = "parallel", value_name = "N",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     threads: Option<usize>,
     /// Convert the image as of this internal snapshot (qcow2; name or ID)
     #[arg(short = 'l', long = "snapshot", value_name = "NAME|ID")]
@@ -61,7 +63,9 @@ pub struct Args {
     /// (same as -O vpc -o subformat=fixed,target=azure)
     #[arg(long, value_enum)]
     target: Option<Target>,
+    /// Source image
     src: PathBuf,
+    /// Output image (created; with -n it must exist)
     dst: PathBuf,
 }
 

@@ -34,6 +34,7 @@ pub struct Args {
     /// Output format: text as qemu-img, or JSON {"required", "fully-allocated"}
     #[arg(long, value_enum, default_value = "human")]
     output: OutputFormat,
+    /// Source image whose data is measured
     src: Option<PathBuf>,
 }
 

@@ -25,6 +25,7 @@ pub struct Args {
     /// Print nothing on success
     #[arg(short = 'q', long)]
     quiet: bool,
+    /// The image to resize
     image: PathBuf,
     /// New size (10G), or a change (+1G, -512M)
     #[arg(allow_hyphen_values = true)]
