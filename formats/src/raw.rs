@@ -162,7 +162,9 @@ impl ImageWriter for RawWriter {
         self.file
             .file()
             .write_all_at(buf, offset)
-            .map_err(|e| Error::io(self.path(), format!("write at {offset:#x}"), e))
+            .map_err(|e| Error::io(self.path(), format!("write at {offset:#x}"), e))?;
+        crate::write::start_writeback(self.file.file(), offset, buf.len() as u64);
+        Ok(())
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {

@@ -277,7 +277,9 @@ impl VhdWriter {
     fn write_file(&self, buf: &[u8], at: u64, what: &str) -> Result<()> {
         self.file
             .write_all_at(buf, at)
-            .map_err(|e| Error::io(&self.path, format!("write {what} at {at:#x}"), e))
+            .map_err(|e| Error::io(&self.path, format!("write {what} at {at:#x}"), e))?;
+        crate::write::start_writeback(&self.file, at, buf.len() as u64);
+        Ok(())
     }
 
     /// File offset of block `index`'s data, allocating the block on first use.
