@@ -12,7 +12,7 @@ use super::refcount::{Counts, RefcountLayout, write_structure};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 use crate::image::{Format, first_nonzero_byte};
-use crate::write::{CreateOptions, ImageWriter, Measure};
+use crate::write::{CreateOptions, ImageWriter, Measure, Writeback};
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -187,6 +187,7 @@ pub struct Qcow2Writer {
     geo: Geometry,
     virtual_size: u64,
     state: Mutex<State>,
+    writeback: Writeback,
 }
 
 struct State {
@@ -256,6 +257,7 @@ impl Qcow2Writer {
             state.next_cluster = cs * (1 + clusters);
         }
         Ok(Qcow2Writer {
+            writeback: Writeback::default(),
             path: path.to_path_buf(),
             file,
             cfg,
@@ -313,6 +315,7 @@ impl Qcow2Writer {
             .open(path)
             .map_err(|e| Error::io(path, "open for writing", e))?;
         Ok(Qcow2Writer {
+            writeback: Writeback::default(),
             path: path.to_path_buf(),
             file,
             cfg,
@@ -333,7 +336,7 @@ impl Qcow2Writer {
         self.file
             .write_all_at(buf, at)
             .map_err(|e| Error::io(&self.path, format!("write at {at:#x}"), e))?;
-        crate::write::start_writeback(&self.file, at, buf.len() as u64);
+        self.writeback.wrote(&self.file, buf.len() as u64);
         Ok(())
     }
 

@@ -218,6 +218,7 @@ pub struct VhdWriter {
     plan: Plan,
     footer: [u8; FOOTER_SIZE as usize],
     dynamic: Option<Dynamic>,
+    writeback: crate::write::Writeback,
 }
 
 impl VhdWriter {
@@ -266,6 +267,7 @@ impl VhdWriter {
             }
         };
         Ok(VhdWriter {
+            writeback: crate::write::Writeback::default(),
             file,
             path: path.to_path_buf(),
             plan,
@@ -278,7 +280,7 @@ impl VhdWriter {
         self.file
             .write_all_at(buf, at)
             .map_err(|e| Error::io(&self.path, format!("write {what} at {at:#x}"), e))?;
-        crate::write::start_writeback(&self.file, at, buf.len() as u64);
+        self.writeback.wrote(&self.file, buf.len() as u64);
         Ok(())
     }
 
