@@ -8,8 +8,11 @@ SIZE=${SIZE:-4G}
 WORK=${WORK:-/tmp/diskkit-bench}
 CACHE=${CACHE:-warm}
 mkdir -p "$WORK"
-cargo build --release --quiet
-DISKKIT=$PWD/target/release/diskkit
+# DISKKIT=/path/to/diskkit times another build instead of building this tree.
+if [ -z "${DISKKIT:-}" ]; then
+  cargo build --release --quiet
+fi
+DISKKIT=${DISKKIT:-$PWD/target/release/diskkit}
 
 # The mixed image of SIZE (40% random data, 20% text, 40% holes), raw; made once.
 mixed_raw() {

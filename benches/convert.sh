@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Benchmark: diskkit convert side by side with qemu-img convert on the same image.
 #
-# Generates a raw image (SIZE, default 4G) laid out like a used filesystem: runs of varying
-# length, ~40% incompressible (random) data, ~20% compressible text-like data, ~40% holes.
+# Generates a raw image (SIZE, default 4G) with gen_image.py, laid out like a used filesystem:
+# runs of varying length, ~40% random data, ~20% compressible text-like data, ~40% holes.
 # Then times each conversion with /usr/bin/time (wall seconds, peak RSS) and prints the
 # diskkit/qemu-img ratios (< 1 means diskkit is faster / smaller).
 #
 #   SIZE=1G benches/convert.sh          # quick run
 #   KEEP=1 BENCH_DIR=/var/tmp/b REPEAT=1 VERIFY=0 benches/convert.sh
+#   DISKKIT=/path/to/diskkit benches/convert.sh   # time another build (no cargo build)
 #
 # Each conversion runs REPEAT times (default 3): the best time and the worst peak RSS count.
 # VERIFY=1 (default) checks diskkit's outputs with qemu-img compare.
@@ -26,50 +27,14 @@ mkdir -p "$DIR"
 [ "${KEEP:-0}" = 1 ] || trap 'rm -rf "$DIR"' EXIT
 rm -f "$DIR"/*.time
 
-cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
-DK=$ROOT/target/release/diskkit
+if [ -z "${DISKKIT:-}" ]; then
+    cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
+fi
+DK=${DISKKIT:-$ROOT/target/release/diskkit}
 SRC=$DIR/src.raw
 
 echo "# generating $SIZE source image in $DIR"
-python3 - "$SRC" "$SIZE" <<'PY'
-import os, random, sys
-path, size = sys.argv[1], sys.argv[2].upper()
-mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-size = int(float(size[:-1]) * mult[size[-1]]) if size[-1] in mult else int(size)
-rng = random.Random(42)
-words = [b"kernel", b"systemd", b"eth0", b"link", b"up", b"session", b"opened", b"user",
-         b"root", b"cron", b"daemon", b"error", b"timeout", b"0x7f3a", b"/var/lib", b"ok"]
-lines = []
-for i in range(40000):
-    lines.append(b"2026-11-24T%02d:%02d:%02d host %s[%d]: %s\n" % (
-        i % 24, i % 60, (i * 7) % 60, rng.choice(words), rng.randrange(99999),
-        b" ".join(rng.choice(words) for _ in range(rng.randrange(3, 12)))))
-text = b"".join(lines)
-piece = 1 << 20
-with open(path, "wb") as f:
-    f.truncate(size)
-    pos = 0
-    while pos < size:
-        # Run lengths from 64 KiB to 32 MiB, 4 KiB aligned, skewed towards small runs.
-        n = min(size - pos, max(64 << 10, int(rng.lognormvariate(14.5, 1.3)) & ~4095))
-        kind = rng.random()
-        if kind < 0.4:
-            f.seek(pos)
-            left = n
-            while left:
-                k = min(left, piece)
-                f.write(os.urandom(k))
-                left -= k
-        elif kind < 0.6:
-            f.seek(pos)
-            left = n
-            while left:
-                start = rng.randrange(len(text) - piece)
-                k = min(left, piece)
-                f.write(text[start:start + k])
-                left -= k
-        pos += n
-PY
+python3 "$ROOT/benches/gen_image.py" "$SRC" "$SIZE"
 cat "$SRC" > /dev/null
 echo "# source: $(du -h --apparent-size "$SRC" | cut -f1) virtual, $(du -h "$SRC" | cut -f1) allocated; $(nproc) CPUs"
 
@@ -109,8 +74,9 @@ verify() { # source output
 }
 
 # bench CASE SOURCE EXT QEMU_ARGS -- DISKKIT_ARGS: runs diskkit, qemu-img with its default
-# cache mode (unsafe: no sync at the end) and qemu-img -t writeback (syncs at the end, as
-# diskkit always does). Outputs are left as $DIR/dk.EXT and $DIR/qi.EXT.
+# cache mode (no sync at the end: its output may still be only in the page cache) and qemu-img
+# followed by `sync FILE` (output on disk, as diskkit always leaves it: it fsyncs before renaming
+# into place). Outputs are left as $DIR/dk.EXT and $DIR/qi.EXT.
 bench() {
     local c=$1 src=$2 ext=$3
     shift 3
@@ -121,7 +87,8 @@ bench() {
         rm -f "$DIR/dk.$ext" "$DIR/qi.$ext"
         run "dk-$c" "$DK" convert "$@" "$src" "$DIR/dk.$ext"
         rm -f "$DIR/qi.$ext"
-        run "qs-$c" qemu-img convert -t writeback -m 8 -W "${qemu_args[@]}" "$src" "$DIR/qi.$ext"
+        run "qs-$c" bash -c 'qemu-img convert -m 8 -W "$@" && sync "${@: -1}"' qemu-img \
+            "${qemu_args[@]}" "$src" "$DIR/qi.$ext"
         rm -f "$DIR/qi.$ext"
         run "qi-$c" qemu-img convert -m 8 -W "${qemu_args[@]}" "$src" "$DIR/qi.$ext"
     done
@@ -129,7 +96,7 @@ bench() {
 }
 
 echo "# diskkit vs qemu-img convert -m 8 -W (ratio < 1: diskkit faster or smaller);"
-echo "# 'synced' is qemu-img with -t writeback, which syncs the output at the end as diskkit does"
+echo "# 'synced' is qemu-img followed by sync of its output file: on disk at the end, as diskkit leaves its output"
 bench raw-qcow2 "$SRC" qcow2 -O qcow2 -- -O qcow2
 report "raw -> qcow2" raw-qcow2 "$DIR/dk.qcow2" "$DIR/qi.qcow2"
 rm -f "$DIR/dk.qcow2"

@@ -90,6 +90,7 @@ pub struct RawWriter {
     file: HostFile,
     /// A new file reads as zeros everywhere; an existing target (`convert -n`) does not.
     fresh: bool,
+    writeback: crate::write::Writeback,
 }
 
 impl RawWriter {
@@ -130,6 +131,7 @@ impl RawWriter {
         Ok(RawWriter {
             file: HostFile::from_file(path, file)?,
             fresh: true,
+            writeback: Default::default(),
         })
     }
 
@@ -144,6 +146,7 @@ impl RawWriter {
         Ok(RawWriter {
             file: HostFile::from_file(path, file)?,
             fresh: false,
+            writeback: Default::default(),
         })
     }
 
@@ -162,7 +165,9 @@ impl ImageWriter for RawWriter {
         self.file
             .file()
             .write_all_at(buf, offset)
-            .map_err(|e| Error::io(self.path(), format!("write at {offset:#x}"), e))
+            .map_err(|e| Error::io(self.path(), format!("write at {offset:#x}"), e))?;
+        self.writeback.wrote(self.file.file(), buf.len() as u64);
+        Ok(())
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {

@@ -228,6 +228,34 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     Ok(bytes as u64)
 }
 
+/// Starts writing a new image's data to disk while the conversion goes on, so that the fsync at
+/// the end has little left to do: each time another `BATCH` bytes have been written to the file,
+/// the kernel is asked to start writeback of all its dirty pages, without waiting for it. Large
+/// batches keep disk requests large. A hint only: a write error is reported by that fsync.
+#[derive(Default)]
+pub struct Writeback {
+    written: std::sync::atomic::AtomicU64,
+}
+
+impl Writeback {
+    const BATCH: u64 = 16 << 20;
+
+    /// Records `len` bytes just written to `file`.
+    pub fn wrote(&self, file: &std::fs::File, len: u64) {
+        use std::os::fd::AsRawFd;
+        let before = self
+            .written
+            .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+        if before / Self::BATCH != before.wrapping_add(len) / Self::BATCH {
+            // SAFETY: sync_file_range on a descriptor we own (offset 0, length 0: the whole
+            // file); it touches no memory of ours.
+            unsafe {
+                libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

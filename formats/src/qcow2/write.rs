@@ -12,7 +12,7 @@ use super::refcount::{Counts, RefcountLayout, write_structure};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 use crate::image::{Format, first_nonzero_byte};
-use crate::write::{CreateOptions, ImageWriter, Measure};
+use crate::write::{CreateOptions, ImageWriter, Measure, Writeback};
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -187,6 +187,7 @@ pub struct Qcow2Writer {
     geo: Geometry,
     virtual_size: u64,
     state: Mutex<State>,
+    writeback: Writeback,
 }
 
 struct State {
@@ -256,6 +257,7 @@ impl Qcow2Writer {
             state.next_cluster = cs * (1 + clusters);
         }
         Ok(Qcow2Writer {
+            writeback: Writeback::default(),
             path: path.to_path_buf(),
             file,
             cfg,
@@ -313,6 +315,7 @@ impl Qcow2Writer {
             .open(path)
             .map_err(|e| Error::io(path, "open for writing", e))?;
         Ok(Qcow2Writer {
+            writeback: Writeback::default(),
             path: path.to_path_buf(),
             file,
             cfg,
@@ -332,7 +335,9 @@ impl Qcow2Writer {
     fn pwrite(&self, buf: &[u8], at: u64) -> Result<()> {
         self.file
             .write_all_at(buf, at)
-            .map_err(|e| Error::io(&self.path, format!("write at {at:#x}"), e))
+            .map_err(|e| Error::io(&self.path, format!("write at {at:#x}"), e))?;
+        self.writeback.wrote(&self.file, buf.len() as u64);
+        Ok(())
     }
 
     /// Guest bytes cluster `c` holds (the last cluster may be cut by the virtual size).
@@ -377,9 +382,6 @@ impl Qcow2Writer {
             Content::Data(d) => d,
             Content::Zero => &vec![0u8; self.cluster_len(c) as usize],
         };
-        if self.cfg.preallocate_metadata {
-            return self.pwrite(data, cs * (1 + c));
-        }
         if self.cfg.compress {
             let mut whole = std::borrow::Cow::Borrowed(data);
             if (data.len() as u64) < cs {
@@ -398,11 +400,29 @@ impl Qcow2Writer {
                 return self.pwrite(&z, host);
             }
         }
+        self.put_plain(c, data)
+    }
+
+    /// Stores `data`, whole guest clusters from `first` on, uncompressed in consecutive host
+    /// clusters with one write: a run of clusters costs one lock and one system call.
+    fn put_plain(&self, first: u64, data: &[u8]) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        if self.cfg.preallocate_metadata {
+            return self.pwrite(data, cs * (1 + first));
+        }
+        let count = (data.len() as u64).div_ceil(cs);
         let host = {
             let mut st = self.lock();
             let host = st.next_cluster;
-            st.next_cluster += cs;
-            self.set_entry(&mut st, c, host | COPIED, u64::from(u32::MAX));
+            st.next_cluster += count * cs;
+            for i in 0..count {
+                self.set_entry(
+                    &mut st,
+                    first + i,
+                    (host + i * cs) | COPIED,
+                    u64::from(u32::MAX),
+                );
+            }
             host
         };
         self.pwrite(data, host)
@@ -528,14 +548,35 @@ impl ImageWriter for Qcow2Writer {
     /// A cluster may arrive in several pieces (from any threads); bytes of it that are never
     /// written read as zeros.
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        // Whole non-zero clusters stored uncompressed are gathered into runs `(first cluster,
+        // buffer range)` and stored with one write each; other clusters go one by one.
+        let mut run: Option<(u64, std::ops::Range<usize>)> = None;
         self.for_clusters(offset, buf.len() as u64, |c, skip, n, whole, at| {
-            let piece = &buf[at..at + n as usize];
-            if whole {
-                self.put_cluster(c, Content::Data(piece))
-            } else {
-                self.put_partial(c, skip, n, Some(piece))
+            let piece = at..at + n as usize;
+            if whole && !self.cfg.compress && first_nonzero_byte(&buf[piece.clone()]).is_some() {
+                match &mut run {
+                    Some((_, r)) if r.end == piece.start => r.end = piece.end,
+                    _ => {
+                        if let Some((first, r)) = run.replace((c, piece)) {
+                            self.put_plain(first, &buf[r])?;
+                        }
+                    }
+                }
+                return Ok(());
             }
-        })
+            if let Some((first, r)) = run.take() {
+                self.put_plain(first, &buf[r])?;
+            }
+            if whole {
+                self.put_cluster(c, Content::Data(&buf[piece]))
+            } else {
+                self.put_partial(c, skip, n, Some(&buf[piece]))
+            }
+        })?;
+        match run {
+            Some((first, r)) => self.put_plain(first, &buf[r]),
+            None => Ok(()),
+        }
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {

@@ -218,6 +218,7 @@ pub struct VhdWriter {
     plan: Plan,
     footer: [u8; FOOTER_SIZE as usize],
     dynamic: Option<Dynamic>,
+    writeback: crate::write::Writeback,
 }
 
 impl VhdWriter {
@@ -266,6 +267,7 @@ impl VhdWriter {
             }
         };
         Ok(VhdWriter {
+            writeback: crate::write::Writeback::default(),
             file,
             path: path.to_path_buf(),
             plan,
@@ -277,7 +279,9 @@ impl VhdWriter {
     fn write_file(&self, buf: &[u8], at: u64, what: &str) -> Result<()> {
         self.file
             .write_all_at(buf, at)
-            .map_err(|e| Error::io(&self.path, format!("write {what} at {at:#x}"), e))
+            .map_err(|e| Error::io(&self.path, format!("write {what} at {at:#x}"), e))?;
+        self.writeback.wrote(&self.file, buf.len() as u64);
+        Ok(())
     }
 
     /// File offset of block `index`'s data, allocating the block on first use.
