@@ -67,15 +67,19 @@ def main():
             for i in range(runs):
                 write_run(f, rng, pool, i * (a.size // runs) // ALIGN * ALIGN, run, "random")
             return
+        # Each run goes to the kind furthest behind its share so far, so the image has the
+        # requested shares at any size (a coin per run drifts a lot with few, long runs).
+        shares = {"hole": a.holes, "text": a.compressible, "random": 1 - a.holes - a.compressible}
+        written = dict.fromkeys(shares, 0)
         offset = 0
         while offset < a.size:
             length = min(int(2 ** rng.uniform(16, 26)) // ALIGN * ALIGN or ALIGN, a.size - offset)
-            x = rng.random()
-            if x >= a.holes:
-                kind = "text" if x < a.holes + a.compressible else "random"
+            end = offset + length
+            kind = max(shares, key=lambda k: shares[k] * end - written[k] + rng.random())
+            if kind != "hole":
                 write_run(f, rng, pool, offset, length, kind)
-            offset += length
-
+            written[kind] += length
+            offset = end
 
 if __name__ == "__main__":
     main()
