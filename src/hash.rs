@@ -34,6 +34,9 @@ const STREAM_BATCH_BYTES: u64 = 64 << 20;
 /// of a window is small.
 const DATA_CHUNKS_PER_THREAD: usize = 8;
 
+/// Bytes read at once by a hashing thread: small enough to stay in the CPU cache until hashed.
+const READ_PIECE: usize = 256 << 10;
+
 /// Zero chunks per window cost 48 bytes each: this bounds a window of a huge sparse image.
 const MAX_WINDOW_CHUNKS: usize = 1 << 16;
 
@@ -61,7 +64,7 @@ pub fn hash_image(
     let hasher = chunk_hasher(chunk_size, on_chunk.is_some())?;
     let mut builder = DigestBuilder::new(chunk_size)?;
     let size = image.virtual_size();
-    let buffers = BufferPool::new(chunk_size as usize);
+    let buffers = BufferPool::new(READ_PIECE);
     let pool = read_pool()?;
     let max_data_jobs = DATA_CHUNKS_PER_THREAD * pool.current_num_threads();
     let mut cutter = ChunkCutter::new(image, chunk_size);
@@ -91,9 +94,8 @@ pub fn hash_image(
                             offset,
                             length,
                             data,
-                        } => buffers.with(*length as usize, |buf| {
-                            fill_chunk(image, *offset, data, buf)?;
-                            Ok(hasher.hash(*offset, buf))
+                        } => buffers.with(|piece| {
+                            hash_chunk(&hasher, image, *offset, *length, data, piece)
                         })?,
                     };
                     progress.advance(d.length);
@@ -131,17 +133,38 @@ fn chunk_hasher(chunk_size: u64, with_crc: bool) -> Result<ChunkHasher> {
     }
 }
 
-/// Reads the chunk at `offset` into `buf`: the `data` ranges from the image, zeros elsewhere.
-fn fill_chunk(image: &dyn Image, offset: u64, data: &[Range<u64>], buf: &mut [u8]) -> Result<()> {
-    let mut pos = 0;
+/// Digests of the chunk of `length` bytes at `offset` whose data lies in `data` (the rest is
+/// zero), read through `piece` a piece at a time: pieces stay in the CPU cache between the copy
+/// and the hashing, where a whole chunk would go out to memory and back.
+fn hash_chunk(
+    hasher: &ChunkHasher,
+    image: &dyn Image,
+    offset: u64,
+    length: u64,
+    data: &[Range<u64>],
+    piece: &mut [u8],
+) -> Result<ChunkDigest> {
+    let mut chunk = hasher.start(offset);
+    let mut pos = offset;
     for r in data {
-        let (from, to) = ((r.start - offset) as usize, (r.end - offset) as usize);
-        buf[pos..from].fill(0);
-        image.read_at(&mut buf[from..to], r.start)?;
-        pos = to;
+        chunk.feed_zeros(r.start - pos);
+        pos = r.start;
+        while pos < r.end {
+            // The rest of the range at once where it lies mapped, else a piece of it.
+            if image.with_mapped(pos, r.end - pos, &mut |bytes| chunk.feed(bytes))? {
+                pos = r.end;
+                continue;
+            }
+            let n = (r.end - pos).min(piece.len() as u64) as usize;
+            if !image.with_mapped(pos, n as u64, &mut |bytes| chunk.feed(bytes))? {
+                image.read_at(&mut piece[..n], pos)?;
+                chunk.feed(&piece[..n]);
+            }
+            pos += n as u64;
+        }
     }
-    buf[pos..].fill(0);
-    Ok(())
+    chunk.feed_zeros(offset + length - pos);
+    Ok(chunk.finish())
 }
 
 /// Walks the extent map once, in guest order, and cuts it into chunk jobs.
@@ -206,26 +229,26 @@ impl<'a> ChunkCutter<'a> {
     }
 }
 
-/// Chunk buffers reused across chunks: as many exist as chunks are read at once, and they are
+/// Read buffers reused across chunks: as many exist as chunks are read at once, and they are
 /// freed when the hash is done.
 struct BufferPool {
     free: Mutex<Vec<Vec<u8>>>,
-    chunk_size: usize,
+    size: usize,
 }
 
 impl BufferPool {
-    fn new(chunk_size: usize) -> Self {
+    fn new(size: usize) -> Self {
         BufferPool {
             free: Mutex::new(Vec::new()),
-            chunk_size,
+            size,
         }
     }
 
-    /// Runs `f` on a buffer of `len` bytes (at most the chunk size) with unspecified content.
-    fn with<T>(&self, len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
+    /// Runs `f` on a buffer of `size` bytes with unspecified content.
+    fn with<T>(&self, f: impl FnOnce(&mut [u8]) -> T) -> T {
         let taken = self.free.lock().ok().and_then(|mut v| v.pop());
-        let mut buf = taken.unwrap_or_else(|| vec![0; self.chunk_size]);
-        let out = f(&mut buf[..len]);
+        let mut buf = taken.unwrap_or_else(|| vec![0; self.size]);
+        let out = f(&mut buf);
         if let Ok(mut v) = self.free.lock() {
             v.push(buf);
         }

@@ -76,6 +76,9 @@ pub fn check_chunk_size(chunk_size: u64) -> Result<()> {
     }
 }
 
+/// Zero bytes to hash from, without allocating.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
 /// The digests of one chunk of guest content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkDigest {
@@ -102,7 +105,6 @@ impl ChunkDigest {
 
     /// The digests of `length` zero bytes at `offset`, computed without a `length`-byte buffer.
     fn of_zeros(offset: u64, length: u64) -> Self {
-        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
         let mut sha = Sha256::new();
         let mut crc = crc32fast::Hasher::new();
         let mut left = length;
@@ -150,17 +152,19 @@ impl ChunkHasher {
     /// Digests of the chunk `data` at `offset`. A zero scan runs far faster than SHA-256, so
     /// chunks of written zeros take the precomputed digest too.
     pub fn hash(&self, offset: u64, data: &[u8]) -> ChunkDigest {
-        if first_nonzero_byte(data).is_none() {
-            self.zero(offset, data.len() as u64)
-        } else if self.with_crc {
-            ChunkDigest::of(offset, data)
-        } else {
-            ChunkDigest {
-                offset,
-                length: data.len() as u64,
-                sha256: Sha256::digest(data).into(),
-                crc32: 0,
-            }
+        let mut piecewise = self.start(offset);
+        piecewise.feed(data);
+        piecewise.finish()
+    }
+
+    /// Starts the digests of the chunk at `offset`, fed in pieces: a reader can hash a chunk in
+    /// pieces that stay in the CPU cache instead of copying all of it into memory first.
+    pub fn start(&self, offset: u64) -> PiecewiseChunk<'_> {
+        PiecewiseChunk {
+            hasher: self,
+            offset,
+            zeros: 0,
+            started: None,
         }
     }
 
@@ -178,6 +182,65 @@ impl ChunkHasher {
                 crc32: if self.with_crc { d.crc32 } else { 0 },
                 ..d
             }
+        }
+    }
+}
+
+/// One chunk's digests, fed in order. Leading zeros are only counted: a chunk that turns out all
+/// zero takes the precomputed digest without having been hashed.
+pub struct PiecewiseChunk<'a> {
+    hasher: &'a ChunkHasher,
+    offset: u64,
+    /// Bytes fed so far while no hashing has started: all zero.
+    zeros: u64,
+    /// Hash states, from the first non-zero byte on (the CRC only when the hasher keeps it).
+    started: Option<(Sha256, Option<crc32fast::Hasher>, u64)>,
+}
+
+impl PiecewiseChunk<'_> {
+    /// Appends `data`.
+    pub fn feed(&mut self, data: &[u8]) {
+        if let Some((sha, crc, length)) = &mut self.started {
+            sha.update(data);
+            if let Some(c) = crc {
+                c.update(data);
+            }
+            *length += data.len() as u64;
+        } else if first_nonzero_byte(data).is_none() {
+            self.zeros += data.len() as u64;
+        } else {
+            let crc = self.hasher.with_crc.then(crc32fast::Hasher::new);
+            self.started = Some((Sha256::new(), crc, 0));
+            // The zeros counted so far go in first.
+            let zeros = std::mem::take(&mut self.zeros);
+            self.feed_zeros(zeros);
+            self.feed(data);
+        }
+    }
+
+    /// Appends `length` zero bytes without a buffer of that size.
+    pub fn feed_zeros(&mut self, length: u64) {
+        if self.started.is_none() {
+            self.zeros += length;
+            return;
+        }
+        let mut left = length;
+        while left > 0 {
+            let n = left.min(ZEROS.len() as u64) as usize;
+            self.feed(&ZEROS[..n]);
+            left -= n as u64;
+        }
+    }
+
+    pub fn finish(self) -> ChunkDigest {
+        match self.started {
+            None => self.hasher.zero(self.offset, self.zeros),
+            Some((sha, crc, length)) => ChunkDigest {
+                offset: self.offset,
+                length,
+                sha256: sha.finalize().into(),
+                crc32: crc.map_or(0, |c| c.finalize()),
+            },
         }
     }
 }
@@ -408,6 +471,35 @@ mod tests {
             manifest_of(&bytes, 4096).digest_hex(),
             "8d7c13dba917fd99dee568720cfaf01a3a79e992176ebfc5dd4692f7f2d3fa6f"
         );
+    }
+
+    #[test]
+    fn piecewise_chunks_hash_as_whole_ones() {
+        let hasher = ChunkHasher::new(1 << 20).unwrap();
+        let mut data = vec![0u8; 300_000];
+        data[200_000] = 9;
+        data[299_999] = 1;
+        let whole = ChunkDigest::of(4096, &data);
+        // Leading zeros as bytes and as a count, a data piece, a zero gap, the rest.
+        let mut p = hasher.start(4096);
+        p.feed(&data[..1000]);
+        p.feed_zeros(199_000);
+        p.feed(&data[200_000..250_000]);
+        p.feed_zeros(10_000);
+        p.feed(&data[260_000..]);
+        assert_eq!(p.finish(), whole);
+        assert_eq!(hasher.hash(4096, &data), whole);
+        // All zeros, in pieces: the zero digest, for a full and a short chunk.
+        for len in [1u64 << 20, 70_000] {
+            let mut p = hasher.start(0);
+            p.feed(&vec![0; 5000]);
+            p.feed_zeros(len - 5000);
+            assert_eq!(p.finish(), ChunkDigest::of(0, &vec![0; len as usize]));
+        }
+        // Without CRC: the same SHA-256.
+        let sha_only = ChunkHasher::without_crc(1 << 20).unwrap();
+        let d = sha_only.hash(4096, &data);
+        assert_eq!((d.sha256, d.crc32), (whole.sha256, 0));
     }
 
     #[test]

@@ -6,12 +6,24 @@ use crate::error::{Error, Result};
 use std::fs::File;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(size)
+        .ok()
+        .filter(|&s| s > 0)
+        .unwrap_or(4096)
+}
 
 #[derive(Debug)]
 pub struct HostFile {
     path: PathBuf,
     file: File,
     len: u64,
+    /// The file mapped in memory, made on first use by [`HostFile::mapped`] (`None`: cannot be).
+    mapping: OnceLock<Option<memmap2::Mmap>>,
 }
 
 impl HostFile {
@@ -31,6 +43,7 @@ impl HostFile {
             path: path.to_path_buf(),
             file,
             len,
+            mapping: OnceLock::new(),
         })
     }
 
@@ -48,6 +61,51 @@ impl HostFile {
 
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// Calls `f` on bytes `offset..offset + len` of a regular file mapped in memory, and returns
+    /// true; hashing reads data this way without copying it. Returns false without calling `f`
+    /// when the range is not inside the file as opened or the file cannot be mapped: callers then
+    /// read it. The pages are unmapped from the process afterwards (they stay in the page cache),
+    /// so memory use does not grow with the bytes seen.
+    ///
+    /// The file must not shrink meanwhile: touching a page past its new end raises SIGBUS, as for
+    /// every program that maps files.
+    pub fn with_mapped(&self, offset: u64, len: u64, f: &mut dyn FnMut(&[u8])) -> bool {
+        let Some(end) = offset.checked_add(len).filter(|&e| e <= self.len) else {
+            return false;
+        };
+        let map = self.mapping.get_or_init(|| {
+            let regular = self.file.metadata().is_ok_and(|m| m.is_file());
+            if !regular || self.len == 0 {
+                return None;
+            }
+            // SAFETY: the map is read-only and lives as long as the file handle. Another process
+            // writing the file changes the bytes seen, as it would for reads; one truncating it
+            // is the documented SIGBUS case.
+            unsafe {
+                memmap2::MmapOptions::new()
+                    .len(self.len as usize)
+                    .map(&self.file)
+            }
+            .ok()
+        });
+        let Some(map) = map else {
+            return false;
+        };
+        let (start, end) = (offset as usize, end as usize);
+        f(&map[start..end]);
+        // Whole pages only, so that pages another thread still reads stay mapped.
+        let page = page_size();
+        let (first, last) = (start.next_multiple_of(page), end / page * page);
+        if last > first {
+            // SAFETY: a shared read-only file mapping: dropping its pages loses nothing; a later
+            // access maps them again from the page cache.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, last - first)
+            };
+        }
+        true
     }
 
     /// Bytes the file occupies on the host (allocated blocks), as `qemu-img info` "disk size".

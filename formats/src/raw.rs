@@ -64,6 +64,11 @@ impl Image for RawImage {
         self.file.read_exact_at(buf, offset, "raw data")
     }
 
+    fn with_mapped(&self, offset: u64, len: u64, f: &mut dyn FnMut(&[u8])) -> Result<bool> {
+        check_guest_range(self.file.len(), offset, len)?;
+        Ok(self.file.with_mapped(offset, len, f))
+    }
+
     fn info(&self) -> ImageInfo {
         ImageInfo::basic(
             self.file.path().to_path_buf(),

@@ -342,6 +342,14 @@ impl Image for Qcow2Image {
         }
     }
 
+    fn with_mapped(&self, offset: u64, len: u64, f: &mut dyn FnMut(&[u8])) -> Result<bool> {
+        check_guest_range(self.virtual_size, offset, len)?;
+        match self.run(offset, len, false)? {
+            (Kind::Data(host), run) if run == len => Ok(self.data_host().with_mapped(host, len, f)),
+            _ => Ok(false),
+        }
+    }
+
     fn info(&self) -> ImageInfo {
         let h = &self.header;
         let mut info = ImageInfo::basic(
