@@ -150,12 +150,17 @@ fn round_trips(env: &Env, dir: &Path, url_of: &dyn Fn(&str) -> String) {
             ("vpc", "subformat=dynamic", "vhd"),
             ("vpc", "subformat=fixed", "fixed.vhd"),
             ("qcow2", "", "qcow2"),
+            ("qcow2", "compression_type=zlib", "zlib.qcow2"),
+            ("qcow2", "compression_type=zstd", "zstd.qcow2"),
         ] {
             let key = format!("images/{name}.{ext}");
             let url = url_of(&key);
             let mut args = vec!["push", "-O", out_fmt, "--parallel", "3"];
             if !opts.is_empty() {
                 args.extend(["-o", opts]);
+            }
+            if opts.starts_with("compression_type") {
+                args.push("-c");
             }
             args.extend([path_str(&src), &url]);
             env.ok(&args);
@@ -205,9 +210,13 @@ fn local_bucket_round_trips() {
         let vhd = bucket.join("images").join(name);
         qemu_img(&["compare", "-F", "vpc", path_str(&src), path_str(&vhd)]);
     }
-    let qcow2 = bucket.join("images/src.vhd.qcow2");
-    qemu_img(&["check", path_str(&qcow2)]);
-    qemu_img(&["compare", path_str(&src), path_str(&qcow2)]);
+    for name in ["src.vhd.qcow2", "src.vhd.zlib.qcow2", "src.vhd.zstd.qcow2"] {
+        let qcow2 = bucket.join("images").join(name);
+        qemu_img(&["check", path_str(&qcow2)]);
+        qemu_img(&["compare", path_str(&src), path_str(&qcow2)]);
+    }
+    let info = qemu_img(&["info", path_str(&bucket.join("images/src.raw.zstd.qcow2"))]);
+    assert!(info.contains("compression type: zstd"), "{info}");
     let dynamic = std::fs::metadata(bucket.join("images/src.qcow2.vhd"))
         .unwrap()
         .len();
@@ -232,7 +241,7 @@ fn local_bucket_round_trips() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(left.len(), 22, "{left:?}");
+    assert_eq!(left.len(), 34, "{left:?}");
     assert!(
         left.iter().all(|n| !n.contains("diskkit-upload")),
         "{left:?}"
@@ -257,17 +266,12 @@ fn s3_round_trips() {
 
 /// Starts a push that sends one part at a time slowly, kills it once `after` parts are recorded,
 /// and returns how many were.
-fn push_and_kill(env: &Env, src: &Path, url: &str, after: usize) -> usize {
+fn push_and_kill(env: &Env, src: &Path, url: &str, after: usize, extra: &[&str]) -> usize {
+    let mut args = vec!["push", "--part-size", "5M", "--parallel", "1"];
+    args.extend(extra);
+    args.extend([path_str(src), url]);
     let mut child = env
-        .command(&[
-            "push",
-            "--part-size",
-            "5M",
-            "--parallel",
-            "1",
-            path_str(src),
-            url,
-        ])
+        .command(&args)
         .env("DISKKIT_TEST_PART_DELAY_MS", "300")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -313,7 +317,7 @@ fn kill_and_resume(env: &Env, dir: &Path, url: &str, stat_missing: &dyn Fn() -> 
     let src = dir.join("big.qcow2");
     qemu_img(&["create", "-f", "qcow2", path_str(&src), "26M"]);
     qemu_io("qcow2", &src, &as_refs(&mixed_pattern(26 * MIB)));
-    let done = push_and_kill(env, &src, url, 2);
+    let done = push_and_kill(env, &src, url, 2, &[]);
     assert!(done >= 2);
     assert!(
         stat_missing(),
@@ -338,7 +342,7 @@ fn kill_and_resume(env: &Env, dir: &Path, url: &str, stat_missing: &dyn Fn() -> 
     qemu_img(&["compare", path_str(&src), path_str(&pulled)]);
 
     // --abort forgets the upload: the next push starts over.
-    push_and_kill(env, &src, url, 1);
+    push_and_kill(env, &src, url, 1, &[]);
     env.ok(&["push", "--abort", url]);
     assert_eq!(env.checkpoint_parts(), 0);
     let out = env.ok(&["push", "--part-size", "5M", path_str(&src), url]);
@@ -357,6 +361,54 @@ fn local_bucket_kill_and_resume() {
     let url = format!("{}/disk.raw", bucket.display());
     let target = bucket.join("disk.raw");
     kill_and_resume(&env, dir.path(), &url, &|| !target.exists());
+}
+
+/// A compressed qcow2 push, killed and rerun: the parts are compressed again the same way, so
+/// the rerun sends only the missing ones and the object is a valid image of the source.
+#[test]
+fn local_bucket_compressed_push_resumes() {
+    let dir = tempdir();
+    let bucket = dir.path().join("bucket");
+    std::fs::create_dir(&bucket).unwrap();
+    let env = Env {
+        cache: dir.path().join("cache"),
+        endpoint: None,
+    };
+    // 12 MiB of incompressible data, 12 MiB of text, 8 MiB of zeros: about 13 MiB compressed.
+    let src = dir.path().join("mixed.raw");
+    let mut content = Vec::with_capacity(32 * MIB as usize);
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    while content.len() < 12 * MIB as usize {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        content.extend_from_slice(&x.to_le_bytes());
+    }
+    let mut line = 0;
+    while content.len() < 24 * MIB as usize {
+        content.extend_from_slice(format!("line {line} of some text in a file\n").as_bytes());
+        line += 1;
+    }
+    content.resize(32 * MIB as usize, 0);
+    std::fs::write(&src, &content).unwrap();
+    let url = format!("{}/disk.qcow2", bucket.display());
+    let args = ["-O", "qcow2", "-c", "-o", "compression_type=zstd"];
+    let done = push_and_kill(&env, &src, &url, 1, &args);
+    assert!(done >= 1);
+    assert!(!bucket.join("disk.qcow2").exists());
+    let mut rerun = vec!["push", "--part-size", "5M", "--parallel", "1"];
+    rerun.extend(args);
+    rerun.extend([path_str(&src), &url]);
+    let out = env.ok(&rerun);
+    let (total, sent, resumed) = part_counts(&out);
+    assert!(total >= 3, "{out}");
+    assert_eq!((sent, resumed), (total - done, done), "{out}");
+    let object = bucket.join("disk.qcow2");
+    qemu_img(&["check", path_str(&object)]);
+    qemu_img(&["compare", path_str(&src), path_str(&object)]);
+    let size = std::fs::metadata(&object).unwrap().len();
+    assert!(size < 16 * MIB, "compressed object of {size} bytes");
+    env.ok(&["verify", &url]);
 }
 
 #[test]

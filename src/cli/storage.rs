@@ -2,6 +2,7 @@
 
 use super::util::{Bar, create_options, human_size, open_image, parse_format, parse_size};
 use super::{EXIT_ERROR, EXIT_OK};
+use diskkit::convert::allocated_ranges;
 use diskkit::formats::{Error, Format, Result};
 use diskkit::storage::push::{self, Export, PushOptions};
 use diskkit::storage::{Location, Settings, Store, pull};
@@ -54,9 +55,12 @@ impl Connection {
     long_about = "Upload SRC to URL as a multipart upload with parallel parts, converting \
 on the fly with -O: raw, or vpc (VHD: dynamic by default, storing only the blocks the \
 source's allocation map touches; -o subformat=fixed, or target=azure for Azure's fixed, \
-MiB-aligned VHDs), or qcow2 (plain v3, 64 KiB clusters, only clusters with data). No local copy is made: the object's layout is computed from the source's \
-allocation map before the first byte is sent, and each part is produced on demand. Memory is about \
---part-size x --parallel.\n\n\
+MiB-aligned VHDs), or qcow2 (v3, 64 KiB clusters, only clusters with data; with -c \
+compressed, -o compression_type=zlib|zstd, zlib by default as qemu). No local copy is made: \
+the object's layout is computed from the source's allocation map before the first byte is \
+sent (with -c, by compressing the source once first to learn each cluster's compressed size: \
+a \"compressing\" pass, then the parts compress again as they are sent), and each part is \
+produced on demand. Memory is about --part-size x --parallel.\n\n\
 Every push also writes URL.diskkit.json: the object's format and size, the source name, the \
 creation time and the guest digest with its chunk manifest (as diskkit hash computes them), \
 which pull and verify check against.\n\n\
@@ -75,10 +79,10 @@ pub struct PushArgs {
     #[arg(short = 'O', value_parser = parse_format)]
     out_format: Option<Format>,
     /// Object format options, qemu style (vpc: subformat=dynamic|fixed, block_size,
-    /// force_size, target=azure)
+    /// force_size, target=azure; qcow2: compression_type=zlib|zstd)
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
-    /// Compress the output (not streamed yet: refused)
+    /// Compress the output (qcow2 only)
     #[arg(short = 'c')]
     compress: bool,
     /// Parts uploaded at once
@@ -115,7 +119,14 @@ pub fn push(args: PushArgs) -> Result<i32> {
     let mut create = create_options(&args.options)?;
     create.compress = args.compress;
     let out_format = args.out_format.unwrap_or(Format::Raw);
-    let export = Export::plan(src.as_ref(), out_format, &mut create)?;
+    // Compressed qcow2 is planned by compressing the source once (see Export::plan).
+    let data: u64 = allocated_ranges(src.as_ref(), 0, src.virtual_size())
+        .map(|r| r.map_or(0, |(start, end)| end - start))
+        .sum();
+    let compressing = Bar::new(args.progress && args.compress, data, "compressing");
+    let export = Export::plan(src.as_ref(), out_format, &mut create, &compressing);
+    compressing.finish();
+    let export = export?;
     let (location, store) = args.connection.open(url)?;
     let meta = std::fs::metadata(src_path).map_err(|e| Error::io(src_path, "stat", e))?;
     let mtime = meta
@@ -133,11 +144,14 @@ pub fn push(args: PushArgs) -> Result<i32> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
         identity: format!(
-            "{} size={} mtime={mtime} format={} options={:?}",
+            "{} size={} mtime={mtime} format={} options={:?} compress={} diskkit={}",
             source.display(),
             meta.len(),
             out_format.name(),
-            args.options
+            args.options,
+            args.compress,
+            // Compressed parts must come from the same compressor as the ones already sent.
+            env!("CARGO_PKG_VERSION")
         ),
     };
     let guest_size = export.guest_size(src.as_ref());

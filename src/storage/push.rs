@@ -103,12 +103,17 @@ pub enum Export {
 }
 
 impl Export {
-    /// The export of `src` as `format` with the `-o`/`-c` options in `create`.
-    pub fn plan(src: &dyn Image, format: Format, create: &mut CreateOptions) -> Result<Export> {
-        if create.compress {
-            return Err(Error::invalid(
-                "-c: compressed qcow2 is not streamed yet (see README: the approach)",
-            ));
+    /// The export of `src` as `format` with the `-o`/`-c` options in `create`. A compressed
+    /// qcow2 export compresses the whole source once here (see `qcow2::stream`), reporting guest
+    /// bytes to `compressing`.
+    pub fn plan(
+        src: &dyn Image,
+        format: Format,
+        create: &mut CreateOptions,
+        compressing: &dyn Progress,
+    ) -> Result<Export> {
+        if create.compress && format != Format::Qcow2 {
+            return Err(Error::invalid(format!("-c: {format} has no compressed form; use -O qcow2")));
         }
         let size = src.virtual_size();
         // Guest ranges (start, length) with data: the layout of VHD and qcow2 follows from them.
@@ -124,7 +129,13 @@ impl Export {
                 Ok(Export::Vhd(Box::new(stream)))
             }
             Format::Qcow2 => {
-                let stream = Qcow2Stream::plan(size, create, &mut allocated)?;
+                let stream = Qcow2Stream::plan(
+                    size,
+                    create,
+                    &mut allocated,
+                    &|buf, at| src.read_at(buf, at),
+                    &|n| compressing.advance(n),
+                )?;
                 Ok(Export::Qcow2(Box::new(stream)))
             }
             other => Err(Error::invalid(format!(
@@ -166,7 +177,7 @@ impl Export {
         match self {
             Export::Raw => padded.read_at(buf, offset),
             Export::Vhd(s) => s.fill(buf, offset, &mut |b, at| padded.read_at(b, at)),
-            Export::Qcow2(s) => s.fill(buf, offset, &mut |b, at| padded.read_at(b, at)),
+            Export::Qcow2(s) => s.fill(buf, offset, &|b, at| padded.read_at(b, at)),
         }
     }
 }

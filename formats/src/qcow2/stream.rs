@@ -3,21 +3,47 @@
 //!
 //! The whole layout follows from the source's allocated clusters, known before the first byte
 //! is sent: the header (cluster 0), the L1 table, one L2 table per L1 entry that covers data,
-//! the data clusters in guest order, then the refcount blocks and table. Every cluster of the
-//! file is used exactly once, so every refcount is 1 and every table entry carries COPIED.
-//! Tables are generated when their bytes are asked for: memory grows with the number of
-//! allocated runs, not with the image size.
+//! the data region in guest order, then the refcount blocks and table. Tables are generated
+//! when their bytes are asked for: memory grows with the number of allocated runs (plain) or
+//! clusters (2 bytes each, compressed), not with the image size.
+//!
+//! Plain images store each allocated cluster in a host cluster of its own, so every refcount is
+//! 1 and every table entry carries COPIED. Compressed images (`-c`) pack the compressed clusters
+//! back to back, as qemu does; where the packing puts each cluster depends on the compressed size
+//! of every cluster before it, and the tables in front of the data depend on the packing. So a
+//! first pass compresses every cluster once and keeps only its compressed length; with those
+//! lengths every byte of the image is again a function of the source, and the data region is
+//! produced by compressing each cluster again when its bytes are asked for. Compression is
+//! deterministic; a cluster whose second compression differs from the first is an error, never
+//! a corrupt image. The cost is a second compression of every cluster, the price of needing no
+//! local spool and of uploading parts in parallel and in any order (and resuming them).
 
-use super::header::Header;
+use super::compress::compress;
+use super::header::{CompressionType, Header};
 use super::l2::{COPIED, Geometry, MAX_L1_BYTES};
 use super::refcount::RefcountLayout;
 use crate::error::{Error, Result};
-use crate::image::check_guest_range;
+use crate::image::{check_guest_range, first_nonzero_byte};
 use crate::write::CreateOptions;
+use rayon::prelude::*;
 
 const CLUSTER_BITS: u32 = 16;
-/// 16-bit refcounts, qemu's default.
+const CLUSTER_SIZE: u64 = 1 << CLUSTER_BITS;
+/// 16-bit refcounts, qemu's default: a host cluster is shared by at most a few thousand
+/// compressed clusters, far below the limit.
 const REFCOUNT_ORDER: u32 = 4;
+const REFCOUNT_LAYOUT: RefcountLayout = RefcountLayout {
+    cluster_bits: CLUSTER_BITS,
+    order: REFCOUNT_ORDER,
+};
+const GEOMETRY: Geometry = Geometry {
+    cluster_bits: CLUSTER_BITS,
+    extended_l2: false,
+    has_data_file: false,
+};
+
+/// Reads guest bytes: `read(buf, guest_offset)`, for ranges inside the virtual size.
+pub type ReadGuest<'a> = &'a (dyn Fn(&mut [u8], u64) -> Result<()> + Sync);
 
 /// A run of allocated guest clusters and the rank of its first one among all allocated ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,7 +53,175 @@ struct Run {
     rank: u64,
 }
 
-/// The byte layout of a plain (uncompressed) qcow2 v3 image with 64 KiB clusters.
+/// How the allocated clusters, by rank, lie in the data region.
+enum DataLayout {
+    /// One host cluster each, in rank order.
+    Plain,
+    Packed(Packed),
+}
+
+/// Code of a cluster that is all zeros: not stored, its L2 entry stays 0 (reads as zeros).
+const ZERO_CODE: u16 = 0;
+/// Code of a cluster stored uncompressed, at the next host cluster boundary: its compressed form
+/// would not save a sector. Other codes are compressed lengths (at most 65024 bytes).
+const PLAIN_CODE: u16 = u16::MAX;
+/// Ranks placed from one recorded start: bounds the work of locating a cluster.
+const GROUP: u64 = 256;
+
+/// Compressed clusters packed back to back.
+struct Packed {
+    compression: CompressionType,
+    /// One per allocated cluster, by rank: [`ZERO_CODE`], [`PLAIN_CODE`] or a compressed length.
+    codes: Vec<u16>,
+    /// Position in the data region where rank `g * GROUP` is placed from.
+    group_starts: Vec<u64>,
+}
+
+/// Where a cluster lies in the data region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span {
+    rank: u64,
+    start: u64,
+    len: u64,
+    code: u16,
+}
+
+impl Span {
+    /// Host clusters (relative to the data region) the cluster's L2 entry references: qemu
+    /// counts compressed data in whole 512-byte sectors.
+    fn clusters(&self) -> std::ops::RangeInclusive<u64> {
+        let end = (self.start + self.len).next_multiple_of(512);
+        self.start / CLUSTER_SIZE..=(end - 1) / CLUSTER_SIZE
+    }
+}
+
+/// Where the cluster of `code` goes when the data region is filled up to `pos`: its span
+/// (start, length), if stored, and the fill position after it.
+fn place(code: u16, pos: u64) -> (Option<(u64, u64)>, u64) {
+    match code {
+        ZERO_CODE => (None, pos),
+        PLAIN_CODE => {
+            let start = pos.next_multiple_of(CLUSTER_SIZE);
+            (Some((start, CLUSTER_SIZE)), start + CLUSTER_SIZE)
+        }
+        len => (Some((pos, u64::from(len))), pos + u64::from(len)),
+    }
+}
+
+impl Packed {
+    /// Compresses every allocated cluster (by rank; `guest_of` gives its guest cluster) on all
+    /// cores and keeps the codes. `compressed(n)` reports guest bytes done.
+    fn plan(
+        compression: CompressionType,
+        ranks: u64,
+        guest_of: &(dyn Fn(u64) -> Option<u64> + Sync),
+        virtual_size: u64,
+        read_guest: ReadGuest,
+        compressed: &(dyn Fn(u64) + Sync),
+    ) -> Result<Packed> {
+        let groups: Vec<Vec<u16>> = (0..ranks.div_ceil(GROUP))
+            .into_par_iter()
+            .map(|g| {
+                let mut cluster = vec![0u8; CLUSTER_SIZE as usize];
+                let ranks = g * GROUP..((g + 1) * GROUP).min(ranks);
+                let codes = ranks
+                    .map(|rank| {
+                        let guest = guest_cluster(guest_of, rank)?;
+                        read_cluster(&mut cluster, guest, virtual_size, read_guest)?;
+                        compressed(CLUSTER_SIZE);
+                        Ok(code_of(compression, &cluster))
+                    })
+                    .collect::<Result<Vec<u16>>>()?;
+                Ok(codes)
+            })
+            .collect::<Result<_>>()?;
+        let codes: Vec<u16> = groups.into_iter().flatten().collect();
+        let mut group_starts = Vec::with_capacity(codes.len().div_ceil(GROUP as usize));
+        let mut pos = 0;
+        for (rank, &code) in codes.iter().enumerate() {
+            if rank as u64 % GROUP == 0 {
+                group_starts.push(pos);
+            }
+            pos = place(code, pos).1;
+        }
+        Ok(Packed {
+            compression,
+            codes,
+            group_starts,
+        })
+    }
+
+    /// Bytes of the data region, up to the end of the last stored cluster.
+    fn end(&self) -> u64 {
+        let mut pos = self.group_starts.last().copied().unwrap_or(0);
+        let from = self.group_starts.len().saturating_sub(1) * GROUP as usize;
+        for &code in self.codes.get(from..).unwrap_or_default() {
+            pos = place(code, pos).1;
+        }
+        pos
+    }
+
+    /// Stored clusters in rank order, from the group that holds position `at` on.
+    fn spans_from(&self, at: u64) -> impl Iterator<Item = Span> + '_ {
+        let g = self.group_starts.partition_point(|&s| s <= at).saturating_sub(1);
+        let first = g as u64 * GROUP;
+        let mut pos = self.group_starts.get(g).copied().unwrap_or(0);
+        (first..self.codes.len() as u64).filter_map(move |rank| {
+            let code = self.codes[rank as usize];
+            let (span, next) = place(code, pos);
+            pos = next;
+            span.map(|(start, len)| Span {
+                rank,
+                start,
+                len,
+                code,
+            })
+        })
+    }
+
+    /// The span of rank `rank`, if stored.
+    fn span(&self, rank: u64) -> Option<Span> {
+        let g = (rank / GROUP) as usize;
+        let mut pos = *self.group_starts.get(g)?;
+        for r in g as u64 * GROUP..rank {
+            pos = place(*self.codes.get(r as usize)?, pos).1;
+        }
+        let code = *self.codes.get(rank as usize)?;
+        place(code, pos).0.map(|(start, len)| Span {
+            rank,
+            start,
+            len,
+            code,
+        })
+    }
+}
+
+/// The guest cluster of rank `rank`.
+fn guest_cluster(guest_of: &(dyn Fn(u64) -> Option<u64> + Sync), rank: u64) -> Result<u64> {
+    guest_of(rank).ok_or_else(|| Error::invalid("qcow2 stream: data cluster out of range"))
+}
+
+/// Reads guest cluster `guest` whole into `buf`, zeros past the virtual size.
+fn read_cluster(buf: &mut [u8], guest: u64, virtual_size: u64, read_guest: ReadGuest) -> Result<()> {
+    let at = guest * CLUSTER_SIZE;
+    let n = virtual_size.saturating_sub(at).min(CLUSTER_SIZE) as usize;
+    read_guest(&mut buf[..n], at)?;
+    buf[n..].fill(0);
+    Ok(())
+}
+
+/// The code of a cluster with content `cluster`.
+fn code_of(compression: CompressionType, cluster: &[u8]) -> u16 {
+    if first_nonzero_byte(cluster).is_none() {
+        return ZERO_CODE;
+    }
+    match compress(compression, cluster) {
+        Some(z) if z.len() as u64 + 512 <= CLUSTER_SIZE => z.len() as u16,
+        _ => PLAIN_CODE,
+    }
+}
+
+/// The byte layout of a qcow2 v3 image with 64 KiB clusters, plain or compressed.
 pub struct Qcow2Stream {
     virtual_size: u64,
     header: Vec<u8>,
@@ -36,6 +230,8 @@ pub struct Qcow2Stream {
     /// L1 indices that have an L2 table, ascending: table `k` is the `k`-th cluster of L2s.
     tables: Vec<u64>,
     runs: Vec<Run>,
+    data: DataLayout,
+    /// Host clusters of the data region.
     data_clusters: u64,
     l1_clusters: u64,
     refcount_blocks: u64,
@@ -44,76 +240,64 @@ pub struct Qcow2Stream {
 
 impl Qcow2Stream {
     /// Plans the image for a guest of `virtual_size` bytes whose data lies in `allocated`
-    /// (guest ranges `(start, length)`, ascending). Takes no `-o` options.
+    /// (guest ranges `(start, length)`, ascending). Options: `-c` (`opts.compress`) with
+    /// `compression_type=zlib|zstd` (zlib by default, as qemu); compressing reads every allocated
+    /// cluster through `read_guest` once now, reporting guest bytes done to `compressed`.
     pub fn plan(
         virtual_size: u64,
         opts: &mut CreateOptions,
         allocated: &mut dyn Iterator<Item = Result<(u64, u64)>>,
+        read_guest: ReadGuest,
+        compressed: &(dyn Fn(u64) + Sync),
     ) -> Result<Qcow2Stream> {
+        let compression = match opts.take("compression_type").as_deref() {
+            None | Some("zlib") => CompressionType::Zlib,
+            Some("zstd") => CompressionType::Zstd,
+            Some(v) => {
+                return Err(Error::invalid(format!(
+                    "compression_type '{v}': use zlib or zstd"
+                )));
+            }
+        };
         opts.reject_unknown(crate::image::Format::Qcow2)?;
-        if opts.compress || opts.backing_file.is_some() {
+        if opts.backing_file.is_some() {
             return Err(Error::invalid(
-                "streamed qcow2 output is plain: no -c, no backing file",
+                "streamed qcow2 output stands alone: no backing file",
             ));
         }
-        let geo = Geometry {
-            cluster_bits: CLUSTER_BITS,
-            extended_l2: false,
-            has_data_file: false,
-        };
-        let cs = geo.cluster_size();
-        let l1_entries = geo.l1_entries_for(virtual_size);
+        let cs = CLUSTER_SIZE;
+        let l1_entries = GEOMETRY.l1_entries_for(virtual_size);
         if l1_entries * 8 > MAX_L1_BYTES {
             return Err(Error::invalid(format!(
                 "qcow2: {virtual_size} bytes needs an L1 table above 32 MiB"
             )));
         }
-        let mut runs: Vec<Run> = Vec::new();
-        let mut rank = 0;
-        for range in allocated {
-            let (start, len) = range?;
-            let end = start
-                .checked_add(len)
-                .filter(|&e| e <= virtual_size)
-                .ok_or_else(|| {
-                    Error::invalid(format!("allocated range {start}+{len} out of range"))
-                })?;
-            if len == 0 {
-                continue;
-            }
-            let mut first = start >> CLUSTER_BITS;
-            let last = end.div_ceil(cs);
-            if let Some(r) = runs.last_mut() {
-                first = first.max(r.first + r.count);
-                if first == r.first + r.count && first < last {
-                    r.count += last - first;
-                    rank += last - first;
-                    continue;
-                }
-            }
-            if first < last {
-                runs.push(Run {
-                    first,
-                    count: last - first,
-                    rank,
-                });
-                rank += last - first;
-            }
-        }
-        let per_l2 = geo.l2_entries();
+        let (runs, ranks) = allocated_runs(virtual_size, allocated)?;
+        let per_l2 = GEOMETRY.l2_entries();
         let mut tables: Vec<u64> = Vec::new();
         for r in &runs {
             let from = (r.first / per_l2).max(tables.last().map_or(0, |&t| t + 1));
             tables.extend(from..=(r.first + r.count - 1) / per_l2);
         }
-        let l1_clusters = (l1_entries * 8).div_ceil(cs);
-        let before_refcounts = 1 + l1_clusters + tables.len() as u64 + rank;
-        let layout = RefcountLayout {
-            cluster_bits: CLUSTER_BITS,
-            order: REFCOUNT_ORDER,
+        let (data, data_clusters) = if opts.compress {
+            let guest_of = |rank| guest_of(&runs, rank);
+            let packed = Packed::plan(
+                compression,
+                ranks,
+                &guest_of,
+                virtual_size,
+                read_guest,
+                compressed,
+            )?;
+            let clusters = packed.end().div_ceil(cs);
+            (DataLayout::Packed(packed), clusters)
+        } else {
+            (DataLayout::Plain, ranks)
         };
+        let l1_clusters = (l1_entries * 8).div_ceil(cs);
+        let before_refcounts = 1 + l1_clusters + tables.len() as u64 + data_clusters;
         let (refcount_blocks, refcount_table_clusters) =
-            layout.structure_clusters(before_refcounts);
+            REFCOUNT_LAYOUT.structure_clusters(before_refcounts);
         let mut l1 = vec![0u64; l1_entries as usize];
         let l2_start = (1 + l1_clusters) * cs;
         for (k, &t) in tables.iter().enumerate() {
@@ -127,21 +311,21 @@ impl Qcow2Stream {
         h.refcount_table_offset = (before_refcounts + refcount_blocks) * cs;
         h.refcount_table_clusters = u32::try_from(refcount_table_clusters)
             .map_err(|_| Error::invalid("qcow2: refcount table too large"))?;
+        if let DataLayout::Packed(p) = &data {
+            h.compression = p.compression;
+        }
         Ok(Qcow2Stream {
             virtual_size,
             header: h.encode()?,
             l1,
             tables,
             runs,
-            data_clusters: rank,
+            data,
+            data_clusters,
             l1_clusters,
             refcount_blocks,
             refcount_table_clusters,
         })
-    }
-
-    fn cluster_size(&self) -> u64 {
-        1 << CLUSTER_BITS
     }
 
     /// Index of the first data cluster.
@@ -154,60 +338,159 @@ impl Qcow2Stream {
     }
 
     pub fn object_size(&self) -> u64 {
-        self.total_clusters() * self.cluster_size()
+        self.total_clusters() * CLUSTER_SIZE
     }
 
-    /// Host offset of guest cluster `c`, if allocated.
-    fn host_of(&self, c: u64) -> Option<u64> {
+    /// Rank of guest cluster `c` among the allocated ones, if allocated.
+    fn rank_of(&self, c: u64) -> Option<u64> {
         let i = self.runs.partition_point(|r| r.first + r.count <= c);
         let r = self.runs.get(i).filter(|r| r.first <= c)?;
-        Some((self.data_start() + r.rank + (c - r.first)) * self.cluster_size())
+        Some(r.rank + (c - r.first))
     }
 
-    /// Guest cluster stored at data rank `rank`.
-    fn guest_of(&self, rank: u64) -> Option<u64> {
-        let i = self.runs.partition_point(|r| r.rank + r.count <= rank);
-        let r = self.runs.get(i)?;
-        Some(r.first + (rank - r.rank))
+    /// The L2 entry of guest cluster `c`.
+    fn l2_entry(&self, c: u64) -> u64 {
+        let Some(rank) = self.rank_of(c) else {
+            return 0;
+        };
+        let data = self.data_start() * CLUSTER_SIZE;
+        match &self.data {
+            DataLayout::Plain => (data + rank * CLUSTER_SIZE) | COPIED,
+            DataLayout::Packed(p) => match p.span(rank) {
+                None => 0,
+                Some(s) if s.code == PLAIN_CODE => (data + s.start) | COPIED,
+                Some(s) => GEOMETRY.compressed_entry(data + s.start, s.len),
+            },
+        }
     }
 
-    /// Fills `buf` with the image's bytes at `offset`; guest data comes from `read_guest(buf,
-    /// guest_offset)`, called only for ranges inside the virtual size.
-    pub fn fill(
-        &self,
-        buf: &mut [u8],
-        offset: u64,
-        read_guest: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
-    ) -> Result<()> {
+    /// Fills `buf` with the image's bytes at `offset`; guest data comes from `read_guest`.
+    pub fn fill(&self, buf: &mut [u8], offset: u64, read_guest: ReadGuest) -> Result<()> {
         let size = self.object_size();
         // The stream's bytes play the guest's part here: same bounds rule.
         check_guest_range(size, offset, buf.len() as u64)?;
-        let cs = self.cluster_size();
+        let cs = CLUSTER_SIZE;
+        let (data_from, data_to) = (
+            self.data_start() * cs,
+            (self.data_start() + self.data_clusters) * cs,
+        );
         let mut done = 0;
         while done < buf.len() {
             let pos = offset + done as u64;
+            if (data_from..data_to).contains(&pos) {
+                // The data region in one go: packed clusters straddle host clusters.
+                let n = (buf.len() - done).min((data_to - pos) as usize);
+                self.fill_data(&mut buf[done..done + n], pos - data_from, read_guest)?;
+                done += n;
+                continue;
+            }
             let (cluster, within) = (pos / cs, pos % cs);
             let n = (buf.len() - done).min((cs - within) as usize);
-            self.fill_cluster(&mut buf[done..done + n], cluster, within, read_guest)?;
+            self.fill_metadata(&mut buf[done..done + n], cluster, within)?;
             done += n;
         }
         Ok(())
     }
 
-    /// Fills `out` with cluster `cluster`'s bytes from `within` on.
-    fn fill_cluster(
-        &self,
-        out: &mut [u8],
-        cluster: u64,
-        within: u64,
-        read_guest: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
-    ) -> Result<()> {
-        let cs = self.cluster_size();
+    /// Fills `out` with the data region's bytes from `at` (relative to its start).
+    fn fill_data(&self, out: &mut [u8], at: u64, read_guest: ReadGuest) -> Result<()> {
+        let cs = CLUSTER_SIZE;
+        let guest_of = |rank| guest_cluster(&|r| guest_of(&self.runs, r), rank);
+        let packed = match &self.data {
+            DataLayout::Plain => {
+                let mut done = 0;
+                while done < out.len() {
+                    let pos = at + done as u64;
+                    let (rank, within) = (pos / cs, pos % cs);
+                    let n = (out.len() - done).min((cs - within) as usize);
+                    let guest = guest_of(rank)? * cs + within;
+                    let piece = &mut out[done..done + n];
+                    let from_guest = self.virtual_size.saturating_sub(guest).min(n as u64);
+                    read_guest(&mut piece[..from_guest as usize], guest)?;
+                    piece[from_guest as usize..].fill(0);
+                    done += n;
+                }
+                return Ok(());
+            }
+            DataLayout::Packed(p) => p,
+        };
+        out.fill(0);
+        let end = at + out.len() as u64;
+        let mut cluster = vec![0u8; cs as usize];
+        for span in packed.spans_from(at) {
+            if span.start >= end {
+                break;
+            }
+            if span.start + span.len <= at {
+                continue;
+            }
+            read_cluster(&mut cluster, guest_of(span.rank)?, self.virtual_size, read_guest)?;
+            let stored = if span.code == PLAIN_CODE {
+                cluster.clone()
+            } else {
+                compress(packed.compression, &cluster)
+                    .filter(|z| z.len() as u64 == span.len)
+                    .ok_or_else(|| {
+                        Error::invalid(format!(
+                            "guest cluster at {:#x} compressed differently on the second pass \
+                             (the source changed during the push?)",
+                            guest_of(span.rank).unwrap_or(0) * cs
+                        ))
+                    })?
+            };
+            let from = span.start.max(at);
+            let to = (span.start + span.len).min(end);
+            out[(from - at) as usize..(to - at) as usize]
+                .copy_from_slice(&stored[(from - span.start) as usize..(to - span.start) as usize]);
+        }
+        Ok(())
+    }
+
+    /// Refcount of host cluster `cluster` of the file.
+    fn refcount(&self, cluster: u64, packed_counts: &mut Option<(u64, Vec<u16>)>) -> u64 {
+        let data = self.data_start();
+        if cluster >= self.total_clusters() {
+            return 0;
+        }
+        let DataLayout::Packed(p) = &self.data else {
+            return 1;
+        };
+        if !(data..data + self.data_clusters).contains(&cluster) {
+            return 1;
+        }
+        // Counts of the data clusters one refcount block covers, computed once per block.
+        let per_block = REFCOUNT_LAYOUT.per_block();
+        let rel = cluster - data;
+        let window = rel / per_block * per_block;
+        if packed_counts.as_ref().is_none_or(|(w, _)| *w != window) {
+            let mut counts = vec![0u16; per_block as usize];
+            let window_end = window + per_block;
+            for span in p.spans_from(window * CLUSTER_SIZE) {
+                if span.start >= window_end * CLUSTER_SIZE {
+                    break;
+                }
+                for c in span.clusters() {
+                    if (window..window_end).contains(&c) {
+                        let n = &mut counts[(c - window) as usize];
+                        *n = n.saturating_add(1);
+                    }
+                }
+            }
+            *packed_counts = Some((window, counts));
+        }
+        packed_counts
+            .as_ref()
+            .map_or(0, |(_, counts)| u64::from(counts[(rel - window) as usize]))
+    }
+
+    /// Fills `out` with metadata cluster `cluster`'s bytes from `within` on.
+    fn fill_metadata(&self, out: &mut [u8], cluster: u64, within: u64) -> Result<()> {
+        let cs = CLUSTER_SIZE;
         let data = self.data_start();
         let refcounts = data + self.data_clusters;
         let table = refcounts + self.refcount_blocks;
         // 8-byte big-endian words of a generated cluster: word `i` is `word(i)`.
-        let words = |out: &mut [u8], word: &dyn Fn(u64) -> u64| {
+        let words = |out: &mut [u8], word: &mut dyn FnMut(u64) -> u64| {
             for (i, b) in out.iter_mut().enumerate() {
                 let at = within + i as u64;
                 *b = word(at / 8).to_be_bytes()[(at % 8) as usize];
@@ -220,39 +503,39 @@ impl Qcow2Stream {
             out[..n].copy_from_slice(&self.header[from..from + n]);
         } else if cluster < 1 + self.l1_clusters {
             let base = (cluster - 1) * cs / 8;
-            words(out, &|i| {
+            words(out, &mut |i| {
                 self.l1.get((base + i) as usize).copied().unwrap_or(0)
             });
         } else if cluster < data {
             let l1_index = self.tables[(cluster - 1 - self.l1_clusters) as usize];
             let first = l1_index * (cs / 8);
-            words(out, &|i| {
+            // Each entry is asked for 8 times (once per byte): remember the last one.
+            let mut last: Option<(u64, u64)> = None;
+            words(out, &mut |i| {
                 let c = first + i;
-                if c * cs < self.virtual_size {
-                    self.host_of(c).map_or(0, |h| h | COPIED)
-                } else {
-                    0
+                match last {
+                    Some((at, e)) if at == c => e,
+                    _ => {
+                        let e = if c * cs < self.virtual_size { self.l2_entry(c) } else { 0 };
+                        last = Some((c, e));
+                        e
+                    }
                 }
             });
         } else if cluster < refcounts {
-            let guest_cluster = self
-                .guest_of(cluster - data)
-                .ok_or_else(|| Error::invalid("qcow2 stream: data cluster out of range"))?;
-            let at = guest_cluster * cs + within;
-            let from_guest = self.virtual_size.saturating_sub(at).min(out.len() as u64) as usize;
-            read_guest(&mut out[..from_guest], at)?;
-            out[from_guest..].fill(0);
+            return Err(Error::invalid("qcow2 stream: data cluster filled as metadata"));
         } else if cluster < table {
-            // 16-bit refcounts: 1 for every cluster of the file, 0 past its end.
+            // 16-bit big-endian refcounts.
             let first = (cluster - refcounts) * cs / 2;
-            let total = self.total_clusters();
+            let mut counts = None;
             for (i, b) in out.iter_mut().enumerate() {
                 let at = within + i as u64;
-                *b = u8::from(at % 2 == 1 && first + at / 2 < total);
+                let n = self.refcount(first + at / 2, &mut counts);
+                *b = (n as u16).to_be_bytes()[(at % 2) as usize];
             }
         } else {
             let base = (cluster - table) * cs / 8;
-            words(out, &|i| {
+            words(out, &mut |i| {
                 let b = base + i;
                 if b < self.refcount_blocks {
                     (refcounts + b) * cs
@@ -265,33 +548,151 @@ impl Qcow2Stream {
     }
 }
 
+/// Guest cluster of rank `rank` in `runs`.
+fn guest_of(runs: &[Run], rank: u64) -> Option<u64> {
+    let i = runs.partition_point(|r| r.rank + r.count <= rank);
+    let r = runs.get(i)?;
+    Some(r.first + (rank - r.rank))
+}
+
+/// The runs of allocated guest clusters that `allocated` (guest ranges, ascending) touch, and
+/// their number.
+fn allocated_runs(
+    virtual_size: u64,
+    allocated: &mut dyn Iterator<Item = Result<(u64, u64)>>,
+) -> Result<(Vec<Run>, u64)> {
+    let mut runs: Vec<Run> = Vec::new();
+    let mut rank = 0;
+    for range in allocated {
+        let (start, len) = range?;
+        let end = start
+            .checked_add(len)
+            .filter(|&e| e <= virtual_size)
+            .ok_or_else(|| Error::invalid(format!("allocated range {start}+{len} out of range")))?;
+        if len == 0 {
+            continue;
+        }
+        let mut first = start >> CLUSTER_BITS;
+        let last = end.div_ceil(CLUSTER_SIZE);
+        if let Some(r) = runs.last_mut() {
+            first = first.max(r.first + r.count);
+            if first == r.first + r.count && first < last {
+                r.count += last - first;
+                rank += last - first;
+                continue;
+            }
+        }
+        if first < last {
+            runs.push(Run {
+                first,
+                count: last - first,
+                rank,
+            });
+            rank += last - first;
+        }
+    }
+    Ok((runs, rank))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::open::{OpenOptions, open};
 
-    #[test]
-    fn layout_of_two_runs() {
-        let mut ranges =
-            vec![Ok((100, 10)), Ok((3 << 16, 2 << 16)), Ok((600 << 20, 1))].into_iter();
-        let s = Qcow2Stream::plan(1 << 30, &mut CreateOptions::default(), &mut ranges).unwrap();
-        assert_eq!(s.data_clusters, 4);
-        assert_eq!(s.tables, vec![0, 1]);
-        assert_eq!(s.host_of(3), Some((s.data_start() + 1) << 16));
-        assert_eq!(s.host_of(2), None);
-        assert_eq!(s.guest_of(3), Some((600 << 20) >> 16));
+    /// Guest content: a byte pattern, some of it compressible, some clusters all zero.
+    fn pattern(b: &mut [u8], at: u64) -> Result<()> {
+        for (i, x) in b.iter_mut().enumerate() {
+            let p = at + i as u64;
+            *x = match (p >> 16) % 4 {
+                0 => (p % 251) as u8,
+                1 => 0,
+                2 => {
+                    // splitmix64: incompressible.
+                    let mut z = p.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                    (z ^ (z >> 31)) as u8
+                }
+                _ => b"text "[(p % 5) as usize],
+            };
+        }
+        Ok(())
+    }
+
+    /// The stream's bytes in one piece, and again in odd pieces: they must agree.
+    fn bytes_of(s: &Qcow2Stream) -> Vec<u8> {
         let mut all = vec![0u8; s.object_size() as usize];
         let mut pieces = vec![0u8; all.len()];
-        let mut guest = |b: &mut [u8], at: u64| {
-            b.iter_mut()
-                .enumerate()
-                .for_each(|(i, x)| *x = ((at + i as u64) % 251) as u8);
-            Ok(())
-        };
-        s.fill(&mut all, 0, &mut guest).unwrap();
+        s.fill(&mut all, 0, &pattern).unwrap();
         for (i, chunk) in pieces.chunks_mut(100_003).enumerate() {
-            s.fill(chunk, i as u64 * 100_003, &mut guest).unwrap();
+            s.fill(chunk, i as u64 * 100_003, &pattern).unwrap();
         }
-        assert_eq!(all, pieces);
+        assert!(all == pieces);
+        all
+    }
+
+    fn plan(size: u64, ranges: Vec<(u64, u64)>, opts: &mut CreateOptions) -> Qcow2Stream {
+        let mut ranges = ranges.into_iter().map(Ok);
+        Qcow2Stream::plan(size, opts, &mut ranges, &pattern, &|_| {}).unwrap()
+    }
+
+    /// Writes `bytes` to a file and checks that it passes our check and reads as the pattern in
+    /// `ranges` (zeros elsewhere).
+    fn assert_image(bytes: &[u8], size: u64, ranges: &[(u64, u64)]) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.qcow2");
+        std::fs::write(&path, bytes).unwrap();
+        let report = crate::check::check(crate::image::Format::Qcow2, &path, None)
+            .unwrap()
+            .unwrap();
+        assert_eq!((report.corruptions, report.leaks), (0, 0), "{report:?}");
+        let image = open(&path, &OpenOptions::default()).unwrap();
+        let mut guest = vec![0u8; size as usize];
+        image.read_at(&mut guest, 0).unwrap();
+        let mut want = vec![0u8; size as usize];
+        for &(start, len) in ranges {
+            let r = start as usize..(start + len) as usize;
+            pattern(&mut want[r.clone()], start).unwrap();
+            // Allocation is per cluster: the rest of a touched cluster is the pattern too.
+            let c = (start / CLUSTER_SIZE * CLUSTER_SIZE) as usize
+                ..((start + len).next_multiple_of(CLUSTER_SIZE).min(size)) as usize;
+            pattern(&mut want[c.clone()], c.start as u64).unwrap();
+        }
+        assert!(guest == want);
+    }
+
+    #[test]
+    fn plain_layout_of_two_runs() {
+        let ranges = vec![(100, 10), (3 << 16, 2 << 16), (600 << 20, 1)];
+        let s = plan(1 << 30, ranges.clone(), &mut CreateOptions::default());
+        assert_eq!(s.data_clusters, 4);
+        assert_eq!(s.tables, vec![0, 1]);
+        assert_eq!(s.l2_entry(3), ((s.data_start() + 1) << 16) | COPIED);
+        assert_eq!(s.l2_entry(2), 0);
+        assert_eq!(guest_of(&s.runs, 3), Some((600 << 20) >> 16));
+        let all = bytes_of(&s);
         assert_eq!(&all[..4], b"QFI\xfb");
+        assert_image(&all, 1 << 30, &ranges);
+    }
+
+    #[test]
+    fn compressed_layout_packs_clusters() {
+        for kind in ["zlib", "zstd"] {
+            let mut opts = CreateOptions::default();
+            opts.compress = true;
+            opts.parse_options(&format!("compression_type={kind}")).unwrap();
+            // 40 clusters of all four kinds, an odd tail, and a run in a second L2 table.
+            let size = (600 << 20) + 1000;
+            let ranges = vec![(0, 40 << 16), (600 << 20, 1000)];
+            let s = plan(size, ranges.clone(), &mut opts);
+            let DataLayout::Packed(p) = &s.data else {
+                panic!("not packed");
+            };
+            assert_eq!(p.codes.len(), 41);
+            assert!(p.codes.contains(&ZERO_CODE) && p.codes.contains(&PLAIN_CODE));
+            // Compressible clusters share host clusters: fewer data clusters than stored ones.
+            assert!(s.data_clusters < 30, "{}", s.data_clusters);
+            assert_image(&bytes_of(&s), size, &ranges);
+        }
     }
 }
