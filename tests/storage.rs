@@ -96,6 +96,18 @@ fn shared_server_env() -> Option<(tempfile::TempDir, Env)> {
     Some((dir, env))
 }
 
+/// A temporary directory with a local bucket directory in it, and an environment for it.
+fn local_bucket_env() -> (tempfile::TempDir, PathBuf, Env) {
+    let dir = tempdir();
+    let bucket = dir.path().join("bucket");
+    std::fs::create_dir(&bucket).unwrap();
+    let env = Env {
+        cache: dir.path().join("cache"),
+        endpoint: None,
+    };
+    (dir, bucket, env)
+}
+
 fn bucket_url(endpoint_bucket: &str, key: &str) -> String {
     format!("s3://{endpoint_bucket}/{key}")
 }
@@ -193,13 +205,7 @@ fn round_trips(env: &Env, dir: &Path, url_of: &dyn Fn(&str) -> String) {
 
 #[test]
 fn local_bucket_round_trips() {
-    let dir = tempdir();
-    let bucket = dir.path().join("bucket");
-    std::fs::create_dir(&bucket).unwrap();
-    let env = Env {
-        cache: dir.path().join("cache"),
-        endpoint: None,
-    };
+    let (dir, bucket, env) = local_bucket_env();
     round_trips(&env, dir.path(), &|key| {
         format!("file://{}/{key}", bucket.display())
     });
@@ -351,13 +357,7 @@ fn kill_and_resume(env: &Env, dir: &Path, url: &str, stat_missing: &dyn Fn() -> 
 
 #[test]
 fn local_bucket_kill_and_resume() {
-    let dir = tempdir();
-    let bucket = dir.path().join("bucket");
-    std::fs::create_dir(&bucket).unwrap();
-    let env = Env {
-        cache: dir.path().join("cache"),
-        endpoint: None,
-    };
+    let (dir, bucket, env) = local_bucket_env();
     let url = format!("{}/disk.raw", bucket.display());
     let target = bucket.join("disk.raw");
     kill_and_resume(&env, dir.path(), &url, &|| !target.exists());
@@ -461,6 +461,117 @@ fn s3_errors_are_clear() {
     let (code, _, err) = unreachable.run(&["push", path_str(&src), &url]);
     assert_eq!(code, 2);
     assert!(err.contains("cannot reach the endpoint"), "{err}");
+}
+
+#[test]
+fn s3_missing_bucket() {
+    let Some((dir, env)) = shared_server_env() else {
+        return;
+    };
+    let src = dir.path().join("s.raw");
+    qemu_img(&["create", "-f", "raw", path_str(&src), "1M"]);
+    let bucket = format!("diskkit-missing-{}", std::process::id());
+    let url = bucket_url(&bucket, "m/s.raw");
+    let pulled = dir.path().join("pulled.raw");
+    let prefix = format!("s3://{bucket}/");
+    // Push last: a server that creates buckets on upload would make the others pass.
+    for args in [
+        vec!["ls", &prefix],
+        vec!["pull", &url, path_str(&pulled)],
+        vec!["verify", &url],
+        vec!["rm", &url],
+        vec!["push", path_str(&src), &url],
+    ] {
+        let (code, _, err) = env.run(&args);
+        assert_eq!(
+            code, 2,
+            "{args:?} succeeded: the test server must refuse to create buckets on upload \
+             (weed mini -s3.autoCreateBucket=false, as scripts/test.sh starts it)\n{err}"
+        );
+        assert!(
+            err.contains(&format!("s3://{bucket}/"))
+                && err.contains("NoSuchBucket")
+                && err.contains("does not exist")
+                && err.contains("create the bucket first"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(!pulled.exists());
+}
+
+/// A 2 MiB tmpfs mounted on a directory, unmounted when dropped (also when a test panics).
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    /// `None` (with the reason printed) when mounting is not allowed, outside CI.
+    fn mount(dir: &Path) -> Option<SmallDisk> {
+        std::fs::create_dir(dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs", path_str(dir)])
+            .output()
+            .expect("run mount");
+        if out.status.success() {
+            return Some(SmallDisk(dir.to_path_buf()));
+        }
+        let why = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "cannot mount a tmpfs (the full-disk tests need root): {why}"
+        );
+        eprintln!("skipped: cannot mount a tmpfs (needs root): {why}");
+        None
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Pushes 8 MiB of data (no zeros for a sparse output to skip) to `url`, pulls it onto a 2 MiB
+/// disk as raw and as qcow2: each pull fails naming DST and the space needed, and leaves the
+/// disk empty.
+fn pull_to_full_disk(env: &Env, dir: &Path, url: &str) {
+    let src = dir.join("full.raw");
+    qemu_img(&["create", "-f", "raw", path_str(&src), "8M"]);
+    qemu_io("raw", &src, &["write -P 0xa5 0 8M"]);
+    env.ok(&["push", path_str(&src), url]);
+    let Some(disk) = SmallDisk::mount(&dir.join("small")) else {
+        return;
+    };
+    for fmt in ["raw", "qcow2"] {
+        let dst = disk.0.join(format!("pulled.{fmt}"));
+        let (code, _, err) = env.run(&["pull", "-O", fmt, url, path_str(&dst)]);
+        assert_eq!(code, 2, "{err}");
+        assert!(
+            err.contains(&format!("{}: no space left on device", dst.display()))
+                && err.contains(&format!("needs up to {} bytes", 8 * MIB)),
+            "{err}"
+        );
+        let left: Vec<_> = std::fs::read_dir(&disk.0).unwrap().collect();
+        assert!(left.is_empty(), "{fmt}: left behind {left:?}");
+    }
+}
+
+#[test]
+fn local_bucket_pull_to_full_disk() {
+    let (dir, bucket, env) = local_bucket_env();
+    let url = format!("{}/full.raw", bucket.display());
+    pull_to_full_disk(&env, dir.path(), &url);
+}
+
+#[test]
+fn s3_pull_to_full_disk() {
+    let Some((dir, env)) = shared_server_env() else {
+        return;
+    };
+    let url = bucket_url(
+        "diskkit-test",
+        &format!("full-{}/full.raw", std::process::id()),
+    );
+    pull_to_full_disk(&env, dir.path(), &url);
+    env.ok(&["rm", &url]);
 }
 
 /// A SeaweedFS server of this test's own, to stop and restart midway.

@@ -34,10 +34,7 @@ pub fn open_manifest(store: &Store, location: &Location) -> Result<(ObjectManife
         )));
     }
     let Some(size) = store.stat(&location.key)? else {
-        return Err(Error::invalid(format!(
-            "{}: no such object",
-            location.url()
-        )));
+        return Err(store.no_such_object(&location.key));
     };
     let manifest_at = manifest_key(&location.key);
     let Some(bytes) = store.read_small(&manifest_at)? else {
@@ -139,7 +136,16 @@ pub fn pull(
     let dir = dst.parent().filter(|d| !d.as_os_str().is_empty());
     let dir = dir.unwrap_or(Path::new("."));
     let as_is = manifest.format()? == format && create.options.is_empty();
-    match RemoteImage::new(store, location, &manifest)? {
+    let remote = RemoteImage::new(store, location, &manifest)?;
+    // Space the pull takes at most: the object as is, or the converted guest (plus the object
+    // downloaded first when it cannot be read in place).
+    let guest = manifest.guest.virtual_size;
+    let needed = match (&remote, as_is) {
+        (_, true) => size,
+        (Some(_), false) => guest,
+        (None, false) => size.saturating_add(guest),
+    };
+    let written = (|| match remote {
         // Same format, no options: the object's bytes are the image (larger reads than the
         // convert engine's, holes where zeros were).
         Some(_) | None if as_is => {
@@ -150,17 +156,19 @@ pub fn pull(
                 .0
                 .persist(dst)
                 .map_err(|e| Error::io(dst, "rename into place", e.error))?;
+            Ok(())
         }
         Some(remote) => {
-            convert_to_path(&remote, format, dst, create, &opts, downloading)?;
+            convert_to_path(&remote, format, dst, create, &opts, downloading).map(|_| ())
         }
         None => {
             let local = Download::new(dir)?;
             download(store, location, local.path(), size, threads, downloading)?;
             let image = open_as(local.path(), manifest.format()?)?;
-            convert_to_path(image.as_ref(), format, dst, create, &opts, &NoProgress)?;
+            convert_to_path(image.as_ref(), format, dst, create, &opts, &NoProgress).map(|_| ())
         }
-    }
+    })();
+    written.map_err(|e| explain_full_disk(e, dst, dir, needed))?;
     let written = open_as(dst, format)?;
     check_digest(written.as_ref(), &manifest, location).map_err(|e| {
         Error::invalid(format!(
@@ -168,6 +176,42 @@ pub fn pull(
             dst.display()
         ))
     })
+}
+
+/// A clear message when `e` says the filesystem of `dst` (in `dir`) is full: what the pull
+/// needs and what is free (temporary files are gone by now); other errors as they are.
+fn explain_full_disk(e: Error, dst: &Path, dir: &Path, needed: u64) -> Error {
+    use std::io::ErrorKind::{QuotaExceeded, StorageFull};
+    let Error::Io { source, .. } = &e else {
+        return e;
+    };
+    if !matches!(source.kind(), StorageFull | QuotaExceeded) {
+        return e;
+    }
+    let free = free_space(dir)
+        .map(|n| format!(", {n} are free there"))
+        .unwrap_or_default();
+    Error::invalid(format!(
+        "{}: no space left on device: the pulled image needs up to {needed} bytes{free}; \
+         nothing was written ({e})",
+        dst.display()
+    ))
+}
+
+/// Bytes an unprivileged user may still write on the filesystem holding `dir`.
+fn free_space(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is a valid C string and `st` a writable statvfs for the call to fill.
+    if unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: statvfs succeeded, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    // The field types differ between platforms (u32 or u64).
+    #[allow(clippy::unnecessary_cast)]
+    (st.f_bavail as u64).checked_mul(st.f_frsize as u64)
 }
 
 fn open_as(path: &Path, format: Format) -> Result<Box<dyn Image>> {
@@ -355,10 +399,7 @@ pub fn remove(store: &Store, location: &Location) -> Result<()> {
         )));
     }
     if store.stat(&location.key)?.is_none() {
-        return Err(Error::invalid(format!(
-            "{}: no such object",
-            location.url()
-        )));
+        return Err(store.no_such_object(&location.key));
     }
     store.delete(&location.key)?;
     store.delete(&manifest_key(&location.key))

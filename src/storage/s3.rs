@@ -138,7 +138,7 @@ impl S3Client {
             .await?;
         // S3 may answer 200 and report the failure in the body.
         if body.contains("<Error>") {
-            return Err(self.error(key, StatusCode::OK, &body));
+            return Err(self.error(key, StatusCode::OK, &body, &Default::default()));
         }
         Ok(())
     }
@@ -179,32 +179,53 @@ impl S3Client {
         query: &[(&str, &str)],
         body: Bytes,
     ) -> Result<(String, reqwest::header::HeaderMap)> {
+        match self.request(method, key, query, body).await? {
+            (status, text, headers) if status.is_success() => Ok((text, headers)),
+            (status, text, headers) => Err(self.error(key, status, &text, &headers)),
+        }
+    }
+
+    /// Sends a signed request, retrying passing failures (connection errors, timeouts, 5xx,
+    /// throttling; never another 4xx, which would only fail again); returns the last reply.
+    async fn request(
+        &self,
+        method: Method,
+        key: &str,
+        query: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<(StatusCode, String, reqwest::header::HeaderMap)> {
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 1;
         loop {
             let outcome = self.attempt(method.clone(), key, query, body.clone()).await;
             let retry = match &outcome {
-                Ok((status, _, _)) => {
-                    status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
-                }
+                Ok((status, _, _)) => is_passing(*status),
                 Err(_) => true,
             };
             if !retry || attempt >= ATTEMPTS {
-                return match outcome {
-                    Ok((status, text, headers)) if status.is_success() => Ok((text, headers)),
-                    Ok((status, text, _)) => Err(self.error(key, status, &text)),
-                    Err(e) => Err(Error::invalid(format!(
+                return outcome.map_err(|e| {
+                    Error::invalid(format!(
                         "{}: cannot reach the endpoint {} after {attempt} attempts: {}",
                         self.url(key),
                         self.scheme_host,
                         error_chain(&e)
-                    ))),
-                };
+                    ))
+                });
             }
             tokio::time::sleep(backoff).await;
             backoff *= 2;
             attempt += 1;
         }
+    }
+
+    /// False when the server says the bucket does not exist (HEAD on the bucket answers 404).
+    pub async fn bucket_exists(&self) -> Result<bool> {
+        let (status, _, _) = self.request(Method::HEAD, "", &[], Bytes::new()).await?;
+        Ok(status != StatusCode::NOT_FOUND)
+    }
+
+    pub fn region(&self) -> &str {
+        &self.region
     }
 
     async fn attempt(
@@ -301,23 +322,88 @@ impl S3Client {
     }
 
     /// A clear message for an S3 error reply.
-    fn error(&self, key: &str, status: StatusCode, body: &str) -> Error {
-        let code = xml_field(body, "Code").unwrap_or_else(|| status.to_string());
-        let message = xml_field(body, "Message").unwrap_or_default();
-        let hint = match code.as_str() {
-            "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "AccessDenied" => {
-                " (check the access key and secret: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or the profile)"
-            }
-            "NoSuchBucket" => " (the bucket does not exist: create it first)",
-            "AuthorizationHeaderMalformed" | "PermanentRedirect" => {
-                " (wrong region? set AWS_REGION or --region)"
-            }
-            "NoSuchUpload" => {
-                " (the unfinished upload is gone on the server: run diskkit push --abort URL, then push again)"
-            }
-            _ => "",
-        };
-        Error::invalid(format!("{}: {code}: {message}{hint}", self.url(key)))
+    fn error(
+        &self,
+        key: &str,
+        status: StatusCode,
+        body: &str,
+        headers: &reqwest::header::HeaderMap,
+    ) -> Error {
+        let server_region = xml_field(body, "Region").or_else(|| {
+            headers
+                .get(BUCKET_REGION_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        });
+        let what = explain(
+            status,
+            xml_field(body, "Code").as_deref(),
+            &xml_field(body, "Message").unwrap_or_default(),
+            server_region.as_deref(),
+            &self.region,
+        );
+        Error::invalid(format!("{}: {what}", self.url(key)))
+    }
+}
+
+/// The header in which S3 names the region a bucket is in.
+pub const BUCKET_REGION_HEADER: &str = "x-amz-bucket-region";
+
+/// True for replies worth retrying: the server is failing or throttling, which may pass.
+fn is_passing(status: StatusCode) -> bool {
+    status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS
+}
+
+/// What an S3 error reply means: `CODE: message (what to do)`. `server_region` is the region
+/// the reply names for the bucket (XML `<Region>` or the `x-amz-bucket-region` header),
+/// `signed_for` the region the request was signed for.
+pub fn explain(
+    status: StatusCode,
+    code: Option<&str>,
+    message: &str,
+    server_region: Option<&str>,
+    signed_for: &str,
+) -> String {
+    const CREDENTIALS: &str = " (check the access key and secret: AWS_ACCESS_KEY_ID, \
+                               AWS_SECRET_ACCESS_KEY or the profile)";
+    let region_code = matches!(
+        code,
+        Some(
+            "AuthorizationHeaderMalformed"
+                | "PermanentRedirect"
+                | "IllegalLocationConstraintException"
+        )
+    );
+    // AWS answers a request signed for the wrong region with 400 (or 301 when addressed to
+    // the wrong regional endpoint), naming the bucket's region.
+    let wrong_region = server_region
+        .filter(|r| *r != signed_for && (region_code || matches!(status.as_u16(), 301 | 400)));
+    let hint = match (code, wrong_region) {
+        (_, Some(r)) => format!(
+            " (the bucket is in region '{r}', the request was signed for '{signed_for}': set \
+             AWS_REGION={r}, --region {r} or \"region\" in the profile)"
+        ),
+        _ if region_code => format!(
+            " (wrong region? the request was signed for '{signed_for}': set AWS_REGION, \
+             --region or \"region\" in the profile)"
+        ),
+        (Some("InvalidAccessKeyId" | "SignatureDoesNotMatch" | "AccessDenied"), _) => {
+            CREDENTIALS.to_string()
+        }
+        (None, _) if status == StatusCode::FORBIDDEN => CREDENTIALS.to_string(),
+        (Some("NoSuchBucket"), _) => {
+            " (create the bucket first, or check its name and the endpoint)".to_string()
+        }
+        (Some("NoSuchUpload"), _) => " (the unfinished upload is gone on the server: run diskkit \
+             push --abort URL, then push again)"
+            .to_string(),
+        _ => String::new(),
+    };
+    let code = code.map_or_else(|| status.to_string(), str::to_string);
+    if message.is_empty() {
+        format!("{code}{hint}")
+    } else {
+        format!("{code}: {message}{hint}")
     }
 }
 
@@ -411,5 +497,98 @@ mod tests {
         );
         assert_eq!(xml_field("<a>", "UploadId"), None);
         assert_eq!(encode("a b/c~"), "a%20b%2Fc~");
+    }
+
+    /// [`S3Client::error`] on an error reply, as the user sees it.
+    fn reply(status: u16, body: &str, headers: &[(&'static str, &str)]) -> String {
+        let settings = Settings {
+            endpoint: Some("http://127.0.0.1:9".into()),
+            access_key_id: Some("k".into()),
+            secret_access_key: Some("s".into()),
+            ..Settings::default()
+        };
+        let client = S3Client::new(&settings, "b").unwrap();
+        let mut map = reqwest::header::HeaderMap::new();
+        for (k, v) in headers {
+            map.insert(*k, v.parse().unwrap());
+        }
+        let status = StatusCode::from_u16(status).unwrap();
+        client.error("k", status, body, &map).to_string()
+    }
+
+    #[test]
+    fn wrong_region_names_the_right_one() {
+        // AWS: a request signed for us-east-1 to a bucket in eu-west-1.
+        let aws = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>AuthorizationHeaderMalformed</Code>\
+            <Message>The authorization header is malformed; the region 'us-east-1' is wrong; \
+            expecting 'eu-west-1'</Message><Region>eu-west-1</Region><RequestId>1</RequestId>\
+            <HostId>2</HostId></Error>";
+        let text = reply(400, aws, &[]);
+        assert!(
+            text.starts_with("s3://b/k: AuthorizationHeaderMalformed: The authorization"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "the bucket is in region 'eu-west-1', the request was signed for 'us-east-1'"
+            ) && text.contains("AWS_REGION=eu-west-1")
+                && text.contains("--region eu-west-1")
+                && text.contains("profile"),
+            "{text}"
+        );
+        // AWS, through the wrong regional endpoint: 301 with the region in a header.
+        let redirect = "<Error><Code>PermanentRedirect</Code><Message>The bucket you are attempting \
+            to access must be addressed using the specified endpoint.</Message>\
+            <Endpoint>b.s3.ap-south-1.amazonaws.com</Endpoint><Bucket>b</Bucket></Error>";
+        let text = reply(301, redirect, &[("x-amz-bucket-region", "ap-south-1")]);
+        assert!(
+            text.contains("PermanentRedirect") && text.contains("AWS_REGION=ap-south-1"),
+            "{text}"
+        );
+        // Garage names its region in the body of the 400.
+        let garage = "<Error><Code>AuthorizationHeaderMalformed</Code><Message>Authorization \
+            header malformed, unexpected scope: 20250101/us-east-1/s3/aws4_request</Message>\
+            <Region>garage</Region><Path>/b/k</Path></Error>";
+        let text = reply(400, garage, &[]);
+        assert!(
+            text.contains("region 'garage'") && text.contains("AWS_REGION=garage"),
+            "{text}"
+        );
+        // The code without a region: still a hint.
+        let text = reply(
+            400,
+            "<Error><Code>AuthorizationHeaderMalformed</Code></Error>",
+            &[],
+        );
+        assert!(
+            text.contains("wrong region?") && text.contains("AWS_REGION"),
+            "{text}"
+        );
+        // A region header on other errors is not taken for a region problem.
+        let text = reply(
+            404,
+            "<Error><Code>NoSuchKey</Code></Error>",
+            &[("x-amz-bucket-region", "eu-west-1")],
+        );
+        assert_eq!(text, "s3://b/k: NoSuchKey");
+        let text = reply(
+            403,
+            "<Error><Code>AccessDenied</Code><Message>no</Message></Error>",
+            &[],
+        );
+        assert!(
+            text.contains("AccessDenied: no (check the access key"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn only_passing_failures_are_retried() {
+        for s in [500, 502, 503, 504, 429] {
+            assert!(is_passing(StatusCode::from_u16(s).unwrap()), "{s}");
+        }
+        for s in [301, 400, 403, 404, 409] {
+            assert!(!is_passing(StatusCode::from_u16(s).unwrap()), "{s}");
+        }
     }
 }

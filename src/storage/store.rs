@@ -146,25 +146,28 @@ impl Store {
 
     /// A clear message for an OpenDAL error on `key`.
     fn error(&self, key: &str, e: opendal::Error) -> Error {
-        let hint = match e.kind() {
-            ErrorKind::PermissionDenied => {
-                " (check the credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the profile)"
-            }
-            ErrorKind::NotFound => " (no such object or bucket)",
+        let signed_for = match &self.uploads {
+            Uploads::S3(c) => c.region(),
             _ => "",
         };
-        // OpenDAL's message carries the whole HTTP context; the server's code and message are
-        // what says what went wrong.
-        let text = e.to_string();
-        let quoted = |field: &str| {
-            let start = text.find(&format!("{field}: \""))? + field.len() + 3;
-            text[start..].split('"').next().map(str::to_string)
-        };
-        let what = match (quoted("code"), quoted("message")) {
-            (Some(c), Some(m)) => format!("{c}: {m}"),
-            _ => s3::error_chain(&e),
-        };
-        Error::invalid(format!("{}: {what}{hint}", self.url(key)))
+        Error::invalid(format!("{}: {}", self.url(key), explain(&e, signed_for)))
+    }
+
+    /// The error for object `key` not existing; says the bucket is missing when it is.
+    pub fn no_such_object(&self, key: &str) -> Error {
+        if let Uploads::S3(c) = &self.uploads
+            && let Ok(false) = self.runtime.block_on(c.bucket_exists())
+        {
+            let what = s3::explain(
+                reqwest::StatusCode::NOT_FOUND,
+                Some("NoSuchBucket"),
+                &format!("bucket '{}' does not exist", self.location.bucket),
+                None,
+                c.region(),
+            );
+            return Error::invalid(format!("{}: {what}", self.url(key)));
+        }
+        Error::invalid(format!("{}: no such object", self.url(key)))
     }
 
     /// Size of object `key`, or `None` when it does not exist.
@@ -424,6 +427,40 @@ impl Store {
     }
 }
 
+/// What an OpenDAL error says: for an S3 error reply, the server's code and message with what to
+/// do (`signed_for`: the region the request was signed for); else the whole chain of causes.
+fn explain(e: &opendal::Error, signed_for: &str) -> String {
+    // OpenDAL's message carries the whole HTTP context (the parsed reply, the response status
+    // and headers); the server's code and message are what says what went wrong.
+    let text = e.to_string();
+    let quoted = |field: &str| {
+        let start = text.find(&format!("{field}: \""))? + field.len() + 3;
+        text[start..].split('"').next().map(str::to_string)
+    };
+    let status = text
+        .find("status: ")
+        .and_then(|i| text.get(i + 8..i + 11))
+        .and_then(|s| s.parse().ok())
+        .and_then(|s| reqwest::StatusCode::from_u16(s).ok());
+    if let Some(status) = status {
+        return s3::explain(
+            status,
+            quoted("code").as_deref(),
+            &quoted("message").unwrap_or_default(),
+            quoted(&format!("\"{}\"", s3::BUCKET_REGION_HEADER)).as_deref(),
+            signed_for,
+        );
+    }
+    let hint = match e.kind() {
+        ErrorKind::PermissionDenied => {
+            " (check the credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the profile)"
+        }
+        ErrorKind::NotFound => " (no such object or bucket)",
+        _ => "",
+    };
+    format!("{}{hint}", s3::error_chain(e))
+}
+
 /// Path of `key` under the local bucket `root`; keys that would leave it are refused.
 fn local_path(root: &Path, key: &str) -> Result<PathBuf> {
     let rel = Path::new(key);
@@ -447,4 +484,47 @@ fn local_upload_path(path: &Path, id: &str) -> PathBuf {
 /// True for the temporary files of unfinished local uploads, which listings skip.
 pub fn is_upload_temp(key: &str) -> bool {
     key.contains(".diskkit-upload-")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error as OpenDAL's S3 backend reports a reply: the parsed body, then the response.
+    fn reply(body: &str, response: &str) -> opendal::Error {
+        opendal::Error::new(ErrorKind::Unexpected, body).with_context("response", response)
+    }
+
+    #[test]
+    fn explains_s3_replies() {
+        // A HEAD signed for the wrong region: AWS answers 400 with no body, naming the
+        // bucket's region in a header.
+        let e = reply(
+            "",
+            r#"Parts { status: 400, version: HTTP/1.1, headers: {"x-amz-bucket-region": "eu-west-1", "content-type": "application/xml"} }"#,
+        );
+        let text = explain(&e, "us-east-1");
+        assert!(
+            text.starts_with("400 Bad Request (the bucket is in region 'eu-west-1'"),
+            "{text}"
+        );
+        assert!(
+            text.contains("AWS_REGION=eu-west-1") && text.contains("--region eu-west-1"),
+            "{text}"
+        );
+        let e = reply(
+            r#"S3Error { code: "NoSuchBucket", message: "The specified bucket does not exist", resource: "/b", request_id: "1" }"#,
+            r#"Parts { status: 404, version: HTTP/1.1, headers: {} }"#,
+        );
+        let text = explain(&e, "us-east-1");
+        assert!(
+            text.starts_with(
+                "NoSuchBucket: The specified bucket does not exist (create the bucket"
+            ),
+            "{text}"
+        );
+        // No reply at all: the causes, with what the kind suggests.
+        let e = opendal::Error::new(ErrorKind::NotFound, "gone");
+        assert!(explain(&e, "us-east-1").ends_with("(no such object or bucket)"));
+    }
 }
