@@ -12,8 +12,9 @@ use crate::hash::hash_image;
 use crate::progress::{NoProgress, Progress};
 use diskkit_formats::digest::hex;
 use diskkit_formats::image::{check_guest_range, first_nonzero_byte};
-use diskkit_formats::write::CreateOptions;
+use diskkit_formats::write::{CreateOptions, Writeback};
 use diskkit_formats::{Error, Extent, ExtentKind, Format, Image, ImageInfo, Result};
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 
 /// The guest content of an object, read with ranged requests.
@@ -298,6 +299,9 @@ impl Download {
     }
 }
 
+/// Zero detection grain of [`download`]: aligned runs of this many zero bytes become holes.
+const WRITE_GRAIN: usize = 64 << 10;
+
 /// Bytes per ranged read of [`download`].
 const DOWNLOAD_CHUNK: u64 = 8 << 20;
 
@@ -320,16 +324,42 @@ fn download(
         .map_err(|e| Error::io(path, "set length", e))?;
     let count = usize::try_from(size.div_ceil(DOWNLOAD_CHUNK))
         .map_err(|_| Error::invalid("object too large"))?;
+    let writeback = Writeback::default();
     super::run_parallel(threads, count, |i| {
-        let at = i as u64 * DOWNLOAD_CHUNK;
-        let mut buf = vec![0; DOWNLOAD_CHUNK.min(size - at) as usize];
-        store.read_at(&location.key, &mut buf, at)?;
-        if first_nonzero_byte(&buf).is_some() {
-            file.write_all_at(&buf, at)
-                .map_err(|e| Error::io(path, format!("write at {at}"), e))?;
+        // One buffer per download thread, reused: a fresh one per chunk would fault its pages in
+        // every time.
+        thread_local! {
+            static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
         }
-        progress.advance(buf.len() as u64);
-        Ok(())
+        let at = i as u64 * DOWNLOAD_CHUNK;
+        let len = DOWNLOAD_CHUNK.min(size - at) as usize;
+        BUF.with_borrow_mut(|buf| {
+            buf.resize(len, 0);
+            store.read_at(&location.key, buf, at)?;
+            // Runs of non-zero grains are written; zero grains stay holes.
+            let mut pos = 0;
+            while pos < len {
+                let Some(first) = first_nonzero_byte(&buf[pos..]) else {
+                    break;
+                };
+                let start = pos + first / WRITE_GRAIN * WRITE_GRAIN;
+                let mut end = (start + WRITE_GRAIN).min(len);
+                while end < len {
+                    let next = (end + WRITE_GRAIN).min(len);
+                    if first_nonzero_byte(&buf[end..next]).is_none() {
+                        break;
+                    }
+                    end = next;
+                }
+                let offset = at + start as u64;
+                file.write_all_at(&buf[start..end], offset)
+                    .map_err(|e| Error::io(path, format!("write at {offset}"), e))?;
+                writeback.wrote(&file, (end - start) as u64);
+                pos = end;
+            }
+            progress.advance(len as u64);
+            Ok(())
+        })
     })?;
     file.sync_all().map_err(|e| Error::io(path, "sync", e))
 }
