@@ -113,7 +113,9 @@ impl Export {
         compressing: &dyn Progress,
     ) -> Result<Export> {
         if create.compress && format != Format::Qcow2 {
-            return Err(Error::invalid(format!("-c: {format} has no compressed form; use -O qcow2")));
+            return Err(Error::invalid(format!(
+                "-c: {format} has no compressed form; use -O qcow2"
+            )));
         }
         let size = src.virtual_size();
         // Guest ranges (start, length) with data: the layout of VHD and qcow2 follows from them.

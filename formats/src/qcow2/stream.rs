@@ -139,7 +139,7 @@ impl Packed {
         let mut group_starts = Vec::with_capacity(codes.len().div_ceil(GROUP as usize));
         let mut pos = 0;
         for (rank, &code) in codes.iter().enumerate() {
-            if rank as u64 % GROUP == 0 {
+            if (rank as u64).is_multiple_of(GROUP) {
                 group_starts.push(pos);
             }
             pos = place(code, pos).1;
@@ -163,7 +163,10 @@ impl Packed {
 
     /// Stored clusters in rank order, from the group that holds position `at` on.
     fn spans_from(&self, at: u64) -> impl Iterator<Item = Span> + '_ {
-        let g = self.group_starts.partition_point(|&s| s <= at).saturating_sub(1);
+        let g = self
+            .group_starts
+            .partition_point(|&s| s <= at)
+            .saturating_sub(1);
         let first = g as u64 * GROUP;
         let mut pos = self.group_starts.get(g).copied().unwrap_or(0);
         (first..self.codes.len() as u64).filter_map(move |rank| {
@@ -202,7 +205,12 @@ fn guest_cluster(guest_of: &(dyn Fn(u64) -> Option<u64> + Sync), rank: u64) -> R
 }
 
 /// Reads guest cluster `guest` whole into `buf`, zeros past the virtual size.
-fn read_cluster(buf: &mut [u8], guest: u64, virtual_size: u64, read_guest: ReadGuest) -> Result<()> {
+fn read_cluster(
+    buf: &mut [u8],
+    guest: u64,
+    virtual_size: u64,
+    read_guest: ReadGuest,
+) -> Result<()> {
     let at = guest * CLUSTER_SIZE;
     let n = virtual_size.saturating_sub(at).min(CLUSTER_SIZE) as usize;
     read_guest(&mut buf[..n], at)?;
@@ -424,7 +432,12 @@ impl Qcow2Stream {
             if span.start + span.len <= at {
                 continue;
             }
-            read_cluster(&mut cluster, guest_of(span.rank)?, self.virtual_size, read_guest)?;
+            read_cluster(
+                &mut cluster,
+                guest_of(span.rank)?,
+                self.virtual_size,
+                read_guest,
+            )?;
             let stored = if span.code == PLAIN_CODE {
                 cluster.clone()
             } else {
@@ -516,14 +529,20 @@ impl Qcow2Stream {
                 match last {
                     Some((at, e)) if at == c => e,
                     _ => {
-                        let e = if c * cs < self.virtual_size { self.l2_entry(c) } else { 0 };
+                        let e = if c * cs < self.virtual_size {
+                            self.l2_entry(c)
+                        } else {
+                            0
+                        };
                         last = Some((c, e));
                         e
                     }
                 }
             });
         } else if cluster < refcounts {
-            return Err(Error::invalid("qcow2 stream: data cluster filled as metadata"));
+            return Err(Error::invalid(
+                "qcow2 stream: data cluster filled as metadata",
+            ));
         } else if cluster < table {
             // 16-bit big-endian refcounts.
             let first = (cluster - refcounts) * cs / 2;
@@ -680,7 +699,8 @@ mod tests {
         for kind in ["zlib", "zstd"] {
             let mut opts = CreateOptions::default();
             opts.compress = true;
-            opts.parse_options(&format!("compression_type={kind}")).unwrap();
+            opts.parse_options(&format!("compression_type={kind}"))
+                .unwrap();
             // 40 clusters of all four kinds, an odd tail, and a run in a second L2 table.
             let size = (600 << 20) + 1000;
             let ranges = vec![(0, 40 << 16), (600 << 20, 1000)];
