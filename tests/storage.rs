@@ -367,13 +367,7 @@ fn local_bucket_kill_and_resume() {
 /// the rerun sends only the missing ones and the object is a valid image of the source.
 #[test]
 fn local_bucket_compressed_push_resumes() {
-    let dir = tempdir();
-    let bucket = dir.path().join("bucket");
-    std::fs::create_dir(&bucket).unwrap();
-    let env = Env {
-        cache: dir.path().join("cache"),
-        endpoint: None,
-    };
+    let (dir, bucket, env) = local_bucket_env();
     // 12 MiB of incompressible data, 12 MiB of text, 8 MiB of zeros: about 13 MiB compressed.
     let src = dir.path().join("mixed.raw");
     let mut content = Vec::with_capacity(32 * MIB as usize);

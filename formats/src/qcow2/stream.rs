@@ -22,6 +22,7 @@ use super::compress::compress;
 use super::header::{CompressionType, Header};
 use super::l2::{COPIED, Geometry, MAX_L1_BYTES};
 use super::refcount::RefcountLayout;
+use super::write::take_compression_type;
 use crate::error::{Error, Result};
 use crate::image::{check_guest_range, first_nonzero_byte};
 use crate::write::CreateOptions;
@@ -258,15 +259,7 @@ impl Qcow2Stream {
         read_guest: ReadGuest,
         compressed: &(dyn Fn(u64) + Sync),
     ) -> Result<Qcow2Stream> {
-        let compression = match opts.take("compression_type").as_deref() {
-            None | Some("zlib") => CompressionType::Zlib,
-            Some("zstd") => CompressionType::Zstd,
-            Some(v) => {
-                return Err(Error::invalid(format!(
-                    "compression_type '{v}': use zlib or zstd"
-                )));
-            }
-        };
+        let compression = take_compression_type(opts)?;
         opts.reject_unknown(crate::image::Format::Qcow2)?;
         if opts.backing_file.is_some() {
             return Err(Error::invalid(

@@ -69,15 +69,7 @@ impl Config {
             Some(v) => parse_cluster_size(&v)?,
             None => 16,
         };
-        let compression = match opts.take("compression_type").as_deref() {
-            None | Some("zlib") => CompressionType::Zlib,
-            Some("zstd") => CompressionType::Zstd,
-            Some(v) => {
-                return Err(Error::invalid(format!(
-                    "compression_type '{v}': use zlib or zstd"
-                )));
-            }
-        };
+        let compression = take_compression_type(opts)?;
         let refcount_bits: u32 = match opts.take("refcount_bits") {
             Some(v) => v
                 .parse()
@@ -514,6 +506,17 @@ impl Qcow2Writer {
             pos += n;
         }
         Ok(())
+    }
+}
+
+/// The `compression_type` option: zlib (qemu's default) or zstd.
+pub(crate) fn take_compression_type(opts: &mut CreateOptions) -> Result<CompressionType> {
+    match opts.take("compression_type").as_deref() {
+        None | Some("zlib") => Ok(CompressionType::Zlib),
+        Some("zstd") => Ok(CompressionType::Zstd),
+        Some(v) => Err(Error::invalid(format!(
+            "compression_type '{v}': use zlib or zstd"
+        ))),
     }
 }
 
