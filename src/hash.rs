@@ -149,12 +149,12 @@ fn hash_chunk(
     for r in data {
         chunk.feed_zeros(r.start - pos);
         pos = r.start;
+        // The whole range at once where it lies mapped in one piece, else piece by piece (each
+        // mapped where it can be): trying the whole rest again per piece could rescan the map.
+        if image.with_mapped(pos, r.end - pos, &mut |bytes| chunk.feed(bytes))? {
+            pos = r.end;
+        }
         while pos < r.end {
-            // The rest of the range at once where it lies mapped, else a piece of it.
-            if image.with_mapped(pos, r.end - pos, &mut |bytes| chunk.feed(bytes))? {
-                pos = r.end;
-                continue;
-            }
             let n = (r.end - pos).min(piece.len() as u64) as usize;
             if !image.with_mapped(pos, n as u64, &mut |bytes| chunk.feed(bytes))? {
                 image.read_at(&mut piece[..n], pos)?;

@@ -119,15 +119,24 @@ pub fn push(args: PushArgs) -> Result<i32> {
     let mut create = create_options(&args.options)?;
     create.compress = args.compress;
     let out_format = args.out_format.unwrap_or(Format::Raw);
-    // Compressed qcow2 is planned by compressing the source once (see Export::plan).
-    let data: u64 = allocated_ranges(src.as_ref(), 0, src.virtual_size())
-        .map(|r| r.map_or(0, |(start, end)| end - start))
-        .sum();
-    let compressing = Bar::new(args.progress && args.compress, data, "compressing");
+    let (location, store) = args.connection.open(url)?;
+    if args.compress {
+        // Planning compresses the whole source: find a wrong URL, endpoint or credentials first.
+        store.stat(&location.key)?;
+    }
+    let show_compressing = args.progress && args.compress;
+    let compressing = Bar::new(
+        show_compressing,
+        if show_compressing {
+            allocated_cluster_bytes(src.as_ref())
+        } else {
+            0
+        },
+        "compressing",
+    );
     let export = Export::plan(src.as_ref(), out_format, &mut create, &compressing);
     compressing.finish();
     let export = export?;
-    let (location, store) = args.connection.open(url)?;
     let meta = std::fs::metadata(src_path).map_err(|e| Error::io(src_path, "stat", e))?;
     let mtime = meta
         .modified()
@@ -144,14 +153,13 @@ pub fn push(args: PushArgs) -> Result<i32> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
         identity: format!(
-            "{} size={} mtime={mtime} format={} options={:?} compress={} diskkit={}",
+            "{} size={} mtime={mtime} format={} options={:?} compress={} layout={}",
             source.display(),
             meta.len(),
             out_format.name(),
             args.options,
             args.compress,
-            // Compressed parts must come from the same compressor as the ones already sent.
-            env!("CARGO_PKG_VERSION")
+            export.layout_fingerprint()
         ),
     };
     let guest_size = export.guest_size(src.as_ref());
@@ -195,6 +203,24 @@ pub fn push(args: PushArgs) -> Result<i32> {
             Ok(EXIT_ERROR)
         }
     }
+}
+
+/// Bytes of the 64 KiB clusters (the streamed qcow2 cluster size) that hold data in `image`: what
+/// the compressing pass goes through.
+fn allocated_cluster_bytes(image: &dyn diskkit::formats::Image) -> u64 {
+    const CLUSTER: u64 = 64 << 10;
+    let mut last_cluster = None;
+    let mut clusters = 0;
+    for (start, end) in allocated_ranges(image, 0, image.virtual_size()).map_while(Result::ok) {
+        if end <= start {
+            continue;
+        }
+        let first = (start / CLUSTER).max(last_cluster.map_or(0, |c: u64| c + 1));
+        let last = (end - 1) / CLUSTER;
+        clusters += (last + 1).saturating_sub(first);
+        last_cluster = Some(last);
+    }
+    clusters * CLUSTER
 }
 
 /// Download an image from a bucket, converting on the fly, and verify it

@@ -154,6 +154,16 @@ impl Export {
         }
     }
 
+    /// Identifies the object's layout beyond its format and size (see
+    /// [`Qcow2Stream::layout_fingerprint`]): part of a push's identity, so that a resumed upload
+    /// continues the same layout.
+    pub fn layout_fingerprint(&self) -> String {
+        match self {
+            Export::Qcow2(s) => s.layout_fingerprint(),
+            Export::Raw | Export::Vhd(_) => String::new(),
+        }
+    }
+
     /// Guest size of the object.
     pub fn guest_size(&self, src: &dyn Image) -> u64 {
         match self {
@@ -228,6 +238,13 @@ impl Image for Padded<'_> {
         Ok(())
     }
 
+    fn with_mapped(&self, offset: u64, len: u64, f: &mut dyn FnMut(&[u8])) -> Result<bool> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.inner.virtual_size() => self.inner.with_mapped(offset, len, f),
+            _ => Ok(false),
+        }
+    }
+
     fn info(&self) -> ImageInfo {
         ImageInfo::basic(PathBuf::new(), self.format(), self.size, 0)
     }
@@ -289,7 +306,7 @@ pub fn push(
     let cp_path = checkpoint::path_for(&url)?;
     let previous = Checkpoint::load(&cp_path)?;
     if let Some(c) = &previous
-        && c.identity != opts.identity
+        && (c.identity != opts.identity || c.object_size != object_size)
     {
         return Err(Error::invalid(format!(
             "{url}: an unfinished upload of a different source or format is recorded in {}; \

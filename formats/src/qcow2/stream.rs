@@ -342,6 +342,24 @@ impl Qcow2Stream {
         self.total_clusters() * CLUSTER_SIZE
     }
 
+    /// What the layout depends on beyond the source and options: the compressed size of every
+    /// cluster (hashed), or nothing for a plain image. A resumed upload must continue the same
+    /// layout; another compressor build could pack the clusters differently.
+    pub fn layout_fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        match &self.data {
+            DataLayout::Plain => "plain".to_string(),
+            DataLayout::Packed(p) => {
+                let mut sha = Sha256::new();
+                for code in &p.codes {
+                    sha.update(code.to_le_bytes());
+                }
+                let digest: [u8; 32] = sha.finalize().into();
+                format!("packed-{}", crate::digest::hex(&digest[..16]))
+            }
+        }
+    }
+
     /// Rank of guest cluster `c` among the allocated ones, if allocated.
     fn rank_of(&self, c: u64) -> Option<u64> {
         let i = self.runs.partition_point(|r| r.first + r.count <= c);
