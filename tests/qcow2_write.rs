@@ -227,6 +227,32 @@ fn convert_cli_writes_qcow2() {
     );
 }
 
+/// qemu sees qcow2 guests in whole sectors: an odd-sized source becomes an image rounded up to
+/// 512 bytes (as `qemu-img convert` makes it), whose extra bytes read as zeros.
+#[test]
+fn odd_sized_sources_round_up_to_sectors() {
+    let dir = tempdir();
+    let src = p(dir.path(), "odd.raw");
+    let content: Vec<u8> = (0..1000u32).map(|i| (i % 251 + 1) as u8).collect();
+    std::fs::write(&src, &content).unwrap();
+    let ours = p(dir.path(), "ours.qcow2");
+    diskkit_ok(&["convert", "-O", "qcow2", path_str(&src), path_str(&ours)]);
+    let theirs = p(dir.path(), "theirs.qcow2");
+    qemu_img(&["convert", "-O", "qcow2", path_str(&src), path_str(&theirs)]);
+    for img in [&ours, &theirs] {
+        let info = qemu_img(&["info", "--output=json", path_str(img)]);
+        assert!(info.contains("\"virtual-size\": 1024"), "{info}");
+        assert_eq!(lib_open(img).virtual_size(), 1024);
+        qemu_img(&["compare", path_str(&src), path_str(img)]);
+        diskkit_ok(&["compare", path_str(&src), path_str(img)]);
+    }
+    let created = p(dir.path(), "created.qcow2");
+    diskkit_ok(&["create", "-f", "qcow2", path_str(&created), "1000"]);
+    assert_eq!(lib_open(&created).virtual_size(), 1024);
+    diskkit_ok(&["resize", path_str(&created), "1500"]);
+    assert_eq!(lib_open(&created).virtual_size(), 1536);
+}
+
 #[test]
 fn refuses_bad_options() {
     let dir = tempdir();
@@ -468,10 +494,12 @@ fn resize_grows_and_shrinks() {
     // the new end (which cuts a cluster) and the 4k at 3M.
     let new_size = 1000 * 1024 + 100;
     let (code, _, err) = diskkit(&["resize", path_str(&img), &new_size.to_string()]);
+    // qcow2 guests are whole sectors: the new end is rounded up.
+    let new_size = 1000 * 1024 + 512;
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--shrink"), "{err}");
     let lost = (1024 * 1024 - new_size) + 4096;
-    let (code, _, err) = diskkit(&["resize", "--shrink", path_str(&img), &new_size.to_string()]);
+    let (code, _, err) = diskkit(&["resize", "--shrink", path_str(&img), "1024100"]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains(&format!("({lost} bytes)")), "{err}");
     assert!(qemu_img(&["check", path_str(&img)]).contains("No errors"));

@@ -101,6 +101,15 @@ pub fn resize(format: Format, path: &Path, new_size: u64) -> Result<()> {
     }
 }
 
+/// The virtual size [`resize`] gives an image of `format` asked for `new_size` bytes (qcow2 keeps
+/// whole 512-byte sectors, as qemu does).
+pub fn resized_size(format: Format, new_size: u64) -> Result<u64> {
+    match format {
+        Format::Qcow2 => qcow2::sectors_up(new_size),
+        _ => Ok(new_size),
+    }
+}
+
 fn cannot_write(format: Format) -> Error {
     Error::invalid(format!("cannot write {format} images"))
 }

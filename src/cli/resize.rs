@@ -36,7 +36,7 @@ pub fn run(args: Args) -> Result<i32> {
     let (format, new, lost) = {
         let image = open_image(&args.image, args.format, None)?;
         let old = image.virtual_size();
-        let new = new_size(old, &args.size)?;
+        let new = write::resized_size(image.format(), new_size(old, &args.size)?)?;
         let lost = if new < old {
             if !args.shrink {
                 return Err(Error::invalid(format!(

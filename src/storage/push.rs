@@ -135,7 +135,13 @@ impl Export {
                     size,
                     create,
                     &mut allocated,
-                    &|buf, at| src.read_at(buf, at),
+                    // The format may round the size up: zeros past the source's end.
+                    &|buf, at| {
+                        let n = size.saturating_sub(at).min(buf.len() as u64) as usize;
+                        src.read_at(&mut buf[..n], at)?;
+                        buf[n..].fill(0);
+                        Ok(())
+                    },
                     &|n| compressing.advance(n),
                 )?;
                 Ok(Export::Qcow2(Box::new(stream)))
@@ -167,8 +173,9 @@ impl Export {
     /// Guest size of the object.
     pub fn guest_size(&self, src: &dyn Image) -> u64 {
         match self {
-            Export::Raw | Export::Qcow2(_) => src.virtual_size(),
+            Export::Raw => src.virtual_size(),
             Export::Vhd(s) => s.guest_size(),
+            Export::Qcow2(s) => s.guest_size(),
         }
     }
 

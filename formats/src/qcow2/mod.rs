@@ -23,3 +23,23 @@ pub use check::check;
 pub use read::Qcow2Image;
 pub use resize::resize;
 pub use write::{Qcow2Writer, measure};
+
+use crate::error::{Error, Result};
+
+/// qemu sees a qcow2 guest in whole 512-byte sectors: it rounds the size of a new image up and
+/// reads a header size rounded down. diskkit does the same, so that both see the same guest.
+const SECTOR: u64 = 512;
+
+/// The virtual size of a new (or resized) image for a guest of `size` bytes.
+pub(crate) fn sectors_up(size: u64) -> Result<u64> {
+    size.checked_next_multiple_of(SECTOR).ok_or_else(|| {
+        Error::invalid(format!(
+            "qcow2: a virtual size of {size} bytes is too large"
+        ))
+    })
+}
+
+/// The guest size qemu reads from a header size.
+pub(crate) fn sectors_down(size: u64) -> u64 {
+    size / SECTOR * SECTOR
+}

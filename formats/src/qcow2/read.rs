@@ -64,7 +64,7 @@ impl Qcow2Image {
             None => (
                 header.l1_table_offset,
                 header.l1_size,
-                header.size,
+                super::sectors_down(header.size),
                 "qcow2 L1 table",
             ),
             Some(key) => {
@@ -77,7 +77,7 @@ impl Qcow2Image {
                 (
                     s.l1_table_offset,
                     s.l1_size,
-                    s.info.virtual_size.unwrap_or(header.size),
+                    super::sectors_down(s.info.virtual_size.unwrap_or(header.size)),
                     "qcow2 snapshot L1 table",
                 )
             }

@@ -39,6 +39,7 @@ pub fn resize(path: &Path, new_size: u64) -> Result<()> {
     let geo = h.geometry();
     let cs = geo.cluster_size();
     let old_size = h.size;
+    let new_size = super::sectors_up(new_size)?;
     let l1 = read_table(
         &file,
         h.l1_table_offset,

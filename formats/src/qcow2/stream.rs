@@ -266,6 +266,8 @@ impl Qcow2Stream {
                 "streamed qcow2 output stands alone: no backing file",
             ));
         }
+        // Whole sectors, as qemu sizes qcow2 guests; the caller supplies zeros past its end.
+        let virtual_size = super::sectors_up(virtual_size)?;
         let cs = CLUSTER_SIZE;
         let l1_entries = GEOMETRY.l1_entries_for(virtual_size);
         if l1_entries * 8 > MAX_L1_BYTES {
@@ -340,6 +342,11 @@ impl Qcow2Stream {
 
     pub fn object_size(&self) -> u64 {
         self.total_clusters() * CLUSTER_SIZE
+    }
+
+    /// Guest size of the image: the source's, rounded up to whole 512-byte sectors.
+    pub fn guest_size(&self) -> u64 {
+        self.virtual_size
     }
 
     /// What the layout depends on beyond the source and options: the compressed size of every

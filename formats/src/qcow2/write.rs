@@ -220,7 +220,9 @@ enum Content<'a> {
 
 impl Qcow2Writer {
     /// Creates the image file at `path` (truncating it) for `virtual_size` guest bytes.
+    /// The size is rounded up to whole 512-byte sectors, as qemu does.
     pub fn create(path: &Path, virtual_size: u64, opts: &mut CreateOptions) -> Result<Qcow2Writer> {
+        let virtual_size = super::sectors_up(virtual_size)?;
         let cfg = Config::from_opts(opts)?;
         let geo = cfg.geometry();
         let l1_entries = cfg.l1_entries(virtual_size)?;
