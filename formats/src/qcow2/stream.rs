@@ -314,9 +314,8 @@ impl Qcow2Stream {
         h.refcount_table_offset = (before_refcounts + refcount_blocks) * cs;
         h.refcount_table_clusters = u32::try_from(refcount_table_clusters)
             .map_err(|_| Error::invalid("qcow2: refcount table too large"))?;
-        if let DataLayout::Packed(p) = &data {
-            h.compression = p.compression;
-        }
+        // Recorded even without -c, as qemu-img create does.
+        h.compression = compression;
         Ok(Qcow2Stream {
             virtual_size,
             header: h.encode()?,
