@@ -276,7 +276,7 @@ pub fn remove_temp_output_on_signals() {
 
 /// The file a new image replaces: a symlink's target; devices and directories are refused (a
 /// rename would replace the device node; `-n` writes into devices).
-fn final_target(path: &Path) -> Result<PathBuf> {
+pub(crate) fn final_target(path: &Path) -> Result<PathBuf> {
     match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if path.is_symlink() {

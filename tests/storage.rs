@@ -405,6 +405,59 @@ fn local_bucket_compressed_push_resumes() {
     env.ok(&["verify", &url]);
 }
 
+/// pull never replaces a device node or a directory with the image (a FIFO stands in for a
+/// device here).
+#[test]
+fn local_bucket_pull_refuses_devices_and_directories() {
+    use std::os::unix::fs::FileTypeExt;
+    let (dir, bucket, env) = local_bucket_env();
+    let src = dir.path().join("s.raw");
+    std::fs::write(&src, vec![1u8; 4096]).unwrap();
+    let url = format!("{}/s.raw", bucket.display());
+    env.ok(&["push", path_str(&src), &url]);
+    let fifo = dir.path().join("fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let (code, _, err) = env.run(&["pull", &url, path_str(&fifo)]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not a regular file"), "{err}");
+    assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+    let (code, _, err) = env.run(&["pull", &url, path_str(dir.path())]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("is a directory"), "{err}");
+}
+
+/// An object changed after its push fails pull and verify, whether pull hashes the bytes as they
+/// arrive (raw) or the file it wrote (qcow2).
+#[test]
+fn local_bucket_detects_changed_objects() {
+    let (dir, bucket, env) = local_bucket_env();
+    let src = dir.path().join("s.raw");
+    std::fs::write(&src, vec![7u8; 3 << 20]).unwrap();
+    for (fmt, key) in [("raw", "s.raw"), ("qcow2", "s.qcow2")] {
+        let url = format!("{}/{key}", bucket.display());
+        env.ok(&["push", "-O", fmt, path_str(&src), &url]);
+        let object = bucket.join(key);
+        let mut bytes = std::fs::read(&object).unwrap();
+        // The last byte of the guest data: raw ends with it, plain qcow2 puts the refcounts after.
+        let at = if fmt == "raw" {
+            bytes.len() - 1
+        } else {
+            bytes.len() - (3 << 16)
+        };
+        assert_ne!(bytes[at], 0);
+        bytes[at] ^= 1;
+        std::fs::write(&object, &bytes).unwrap();
+        let pulled = dir.path().join(format!("pulled.{fmt}"));
+        let (code, _, err) = env.run(&["pull", "-O", fmt, &url, path_str(&pulled)]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("differs from the manifest"), "{err}");
+        let (code, _, err) = env.run(&["verify", &url]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("differs from the manifest"), "{err}");
+    }
+}
+
 #[test]
 fn s3_kill_and_resume() {
     let Some((dir, env)) = shared_server_env() else {

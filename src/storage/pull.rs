@@ -10,12 +10,13 @@ use super::{Location, MANIFEST_SUFFIX, Store, manifest_key};
 use crate::convert::{ConvertOptions, convert_to_path};
 use crate::hash::hash_image;
 use crate::progress::{NoProgress, Progress};
-use diskkit_formats::digest::hex;
+use diskkit_formats::digest::{ChunkDigest, ChunkHasher, DigestBuilder, hex};
 use diskkit_formats::image::{check_guest_range, first_nonzero_byte};
 use diskkit_formats::write::{CreateOptions, Writeback};
 use diskkit_formats::{Error, Extent, ExtentKind, Format, Image, ImageInfo, Result};
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 /// The guest content of an object, read with ranged requests.
 pub struct RemoteImage<'a> {
@@ -129,6 +130,9 @@ pub fn pull(
     threads: usize,
     downloading: &dyn Progress,
 ) -> Result<String> {
+    // Devices and directories are refused before anything is downloaded (a rename would
+    // replace a device node); a symlink's target is replaced.
+    let dst = &crate::convert::final_target(dst)?;
     let (manifest, size) = open_manifest(store, location)?;
     let opts = ConvertOptions {
         threads: Some(threads),
@@ -152,24 +156,53 @@ pub fn pull(
         Some(_) | None if as_is => {
             create.reject_unknown(format)?;
             let local = Download::new(dir)?;
-            download(store, location, local.path(), size, threads, downloading)?;
+            // A raw object is the guest: its digest is computed from the downloaded bytes as
+            // they arrive, instead of reading the file again afterwards.
+            let in_flight = (format == Format::Raw)
+                .then(|| InFlightDigest::new(manifest.guest.chunk_size, size))
+                .flatten();
+            download(
+                store,
+                location,
+                local.path(),
+                size,
+                threads,
+                in_flight.as_ref(),
+                downloading,
+            )?;
+            let verified = in_flight
+                .map(|d| {
+                    let digest = d.finish()?;
+                    same_digest(digest, size, &manifest, location)
+                })
+                .transpose()?;
             local
                 .0
                 .persist(dst)
                 .map_err(|e| Error::io(dst, "rename into place", e.error))?;
-            Ok(())
+            Ok(verified)
         }
         Some(remote) => {
-            convert_to_path(&remote, format, dst, create, &opts, downloading).map(|_| ())
+            convert_to_path(&remote, format, dst, create, &opts, downloading).map(|_| None)
         }
         None => {
             let local = Download::new(dir)?;
-            download(store, location, local.path(), size, threads, downloading)?;
+            download(
+                store,
+                location,
+                local.path(),
+                size,
+                threads,
+                None,
+                downloading,
+            )?;
             let image = open_as(local.path(), manifest.format()?)?;
-            convert_to_path(image.as_ref(), format, dst, create, &opts, &NoProgress).map(|_| ())
+            convert_to_path(image.as_ref(), format, dst, create, &opts, &NoProgress).map(|_| None)
         }
     })();
-    written.map_err(|e| explain_full_disk(e, dst, dir, needed))?;
+    if let Some(digest) = written.map_err(|e| explain_full_disk(e, dst, dir, needed))? {
+        return Ok(digest);
+    }
     let written = open_as(dst, format)?;
     check_digest(written.as_ref(), &manifest, location).map_err(|e| {
         Error::invalid(format!(
@@ -241,18 +274,71 @@ fn check_digest_with(
     progress: &dyn Progress,
 ) -> Result<String> {
     let digest = hash_image(image, manifest.guest.chunk_size, progress, None)?;
-    if image.virtual_size() != manifest.guest.virtual_size || digest.digest != manifest.guest.digest
-    {
+    same_digest(digest.digest, image.virtual_size(), manifest, location)
+}
+
+/// Checks a guest digest of `size` bytes against the manifest's; returns it.
+fn same_digest(
+    digest: [u8; 32],
+    size: u64,
+    manifest: &ObjectManifest,
+    location: &Location,
+) -> Result<String> {
+    if size != manifest.guest.virtual_size || digest != manifest.guest.digest {
         return Err(Error::invalid(format!(
-            "{}: content digest {} ({} bytes) differs from the manifest's {} ({} bytes)",
+            "{}: content digest {} ({size} bytes) differs from the manifest's {} ({} bytes)",
             location.url(),
-            hex(&digest.digest),
-            image.virtual_size(),
+            hex(&digest),
             manifest.guest.digest_hex(),
             manifest.guest.virtual_size
         )));
     }
     Ok(manifest.guest.digest_hex())
+}
+
+/// The guest digest of a raw object, computed chunk by chunk from the downloaded bytes in any
+/// order and folded in order at the end.
+struct InFlightDigest {
+    hasher: ChunkHasher,
+    chunk_size: u64,
+    chunks: Mutex<Vec<Option<ChunkDigest>>>,
+}
+
+impl InFlightDigest {
+    /// `None` when the chunk size does not divide the download pieces (then the file is hashed
+    /// after the download).
+    fn new(chunk_size: u64, size: u64) -> Option<InFlightDigest> {
+        if chunk_size > DOWNLOAD_CHUNK || !DOWNLOAD_CHUNK.is_multiple_of(chunk_size) {
+            return None;
+        }
+        let count = usize::try_from(size.div_ceil(chunk_size)).ok()?;
+        Some(InFlightDigest {
+            hasher: ChunkHasher::without_crc(chunk_size).ok()?,
+            chunk_size,
+            chunks: Mutex::new(vec![None; count]),
+        })
+    }
+
+    /// Hashes `data`, the object's bytes at `offset` (a multiple of the download piece).
+    fn add(&self, offset: u64, data: &[u8]) {
+        for (i, chunk) in data.chunks(self.chunk_size as usize).enumerate() {
+            let at = offset + i as u64 * self.chunk_size;
+            let d = self.hasher.hash(at, chunk);
+            let mut chunks = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(slot) = chunks.get_mut((at / self.chunk_size) as usize) {
+                *slot = Some(d);
+            }
+        }
+    }
+
+    fn finish(self) -> Result<[u8; 32]> {
+        let mut builder = DigestBuilder::new(self.chunk_size)?;
+        let chunks = self.chunks.into_inner().unwrap_or_else(|p| p.into_inner());
+        for d in chunks {
+            builder.push(&d.ok_or_else(|| Error::invalid("a downloaded chunk was not hashed"))?)?;
+        }
+        Ok(builder.finish())
+    }
 }
 
 /// Reads the object at `location` and checks its guest digest against its manifest; returns
@@ -275,7 +361,7 @@ pub fn verify(
         }
         None => {
             let local = Download::new(&std::env::temp_dir())?;
-            download(store, location, local.path(), size, threads, reading)?;
+            download(store, location, local.path(), size, threads, None, reading)?;
             let image = open_as(local.path(), manifest.format()?)?;
             check_digest(image.as_ref(), &manifest, location)
         }
@@ -306,13 +392,14 @@ const WRITE_GRAIN: usize = 64 << 10;
 const DOWNLOAD_CHUNK: u64 = 8 << 20;
 
 /// Copies the object at `location` (`size` bytes) into the file `path` with `threads` ranged
-/// reads at once; blocks of zeros are left as holes.
+/// reads at once; blocks of zeros are left as holes. `digest` hashes the bytes on the way.
 fn download(
     store: &Store,
     location: &Location,
     path: &Path,
     size: u64,
     threads: usize,
+    digest: Option<&InFlightDigest>,
     progress: &dyn Progress,
 ) -> Result<()> {
     use std::os::unix::fs::FileExt;
@@ -336,6 +423,9 @@ fn download(
         BUF.with_borrow_mut(|buf| {
             buf.resize(len, 0);
             store.read_at(&location.key, buf, at)?;
+            if let Some(d) = digest {
+                d.add(at, buf);
+            }
             // Runs of non-zero grains are written; zero grains stay holes.
             let mut pos = 0;
             while pos < len {
