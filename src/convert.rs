@@ -274,9 +274,9 @@ pub fn remove_temp_output_on_signals() {
     }
 }
 
-/// The file a new image replaces: a symlink's target; devices and directories are refused (a
-/// rename would replace the device node; `-n` writes into devices).
-pub(crate) fn final_target(path: &Path) -> Result<PathBuf> {
+/// The file a new output (image, manifest) replaces: a symlink's target; devices, FIFOs and
+/// directories are refused (a rename would replace the node; `convert -n` writes into devices).
+pub fn final_target(path: &Path) -> Result<PathBuf> {
     match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if path.is_symlink() {
@@ -300,7 +300,8 @@ pub(crate) fn final_target(path: &Path) -> Result<PathBuf> {
             path.display()
         ))),
         Ok(_) => Err(Error::invalid(format!(
-            "{}: exists and is not a regular file (use -n to write into a device)",
+            "{}: exists and is not a regular file: outputs replace regular files only \
+             (convert -n writes into a device)",
             path.display()
         ))),
     }

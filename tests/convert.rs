@@ -138,7 +138,7 @@ fn failed_conversion_leaves_nothing_and_keeps_old_output() {
     for (target, why) in [
         (dir.path(), "is a directory"),
         (missing.as_path(), "does not exist"),
-        (Path::new("/dev/null"), "use -n"),
+        (Path::new("/dev/null"), "convert -n writes into a device"),
     ] {
         let (code, _, err) = diskkit(&["convert", path_str(&src), path_str(target)]);
         assert_eq!(code, 2);

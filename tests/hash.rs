@@ -279,6 +279,20 @@ fn manifest_round_trip() {
     // Only the manifest is left in the directory: the temporary file was renamed over it.
     let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert_eq!(names.len(), 2);
+    // A FIFO (or device) is never replaced by a manifest.
+    let fifo = p(dir.path(), "fifo");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (code, _, err) = diskkit(&["hash", "--manifest", path_str(&fifo), path_str(&raw)]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not a regular file"), "{err}");
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
 }
 
 #[test]
