@@ -8,6 +8,33 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+/// True when `file` lies on a filesystem of a local disk or of memory. Files on network and FUSE
+/// filesystems are read, not mapped: a failed read of a mapped page kills the process with SIGBUS
+/// where a read returns an error, and such filesystems fail far more often than local disks.
+fn on_local_filesystem(file: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    const LOCAL: [i64; 8] = [
+        0xEF53,      // ext2, ext3, ext4
+        0x5846_5342, // xfs
+        0x9123_683E, // btrfs
+        0x0102_1994, // tmpfs
+        0x794C_7630, // overlayfs
+        0x2FC1_2FC1, // zfs
+        0xF2F5_2010, // f2fs
+        0x6165_6673, // bcachefs
+    ];
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: fstatfs fills `st` for a descriptor we own.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: fstatfs succeeded, so it filled `st`.
+    let kind = unsafe { st.assume_init() }.f_type;
+    // The field's type differs between platforms.
+    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+    LOCAL.contains(&(kind as i64))
+}
+
 fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -69,15 +96,16 @@ impl HostFile {
     /// read it. The pages are unmapped from the process afterwards (they stay in the page cache),
     /// so memory use does not grow with the bytes seen.
     ///
-    /// The file must not shrink meanwhile: touching a page past its new end raises SIGBUS, as for
-    /// every program that maps files.
+    /// Only files on local filesystems are mapped (see [`on_local_filesystem`]). The file must not
+    /// shrink meanwhile: touching a page past its new end raises SIGBUS, as for every program
+    /// that maps files.
     pub fn with_mapped(&self, offset: u64, len: u64, f: &mut dyn FnMut(&[u8])) -> bool {
         let Some(end) = offset.checked_add(len).filter(|&e| e <= self.len) else {
             return false;
         };
         let map = self.mapping.get_or_init(|| {
             let regular = self.file.metadata().is_ok_and(|m| m.is_file());
-            if !regular || self.len == 0 {
+            if !regular || self.len == 0 || !on_local_filesystem(&self.file) {
                 return None;
             }
             // SAFETY: the map is read-only and lives as long as the file handle. Another process
@@ -220,4 +248,32 @@ fn block_device_len(file: &File, path: &Path) -> Result<u64> {
     let mut f = file;
     f.seek(SeekFrom::End(0))
         .map_err(|e| Error::io(path, "size of block device", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapped_bytes_are_the_file_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let content: Vec<u8> = (0..3 * 4096 + 100).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&path, &content).unwrap();
+        let file = HostFile::open(&path).unwrap();
+        let local = on_local_filesystem(file.file());
+        let mut seen = Vec::new();
+        let mapped = file.with_mapped(4000, 9000, &mut |b| seen.extend_from_slice(b));
+        assert_eq!(mapped, local);
+        if mapped {
+            assert_eq!(seen, content[4000..13000]);
+            // Twice: the pages dropped after the first call map again.
+            seen.clear();
+            assert!(file.with_mapped(0, content.len() as u64, &mut |b| seen.extend_from_slice(b)));
+            assert_eq!(seen, content);
+        }
+        // Ranges past the end are never mapped.
+        assert!(!file.with_mapped(12_000, 1000, &mut |_| panic!("called")));
+        assert!(!file.with_mapped(u64::MAX, 2, &mut |_| panic!("called")));
+    }
 }
