@@ -123,7 +123,8 @@ impl HostFile {
         };
         let (start, end) = (offset as usize, end as usize);
         f(&map[start..end]);
-        // Whole pages only, so that pages another thread still reads stay mapped.
+        // Only pages wholly inside the range; a page shared with a neighbouring range that
+        // another thread reads may still be dropped, which costs that thread a page fault.
         let page = page_size();
         let (first, last) = (start.next_multiple_of(page), end / page * page);
         if last > first {
