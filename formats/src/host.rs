@@ -123,8 +123,8 @@ impl HostFile {
         };
         let (start, end) = (offset as usize, end as usize);
         f(&map[start..end]);
-        // Only pages wholly inside the range; a page shared with a neighbouring range that
-        // another thread reads may still be dropped, which costs that thread a page fault.
+        // Only pages wholly inside the range. Another thread reading the same bytes (an image
+        // may map one host cluster twice) just faults them in again.
         let page = page_size();
         let (first, last) = (start.next_multiple_of(page), end / page * page);
         if last > first {
