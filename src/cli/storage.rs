@@ -205,10 +205,10 @@ pub fn push(args: PushArgs) -> Result<i32> {
     }
 }
 
-/// Bytes of the 64 KiB clusters (the streamed qcow2 cluster size) that hold data in `image`: what
-/// the compressing pass goes through.
+/// Bytes of the streamed qcow2 clusters that hold data in `image`: what the compressing pass goes
+/// through.
 fn allocated_cluster_bytes(image: &dyn diskkit::formats::Image) -> u64 {
-    const CLUSTER: u64 = 64 << 10;
+    use diskkit::formats::qcow2::stream::CLUSTER_SIZE as CLUSTER;
     let mut last_cluster = None;
     let mut clusters = 0;
     for (start, end) in allocated_ranges(image, 0, image.virtual_size()).map_while(Result::ok) {

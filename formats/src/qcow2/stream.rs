@@ -29,7 +29,8 @@ use crate::write::CreateOptions;
 use rayon::prelude::*;
 
 const CLUSTER_BITS: u32 = 16;
-const CLUSTER_SIZE: u64 = 1 << CLUSTER_BITS;
+/// Cluster size of streamed images.
+pub const CLUSTER_SIZE: u64 = 1 << CLUSTER_BITS;
 /// 16-bit refcounts, qemu's default: a host cluster is shared by at most a few thousand
 /// compressed clusters, far below the limit.
 const REFCOUNT_ORDER: u32 = 4;
