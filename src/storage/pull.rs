@@ -322,7 +322,7 @@ impl InFlightDigest {
     }
 
     /// Hashes the object's bytes from `at` (a multiple of the chunk size) on, fed in order.
-    fn from(&self, at: u64) -> RangeHasher<'_> {
+    fn hasher_at(&self, at: u64) -> RangeHasher<'_> {
         RangeHasher {
             digest: self,
             pos: at,
@@ -458,7 +458,7 @@ fn download(
         }
         let at = i as u64 * DOWNLOAD_CHUNK;
         let len = DOWNLOAD_CHUNK.min(size - at) as usize;
-        let mut hashing = digest.map(|d| d.from(at));
+        let mut hashing = digest.map(|d| d.hasher_at(at));
         BUF.with_borrow_mut(|scratch| {
             store.read_pieces(&location.key, at, len, PIECE, scratch, &mut |at, piece| {
                 if let Some(h) = &mut hashing {
@@ -579,11 +579,11 @@ mod tests {
         object[chunk_size..2 * chunk_size].fill(0);
         let digest = InFlightDigest::new(chunk_size as u64, object.len() as u64).unwrap();
         let split = 2 * chunk_size;
-        let mut second = digest.from(split as u64);
+        let mut second = digest.hasher_at(split as u64);
         for piece in object[split..].chunks(3000) {
             second.feed(piece);
         }
-        let mut first = digest.from(0);
+        let mut first = digest.hasher_at(0);
         for piece in object[..split].chunks(777) {
             first.feed(piece);
         }
@@ -600,7 +600,7 @@ mod tests {
     #[test]
     fn a_range_not_fed_to_its_end_is_an_error() {
         let digest = InFlightDigest::new(4096, 8192).unwrap();
-        digest.from(0).feed(&[1; 5000]);
+        digest.hasher_at(0).feed(&[1; 5000]);
         assert!(digest.finish().is_err());
     }
 }
