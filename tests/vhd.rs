@@ -705,3 +705,123 @@ fn cli_convert_measure_check_resize() {
     let (code, out_text, _) = diskkit(&["check", path_str(&out)]);
     assert_eq!(code, 0, "{out_text}");
 }
+
+/// The last 512 bytes of a file (a fixed VHD's footer).
+fn tail_footer(path: &Path) -> Vec<u8> {
+    let bytes = std::fs::read(path).unwrap();
+    bytes[bytes.len() - FOOTER_SIZE as usize..].to_vec()
+}
+
+#[test]
+fn convert_n_fills_existing_fixed_vhds() {
+    let dir = tempdir();
+    let size = 8 * MIB;
+    let qcow2_src = p(dir.path(), "src.qcow2");
+    qemu_img(&["create", "-f", "qcow2", path_str(&qcow2_src), "8M"]);
+    qemu_io("qcow2", &qcow2_src, &as_refs(&mixed_pattern(size)));
+    let raw_src = mixed_raw(dir.path(), "src.raw", size);
+    let by_qemu = p(dir.path(), "qemu.vhd");
+    qemu_create_vpc(&by_qemu, "subformat=fixed,force_size=on", size);
+    let by_diskkit = p(dir.path(), "diskkit.vhd");
+    diskkit_ok(&[
+        "create",
+        "-f",
+        "vpc",
+        "-o",
+        "subformat=fixed,force_size=on",
+        path_str(&by_diskkit),
+        "8M",
+    ]);
+    for (src, src_fmt, target) in [
+        (&qcow2_src, "qcow2", &by_qemu),
+        (&raw_src, "raw", &by_diskkit),
+    ] {
+        // Old content everywhere: the source's zero ranges must be zeroed, not skipped.
+        qemu_io("vpc", target, &["write -P 0x5a 0 8M"]);
+        let footer = tail_footer(target);
+        let len = std::fs::metadata(target).unwrap().len();
+        diskkit_ok(&[
+            "convert",
+            "-n",
+            "-O",
+            "vpc",
+            path_str(src),
+            path_str(target),
+        ]);
+        let out = qemu_img(&[
+            "compare",
+            "-f",
+            src_fmt,
+            "-F",
+            "vpc",
+            path_str(src),
+            path_str(target),
+        ]);
+        assert!(out.contains("identical"), "{out}");
+        assert_eq!(qemu_virtual_size(target), size);
+        assert_eq!(std::fs::metadata(target).unwrap().len(), len);
+        assert_eq!(tail_footer(target), footer);
+        let image = open_vhd(target);
+        assert_eq!(image.virtual_size(), size);
+        assert_eq!(read_all(image.as_ref()), qemu_guest_bytes(src, dir.path()));
+        assert_eq!(vhd::check(target, None).unwrap().exit_code(), 0);
+    }
+
+    // Dynamic disks and targets smaller than the source are refused, and left untouched.
+    let dynamic = p(dir.path(), "dynamic.vhd");
+    qemu_create_vpc(&dynamic, "subformat=dynamic,force_size=on", size);
+    let small = p(dir.path(), "small.vhd");
+    qemu_create_vpc(&small, "subformat=fixed,force_size=on", 4 * MIB);
+    let dynamic_refusal = format!(
+        "{}: unsupported: writing into a dynamic VHD",
+        dynamic.display()
+    );
+    for (target, why) in [(&dynamic, dynamic_refusal.as_str()), (&small, "smaller")] {
+        let before = std::fs::read(target).unwrap();
+        let (code, _, err) = diskkit(&[
+            "convert",
+            "-n",
+            "-O",
+            "vpc",
+            path_str(&qcow2_src),
+            path_str(target),
+        ]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains(why), "{err}");
+        assert_eq!(std::fs::read(target).unwrap(), before);
+    }
+}
+
+#[test]
+fn writer_into_existing_fixed_vhd_keeps_its_footer() {
+    let dir = tempdir();
+    // A fixed disk with the old 511-byte footer: the data region ends where that footer starts.
+    let img = p(dir.path(), "old.vhd");
+    qemu_create_vpc(&img, "subformat=fixed,force_size=on", MIB);
+    qemu_io("vpc", &img, &["write -P 0x77 0 1M"]);
+    let mut bytes = std::fs::read(&img).unwrap();
+    bytes.pop();
+    std::fs::write(&img, &bytes).unwrap();
+
+    let w = VhdWriter::open_existing(&img).unwrap();
+    assert_eq!(w.virtual_size(), MIB);
+    assert!(!w.zero_initialized());
+    w.write_at(&[0x12; 512], MIB - 512).unwrap();
+    assert!(w.write_at(&[0x12; 512], MIB).is_err());
+    assert!(w.write_zeroes(MIB - 4096, 8192).is_err());
+    w.write_zeroes(4096, 64 << 10).unwrap();
+    Box::new(w).finish().unwrap();
+
+    let after = std::fs::read(&img).unwrap();
+    assert_eq!(after.len(), bytes.len());
+    assert_eq!(after[MIB as usize..], bytes[MIB as usize..]);
+    let guest = read_all(open_vhd(&img).as_ref());
+    assert!(guest[..4096].iter().all(|&b| b == 0x77));
+    assert!(guest[4096..(68 << 10)].iter().all(|&b| b == 0));
+    assert!(
+        guest[(68 << 10)..(MIB - 512) as usize]
+            .iter()
+            .all(|&b| b == 0x77)
+    );
+    assert!(guest[(MIB - 512) as usize..].iter().all(|&b| b == 0x12));
+}

@@ -90,6 +90,11 @@ impl HostFile {
         &self.file
     }
 
+    /// The open file, for a writer that validated the image through this view first.
+    pub fn into_file(self) -> File {
+        self.file
+    }
+
     /// Calls `f` on bytes `offset..offset + len` of a regular file mapped in memory, and returns
     /// true; hashing reads data this way without copying it. Returns false without calling `f`
     /// when the range is not inside the file as opened or the file cannot be mapped: callers then

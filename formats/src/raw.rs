@@ -177,23 +177,10 @@ impl ImageWriter for RawWriter {
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         check_guest_range(self.file.len(), offset, len)?;
-        if self.fresh || len == 0 {
+        if self.fresh {
             return Ok(());
         }
-        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        match fallocate(self.file.file(), self.path(), punch, offset, len) {
-            Ok(()) => Ok(()),
-            // Filesystems and devices that cannot punch holes get the zeros written.
-            Err(Error::Io { source, .. })
-                if matches!(
-                    source.raw_os_error(),
-                    Some(libc::EOPNOTSUPP) | Some(libc::ENODEV) | Some(libc::EINVAL)
-                ) =>
-            {
-                write_zeros(self.file.file(), self.path(), offset, len)
-            }
-            Err(e) => Err(e),
-        }
+        zero_range(self.file.file(), self.path(), offset, len)
     }
 
     fn zero_initialized(&self) -> bool {
@@ -248,6 +235,24 @@ fn fallocate(file: &File, path: &Path, mode: libc::c_int, offset: u64, len: u64)
             format!("fallocate {offset:#x}+{len:#x}"),
             std::io::Error::last_os_error(),
         ))
+    }
+}
+
+/// Makes a range of an existing file read as zeros: punches a hole (keeping the file size), or
+/// writes the zeros on filesystems and devices that cannot punch holes.
+pub(crate) fn zero_range(file: &File, path: &Path, offset: u64, len: u64) -> Result<()> {
+    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    match fallocate(file, path, punch, offset, len) {
+        Ok(()) => Ok(()),
+        Err(Error::Io { source, .. })
+            if matches!(
+                source.raw_os_error(),
+                Some(libc::EOPNOTSUPP) | Some(libc::ENODEV) | Some(libc::EINVAL)
+            ) =>
+        {
+            write_zeros(file, path, offset, len)
+        }
+        Err(e) => Err(e),
     }
 }
 

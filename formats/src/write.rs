@@ -62,8 +62,10 @@ pub fn open_existing(format: Format, path: &Path) -> Result<Box<dyn ImageWriter>
     match format {
         Format::Raw => Ok(Box::new(RawWriter::open_existing(path)?)),
         Format::Qcow2 => Ok(Box::new(Qcow2Writer::open_existing(path)?)),
+        Format::Vhd => Ok(Box::new(VhdWriter::open_existing(path)?)),
         other => Err(Error::invalid(format!(
-            "cannot write into existing {other} images (-n needs a raw or qcow2 target)"
+            "cannot write into existing {other} images (-n needs a raw, qcow2 or fixed vpc \
+             target)"
         ))),
     }
 }

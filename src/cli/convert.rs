@@ -17,8 +17,8 @@ into place only once complete and synced: an interrupted or failed conversion ne
 partial image under the final name. SIGINT, SIGTERM and SIGHUP remove the temporary file; only \
 a process killed with SIGKILL (or a crash of the machine) can leave it behind. The source \
 is only read, and an output that is one of the inputs is refused. With -n the existing DST is \
-overwritten in place instead (raw files and block devices, or an empty qcow2 image as \
-create makes it, keeping its options).\n\n\
+overwritten in place instead (raw files and block devices, an empty qcow2 image as create \
+makes it, keeping its options, or a fixed VHD, keeping its size and footer).\n\n\
 Prints nothing on success unless -p. Exit codes: 0 success, 2 error."
 )]
 pub struct Args {
@@ -41,8 +41,8 @@ pub struct Args {
     /// 0 writes all allocated data)
     #[arg(short = 'S', value_name = "SIZE", value_parser = parse_size, default_value = "4k")]
     sparse_size: u64,
-    /// Write into the existing DST instead of creating it (raw files or block devices, or an
-    /// empty qcow2 image; DST must be at least as large as SRC)
+    /// Write into the existing DST instead of creating it (raw files or block devices, an empty
+    /// qcow2 image, or a fixed VHD; DST must be at least as large as SRC)
     #[arg(short = 'n')]
     no_create: bool,
     /// Make DST an overlay on BACKING: only ranges that differ from BACKING are written.

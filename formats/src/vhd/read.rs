@@ -155,6 +155,26 @@ pub(crate) fn locate_footer(file: &HostFile) -> Result<LocatedFooter> {
     })
 }
 
+/// The guest size of the image `located` describes (as qemu computes it), checked against the VHD
+/// maximum and, for a fixed disk, against the data that precedes its footer.
+pub(crate) fn checked_guest_size(file: &HostFile, located: &LocatedFooter) -> Result<u64> {
+    let size = located.footer.guest_size();
+    let at = located.data_end;
+    let corrupt = |reason: String| Error::corrupt(file.path(), "VHD footer", at, reason);
+    if size > MAX_VIRTUAL_SIZE {
+        return Err(corrupt(format!(
+            "virtual size {size} exceeds the VHD maximum of 2040 GiB"
+        )));
+    }
+    if located.disk_type == DiskType::Fixed && size > at {
+        return Err(corrupt(format!(
+            "fixed disk of {size} bytes but only {at} bytes of data precede the footer \
+             (truncated file?)"
+        )));
+    }
+    Ok(size)
+}
+
 /// Whether a file that has no magic at offset 0 ends with a fixed VHD's footer (qemu probes
 /// such files as raw; diskkit recognises them).
 pub fn has_fixed_footer(file: &HostFile) -> Result<bool> {
@@ -367,37 +387,16 @@ enum Location {
 impl VhdImage {
     /// Opens a VHD; `chain` opens the parent of a differencing disk.
     pub fn open(file: HostFile, chain: &mut Chain) -> Result<VhdImage> {
+        let located = locate_footer(&file)?;
+        let virtual_size = checked_guest_size(&file, &located)?;
         let LocatedFooter {
             footer,
             disk_type,
-            data_end,
             mut warnings,
             ..
-        } = locate_footer(&file)?;
-        let virtual_size = footer.guest_size();
-        if virtual_size > MAX_VIRTUAL_SIZE {
-            return Err(Error::corrupt(
-                file.path(),
-                "VHD footer",
-                data_end,
-                format!("virtual size {virtual_size} exceeds the VHD maximum of 2040 GiB"),
-            ));
-        }
+        } = located;
         let (sparse, parent) = match disk_type {
-            DiskType::Fixed => {
-                if virtual_size > data_end {
-                    return Err(Error::corrupt(
-                        file.path(),
-                        "VHD footer",
-                        data_end,
-                        format!(
-                            "fixed disk of {virtual_size} bytes but only {data_end} bytes of \
-                             data precede the footer (truncated file?)"
-                        ),
-                    ));
-                }
-                (None, None)
-            }
+            DiskType::Fixed => (None, None),
             DiskType::Dynamic | DiskType::Differencing => {
                 let layout = read_sparse(&file, &footer, virtual_size)?;
                 let parent = if disk_type == DiskType::Differencing {

@@ -1,7 +1,9 @@
 //! Creating VHD images: fixed and dynamic disks, and the Azure profile.
 
 use super::layout::*;
+use super::read::{checked_guest_size, locate_footer};
 use crate::error::{Error, Result};
+use crate::host::HostFile;
 use crate::image::{Format, check_guest_range};
 use crate::write::{CreateOptions, ImageWriter, Measure};
 use std::fs::File;
@@ -210,13 +212,15 @@ struct Dynamic {
     full_bitmap: Vec<u8>,
 }
 
-/// Writes a new VHD image. Dynamic disks allocate blocks on first write; `finish` writes the
-/// BAT and the footers.
+/// Writes a new VHD image, or into an existing fixed one (`convert -n`). Dynamic disks allocate
+/// blocks on first write; `finish` writes the BAT and the footers.
 pub struct VhdWriter {
     file: File,
     path: PathBuf,
     plan: Plan,
-    footer: [u8; FOOTER_SIZE as usize],
+    /// The footer `finish` writes after the data of a new image. `None` for an existing fixed
+    /// disk: its footer stays as it is, and its old content does not read as zeros.
+    footer: Option<[u8; FOOTER_SIZE as usize]>,
     dynamic: Option<Dynamic>,
     writeback: crate::write::Writeback,
 }
@@ -271,8 +275,45 @@ impl VhdWriter {
             file,
             path: path.to_path_buf(),
             plan,
-            footer,
+            footer: Some(footer),
             dynamic,
+        })
+    }
+
+    /// Opens the existing fixed VHD at `path` to overwrite its guest content in place
+    /// (`convert -n`), keeping its size, footer and any bytes between the guest's end and the
+    /// footer. Dynamic and differencing disks are refused.
+    pub fn open_existing(path: &Path) -> Result<VhdWriter> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(path, "open for writing", e))?;
+        let host = HostFile::from_file(path, file)?;
+        let located = locate_footer(&host)?;
+        let virtual_size = checked_guest_size(&host, &located)?;
+        if located.disk_type != DiskType::Fixed {
+            return Err(Error::unsupported(
+                path,
+                format!(
+                    "writing into a {} VHD (its blocks and allocation table would have to be \
+                     rewritten in place; -n takes fixed VHDs, or convert without -n)",
+                    located.disk_type.name()
+                ),
+            ));
+        }
+        Ok(VhdWriter {
+            writeback: crate::write::Writeback::default(),
+            file: host.into_file(),
+            path: path.to_path_buf(),
+            plan: Plan {
+                disk_type: DiskType::Fixed,
+                virtual_size,
+                geometry: located.footer.geometry,
+                block_size: DEFAULT_BLOCK_SIZE,
+            },
+            footer: None,
+            dynamic: None,
         })
     }
 
@@ -337,16 +378,27 @@ impl ImageWriter for VhdWriter {
         Ok(())
     }
 
-    /// A new image reads as zeros everywhere and each range is written once: nothing to do.
+    /// A new image reads as zeros everywhere and each range is written once: nothing to do. In
+    /// an existing fixed disk, guest offsets are file offsets: the range is punched or zeroed.
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        check_guest_range(self.plan.virtual_size, offset, len)
+        check_guest_range(self.plan.virtual_size, offset, len)?;
+        if self.footer.is_some() {
+            return Ok(());
+        }
+        crate::raw::zero_range(&self.file, &self.path, offset, len)
     }
 
     fn zero_initialized(&self) -> bool {
-        true
+        self.footer.is_some()
     }
 
     fn finish(self: Box<Self>) -> Result<()> {
+        let Some(footer) = &self.footer else {
+            return self
+                .file
+                .sync_all()
+                .map_err(|e| Error::io(&self.path, "sync", e));
+        };
         let end = match &self.dynamic {
             None => self.plan.virtual_size,
             Some(d) => {
@@ -367,7 +419,7 @@ impl ImageWriter for VhdWriter {
                 self.plan.footer_offset(blocks as u64)
             }
         };
-        self.write_file(&self.footer, end, "VHD footer")?;
+        self.write_file(footer, end, "VHD footer")?;
         self.file
             .set_len(end + FOOTER_SIZE)
             .and_then(|_| self.file.sync_all())
