@@ -12,6 +12,7 @@
 
 use crate::parallel::read_pool;
 use crate::progress::Progress;
+use diskkit_formats::host::HostFile;
 use diskkit_formats::image::first_nonzero_byte;
 use diskkit_formats::write::{self, CreateOptions, ImageWriter};
 use diskkit_formats::{Error, Extents, Format, Image, Result};
@@ -156,16 +157,30 @@ pub fn convert_to_path(
 
 /// Converts `src` into the existing image at `path` (`convert -n`): the target is written in
 /// place, so an interrupted conversion leaves it partly overwritten. Its size must be at least
-/// the source's; bytes past the source's end are left as they are.
+/// the source's; bytes past the source's end are left as they are. Without `format`, the
+/// target is written as the format it has (qemu-img would take it for raw and overwrite a
+/// qcow2 or VHD target's metadata with guest bytes).
 pub fn convert_into_existing(
     src: &dyn Image,
-    format: Format,
+    format: Option<Format>,
     path: &Path,
     opts: &ConvertOptions,
     progress: &dyn Progress,
 ) -> Result<ConvertStats> {
     refuse_input_as_output(src, opts.backing, path)?;
+    let format = match format {
+        Some(f) => f,
+        None => diskkit_formats::open::detect(&HostFile::open(path)?)?,
+    };
     let writer = write::open_existing(format, path)?;
+    if writer.virtual_size() < src.virtual_size() {
+        return Err(Error::invalid(format!(
+            "{}: the target ({} bytes) is smaller than the source ({} bytes)",
+            path.display(),
+            writer.virtual_size(),
+            src.virtual_size()
+        )));
+    }
     let stats = convert(src, writer.as_ref(), opts, progress)?;
     writer.finish()?;
     Ok(stats)

@@ -111,7 +111,42 @@ fn convert_into_existing_target() {
     qemu_img(&["create", "-f", "raw", path_str(&small), "4M"]);
     let (code, _, err) = diskkit(&["convert", "-n", path_str(&src), path_str(&small)]);
     assert_eq!(code, 2);
-    assert!(err.contains("smaller"), "{err}");
+    assert!(
+        err.contains("smaller") && err.contains(path_str(&small)),
+        "{err}"
+    );
+}
+
+#[test]
+fn convert_n_without_o_keeps_the_targets_format() {
+    // Without -O the target is written as what it is, not taken for raw (which would put guest
+    // bytes over a qcow2 header or a VHD's metadata).
+    let dir = tempdir();
+    let src = mixed_raw(dir.path(), "src.raw", 8 * MIB);
+    for (format, opts) in [
+        ("qcow2", "compat=1.1"),
+        ("vpc", "subformat=fixed,force_size=on"),
+    ] {
+        let tgt = p(dir.path(), &format!("tgt.{format}"));
+        diskkit_ok(&["create", "-f", format, "-o", opts, path_str(&tgt), "8M"]);
+        diskkit_ok(&["convert", "-n", path_str(&src), path_str(&tgt)]);
+        let out = qemu_img(&[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            format,
+            path_str(&src),
+            path_str(&tgt),
+        ]);
+        assert!(out.contains("identical"), "{format}: {out}");
+    }
+    qemu_img(&[
+        "check",
+        "-f",
+        "qcow2",
+        path_str(&p(dir.path(), "tgt.qcow2")),
+    ]);
 }
 
 #[test]

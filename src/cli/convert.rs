@@ -18,14 +18,15 @@ partial image under the final name. SIGINT, SIGTERM and SIGHUP remove the tempor
 a process killed with SIGKILL (or a crash of the machine) can leave it behind. The source \
 is only read, and an output that is one of the inputs is refused. With -n the existing DST is \
 overwritten in place instead (raw files and block devices, an empty qcow2 image as create \
-makes it, keeping its options, or a fixed VHD, keeping its size and footer).\n\n\
+makes it, keeping its options, or a fixed VHD, keeping its size and footer); without -O, DST \
+is written as the format it has (qemu-img would assume raw).\n\n\
 Prints nothing on success unless -p. Exit codes: 0 success, 2 error."
 )]
 pub struct Args {
     /// Source format (detected from magic bytes when omitted)
     #[arg(short = 'f', value_parser = parse_format)]
     format: Option<Format>,
-    /// Output format: raw, qcow2, vpc (or vhd) [default: raw]
+    /// Output format: raw, qcow2, vpc (or vhd) [default: raw; with -n: DST's own format]
     #[arg(short = 'O', value_parser = parse_format)]
     out_format: Option<Format>,
     /// Output format options, qemu style: key=value,key2=value2 (repeatable)
@@ -114,7 +115,8 @@ pub fn run(args: Args) -> Result<i32> {
                 "-n writes into an existing image: -o, -c and -B need a new one",
             ));
         }
-        convert_into_existing(src.as_ref(), out_format, &args.dst, &opts, &bar)?;
+        let format = args.out_format.or(args.target.map(|_| Format::Vhd));
+        convert_into_existing(src.as_ref(), format, &args.dst, &opts, &bar)?;
     } else {
         convert_to_path(
             src.as_ref(),

@@ -715,8 +715,10 @@ mod tests {
     #[test]
     fn compressed_layout_packs_clusters() {
         for kind in ["zlib", "zstd"] {
-            let mut opts = CreateOptions::default();
-            opts.compress = true;
+            let mut opts = CreateOptions {
+                compress: true,
+                ..Default::default()
+            };
             opts.parse_options(&format!("compression_type={kind}"))
                 .unwrap();
             // 40 clusters of all four kinds, an odd tail, and a run in a second L2 table.
