@@ -36,6 +36,8 @@ fi
 export AWS_ENDPOINT_URL=$S3_ENDPOINT
 XDG_CACHE_HOME=$WORK/cache
 export XDG_CACHE_HOME
+# Checkpoints of an earlier, interrupted run would make pushes resume instead of being timed.
+rm -rf "$XDG_CACHE_HOME/diskkit/uploads"
 
 # rclone's on-the-fly :s3: remote, configured through its environment variables.
 export RCLONE_S3_PROVIDER=Other RCLONE_S3_ACCESS_KEY_ID=$AWS_ACCESS_KEY_ID
@@ -62,7 +64,9 @@ measure() {
 row() {
   local label=$1 ours=$2 theirs=$3
   read -r a am <<<"$(measure "$ours")"
+  [ -n "$a" ] || exit 1
   read -r b bm <<<"$(measure "$theirs")"
+  [ -n "$b" ] || exit 1
   python3 -c "
 a, b = $a, $b
 print('%-44s diskkit %7.2f s %5d MiB | rclone %7.2f s %5d MiB | ratio %.2f' % (
@@ -77,9 +81,11 @@ best_row() {
   for _ in $(seq "$n"); do
     bash -c "$prep"; sync
     read -r t m <<<"$(measure "$ours")"
+    [ -n "$t" ] || exit 1
     a=$(python3 -c "print(min(float('$a'), $t))"); am=$((m > am ? m : am))
     bash -c "$their_prep"; sync
     read -r t m <<<"$(measure "$theirs")"
+    [ -n "$t" ] || exit 1
     b=$(python3 -c "print(min(float('$b'), $t))"); bm=$((m > bm ? m : bm))
   done
   python3 -c "

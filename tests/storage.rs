@@ -67,6 +67,22 @@ impl Env {
         }
         0
     }
+
+    /// Points the (only) checkpoint at an upload the server does not have, as when the server
+    /// expired or aborted it.
+    fn forget_upload_on_server(&self) {
+        let dir = self.cache.join("diskkit/uploads");
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            if e.path().extension().is_some_and(|x| x == "json") {
+                let text = std::fs::read_to_string(e.path()).unwrap();
+                let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                v["upload_id"] = "gone-on-the-server".into();
+                std::fs::write(e.path(), v.to_string()).unwrap();
+                return;
+            }
+        }
+        panic!("no checkpoint in {}", dir.display());
+    }
 }
 
 /// The S3 endpoint of the shared test server, or `None` (with the reason printed) outside CI.
@@ -353,6 +369,15 @@ fn kill_and_resume(env: &Env, dir: &Path, url: &str, stat_missing: &dyn Fn() -> 
     assert_eq!(env.checkpoint_parts(), 0);
     let out = env.ok(&["push", "--part-size", "5M", path_str(&src), url]);
     assert_eq!(part_counts(&out), (6, 6, 0), "{out}");
+
+    // An upload the server no longer has: the rerun says so and sends everything again.
+    push_and_kill(env, &src, url, 1, &[]);
+    env.forget_upload_on_server();
+    let (code, out, err) = env.run(&["push", "--part-size", "5M", path_str(&src), url]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("gone on the server"), "{err}");
+    assert_eq!(part_counts(&out), (6, 6, 0), "{out}");
+    env.ok(&["verify", url]);
 }
 
 #[test]

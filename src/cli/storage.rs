@@ -179,6 +179,13 @@ pub fn push(args: PushArgs) -> Result<i32> {
     uploading.finish();
     match result {
         Ok(r) => {
+            if r.restarted {
+                eprintln!(
+                    "diskkit: the unfinished upload an earlier push recorded for {} was gone on \
+                     the server (expired or aborted): all parts were sent again",
+                    location.url()
+                );
+            }
             println!(
                 "pushed {} ({}, {}): {} parts of {}, {} sent now, {} already sent before",
                 location.url(),

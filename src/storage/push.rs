@@ -279,6 +279,8 @@ pub struct PushReport {
     pub sent: u32,
     /// Parts a previous run had completed (found in the checkpoint).
     pub resumed: u32,
+    /// A previous run's upload was recorded but gone on the server: this run started anew.
+    pub restarted: bool,
 }
 
 /// Milliseconds to wait after each part: lets tests interrupt an upload of a small image at a
@@ -311,7 +313,7 @@ pub fn push(
     let object_size = export.object_size(src);
     let url = location.url();
     let cp_path = checkpoint::path_for(&url)?;
-    let previous = Checkpoint::load(&cp_path)?;
+    let mut previous = Checkpoint::load(&cp_path)?;
     if let Some(c) = &previous
         && (c.identity != opts.identity || c.object_size != object_size)
     {
@@ -320,6 +322,15 @@ pub fn push(
              run diskkit push --abort {url} first",
             cp_path.display()
         )));
+    }
+    // A recorded upload the server no longer has (expired or aborted) leaves nothing to
+    // resume: start over rather than fail at the first part.
+    let restarted = match &previous {
+        Some(c) => store.resumable() && !store.upload_exists(key, &c.upload_id)?,
+        None => false,
+    };
+    if restarted {
+        previous = None;
     }
     let part = match &previous {
         Some(c) => c.part_size,
@@ -399,6 +410,7 @@ pub fn push(
         parts,
         sent,
         resumed,
+        restarted,
     })
 }
 

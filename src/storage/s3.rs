@@ -143,6 +143,24 @@ impl S3Client {
         Ok(())
     }
 
+    /// Whether the unfinished upload still exists on the server (a ListParts of one part):
+    /// servers expire or abort old uploads.
+    pub async fn upload_exists(&self, key: &str, upload_id: &str) -> Result<bool> {
+        match self
+            .send(
+                Method::GET,
+                key,
+                &[("max-parts", "1"), ("uploadId", upload_id)],
+                Bytes::new(),
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.to_string().contains("NoSuchUpload") => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Abandons the upload and frees its parts. An upload that is already gone is not an error.
     pub async fn abort(&self, key: &str, upload_id: &str) -> Result<()> {
         match self

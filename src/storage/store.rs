@@ -407,6 +407,18 @@ impl Store {
         }
     }
 
+    /// Whether an unfinished upload can still be resumed: it may have expired or been aborted
+    /// on the server (or its local temporary file removed) since the checkpoint was written.
+    pub fn upload_exists(&self, key: &str, upload_id: &str) -> Result<bool> {
+        match &self.uploads {
+            Uploads::S3(c) => self.runtime.block_on(c.upload_exists(key, upload_id)),
+            Uploads::Local(root) => {
+                Ok(local_upload_path(&local_path(root, key)?, upload_id).exists())
+            }
+            Uploads::Native => Err(self.not_resumable(key)),
+        }
+    }
+
     /// Abandons an unfinished upload and frees what it stored.
     pub fn abort_upload(&self, key: &str, upload_id: &str) -> Result<()> {
         match &self.uploads {
