@@ -202,6 +202,8 @@ impl Store {
         scratch: &mut Vec<u8>,
         f: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
     ) -> Result<()> {
+        // A zero piece size would never fill a piece.
+        let piece = piece.max(1);
         scratch.clear();
         scratch.reserve(piece);
         let mut at = offset;
