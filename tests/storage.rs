@@ -452,25 +452,29 @@ fn local_bucket_pull_refuses_devices_and_directories() {
     assert!(err.contains("is a directory"), "{err}");
 }
 
-/// An object changed after its push fails pull and verify, whether pull hashes the bytes as they
-/// arrive (raw) or the file it wrote (qcow2).
+/// An object changed after its push fails pull and verify, whether they hash the bytes as they
+/// arrive (raw, fixed VHD) or the file pull wrote (qcow2).
 #[test]
 fn local_bucket_detects_changed_objects() {
     let (dir, bucket, env) = local_bucket_env();
     let src = dir.path().join("s.raw");
     std::fs::write(&src, vec![7u8; 3 << 20]).unwrap();
-    for (fmt, key) in [("raw", "s.raw"), ("qcow2", "s.qcow2")] {
+    // The guest data's last byte comes before this many bytes at the object's end: raw ends
+    // with it, fixed VHD puts its footer after it, plain qcow2 its refcounts.
+    for (fmt, opts, key, tail) in [
+        ("raw", "", "s.raw", 0),
+        ("vpc", "subformat=fixed", "s.vhd", 512),
+        ("qcow2", "", "s.qcow2", (3 << 16) - 1),
+    ] {
         let url = format!("{}/{key}", bucket.display());
-        env.ok(&["push", "-O", fmt, path_str(&src), &url]);
+        env.ok(&["push", "-O", fmt, "-o", opts, path_str(&src), &url]);
         let object = bucket.join(key);
         let mut bytes = std::fs::read(&object).unwrap();
-        // The last byte of the guest data: raw ends with it, plain qcow2 puts the refcounts after.
-        let at = if fmt == "raw" {
-            bytes.len() - 1
-        } else {
-            bytes.len() - (3 << 16)
-        };
-        assert_ne!(bytes[at], 0);
+        let at = bytes[..bytes.len() - tail]
+            .iter()
+            .rposition(|&b| b != 0)
+            .unwrap();
+        assert_eq!(bytes[at], 7);
         bytes[at] ^= 1;
         std::fs::write(&object, &bytes).unwrap();
         let pulled = dir.path().join(format!("pulled.{fmt}"));

@@ -189,39 +189,72 @@ impl Store {
         Ok(())
     }
 
-    /// Reads `len` bytes of object `key` at `offset` and hands them to `f` in order, as
-    /// `(offset, bytes)` pieces of `piece` bytes (the last may be shorter) staged in `scratch`:
-    /// each piece is still in the CPU cache while `f` works on it, where a whole range copied
-    /// into one buffer first would not be.
+    /// Reads `len` bytes of object `key` at `offset` with one request and hands them to `f` in
+    /// order as they arrive, as `(offset, bytes)` pieces of `piece` bytes (the last may be
+    /// shorter) staged in `scratch`: each piece is still in the CPU cache while `f` works on it,
+    /// and memory stays one piece per reader whatever `len` is. A body cut short by the network
+    /// is resumed where it stopped (retry layer).
     pub fn read_pieces(
         &self,
         key: &str,
         offset: u64,
-        len: usize,
+        len: u64,
         piece: usize,
         scratch: &mut Vec<u8>,
         f: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
     ) -> Result<()> {
+        use bytes::Buf;
+        use futures::TryStreamExt;
         // A zero piece size would never fill a piece.
         let piece = piece.max(1);
-        scratch.clear();
-        scratch.reserve(piece);
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| Error::invalid("read range overflows"))?;
+        let short = |got: u64| {
+            Error::invalid(format!(
+                "{}: short read at {offset}: {got} of {len} bytes (object changed?)",
+                self.url(key),
+            ))
+        };
+        let mut body = self
+            .runtime
+            .block_on(async {
+                self.op
+                    .reader_with(key)
+                    .await?
+                    .into_stream(offset..end)
+                    .await
+            })
+            .map_err(|e| self.error(key, e))?;
+        // Received bytes not yet staged.
+        let mut rest = opendal::Buffer::new();
         let mut at = offset;
-        for chunk in self.read_range(key, offset, len)? {
-            let mut rest = &chunk[..];
-            while !rest.is_empty() {
-                let n = (piece - scratch.len()).min(rest.len());
-                scratch.extend_from_slice(&rest[..n]);
-                rest = &rest[n..];
-                if scratch.len() == piece {
-                    f(at, scratch)?;
-                    at += piece as u64;
-                    scratch.clear();
-                }
+        while at < end {
+            let want = (piece as u64).min(end - at) as usize;
+            scratch.clear();
+            scratch.reserve(want);
+            self.runtime
+                .block_on(async {
+                    while scratch.len() < want {
+                        if !rest.has_remaining() {
+                            match body.try_next().await? {
+                                Some(buf) => rest = buf,
+                                None => break,
+                            }
+                        }
+                        let received = rest.chunk();
+                        let n = (want - scratch.len()).min(received.len());
+                        scratch.extend_from_slice(&received[..n]);
+                        rest.advance(n);
+                    }
+                    Ok(())
+                })
+                .map_err(|e| self.error(key, e))?;
+            if scratch.len() < want {
+                return Err(short(at - offset + scratch.len() as u64));
             }
-        }
-        if !scratch.is_empty() {
             f(at, scratch)?;
+            at += want as u64;
         }
         Ok(())
     }
