@@ -25,6 +25,8 @@ use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 /// that a chunk read into a buffer is still in the CPU cache when it is written out (8 MiB
 /// doubled the kernel's copy time), large enough to keep system calls few.
 const CHUNK: u64 = 2 << 20;
+/// Largest chunk a source's optimal transfer size may ask for: per-thread buffers are this big.
+const MAX_CHUNK: u64 = 16 << 20;
 /// qemu-img's default `-S`: runs of zeros this long (and aligned) become holes.
 pub const DEFAULT_SPARSE_SIZE: u64 = 4096;
 /// Upper bound on `-S` and on a writer's alignment, which size the per-thread buffers.
@@ -109,7 +111,10 @@ pub fn convert(
         written: AtomicU64::new(0),
         zeroed: AtomicU64::new(0),
     };
-    let chunk = CHUNK.max(unit).next_multiple_of(unit);
+    let chunk = CHUNK
+        .max(src.optimal_transfer().min(MAX_CHUNK))
+        .max(unit)
+        .next_multiple_of(unit);
     let mut layers = vec![allocated_ranges(src, 0, size).peekable()];
     if let Some(b) = opts.backing {
         layers.push(allocated_ranges(b, 0, size).peekable());
@@ -723,11 +728,13 @@ mod tests {
     use std::sync::Mutex;
 
     /// An in-memory image whose map calls `data` ranges data and the rest zero; `mapped` makes
-    /// its data readable in place, like a raw file's.
+    /// its data readable in place, like a raw file's; `transfer` is its optimal transfer size.
     struct MemImage {
         bytes: Vec<u8>,
         data: Vec<(u64, u64)>,
         mapped: bool,
+        transfer: u64,
+        reads: AtomicU64,
     }
 
     impl MemImage {
@@ -743,6 +750,8 @@ mod tests {
                 bytes,
                 data,
                 mapped: false,
+                transfer: 0,
+                reads: AtomicU64::new(0),
             }
         }
 
@@ -777,7 +786,11 @@ mod tests {
         }
         fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
             buf.copy_from_slice(&self.bytes[offset as usize..offset as usize + buf.len()]);
+            self.reads.fetch_add(1, Ordering::Relaxed);
             Ok(())
+        }
+        fn optimal_transfer(&self) -> u64 {
+            self.transfer
         }
         fn with_mapped(&self, offset: u64, len: u64, f: &mut dyn FnMut(&[u8])) -> Result<bool> {
             // Data ranges only, as a format maps the bytes it stores.
@@ -903,6 +916,21 @@ mod tests {
             assert!(dst.written_bytes() < 100_000 + 4 * align, "align {align}");
             assert_eq!(stats.written, dst.written_bytes());
             assert_eq!(stats.read, 3000 + 200_000 + 10_000 + 1000);
+        }
+    }
+
+    #[test]
+    fn sources_with_costly_reads_are_read_in_their_transfer_size() {
+        let data = vec![0x5a; 40 * MIB];
+        for (transfer, reads) in [(0, 20), (16 << 20, 3), (1 << 30, 3)] {
+            let src = MemImage {
+                transfer,
+                ..MemImage::new(40 * MIB, &[(0, &data)])
+            };
+            let dst = RecordingWriter::new(src.virtual_size(), 512, true);
+            convert(&src, &dst, &ConvertOptions::default(), &NoProgress).unwrap();
+            assert_eq!(src.reads.into_inner(), reads, "transfer {transfer}");
+            assert_eq!(dst.written_bytes(), 40 * MIB as u64);
         }
     }
 

@@ -205,6 +205,12 @@ pub trait Image: Send + Sync {
         Ok(false)
     }
 
+    /// Bytes worth reading at once, when reads have a fixed cost that small ones would pay
+    /// too often (a request to a remote store); 0 when any size does.
+    fn optimal_transfer(&self) -> u64 {
+        0
+    }
+
     /// Everything `info` shows about this layer.
     fn info(&self) -> ImageInfo;
 

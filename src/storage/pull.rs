@@ -107,6 +107,13 @@ impl Image for RemoteImage<'_> {
         self.store.read_at(&self.location.key, buf, offset)
     }
 
+    /// Each read is a request: fewer, larger ones cost the server less and pay the request
+    /// latency less often (pulling 2 GiB as qcow2 from SeaweedFS: 8.3 s with 2 MiB reads, 4.3 s
+    /// with 16 MiB ones, which the convert engine buffers: 16 MiB per thread).
+    fn optimal_transfer(&self) -> u64 {
+        16 << 20
+    }
+
     fn info(&self) -> ImageInfo {
         ImageInfo::basic(
             PathBuf::from(self.location.url()),

@@ -179,21 +179,16 @@ impl Store {
         }
     }
 
-    /// Fills `buf` from object `key` at `offset`.
+    /// Fills `buf` from object `key` at `offset`, streamed straight into it.
     pub fn read_at(&self, key: &str, buf: &mut [u8], offset: u64) -> Result<()> {
-        let mut at = 0;
-        for chunk in self.read_range(key, offset, buf.len())? {
-            buf[at..at + chunk.len()].copy_from_slice(&chunk);
-            at += chunk.len();
-        }
-        Ok(())
+        let mut body = self.body(key, offset, buf.len() as u64)?;
+        body.fill(self, buf)
     }
 
     /// Reads `len` bytes of object `key` at `offset` with one request and hands them to `f` in
     /// order as they arrive, as `(offset, bytes)` pieces of `piece` bytes (the last may be
     /// shorter) staged in `scratch`: each piece is still in the CPU cache while `f` works on it,
-    /// and memory stays one piece per reader whatever `len` is. A body cut short by the network
-    /// is resumed where it stopped (retry layer).
+    /// and memory stays one piece per reader whatever `len` is.
     pub fn read_pieces(
         &self,
         key: &str,
@@ -203,20 +198,28 @@ impl Store {
         scratch: &mut Vec<u8>,
         f: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
     ) -> Result<()> {
-        use bytes::Buf;
-        use futures::TryStreamExt;
         // A zero piece size would never fill a piece.
-        let piece = piece.max(1);
+        let piece = piece.max(1) as u64;
+        let mut body = self.body(key, offset, len)?;
+        let end = offset + len;
+        let mut at = offset;
+        while at < end {
+            let want = piece.min(end - at) as usize;
+            // Sized once per reader: the bytes are overwritten, never read before.
+            scratch.resize(want, 0);
+            body.fill(self, scratch)?;
+            f(at, scratch)?;
+            at += want as u64;
+        }
+        Ok(())
+    }
+
+    /// The response to a request for `len` bytes of object `key` at `offset`, not yet read.
+    fn body(&self, key: &str, offset: u64, len: u64) -> Result<Body> {
         let end = offset
             .checked_add(len)
             .ok_or_else(|| Error::invalid("read range overflows"))?;
-        let short = |got: u64| {
-            Error::invalid(format!(
-                "{}: short read at {offset}: {got} of {len} bytes (object changed?)",
-                self.url(key),
-            ))
-        };
-        let mut body = self
+        let stream = self
             .runtime
             .block_on(async {
                 self.op
@@ -226,56 +229,14 @@ impl Store {
                     .await
             })
             .map_err(|e| self.error(key, e))?;
-        // Received bytes not yet staged.
-        let mut rest = opendal::Buffer::new();
-        let mut at = offset;
-        while at < end {
-            let want = (piece as u64).min(end - at) as usize;
-            scratch.clear();
-            scratch.reserve(want);
-            self.runtime
-                .block_on(async {
-                    while scratch.len() < want {
-                        if !rest.has_remaining() {
-                            match body.try_next().await? {
-                                Some(buf) => rest = buf,
-                                None => break,
-                            }
-                        }
-                        let received = rest.chunk();
-                        let n = (want - scratch.len()).min(received.len());
-                        scratch.extend_from_slice(&received[..n]);
-                        rest.advance(n);
-                    }
-                    Ok(())
-                })
-                .map_err(|e| self.error(key, e))?;
-            if scratch.len() < want {
-                return Err(short(at - offset + scratch.len() as u64));
-            }
-            f(at, scratch)?;
-            at += want as u64;
-        }
-        Ok(())
-    }
-
-    /// The `len` bytes of object `key` at `offset`, as the client received them.
-    fn read_range(&self, key: &str, offset: u64, len: usize) -> Result<opendal::Buffer> {
-        let end = offset
-            .checked_add(len as u64)
-            .ok_or_else(|| Error::invalid("read range overflows"))?;
-        let data = self
-            .runtime
-            .block_on(async { self.op.read_with(key).range(offset..end).await })
-            .map_err(|e| self.error(key, e))?;
-        if data.len() != len {
-            return Err(Error::invalid(format!(
-                "{}: short read at {offset}: {} of {len} bytes (object changed?)",
-                self.url(key),
-                data.len(),
-            )));
-        }
-        Ok(data)
+        Ok(Body {
+            key: key.to_owned(),
+            stream,
+            rest: opendal::Buffer::new(),
+            start: offset,
+            len,
+            received: 0,
+        })
     }
 
     /// The whole of a small object (at most 256 MiB), or `None` when it does not exist.
@@ -510,6 +471,58 @@ impl Store {
             let _ = self.runtime.block_on(writer.abort());
         }
         result.map(|_| ())
+    }
+}
+
+/// A ranged read's response, consumed in order. A body cut short by the network is resumed
+/// where it stopped (OpenDAL's retry layer); one that ends early is an error.
+struct Body {
+    key: String,
+    stream: opendal::BufferStream,
+    /// Received bytes not handed out yet.
+    rest: opendal::Buffer,
+    start: u64,
+    len: u64,
+    /// Bytes handed out so far.
+    received: u64,
+}
+
+impl Body {
+    /// Fills `buf` with the next bytes of the body (callers ask for `len` bytes in all).
+    fn fill(&mut self, store: &Store, buf: &mut [u8]) -> Result<()> {
+        use bytes::Buf;
+        use futures::TryStreamExt;
+        let mut filled = 0;
+        store
+            .runtime
+            .block_on(async {
+                while filled < buf.len() {
+                    if !self.rest.has_remaining() {
+                        match self.stream.try_next().await? {
+                            Some(b) => self.rest = b,
+                            None => break,
+                        }
+                    }
+                    let received = self.rest.chunk();
+                    let n = (buf.len() - filled).min(received.len());
+                    buf[filled..filled + n].copy_from_slice(&received[..n]);
+                    self.rest.advance(n);
+                    filled += n;
+                }
+                Ok(())
+            })
+            .map_err(|e| store.error(&self.key, e))?;
+        self.received += filled as u64;
+        if filled < buf.len() {
+            return Err(Error::invalid(format!(
+                "{}: short read at {}: {} of {} bytes (object changed?)",
+                store.url(&self.key),
+                self.start,
+                self.received,
+                self.len,
+            )));
+        }
+        Ok(())
     }
 }
 
