@@ -7,7 +7,9 @@
 #
 # Rows: push raw (same bytes as rclone's upload of the raw file), push as dynamic VHD (sends
 # only blocks with data), push as zstd-compressed qcow2 (compresses twice, sends less), pull raw
-# (both tools download the object diskkit pushed; diskkit also checks its digest and syncs).
+# (both tools download the object diskkit pushed; diskkit also checks its digest and syncs),
+# pull raw as qcow2 (converted on the fly; rclone downloads the raw object), verify an object in
+# place (rclone streams it into sha256sum).
 # Each row prints wall seconds and peak RSS of both tools and the diskkit/rclone time ratio
 # (< 1: diskkit faster). Pull rows run PULLS times (default 3), alternating, best time counts:
 # on this kind of VM, writing 2 GiB of fresh page cache costs 1 to 4 s depending on the host.
@@ -78,20 +80,22 @@ print('%-44s diskkit %7.2f s %5d MiB | rclone %7.2f s %5d MiB | ratio %.2f' % (
 # run pays for another's writes.
 best_row() {
   local label=$1 n=$2 prep=$3 ours=$4 their_prep=$5 theirs=$6 a=inf am=0 b=inf bm=0 t m
+  local runs_a="" runs_b=""
   for _ in $(seq "$n"); do
     bash -c "$prep"; sync
     read -r t m <<<"$(measure "$ours")"
     [ -n "$t" ] || exit 1
-    a=$(python3 -c "print(min(float('$a'), $t))"); am=$((m > am ? m : am))
+    a=$(python3 -c "print(min(float('$a'), $t))"); am=$((m > am ? m : am)); runs_a+=" $t"
     bash -c "$their_prep"; sync
     read -r t m <<<"$(measure "$theirs")"
     [ -n "$t" ] || exit 1
-    b=$(python3 -c "print(min(float('$b'), $t))"); bm=$((m > bm ? m : bm))
+    b=$(python3 -c "print(min(float('$b'), $t))"); bm=$((m > bm ? m : bm)); runs_b+=" $t"
   done
   python3 -c "
 a, b = $a, $b
 print('%-44s diskkit %7.2f s %5d MiB | rclone %7.2f s %5d MiB | ratio %.2f (best of $n)' % (
     '$label', a, $am // 1024, b, $bm // 1024, a / b if b else float('inf')))"
+  echo "    runs: diskkit$runs_a | rclone$runs_b"
 }
 
 echo "# storage.sh: SIZE=$SIZE, part $PART x $PARALLEL parallel, endpoint $S3_ENDPOINT"
@@ -109,3 +113,11 @@ best_row "pull raw object -> raw file (verified)" "${PULLS:-3}" \
   "rm -f $WORK/pulled-rc.raw" "rclone copyto $RCLONE_OPTS ${RCLONE}$BUCKET/dk.raw $WORK/pulled-rc.raw"
 cmp "$WORK/pulled-dk.raw" "$src" && echo "pulled image identical to the source"
 rm -f "$WORK/pulled-dk.raw" "$WORK/pulled-rc.raw"
+best_row "pull raw object -> qcow2 (vs rclone raw)" "${PULLS:-3}" \
+  "rm -f $WORK/pulled-dk.qcow2" "$DISKKIT pull -O qcow2 --parallel $PARALLEL s3://$BUCKET/dk.raw $WORK/pulled-dk.qcow2" \
+  "rm -f $WORK/pulled-rc.raw" "rclone copyto $RCLONE_OPTS ${RCLONE}$BUCKET/dk.raw $WORK/pulled-rc.raw"
+qemu-img compare -q "$WORK/pulled-dk.qcow2" "$src" && echo "pulled qcow2 identical to the source"
+rm -f "$WORK/pulled-dk.qcow2" "$WORK/pulled-rc.raw"
+row "verify raw object (vs rclone cat | sha256sum)" \
+  "$DISKKIT verify --parallel $PARALLEL s3://$BUCKET/dk.raw" \
+  "rclone cat --multi-thread-streams $PARALLEL ${RCLONE}$BUCKET/dk.raw | sha256sum"

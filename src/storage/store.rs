@@ -186,29 +186,27 @@ impl Store {
     }
 
     /// Reads `len` bytes of object `key` at `offset` with one request and hands them to `f` in
-    /// order as they arrive, as `(offset, bytes)` pieces of `piece` bytes (the last may be
-    /// shorter) staged in `scratch`: each piece is still in the CPU cache while `f` works on it,
-    /// and memory stays one piece per reader whatever `len` is.
+    /// order as they arrive, as `(offset, bytes)` pieces staged in `piece` (the last may be
+    /// shorter): each piece is still in the CPU cache while `f` works on it, and memory stays
+    /// one piece per reader whatever `len` is.
     pub fn read_pieces(
         &self,
         key: &str,
         offset: u64,
         len: u64,
-        piece: usize,
-        scratch: &mut Vec<u8>,
+        piece: &mut [u8],
         f: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
     ) -> Result<()> {
-        // A zero piece size would never fill a piece.
-        let piece = piece.max(1) as u64;
+        if piece.is_empty() {
+            return Err(Error::invalid("read_pieces needs a buffer"));
+        }
         let mut body = self.body(key, offset, len)?;
         let end = offset + len;
         let mut at = offset;
         while at < end {
-            let want = piece.min(end - at) as usize;
-            // Sized once per reader: the bytes are overwritten, never read before.
-            scratch.resize(want, 0);
-            body.fill(self, scratch)?;
-            f(at, scratch)?;
+            let want = (piece.len() as u64).min(end - at) as usize;
+            body.fill(self, &mut piece[..want])?;
+            f(at, &piece[..want])?;
             at += want as u64;
         }
         Ok(())
@@ -602,31 +600,29 @@ mod tests {
         let url = format!("{}/obj", dir.path().display());
         let location = Location::parse(&url).unwrap();
         let store = Store::open(&location, &Settings::default()).unwrap();
-        let (mut seen, mut scratch) = (Vec::new(), Vec::new());
+        let (mut seen, mut piece) = (Vec::new(), vec![0; 4096]);
         store
-            .read_pieces(
-                &location.key,
-                100,
-                9000,
-                4096,
-                &mut scratch,
-                &mut |at, piece| {
-                    assert_eq!(at, 100 + seen.len() as u64);
-                    assert!(
-                        piece.len() == 4096 || seen.len() == 8192,
-                        "piece of {}",
-                        piece.len()
-                    );
-                    seen.extend_from_slice(piece);
-                    Ok(())
-                },
-            )
+            .read_pieces(&location.key, 100, 9000, &mut piece, &mut |at, piece| {
+                assert_eq!(at, 100 + seen.len() as u64);
+                assert!(
+                    piece.len() == 4096 || seen.len() == 8192,
+                    "piece of {}",
+                    piece.len()
+                );
+                seen.extend_from_slice(piece);
+                Ok(())
+            })
             .unwrap();
         assert_eq!(seen, content[100..9100]);
+        assert!(
+            store
+                .read_pieces(&location.key, 0, 10, &mut [], &mut |_, _| Ok(()))
+                .is_err()
+        );
         let mut short = |_: u64, _: &[u8]| Ok(());
         assert!(
             store
-                .read_pieces(&location.key, 9000, 2000, 4096, &mut scratch, &mut short)
+                .read_pieces(&location.key, 9000, 2000, &mut piece, &mut short)
                 .is_err()
         );
     }
