@@ -7,7 +7,8 @@
 #
 # Rows: push raw (same bytes as rclone's upload of the raw file), push as dynamic VHD (sends
 # only blocks with data), push as zstd-compressed qcow2 (compresses twice, sends less), pull raw
-# (both tools download the object diskkit pushed; diskkit also checks its digest and syncs),
+# (both tools download the object diskkit pushed; diskkit also checks its digest and syncs; a
+# second row has rclone do the same with sha256sum and sync),
 # pull raw as qcow2 (converted on the fly; rclone downloads the raw object), verify an object in
 # place (rclone streams it into sha256sum).
 # Each row prints wall seconds and peak RSS of both tools and the diskkit/rclone time ratio
@@ -112,6 +113,9 @@ best_row "pull raw object -> raw file (verified)" "${PULLS:-3}" \
   "rm -f $WORK/pulled-dk.raw" "$DISKKIT pull --parallel $PARALLEL s3://$BUCKET/dk.raw $WORK/pulled-dk.raw" \
   "rm -f $WORK/pulled-rc.raw" "rclone copyto $RCLONE_OPTS ${RCLONE}$BUCKET/dk.raw $WORK/pulled-rc.raw"
 cmp "$WORK/pulled-dk.raw" "$src" && echo "pulled image identical to the source"
+best_row "pull raw (vs rclone + sha256sum + sync)" "${PULLS:-3}" \
+  "rm -f $WORK/pulled-dk.raw" "$DISKKIT pull --parallel $PARALLEL s3://$BUCKET/dk.raw $WORK/pulled-dk.raw" \
+  "rm -f $WORK/pulled-rc.raw" "rclone copyto $RCLONE_OPTS ${RCLONE}$BUCKET/dk.raw $WORK/pulled-rc.raw && sha256sum $WORK/pulled-rc.raw && sync $WORK/pulled-rc.raw"
 rm -f "$WORK/pulled-dk.raw" "$WORK/pulled-rc.raw"
 best_row "pull raw object -> qcow2 (vs rclone raw)" "${PULLS:-3}" \
   "rm -f $WORK/pulled-dk.qcow2" "$DISKKIT pull -O qcow2 --parallel $PARALLEL s3://$BUCKET/dk.raw $WORK/pulled-dk.qcow2" \
