@@ -17,6 +17,7 @@ use diskkit_formats::{Error, Extent, ExtentKind, Format, Image, ImageInfo, Resul
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The guest content of an object, read with ranged requests.
 pub struct RemoteImage<'a> {
@@ -492,27 +493,7 @@ fn download(
     digest: Option<&InFlightDigest>,
     progress: &dyn Progress,
 ) -> Result<()> {
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| Error::io(path, "open", e))?;
-    file.set_len(size)
-        .map_err(|e| Error::io(path, "set length", e))?;
-    // The same file opened for direct I/O (aligned writes go through it).
-    let direct = digest
-        .is_some()
-        .then(|| {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(path)
-                .ok()
-        })
-        .flatten();
-    let direct_works = AtomicBool::new(direct.is_some());
-    let writeback = Writeback::default();
+    let out = Output::open(path, size, digest.is_some())?;
     fetch(
         store,
         location,
@@ -536,37 +517,77 @@ fn download(
                     }
                     end = next;
                 }
-                let offset = at + start as u64;
-                let data = &piece[start..end];
-                let aligned = [offset, data.len() as u64, data.as_ptr() as u64]
-                    .iter()
-                    .all(|n| n.is_multiple_of(DIRECT_ALIGN as u64));
-                let written = match &direct {
-                    Some(d) if aligned && direct_works.load(Ordering::Relaxed) => {
-                        match d.write_all_at(data, offset) {
-                            Ok(()) => true,
-                            // The filesystem wants another alignment: write through the cache
-                            // from now on.
-                            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                                direct_works.store(false, Ordering::Relaxed);
-                                false
-                            }
-                            Err(e) => return Err(Error::io(path, format!("write at {offset}"), e)),
-                        }
-                    }
-                    _ => false,
-                };
-                if !written {
-                    file.write_all_at(data, offset)
-                        .map_err(|e| Error::io(path, format!("write at {offset}"), e))?;
-                    writeback.wrote(&file, data.len() as u64);
-                }
+                out.write_at(&piece[start..end], at + start as u64)?;
                 pos = end;
             }
             Ok(())
         },
     )?;
-    file.sync_all().map_err(|e| Error::io(path, "sync", e))
+    out.file.sync_all().map_err(|e| Error::io(path, "sync", e))
+}
+
+/// The file [`download`] writes: through the page cache, or with direct I/O where asked and
+/// the filesystem allows.
+struct Output<'a> {
+    path: &'a Path,
+    file: std::fs::File,
+    /// The same file opened with `O_DIRECT`; aligned writes go through it while it works.
+    direct: Option<std::fs::File>,
+    direct_works: AtomicBool,
+    writeback: Writeback,
+}
+
+impl<'a> Output<'a> {
+    /// Opens `path` and sets its length to `size`.
+    fn open(path: &'a Path, size: u64, direct: bool) -> Result<Output<'a>> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(path, "open", e))?;
+        file.set_len(size)
+            .map_err(|e| Error::io(path, "set length", e))?;
+        let direct = direct
+            .then(|| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(path)
+                    .ok()
+            })
+            .flatten();
+        Ok(Output {
+            path,
+            file,
+            direct_works: AtomicBool::new(direct.is_some()),
+            direct,
+            writeback: Writeback::default(),
+        })
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let failed = |e| Error::io(self.path, format!("write at {offset}"), e);
+        let aligned = [offset, data.len() as u64, data.as_ptr() as u64]
+            .iter()
+            .all(|n| n.is_multiple_of(DIRECT_ALIGN as u64));
+        if let Some(direct) = &self.direct
+            && aligned
+            && self.direct_works.load(Ordering::Relaxed)
+        {
+            match direct.write_all_at(data, offset) {
+                Ok(()) => return Ok(()),
+                // The filesystem wants another alignment: write through the cache from now on.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.direct_works.store(false, Ordering::Relaxed)
+                }
+                Err(e) => return Err(failed(e)),
+            }
+        }
+        self.file.write_all_at(data, offset).map_err(failed)?;
+        self.writeback.wrote(&self.file, data.len() as u64);
+        Ok(())
+    }
 }
 
 /// Streams the first `len` bytes of the object at `location` in ranges, `threads` at once,
