@@ -6,9 +6,9 @@
 //! memory map where the source stores the bytes uncompressed in a local file, else through a
 //! buffer. Memory stays at a few chunk buffers per worker whatever the image size.
 //!
-//! Output safety: [`convert_to_path`] writes a new image under a temporary name in the target's
-//! directory and renames it into place only once it is complete and synced, so an interrupted
-//! conversion never leaves a partial image under the final name; the source is only read.
+//! Output safety: [`convert_to_path`] writes a new image through [`crate::output`] (temporary
+//! name, synced, renamed into place), so an interrupted conversion never leaves a partial image
+//! under the final name; the source is only read.
 
 use crate::parallel::read_pool;
 use crate::progress::Progress;
@@ -18,8 +18,8 @@ use diskkit_formats::write::{self, CreateOptions, ImageWriter};
 use diskkit_formats::{Error, Extents, Format, Image, Result};
 use rayon::prelude::*;
 use std::iter::Peekable;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Guest bytes handled per parallel task (rounded up to the zero-detection unit). Small enough
 /// that a chunk read into a buffer is still in the CPU cache when it is written out (8 MiB
@@ -155,7 +155,7 @@ pub fn convert_to_path(
     progress: &dyn Progress,
 ) -> Result<ConvertStats> {
     refuse_input_as_output(src, opts.backing, path)?;
-    write_new_image(format, path, src.virtual_size(), create, |w| {
+    crate::output::write_new_image(format, path, src.virtual_size(), create, |w| {
         convert(src, w, opts, progress)
     })
 }
@@ -189,150 +189,6 @@ pub fn convert_into_existing(
     let stats = convert(src, writer.as_ref(), opts, progress)?;
     writer.finish()?;
     Ok(stats)
-}
-
-/// Creates a new image at `path`, lets `fill` write its content, and moves it into place only
-/// when complete and synced. On failure nothing is left behind and any previous file at `path`
-/// is untouched.
-pub fn write_new_image<T>(
-    format: Format,
-    path: &Path,
-    virtual_size: u64,
-    create: &mut CreateOptions,
-    fill: impl FnOnce(&dyn ImageWriter) -> Result<T>,
-) -> Result<T> {
-    let path = final_target(path)?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    if !dir.is_dir() {
-        return Err(Error::invalid(format!(
-            "{}: the output's directory does not exist",
-            dir.display()
-        )));
-    }
-    let Some(name) = path.file_name() else {
-        return Err(Error::invalid(format!(
-            "{}: not a file name",
-            path.display()
-        )));
-    };
-    let tmp = dir.join(format!(
-        ".{}.diskkit-tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let _pending = PendingTemp::register(&tmp);
-    let result = (|| {
-        let writer = write::create(format, &tmp, virtual_size, create)?;
-        let out = fill(writer.as_ref())?;
-        writer.finish()?;
-        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, "rename into place", e))?;
-        sync_dir(&dir)?;
-        Ok(out)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// The temporary output being written, as a C string owned by this slot (null when none), so
-/// that a signal handler can remove it. One slot: the command line writes one image at a time.
-static PENDING_TEMP: AtomicPtr<libc::c_char> = AtomicPtr::new(std::ptr::null_mut());
-
-/// Registers a temporary output in [`PENDING_TEMP`] for as long as it lives.
-struct PendingTemp;
-
-impl PendingTemp {
-    fn register(path: &Path) -> PendingTemp {
-        use std::os::unix::ffi::OsStrExt;
-        if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) {
-            release(PENDING_TEMP.swap(c.into_raw(), Ordering::SeqCst));
-        }
-        PendingTemp
-    }
-}
-
-impl Drop for PendingTemp {
-    fn drop(&mut self) {
-        release(PENDING_TEMP.swap(std::ptr::null_mut(), Ordering::SeqCst));
-    }
-}
-
-fn release(ptr: *mut libc::c_char) {
-    if !ptr.is_null() {
-        // SAFETY: every non-null pointer in the slot came from CString::into_raw, and swapping
-        // it out made this the only owner.
-        drop(unsafe { std::ffi::CString::from_raw(ptr) });
-    }
-}
-
-/// Makes SIGINT, SIGTERM and SIGHUP remove the temporary output of a conversion in progress
-/// before the process dies of the signal, so an interrupted `convert` leaves no partial file.
-/// For programs; call once at start.
-pub fn remove_temp_output_on_signals() {
-    extern "C" fn on_signal(sig: libc::c_int) {
-        let ptr = PENDING_TEMP.swap(std::ptr::null_mut(), Ordering::SeqCst);
-        // SAFETY: only async-signal-safe calls; `ptr` is a valid C string owned by us now (it
-        // is leaked: the process is about to die).
-        unsafe {
-            if !ptr.is_null() {
-                libc::unlink(ptr);
-            }
-            libc::signal(sig, libc::SIG_DFL);
-            libc::raise(sig);
-        }
-    }
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: installs a handler that only makes async-signal-safe calls.
-        unsafe {
-            libc::signal(
-                sig,
-                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
-            );
-        }
-    }
-}
-
-/// The file a new output (image, manifest) replaces: a symlink's target; devices, FIFOs and
-/// directories are refused (a rename would replace the node; `convert -n` writes into devices).
-pub fn final_target(path: &Path) -> Result<PathBuf> {
-    match std::fs::metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if path.is_symlink() {
-                return Err(Error::invalid(format!(
-                    "{}: dangling symlink",
-                    path.display()
-                )));
-            }
-            Ok(path.to_path_buf())
-        }
-        Err(e) => Err(Error::io(path, "stat", e)),
-        Ok(m) if m.is_file() => {
-            if path.is_symlink() {
-                std::fs::canonicalize(path).map_err(|e| Error::io(path, "resolve symlink", e))
-            } else {
-                Ok(path.to_path_buf())
-            }
-        }
-        Ok(m) if m.is_dir() => Err(Error::invalid(format!(
-            "{}: is a directory, not an image file",
-            path.display()
-        ))),
-        Ok(_) => Err(Error::invalid(format!(
-            "{}: exists and is not a regular file: outputs replace regular files only \
-             (convert -n writes into a device)",
-            path.display()
-        ))),
-    }
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(dir, "sync directory", e))
 }
 
 /// Refuses an output that is one of the files being read (the source chain or the backing).
@@ -725,6 +581,7 @@ mod tests {
     use super::*;
     use crate::progress::NoProgress;
     use diskkit_formats::{Extent, ExtentKind, ImageInfo};
+    use std::path::PathBuf;
     use std::sync::Mutex;
 
     /// An in-memory image whose map calls `data` ranges data and the rest zero; `mapped` makes

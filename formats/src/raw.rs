@@ -136,7 +136,7 @@ impl RawWriter {
         Ok(RawWriter {
             file: HostFile::from_file(path, file)?,
             fresh: true,
-            writeback: Default::default(),
+            writeback: crate::write::Writeback::new(opts.cache),
         })
     }
 
@@ -171,8 +171,8 @@ impl ImageWriter for RawWriter {
             .file()
             .write_all_at(buf, offset)
             .map_err(|e| Error::io(self.path(), format!("write at {offset:#x}"), e))?;
-        self.writeback.wrote(self.file.file(), buf.len() as u64);
-        Ok(())
+        self.writeback
+            .wrote(self.file.file(), self.path(), buf.len() as u64)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
@@ -188,10 +188,7 @@ impl ImageWriter for RawWriter {
     }
 
     fn finish(self: Box<Self>) -> Result<()> {
-        self.file
-            .file()
-            .sync_all()
-            .map_err(|e| Error::io(self.path(), "sync", e))
+        self.writeback.sync_all(self.file.file(), self.path())
     }
 }
 

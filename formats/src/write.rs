@@ -138,6 +138,8 @@ pub struct CreateOptions {
     pub backing_file: Option<String>,
     /// `-F`: format of the backing file.
     pub backing_format: Option<Format>,
+    /// `-t`: how the new image's writes reach stable storage.
+    pub cache: CacheMode,
 }
 
 impl CreateOptions {
@@ -239,31 +241,136 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     Ok(bytes as u64)
 }
 
+/// How a new image's writes reach stable storage: qemu's cache modes (`-t`). Every mode but
+/// `Unsafe` ends with the image synced, so an output renamed into place is complete on disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CacheMode {
+    /// Through the page cache, synced once at the end (diskkit's default).
+    #[default]
+    Writeback,
+    /// Through the page cache, with each written batch flushed and dropped from it: keeps a large
+    /// conversion from evicting the machine's page cache, as qemu's O_DIRECT mode is used for,
+    /// without O_DIRECT's alignment rules for buffers and metadata writes.
+    None,
+    /// Each data write is on stable storage before the next (`O_DSYNC` semantics).
+    WriteThrough,
+    /// `None` and `WriteThrough` together.
+    DirectSync,
+    /// Never synced: the image may still be in the page cache when diskkit exits (qemu-img
+    /// convert's default). A crash can leave a truncated image under the final name.
+    Unsafe,
+}
+
+impl CacheMode {
+    /// Parses qemu's cache mode names.
+    pub fn parse(s: &str) -> Result<CacheMode> {
+        match s {
+            "writeback" => Ok(CacheMode::Writeback),
+            "none" => Ok(CacheMode::None),
+            "writethrough" => Ok(CacheMode::WriteThrough),
+            "directsync" => Ok(CacheMode::DirectSync),
+            "unsafe" => Ok(CacheMode::Unsafe),
+            other => Err(Error::invalid(format!(
+                "cache mode '{other}' is not one of writeback, none, writethrough, directsync, \
+                 unsafe"
+            ))),
+        }
+    }
+
+    /// Whether the image is synced before it is renamed into place.
+    pub fn syncs(self) -> bool {
+        self != CacheMode::Unsafe
+    }
+}
+
 /// Starts writing a new image's data to disk while the conversion goes on, so that the fsync at
 /// the end has little left to do: each time another `BATCH` bytes have been written to the file,
 /// the kernel is asked to start writeback of all its dirty pages, without waiting for it. Large
-/// batches keep disk requests large. A hint only: a write error is reported by that fsync.
+/// batches keep disk requests large. A hint only: a write error is reported by the final sync.
+/// It also carries the output's [`CacheMode`], which decides what happens per write and at the
+/// end.
 #[derive(Default)]
 pub struct Writeback {
     written: std::sync::atomic::AtomicU64,
+    mode: CacheMode,
 }
 
 impl Writeback {
     const BATCH: u64 = 16 << 20;
 
-    /// Records `len` bytes just written to `file`.
-    pub fn wrote(&self, file: &std::fs::File, len: u64) {
+    pub fn new(mode: CacheMode) -> Self {
+        Writeback {
+            written: Default::default(),
+            mode,
+        }
+    }
+
+    /// Records `len` bytes just written to `file` (at `path`, for errors).
+    pub fn wrote(&self, file: &std::fs::File, path: &Path, len: u64) -> Result<()> {
         use std::os::fd::AsRawFd;
+        if matches!(self.mode, CacheMode::WriteThrough | CacheMode::DirectSync) {
+            file.sync_data()
+                .map_err(|e| Error::io(path, "sync (writethrough)", e))?;
+        }
         let before = self
             .written
             .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
-        if before / Self::BATCH != before.wrapping_add(len) / Self::BATCH {
-            // SAFETY: sync_file_range on a descriptor we own (offset 0, length 0: the whole
-            // file); it touches no memory of ours.
-            unsafe {
-                libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+        if before / Self::BATCH == before.wrapping_add(len) / Self::BATCH {
+            return Ok(());
+        }
+        let fd = file.as_raw_fd();
+        match self.mode {
+            CacheMode::Unsafe => {}
+            CacheMode::Writeback | CacheMode::WriteThrough => {
+                // SAFETY: sync_file_range on a descriptor we own (offset 0, length 0: the whole
+                // file); it touches no memory of ours.
+                unsafe {
+                    libc::sync_file_range(fd, 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+                }
+            }
+            CacheMode::None | CacheMode::DirectSync => {
+                // Wait for the batch to be written, then drop the now clean pages. Pages still
+                // being written by other threads are kept by the kernel and dropped next time.
+                // SAFETY: as above; posix_fadvise only advises on the descriptor's pages.
+                unsafe {
+                    libc::sync_file_range(
+                        fd,
+                        0,
+                        0,
+                        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                            | libc::SYNC_FILE_RANGE_WRITE
+                            | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+                    );
+                    libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED);
+                }
             }
         }
+        Ok(())
+    }
+
+    /// Makes the data written so far durable (`fdatasync`), unless the mode is `Unsafe`: the
+    /// ordering barrier formats use before writing a header that points to the data.
+    pub fn sync_data(&self, file: &std::fs::File, path: &Path) -> Result<()> {
+        if self.mode.syncs() {
+            file.sync_data().map_err(|e| Error::io(path, "sync", e))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the whole file durable (`fsync`) at the end of writing, unless the mode is
+    /// `Unsafe`; in the modes that keep the page cache clean, its pages are dropped too.
+    pub fn sync_all(&self, file: &std::fs::File, path: &Path) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        if self.mode.syncs() {
+            file.sync_all().map_err(|e| Error::io(path, "sync", e))?;
+        }
+        if matches!(self.mode, CacheMode::None | CacheMode::DirectSync) {
+            // SAFETY: advice on a descriptor we own; touches no memory of ours.
+            unsafe {
+                libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+            }
+        }
+        Ok(())
     }
 }
 

@@ -3,6 +3,7 @@
 use super::EXIT_OK;
 use super::util::{Bar, create_options, open_image, parse_format, parse_size};
 use diskkit::convert::{ConvertOptions, convert_into_existing, convert_to_path};
+use diskkit::formats::write::CacheMode;
 use diskkit::formats::{Error, Format, Image, Result};
 use std::path::{Path, PathBuf};
 
@@ -20,6 +21,11 @@ is only read, and an output that is one of the inputs is refused. With -n the ex
 overwritten in place instead (raw files and block devices, an empty qcow2 image as create \
 makes it, keeping its options, or a fixed VHD, keeping its size and footer); without -O, DST \
 is written as the format it has (qemu-img would assume raw).\n\n\
+-t CACHE sets how the output reaches the disk (qemu's cache modes; default writeback = synced \
+before the rename; unsafe = qemu-img convert's default, never synced). -T, -U and -W are \
+accepted for scripts written for qemu-img (see their descriptions).\n\n\
+A SIGKILL (or a crash) can leave the temporary file .DST.diskkit-tmp-PID behind: the next \
+conversion to the same DST removes the leftovers of processes that no longer exist.\n\n\
 Prints nothing on success unless -p. Exit codes: 0 success, 2 error."
 )]
 pub struct Args {
@@ -65,10 +71,34 @@ pub struct Args {
     /// (same as -O vpc -o subformat=fixed,target=azure)
     #[arg(long, value_enum)]
     target: Option<Target>,
-    /// Source image
+    /// Cache mode of the output, as qemu's: writeback (default: through the page cache, synced
+    /// before the rename), none (written pages flushed and dropped from the page cache as the
+    /// conversion goes), writethrough (each write synced), directsync (both), unsafe (never
+    /// synced, as qemu-img convert's default: fastest, but a crash can leave a partial image)
+    #[arg(short = 't', value_name = "CACHE", value_parser = parse_cache_mode, default_value = "writeback")]
+    cache: CacheMode,
+    /// Cache mode of the source: accepted for qemu-img compatibility. diskkit only reads the
+    /// source, memory-mapped where it can, whatever the mode
+    #[arg(short = 'T', value_name = "SRC_CACHE", value_parser = parse_cache_mode)]
+    src_cache: Option<CacheMode>,
+    /// Force share: read an image another process holds open. Accepted for qemu-img
+    /// compatibility: diskkit takes no image locks, so it always can
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Out-of-order writes: accepted for qemu-img compatibility; diskkit always writes in
+    /// parallel, in any order
+    #[arg(short = 'W')]
+    out_of_order: bool,
+    /// Source image: a file or block device in any format diskkit reads (raw, qcow2 with its
+    /// backing chain, vpc/vhd, vhdx, vmdk, iso)
     src: PathBuf,
-    /// Output image (created; with -n it must exist)
+    /// Output image: a new file (created under a temporary name, renamed into place when
+    /// complete); with -n an existing image or block device written in place
     dst: PathBuf,
+}
+
+fn parse_cache_mode(s: &str) -> std::result::Result<CacheMode, String> {
+    CacheMode::parse(s).map_err(|e| e.to_string())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -77,7 +107,7 @@ enum Target {
 }
 
 pub fn run(args: Args) -> Result<i32> {
-    diskkit::convert::remove_temp_output_on_signals();
+    diskkit::output::remove_temps_on_signals();
     let src = open_image(&args.src, args.format, args.snapshot.as_deref())?;
     let mut create = create_options(&args.options)?;
     let out_format = match args.target {
@@ -95,6 +125,7 @@ pub fn run(args: Args) -> Result<i32> {
         None => args.out_format.unwrap_or(Format::Raw),
     };
     create.compress = args.compress;
+    create.cache = args.cache;
     let backing = match &args.backing {
         Some(name) => Some(open_backing(name, args.backing_format, &args.dst)?),
         None => None,

@@ -3,8 +3,8 @@
 use super::EXIT_OK;
 use super::convert::open_backing;
 use super::util::{create_options, parse_format, parse_size};
-use diskkit::convert::write_new_image;
 use diskkit::formats::{Error, Format, Result};
+use diskkit::output::write_new_image;
 use std::path::PathBuf;
 
 /// Create a new empty image (optionally an overlay on a backing image)

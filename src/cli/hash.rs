@@ -159,7 +159,7 @@ fn check(args: &Args, manifest_path: &Path, image: &Path) -> Result<i32> {
 /// crash: a temporary file in the same directory, flushed to disk, renamed over `path`.
 fn write_atomically(path: &Path, text: &str) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let path = &diskkit::convert::final_target(path)?;
+    let path = &diskkit::output::final_target(path)?;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),

@@ -140,7 +140,7 @@ pub fn pull(
 ) -> Result<String> {
     // Devices and directories are refused before anything is downloaded (a rename would
     // replace a device node); a symlink's target is replaced.
-    let dst = &crate::convert::final_target(dst)?;
+    let dst = &crate::output::final_target(dst)?;
     let (manifest, size) = open_manifest(store, location)?;
     let opts = ConvertOptions {
         threads: Some(threads),
@@ -585,8 +585,8 @@ impl<'a> Output<'a> {
             }
         }
         self.file.write_all_at(data, offset).map_err(failed)?;
-        self.writeback.wrote(&self.file, data.len() as u64);
-        Ok(())
+        self.writeback
+            .wrote(&self.file, self.path, data.len() as u64)
     }
 }
 

@@ -251,7 +251,7 @@ impl Qcow2Writer {
             state.next_cluster = cs * (1 + clusters);
         }
         Ok(Qcow2Writer {
-            writeback: Writeback::default(),
+            writeback: Writeback::new(opts.cache),
             path: path.to_path_buf(),
             file,
             cfg,
@@ -330,8 +330,8 @@ impl Qcow2Writer {
         self.file
             .write_all_at(buf, at)
             .map_err(|e| Error::io(&self.path, format!("write at {at:#x}"), e))?;
-        self.writeback.wrote(&self.file, buf.len() as u64);
-        Ok(())
+        self.writeback
+            .wrote(&self.file, &self.path, buf.len() as u64)
     }
 
     /// Guest bytes cluster `c` holds (the last cluster may be cut by the virtual size).
@@ -679,13 +679,9 @@ impl ImageWriter for Qcow2Writer {
             .set_len(end)
             .map_err(|e| Error::io(&self.path, "set length", e))?;
         // The header goes last, after everything it points to is on disk.
-        self.file
-            .sync_data()
-            .map_err(|e| Error::io(&self.path, "sync", e))?;
+        self.writeback.sync_data(&self.file, &self.path)?;
         self.pwrite(&h.encode()?, 0)?;
-        self.file
-            .sync_all()
-            .map_err(|e| Error::io(&self.path, "sync", e))
+        self.writeback.sync_all(&self.file, &self.path)
     }
 }
 

@@ -271,7 +271,7 @@ impl VhdWriter {
             }
         };
         Ok(VhdWriter {
-            writeback: crate::write::Writeback::default(),
+            writeback: crate::write::Writeback::new(opts.cache),
             file,
             path: path.to_path_buf(),
             plan,
@@ -321,8 +321,8 @@ impl VhdWriter {
         self.file
             .write_all_at(buf, at)
             .map_err(|e| Error::io(&self.path, format!("write {what} at {at:#x}"), e))?;
-        self.writeback.wrote(&self.file, buf.len() as u64);
-        Ok(())
+        self.writeback
+            .wrote(&self.file, &self.path, buf.len() as u64)
     }
 
     /// File offset of block `index`'s data, allocating the block on first use.
@@ -394,10 +394,7 @@ impl ImageWriter for VhdWriter {
 
     fn finish(self: Box<Self>) -> Result<()> {
         let Some(footer) = &self.footer else {
-            return self
-                .file
-                .sync_all()
-                .map_err(|e| Error::io(&self.path, "sync", e));
+            return self.writeback.sync_all(&self.file, &self.path);
         };
         let end = match &self.dynamic {
             None => self.plan.virtual_size,
@@ -422,8 +419,8 @@ impl ImageWriter for VhdWriter {
         self.write_file(footer, end, "VHD footer")?;
         self.file
             .set_len(end + FOOTER_SIZE)
-            .and_then(|_| self.file.sync_all())
-            .map_err(|e| Error::io(&self.path, "sync", e))
+            .map_err(|e| Error::io(&self.path, "set length", e))?;
+        self.writeback.sync_all(&self.file, &self.path)
     }
 }
 

@@ -1,0 +1,104 @@
+//! Safe outputs: cache modes (`-t`), qemu-img's compatibility flags, leftovers of killed runs.
+
+mod common;
+
+use common::*;
+
+const MIB: u64 = 1 << 20;
+
+/// A qcow2 source with data, a zeroed range and a hole, made by qemu-io.
+fn source(dir: &std::path::Path) -> std::path::PathBuf {
+    let src = p(dir, "src.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&src), "40M"]);
+    qemu_io(
+        "qcow2",
+        &src,
+        &[
+            "write -P 0x5a 0 3M",
+            "write -z 4M 1M",
+            "write -P 0x17 33M 5M",
+        ],
+    );
+    src
+}
+
+#[test]
+fn every_cache_mode_writes_the_same_image() {
+    let dir = tempdir();
+    let src = source(dir.path());
+    for mode in ["writeback", "none", "writethrough", "directsync", "unsafe"] {
+        for fmt in ["raw", "qcow2", "vpc"] {
+            let out = p(dir.path(), &format!("{mode}.{fmt}"));
+            diskkit_ok(&[
+                "convert",
+                "-t",
+                mode,
+                "-T",
+                "none",
+                "-U",
+                "-W",
+                "-O",
+                fmt,
+                path_str(&src),
+                path_str(&out),
+            ]);
+            // qemu-img checks qcow2 only among these.
+            if fmt == "qcow2" {
+                qemu_img(&["check", "-f", fmt, path_str(&out)]);
+            }
+            qemu_img(&[
+                "compare",
+                "-f",
+                "qcow2",
+                "-F",
+                fmt,
+                path_str(&src),
+                path_str(&out),
+            ]);
+        }
+    }
+    let (code, _, err) = diskkit(&["convert", "-t", "sometimes", path_str(&src), "x.raw"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("sometimes"), "{err}");
+}
+
+#[test]
+fn a_rerun_removes_leftovers_of_killed_runs() {
+    let dir = tempdir();
+    let src = source(dir.path());
+    let out = p(dir.path(), "out.qcow2");
+    // A process that is gone, as after a SIGKILL.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let leftover = p(dir.path(), &format!(".out.qcow2.diskkit-tmp-{dead}"));
+    std::fs::write(&leftover, vec![0x77; MIB as usize]).unwrap();
+    diskkit_ok(&["convert", "-O", "qcow2", path_str(&src), path_str(&out)]);
+    assert!(!leftover.exists(), "the leftover of PID {dead} stayed");
+    qemu_img(&["compare", path_str(&src), path_str(&out)]);
+}
+
+#[test]
+fn errors_name_the_output_not_its_temporary_file() {
+    // A writer refusing its options fails after the temporary name exists.
+    let dir = tempdir();
+    let src = source(dir.path());
+    let out = p(dir.path(), "out.vhd");
+    let (code, _, err) = diskkit(&[
+        "convert",
+        "-O",
+        "vpc",
+        "-o",
+        "subformat=fixed,target=azure",
+        "-c",
+        path_str(&src),
+        path_str(&out),
+    ]);
+    assert_eq!(code, 2);
+    assert!(!err.contains("diskkit-tmp"), "{err}");
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["src.qcow2"]);
+}
