@@ -9,6 +9,7 @@
 #   SIZE=1G benches/convert.sh          # quick run
 #   KEEP=1 BENCH_DIR=/var/tmp/b REPEAT=1 VERIFY=0 benches/convert.sh
 #   DISKKIT=/path/to/diskkit benches/convert.sh   # time another build (no cargo build)
+#   CACHE_MODES="none unsafe" benches/convert.sh   # which -t rows to run ("" for none)
 #
 # Each conversion runs REPEAT times (default 3): the best time and the worst peak RSS count.
 # VERIFY=1 (default) checks diskkit's outputs with qemu-img compare.
@@ -111,3 +112,12 @@ rm -f "$DIR/dk.zst.qcow2" "$DIR/qi.zst.qcow2"
 
 bench vpc "$SRC" vhd -O vpc -o subformat=dynamic -- -O vpc -o subformat=dynamic
 report "raw -> vpc dynamic" vpc "$DIR/dk.vhd" "$DIR/qi.vhd"
+rm -f "$DIR/dk.vhd" "$DIR/qi.vhd"
+
+# Cache modes (-t): both tools in the same mode. qemu's none is O_DIRECT; diskkit's flushes and
+# drops written pages as it goes. CACHE_MODES="" skips these rows.
+for mode in ${CACHE_MODES-none unsafe writethrough}; do
+    bench "t-$mode" "$SRC" raw -O raw -t "$mode" -- -O raw -t "$mode"
+    report "raw -> raw -t $mode" "t-$mode"
+    rm -f "$DIR/dk.raw" "$DIR/qi.raw"
+done
