@@ -7,6 +7,7 @@ pub mod hash;
 pub mod output;
 pub mod parallel;
 pub mod progress;
+pub mod snapshot;
 pub mod storage;
 
 pub use diskkit_formats as formats;

@@ -4,6 +4,7 @@
 //! This crate knows nothing of the command line, async runtimes or object storage.
 
 pub mod check;
+pub mod chunk_store;
 pub mod digest;
 pub mod error;
 pub mod host;

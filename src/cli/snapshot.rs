@@ -1,0 +1,426 @@
+//! `diskkit snapshot ...`: data-disk snapshots in a content-addressed store.
+
+use super::storage::Connection;
+use super::util::{Bar, OutputFormat, create_options, human_size, open_image, parse_format, parse_size};
+use super::{EXIT_DIFFERENT, EXIT_OK};
+use diskkit::formats::chunk_store::HOLE;
+use diskkit::formats::write::CacheMode;
+use diskkit::formats::{Error, Format, Image, Result};
+use diskkit::snapshot::{self, SnapshotImage, SnapshotStore};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+const STORES: &str = "STORE is a local directory (created by the first snapshot create) or a \
+bucket prefix: s3://BUCKET/PREFIX, oss://BUCKET/PREFIX, obs://BUCKET/PREFIX (connection \
+settings as for push: flags, environment, profile). An ID may be any unique prefix of a \
+snapshot's id. A snapshot is also an image: STORE#ID works as the source of info, map, compare, \
+hash, convert and push.";
+
+/// Data-disk snapshots in a content-addressed store (a directory or a bucket)
+#[derive(clap::Args)]
+#[command(
+    long_about = "Snapshots of disk images in a store you own: each chunk of guest data is \
+stored once, named by its SHA-256, so a later snapshot of the same disk costs only what changed. \
+Chunks of zeros are never stored or sent. See README.md for the store's layout.",
+    after_help = STORES
+)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    Create(CreateArgs),
+    Ls(LsArgs),
+    Info(InfoArgs),
+    Diff(DiffArgs),
+    Restore(RestoreArgs),
+    Rm(RmArgs),
+    Gc(StoreArgs),
+    Verify(VerifyArgs),
+}
+
+/// Snapshot an image into a store; prints the new snapshot's id as the last line
+#[derive(clap::Args)]
+#[command(
+    long_about = "Reads only what IMAGE's allocation map calls data, in fixed chunks aligned to \
+the guest (4 MiB unless the store was made with another --chunk-size); a chunk the store already \
+has is not sent again. Hashing, compression (zstd, kept only when smaller) and storing run in \
+parallel with bounded memory. The snapshot's index is written last: a killed create never leaves \
+a snapshot that lists missing chunks, and a rerun sends only what is missing.\n\n\
+With --parent ID, when IMAGE is a qcow2 overlay whose backing file is the parent's source \
+(same path, size and modification time), only the overlay's own clusters are read; other chunks \
+are the parent's. Otherwise every data chunk is read and hashed and only new chunks stored. The \
+summary says which path was taken.",
+    after_help = STORES
+)]
+struct CreateArgs {
+    /// Source format (detected from magic bytes when omitted)
+    #[arg(short = 'f', value_parser = parse_format)]
+    format: Option<Format>,
+    /// Disk name recorded in the snapshot [default: IMAGE's file name]
+    #[arg(long)]
+    name: Option<String>,
+    /// The snapshot this one is incremental to (id or unique prefix)
+    #[arg(long, value_name = "ID")]
+    parent: Option<String>,
+    /// A label, KEY=VALUE (repeatable)
+    #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
+    tags: Vec<(String, String)>,
+    /// Chunk size of a NEW store: a power of two from 512K to 8M [default: 4M]
+    #[arg(long, value_parser = parse_size)]
+    chunk_size: Option<u64>,
+    /// Show a progress bar
+    #[arg(short = 'p', long)]
+    progress: bool,
+    #[arg(long, value_enum, default_value = "human")]
+    output: OutputFormat,
+    #[command(flatten)]
+    conn: Connection,
+    /// The image to snapshot (any format diskkit reads)
+    image: PathBuf,
+    /// The store
+    store: String,
+}
+
+fn parse_tag(s: &str) -> std::result::Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("'{s}': tags are KEY=VALUE")),
+    }
+}
+
+#[derive(clap::Args)]
+struct StoreArgs {
+    #[command(flatten)]
+    conn: Connection,
+    store: String,
+}
+
+/// List the snapshots of a store, oldest first
+#[derive(clap::Args)]
+#[command(after_help = STORES)]
+struct LsArgs {
+    /// Only snapshots of this disk
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long, value_enum, default_value = "human")]
+    output: OutputFormat,
+    #[command(flatten)]
+    conn: Connection,
+    store: String,
+}
+
+/// Show one snapshot
+#[derive(clap::Args)]
+#[command(after_help = STORES)]
+struct InfoArgs {
+    #[arg(long, value_enum, default_value = "human")]
+    output: OutputFormat,
+    #[command(flatten)]
+    conn: Connection,
+    store: String,
+    id: String,
+}
+
+/// The guest ranges that differ between two snapshots (whole chunks)
+#[derive(clap::Args)]
+#[command(after_help = STORES)]
+struct DiffArgs {
+    #[arg(long, value_enum, default_value = "human")]
+    output: OutputFormat,
+    #[command(flatten)]
+    conn: Connection,
+    store: String,
+    id1: String,
+    id2: String,
+}
+
+/// Write a snapshot out as an image of any writable format
+#[derive(clap::Args)]
+#[command(
+    long_about = "Fetches and decompresses chunks in parallel and writes them out of order, \
+zero chunks as holes or unallocated clusters, into DST of format -O (default raw), written as \
+convert writes: under a temporary name, synced, renamed into place. Every chunk's content is \
+checked against its name.",
+    after_help = STORES
+)]
+struct RestoreArgs {
+    /// Output format: raw, qcow2, vpc
+    #[arg(short = 'O', value_parser = parse_format)]
+    out_format: Option<Format>,
+    /// Output format options, qemu style (repeatable)
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Compress the output (qcow2)
+    #[arg(short = 'c')]
+    compress: bool,
+    /// Show a progress bar
+    #[arg(short = 'p', long)]
+    progress: bool,
+    #[command(flatten)]
+    conn: Connection,
+    store: String,
+    id: String,
+    /// The new image
+    dst: PathBuf,
+}
+
+/// Remove snapshots (snapshot gc then frees the chunks nothing else uses)
+#[derive(clap::Args)]
+#[command(after_help = STORES)]
+struct RmArgs {
+    #[command(flatten)]
+    conn: Connection,
+    store: String,
+    #[arg(required = true)]
+    ids: Vec<String>,
+}
+
+/// Check snapshots: every index consistent, every chunk present (and sound with --read-data)
+#[derive(clap::Args)]
+#[command(
+    long_about = "Checks every index (or those named) and that every chunk they list is in the \
+store; with --read-data every chunk is read, decompressed and its content checked against its \
+name. Lists damaged chunks with the snapshots they affect. Exit codes: 0 clean, 1 damage found, \
+2 error.",
+    after_help = STORES
+)]
+struct VerifyArgs {
+    /// Read every chunk and check its content
+    #[arg(long)]
+    read_data: bool,
+    #[command(flatten)]
+    conn: Connection,
+    store: String,
+    ids: Vec<String>,
+}
+
+pub fn run(args: Args) -> Result<i32> {
+    diskkit::output::remove_temps_on_signals();
+    match args.command {
+        Command::Create(a) => create(a),
+        Command::Ls(a) => ls(a),
+        Command::Info(a) => info(a),
+        Command::Diff(a) => diff(a),
+        Command::Restore(a) => restore(a),
+        Command::Rm(a) => rm(a),
+        Command::Gc(a) => gc(a),
+        Command::Verify(a) => verify(a),
+    }
+}
+
+fn open(conn: &Connection, store: &str) -> Result<SnapshotStore> {
+    SnapshotStore::open(store, &conn.settings(), None)
+}
+
+fn json(value: &impl serde::Serialize) -> Result<String> {
+    serde_json::to_string_pretty(value).map_err(|e| Error::invalid(e.to_string()))
+}
+
+fn create(args: CreateArgs) -> Result<i32> {
+    let image = open_image(&args.image, args.format, None)?;
+    let store = SnapshotStore::open(
+        &args.store,
+        &args.conn.settings(),
+        Some(args.chunk_size.unwrap_or(snapshot::DEFAULT_CHUNK_SIZE)),
+    )?;
+    if args.chunk_size.is_some_and(|c| c != store.chunk_size()) {
+        return Err(Error::invalid(format!(
+            "{}: the store's chunk size is {}; --chunk-size only applies to a new store",
+            store.url(),
+            store.chunk_size()
+        )));
+    }
+    let opts = snapshot::CreateOptions {
+        name: args.name,
+        parent: args.parent,
+        tags: args.tags.into_iter().collect::<BTreeMap<_, _>>(),
+    };
+    let bar = Bar::new(args.progress, image.virtual_size(), "snapshot");
+    let report = snapshot::create(&store, image.as_ref(), &args.image, &opts, &bar)?;
+    bar.finish();
+    match args.output {
+        OutputFormat::Json => println!("{}", json(&report)?),
+        OutputFormat::Human => {
+            let path = match report.path {
+                snapshot::IncrementalPath::Full => "every data chunk read",
+                snapshot::IncrementalPath::Overlay => "overlay: only the overlay's clusters read",
+            };
+            println!("path: {path}");
+            println!(
+                "read {}, stored {} new ({} of new data), reused {}, from the parent {}, {} zero chunks",
+                human_size(report.bytes_read),
+                human_size(report.bytes_stored),
+                human_size(report.bytes_new),
+                human_size(report.bytes_reused),
+                human_size(report.bytes_from_parent),
+                report.zero_chunks
+            );
+            println!("digest: {}", report.digest);
+            println!("{}", report.id);
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+fn ls(args: LsArgs) -> Result<i32> {
+    let store = open(&args.conn, &args.store)?;
+    let mut entries = store.list()?;
+    if let Some(name) = &args.name {
+        entries.retain(|e| &e.meta.name == name);
+    }
+    match args.output {
+        OutputFormat::Json => println!("{}", json(&entries)?),
+        OutputFormat::Human => {
+            println!(
+                "{:<32}  {:<20}  {:>12}  {:>12}  {:<10}  PARENT",
+                "ID", "NAME", "VIRTUAL", "DATA", "CREATED"
+            );
+            for e in entries {
+                println!(
+                    "{:<32}  {:<20}  {:>12}  {:>12}  {:<10}  {}",
+                    e.id,
+                    super::util::escape_for_terminal(&e.meta.name),
+                    human_size(e.meta.virtual_size),
+                    human_size(e.data_chunks * e.meta.chunk_size),
+                    e.meta.created,
+                    e.meta.parent.as_deref().map_or("-", |p| &p[..12.min(p.len())])
+                );
+            }
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+fn info(args: InfoArgs) -> Result<i32> {
+    let store = open(&args.conn, &args.store)?;
+    let image = SnapshotImage::of(store, &args.id)?;
+    let meta = &image.index().meta;
+    let data_chunks = image.index().chunks.iter().filter(|c| **c != HOLE).count();
+    match args.output {
+        OutputFormat::Json => println!(
+            "{}",
+            json(&serde_json::json!({
+                "id": image.id(),
+                "meta": meta,
+                "chunks": image.index().chunks.len(),
+                "data-chunks": data_chunks,
+            }))?
+        ),
+        OutputFormat::Human => {
+            println!("id: {}", image.id());
+            println!("name: {}", super::util::escape_for_terminal(&meta.name));
+            println!("source format: {}", super::util::escape_for_terminal(&meta.source_format));
+            println!("virtual size: {} ({} bytes)", human_size(meta.virtual_size), meta.virtual_size);
+            println!("chunk size: {}", human_size(meta.chunk_size));
+            println!("chunks: {} ({data_chunks} with data)", image.index().chunks.len());
+            println!("created: {}", meta.created);
+            println!("parent: {}", meta.parent.as_deref().unwrap_or("-"));
+            println!("digest: {}", meta.digest);
+            for (k, v) in &meta.tags {
+                println!(
+                    "tag: {}={}",
+                    super::util::escape_for_terminal(k),
+                    super::util::escape_for_terminal(v)
+                );
+            }
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+fn diff(args: DiffArgs) -> Result<i32> {
+    let store = open(&args.conn, &args.store)?;
+    let a = store.index(&store.resolve(&args.id1)?)?;
+    let b = store.index(&store.resolve(&args.id2)?)?;
+    let ranges = snapshot::diff(&a, &b)?;
+    match args.output {
+        OutputFormat::Json => println!("{}", json(&ranges)?),
+        OutputFormat::Human => {
+            for r in &ranges {
+                println!("{:#x} +{:#x} ({})", r.start, r.length, human_size(r.length));
+            }
+            let total: u64 = ranges.iter().map(|r| r.length).sum();
+            println!("{} changed in {} ranges", human_size(total), ranges.len());
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+fn restore(args: RestoreArgs) -> Result<i32> {
+    let store = open(&args.conn, &args.store)?;
+    let image = SnapshotImage::of(store, &args.id)?;
+    let mut create = create_options(&args.options)?;
+    create.compress = args.compress;
+    create.cache = CacheMode::Writeback;
+    let bar = Bar::new(args.progress, image.virtual_size(), "restoring");
+    diskkit::convert::convert_to_path(
+        &image,
+        args.out_format.unwrap_or(Format::Raw),
+        &args.dst,
+        &mut create,
+        &Default::default(),
+        &bar,
+    )?;
+    bar.finish();
+    Ok(EXIT_OK)
+}
+
+fn rm(args: RmArgs) -> Result<i32> {
+    let store = open(&args.conn, &args.store)?;
+    // Resolve every id first: a typo removes nothing.
+    let ids: Vec<String> = args.ids.iter().map(|i| store.resolve(i)).collect::<Result<_>>()?;
+    for id in ids {
+        store.remove(&id)?;
+        println!("removed {id}");
+    }
+    Ok(EXIT_OK)
+}
+
+fn gc(args: StoreArgs) -> Result<i32> {
+    let store = open(&args.conn, &args.store)?;
+    let r = snapshot::gc(&store)?;
+    println!(
+        "{} snapshots; {} chunks kept, {} removed ({})",
+        r.snapshots,
+        r.chunks_kept,
+        r.chunks_removed,
+        human_size(r.bytes_removed)
+    );
+    Ok(EXIT_OK)
+}
+
+fn verify(args: VerifyArgs) -> Result<i32> {
+    let store = open(&args.conn, &args.store)?;
+    let ids: Vec<String> = args.ids.iter().map(|i| store.resolve(i)).collect::<Result<_>>()?;
+    let report = snapshot::verify(&store, &ids, args.read_data)?;
+    for (id, e) in &report.bad_indexes {
+        println!("snapshot {id}: {}", super::util::escape_for_terminal(e));
+    }
+    for d in &report.damaged {
+        println!(
+            "chunk {}: {} (used by {})",
+            d.chunk,
+            super::util::escape_for_terminal(&d.problem),
+            d.snapshots.join(", ")
+        );
+    }
+    println!(
+        "{} snapshots, {} chunks checked{}: {}",
+        report.snapshots,
+        report.chunks_checked,
+        if args.read_data { " (data read)" } else { "" },
+        if report.is_clean() { "OK" } else { "DAMAGED" }
+    );
+    Ok(if report.is_clean() { EXIT_OK } else { EXIT_DIFFERENT })
+}
+
+/// Opens `STORE#ID` as an image, for commands that take image sources.
+pub fn open_snapshot_source(spec: &str, conn: &Connection) -> Result<Box<dyn Image>> {
+    let (store, id) = spec
+        .rsplit_once('#')
+        .ok_or_else(|| Error::invalid(format!("{spec}: not STORE#ID")))?;
+    Ok(Box::new(SnapshotImage::open(store, id, &conn.settings())?))
+}

@@ -1,0 +1,309 @@
+//! `snapshot create`: an image into the store, storing only chunks the store lacks.
+
+use super::{SnapshotStore, now_secs};
+use crate::progress::Progress;
+use crate::output::PendingOutput;
+use diskkit_formats::chunk_store::{self, HOLE, SnapshotIndex, SnapshotMeta, SourceIdentity};
+use diskkit_formats::digest::{ChunkDigest, DigestBuilder, hex};
+use diskkit_formats::image::first_nonzero_byte;
+use diskkit_formats::write::CacheMode;
+use diskkit_formats::{Error, Extents, Image, Result};
+use rayon::prelude::*;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// What `snapshot create` records besides the content.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    /// The disk's name (default: the source's file name).
+    pub name: Option<String>,
+    /// Id (or unique prefix) of the snapshot this one is incremental to.
+    pub parent: Option<String>,
+    pub tags: BTreeMap<String, String>,
+}
+
+/// How an incremental snapshot found what changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IncrementalPath {
+    /// Every data chunk read and hashed; only new chunks stored.
+    Full,
+    /// The source is a qcow2 overlay on the parent's source: only chunks the overlay itself
+    /// allocates were read; the others are the parent's.
+    Overlay,
+}
+
+/// What a `snapshot create` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct CreateReport {
+    pub id: String,
+    pub digest: String,
+    pub path: IncrementalPath,
+    /// Guest bytes read from the source.
+    pub bytes_read: u64,
+    /// Guest bytes of chunks that were new to the store, and what storing them took.
+    pub bytes_new: u64,
+    pub bytes_stored: u64,
+    /// Guest bytes of data chunks the store already had (not sent again).
+    pub bytes_reused: u64,
+    /// Guest bytes taken from the parent without reading (overlay path).
+    pub bytes_from_parent: u64,
+    /// Chunks of zeros (never stored).
+    pub zero_chunks: u64,
+}
+
+/// Chunks per parallel window, per thread: bounds memory (a buffer per chunk in flight) and the
+/// ordered fold of digests.
+const CHUNKS_PER_THREAD: usize = 4;
+
+/// Snapshots `image` (whose file is `source`, for its identity) into `store`.
+pub fn create(
+    store: &SnapshotStore,
+    image: &dyn Image,
+    source: &Path,
+    opts: &CreateOptions,
+    progress: &dyn Progress,
+) -> Result<CreateReport> {
+    let _lease = store.take_lease()?;
+    let cs = store.chunk_size;
+    let size = image.virtual_size();
+    let parent = match &opts.parent {
+        Some(p) => {
+            let id = store.resolve(p)?;
+            let index = store.index(&id)?;
+            Some((id, index))
+        }
+        None => None,
+    };
+    // The overlay path needs the image's backing file to be the parent's source, unchanged.
+    let overlay_parent = parent.as_ref().and_then(|(_, p)| {
+        let backing = image.backing()?;
+        let recorded = p.meta.source.as_ref()?;
+        (identity(&backing.info().filename).as_ref() == Some(recorded)).then_some(p)
+    });
+    let count = SnapshotIndex::chunk_count(size, cs);
+    let work = Work {
+        store,
+        image,
+        cs,
+        size,
+        parent: overlay_parent,
+        sent: Mutex::new(HashSet::new()),
+        read: AtomicU64::new(0),
+        new: AtomicU64::new(0),
+        stored: AtomicU64::new(0),
+        reused: AtomicU64::new(0),
+        from_parent: AtomicU64::new(0),
+        zeros: AtomicU64::new(0),
+        progress,
+    };
+    let pool = crate::parallel::read_pool()?;
+    let window = CHUNKS_PER_THREAD * pool.current_num_threads();
+    let mut chunks: Vec<[u8; 32]> = Vec::with_capacity(count.min(1 << 24) as usize);
+    let mut builder = DigestBuilder::new(cs)?;
+    let zero_digest = diskkit_formats::digest::ChunkHasher::without_crc(cs)?;
+    let mut first = 0u64;
+    while first < count {
+        let last = (first + window as u64).min(count);
+        let digests: Vec<[u8; 32]> = pool.install(|| {
+            (first..last)
+                .into_par_iter()
+                .map(|i| work.chunk(i))
+                .collect::<Result<_>>()
+        })?;
+        for (i, d) in (first..last).zip(digests) {
+            let offset = i * cs;
+            let length = cs.min(size - offset);
+            let sha256 = if d == HOLE {
+                zero_digest.zero(offset, length).sha256
+            } else {
+                d
+            };
+            builder.push(&ChunkDigest {
+                offset,
+                length,
+                sha256,
+                crc32: 0,
+            })?;
+            chunks.push(d);
+        }
+        first = last;
+    }
+    let digest = hex(&builder.finish());
+    // Every chunk durable before the index that lists it.
+    store.sync_chunks()?;
+    let name = opts.name.clone().unwrap_or_else(|| {
+        source
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "disk".into())
+    });
+    let index = SnapshotIndex {
+        meta: SnapshotMeta {
+            name,
+            source_format: image.format().name().to_string(),
+            virtual_size: size,
+            chunk_size: cs,
+            parent: parent.as_ref().map(|(id, _)| id.clone()),
+            created: now_secs(),
+            tags: opts.tags.clone(),
+            digest: digest.clone(),
+            source: identity(source),
+        },
+        chunks,
+    };
+    let encoded = index.encode()?;
+    let id = SnapshotIndex::id_of(&encoded);
+    store.put(&store.index_key(&id), encoded)?;
+    Ok(CreateReport {
+        id,
+        digest,
+        path: if work.parent.is_some() {
+            IncrementalPath::Overlay
+        } else {
+            IncrementalPath::Full
+        },
+        bytes_read: work.read.into_inner(),
+        bytes_new: work.new.into_inner(),
+        bytes_stored: work.stored.into_inner(),
+        bytes_reused: work.reused.into_inner(),
+        bytes_from_parent: work.from_parent.into_inner(),
+        zero_chunks: work.zeros.into_inner(),
+    })
+}
+
+/// The identity of a source file: canonical path, size, modification time.
+fn identity(path: &Path) -> Option<SourceIdentity> {
+    use std::os::unix::fs::MetadataExt;
+    let canonical = path.canonicalize().ok()?;
+    let m = std::fs::metadata(&canonical).ok()?;
+    Some(SourceIdentity {
+        path: canonical.to_string_lossy().into_owned(),
+        size: m.len(),
+        mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+    })
+}
+
+/// One create's shared state, used by the parallel chunk jobs.
+struct Work<'a> {
+    store: &'a SnapshotStore,
+    image: &'a dyn Image,
+    cs: u64,
+    size: u64,
+    parent: Option<&'a SnapshotIndex>,
+    /// Chunks stored or found by this run: a disk often repeats a chunk.
+    sent: Mutex<HashSet<[u8; 32]>>,
+    read: AtomicU64,
+    new: AtomicU64,
+    stored: AtomicU64,
+    reused: AtomicU64,
+    from_parent: AtomicU64,
+    zeros: AtomicU64,
+    progress: &'a dyn Progress,
+}
+
+impl Work<'_> {
+    /// The index entry of chunk `i`, storing the chunk when the store lacks it.
+    fn chunk(&self, i: u64) -> Result<[u8; 32]> {
+        let offset = i * self.cs;
+        let length = self.cs.min(self.size - offset);
+        let entry = self.chunk_entry(i, offset, length)?;
+        self.progress.advance(length);
+        Ok(entry)
+    }
+
+    fn chunk_entry(&self, i: u64, offset: u64, length: u64) -> Result<[u8; 32]> {
+        let mut all_zero = true;
+        let mut own_data = false;
+        for e in Extents::new(self.image, offset, offset + length) {
+            let e = e?;
+            all_zero &= e.is_zero();
+            own_data |= e.depth == 0;
+        }
+        if all_zero {
+            self.zeros.fetch_add(1, Ordering::Relaxed);
+            return Ok(HOLE);
+        }
+        if let Some(parent) = self.parent
+            && !own_data
+            && (offset + length <= parent.meta.virtual_size)
+            && (length == self.cs || offset + length == parent.meta.virtual_size)
+            && let Some(d) = parent.chunks.get(i as usize)
+        {
+            self.from_parent.fetch_add(length, Ordering::Relaxed);
+            return Ok(*d);
+        }
+        let mut data = vec![0u8; length as usize];
+        self.image.read_at(&mut data, offset)?;
+        self.read.fetch_add(length, Ordering::Relaxed);
+        if first_nonzero_byte(&data).is_none() {
+            self.zeros.fetch_add(1, Ordering::Relaxed);
+            return Ok(HOLE);
+        }
+        let digest: [u8; 32] = Sha256::digest(&data).into();
+        let first_time = self
+            .sent
+            .lock()
+            .map_err(|_| Error::invalid("snapshot create: lock poisoned"))?
+            .insert(digest);
+        if !first_time || self.store.has_chunk(&digest)? {
+            self.reused.fetch_add(length, Ordering::Relaxed);
+            return Ok(digest);
+        }
+        let encoded = chunk_store::encode_chunk(&data)?;
+        self.stored.fetch_add(encoded.len() as u64, Ordering::Relaxed);
+        self.new.fetch_add(length, Ordering::Relaxed);
+        self.store.put_chunk(&digest, encoded)?;
+        Ok(digest)
+    }
+}
+
+impl SnapshotStore {
+    /// Whether the store has chunk `digest` whole: present with at least its header. A chunk
+    /// cut short by a crash of an earlier run (local stores rename complete chunks into place,
+    /// so only a damaged store has one) is caught by `verify --read-data` and restore.
+    fn has_chunk(&self, digest: &[u8; 32]) -> Result<bool> {
+        Ok(self
+            .store
+            .stat(&self.chunk_key(digest))?
+            .is_some_and(|n| n >= chunk_store::CHUNK_HEADER as u64))
+    }
+
+    /// Stores a chunk. Local stores write it under a temporary name renamed into place (not
+    /// synced one by one: [`SnapshotStore::sync_chunks`] syncs them all before the index);
+    /// object stores never show a partial object.
+    fn put_chunk(&self, digest: &[u8; 32], encoded: Vec<u8>) -> Result<()> {
+        let key = self.chunk_key(digest);
+        match self.local_path(&key) {
+            Some(path) => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "create", e))?;
+                }
+                let out = PendingOutput::new(&path)?;
+                std::fs::write(out.temp_path(), &encoded)
+                    .map_err(|e| out.name_output(Error::io(out.temp_path(), "write", e)))?;
+                out.commit(CacheMode::Unsafe).map(drop)
+            }
+            None => self.store.write_small(&key, encoded),
+        }
+    }
+
+    /// Makes every chunk written so far durable (local stores: one `syncfs` of the store's
+    /// filesystem instead of one fsync per chunk). Object stores acknowledge durable writes.
+    fn sync_chunks(&self) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let Some(dir) = self.local_path(&self.prefix) else {
+            return Ok(());
+        };
+        let f = std::fs::File::open(&dir).map_err(|e| Error::io(&dir, "open", e))?;
+        // SAFETY: syncfs on a descriptor we own.
+        if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+            return Err(Error::io(&dir, "sync", std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+}
