@@ -1,6 +1,6 @@
 //! `diskkit check`: consistency check of image metadata, like `qemu-img check`.
 
-use super::util::{OutputFormat, parse_format};
+use super::util::{Out, OutputFormat, parse_format};
 use diskkit::formats::check::{self, CheckReport, Repair};
 use diskkit::formats::{Error, Format, HostFile, Result, detect};
 use std::path::PathBuf;
@@ -58,13 +58,16 @@ pub fn run(args: Args) -> Result<i32> {
         return Ok(EXIT_NO_CHECK);
     };
     if !args.quiet {
+        let mut out = Out::new();
         match args.output {
-            OutputFormat::Human => print!("{}", human(&report)),
-            OutputFormat::Json => println!(
+            OutputFormat::Human => write!(out, "{}", human(&report))?,
+            OutputFormat::Json => writeln!(
+                out,
                 "{}",
                 serde_json::to_string_pretty(&report).map_err(|e| Error::invalid(e.to_string()))?
-            ),
+            )?,
         }
+        out.flush()?;
     }
     Ok(report.exit_code())
 }

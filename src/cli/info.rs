@@ -1,7 +1,7 @@
 //! `diskkit info`: what an image is, as `qemu-img info` shows it.
 
 use super::EXIT_OK;
-use super::util::{OutputFormat, human_size, open_image, parse_format};
+use super::util::{Out, OutputFormat, human_size, open_image, parse_format};
 use diskkit::formats::{Format, Image, ImageInfo, Result};
 use std::path::PathBuf;
 
@@ -38,6 +38,7 @@ pub fn run(args: Args) -> Result<i32> {
             eprintln!("diskkit: warning: {}: {w}", info.filename.display());
         }
     }
+    let mut out = Out::new();
     match args.output {
         OutputFormat::Json => {
             let text = if args.backing_chain {
@@ -45,20 +46,22 @@ pub fn run(args: Args) -> Result<i32> {
             } else {
                 serde_json::to_string_pretty(&layers[0])
             };
-            println!(
+            writeln!(
+                out,
                 "{}",
                 text.map_err(|e| diskkit::Error::invalid(e.to_string()))?
-            );
+            )?;
         }
         OutputFormat::Human => {
             for (i, info) in layers.iter().enumerate() {
                 if i > 0 {
-                    println!();
+                    writeln!(out)?;
                 }
-                print!("{}", human(info));
+                write!(out, "{}", human(info))?;
             }
         }
     }
+    out.flush()?;
     Ok(EXIT_OK)
 }
 

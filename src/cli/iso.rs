@@ -1,6 +1,7 @@
 //! `diskkit iso`: list and extract the files of an ISO 9660 image.
 
 use super::info::format_date;
+use super::util::Out;
 use super::{EXIT_ERROR, EXIT_OK};
 use diskkit::Error;
 use diskkit::formats::Result;
@@ -92,14 +93,14 @@ fn warn(message: &str) {
 fn ls(args: LsArgs) -> Result<i32> {
     let fs = IsoFs::open(&args.iso)?;
     let (_, entry) = fs.lookup(name_mode(args.names), args.path.as_deref().unwrap_or(""))?;
-    let mut out = std::io::stdout().lock();
+    let mut out = Out::new();
     let mut print = |name: &str, e: &Entry| -> Result<()> {
         let line = if args.long {
             long_line(name, e)
         } else {
             name.to_string()
         };
-        writeln!(out, "{line}").map_err(|e| Error::io(Path::new("stdout"), "write", e))
+        writeln!(out, "{line}")
     };
     if !entry.is_dir() {
         print(&entry.name, &entry)?;
@@ -120,6 +121,7 @@ fn ls(args: LsArgs) -> Result<i32> {
             print(&e.name, e)?;
         }
     }
+    out.flush()?;
     Ok(EXIT_OK)
 }
 

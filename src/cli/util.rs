@@ -4,7 +4,47 @@ use clap::ValueEnum;
 use diskkit::formats::{CreateOptions, Format, Image, OpenOptions, Result, open};
 use diskkit::progress::Progress;
 use indicatif::{ProgressBar, ProgressStyle};
+use std::io::{BufWriter, StdoutLock, Write};
 use std::path::Path;
+
+/// Standard output of every command, buffered; the one place that decides what a failed write
+/// means. A reader that went away (`diskkit hash *.qcow2 | head -1`) ends the process quietly
+/// by SIGPIPE, as coreutils and qemu-img do (status 141 in a shell); any other failure (a full
+/// disk) is the error `write error: No space left on device`. `write!`/`writeln!` work on it and
+/// return that error; a command calls `flush` before it succeeds.
+pub struct Out(BufWriter<StdoutLock<'static>>);
+
+impl Out {
+    pub fn new() -> Self {
+        Out(BufWriter::new(std::io::stdout().lock()))
+    }
+
+    pub fn write_fmt(&mut self, args: std::fmt::Arguments) -> Result<()> {
+        self.0.write_fmt(args).map_err(write_error)
+    }
+
+    pub fn flush(&mut self) -> Result<()> {
+        self.0.flush().map_err(write_error)
+    }
+}
+
+fn write_error(e: std::io::Error) -> diskkit::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        // Rust ignores SIGPIPE at startup (writes then fail with EPIPE); restore the default
+        // action and take the signal, so the shell and `set -o pipefail` see what they see
+        // for coreutils.
+        // SAFETY: resetting a signal disposition and raising it have no memory effects.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            libc::raise(libc::SIGPIPE);
+        }
+        std::process::exit(128 + libc::SIGPIPE);
+    }
+    // "No space left on device", without the " (os error 28)" of io::Error's Display.
+    let text = e.to_string();
+    let reason = text.split(" (os error").next().unwrap_or(&text);
+    diskkit::Error::invalid(format!("write error: {reason}"))
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {

@@ -1,0 +1,79 @@
+//! The command line as a user meets it: output to closed pipes and full devices, control
+//! characters from images, completions and the man page, help texts.
+
+mod common;
+use common::*;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// Runs diskkit with stdout on `stdout`; returns (status, stderr).
+fn run_with_stdout(args: &[&str], stdout: Stdio) -> (std::process::ExitStatus, String) {
+    let out = Command::new(diskkit_bin())
+        .args(args)
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run diskkit");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Every command that prints, on a small qcow2 and a small ISO in `dir`.
+fn printing_commands(dir: &Path) -> Vec<Vec<String>> {
+    let qcow2 = p(dir, "a.qcow2");
+    qemu_img(&["create", "-f", "qcow2", path_str(&qcow2), "1M"]);
+    let iso = p(dir, "a.iso");
+    std::fs::create_dir_all(dir.join("tree")).unwrap();
+    std::fs::write(dir.join("tree/file"), b"x").unwrap();
+    let made = Command::new("xorriso")
+        .args(["-as", "mkisofs", "-quiet", "-R", "-o"])
+        .arg(&iso)
+        .arg(dir.join("tree"))
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let q = path_str(&qcow2).to_string();
+    let i = path_str(&iso).to_string();
+    let cmd = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    vec![
+        cmd(&["info", &q]),
+        cmd(&["info", "--output", "json", &q]),
+        cmd(&["map", &q]),
+        cmd(&["check", &q]),
+        cmd(&["compare", &q, &q]),
+        cmd(&["hash", &q, &q]),
+        cmd(&["iso", "ls", "-l", &i]),
+    ]
+}
+
+#[test]
+fn full_device_is_a_write_error_not_a_panic() {
+    let dir = tempdir();
+    for args in printing_commands(dir.path()) {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let (status, err) = run_with_stdout(&as_refs(&args), full.into());
+        assert_eq!(status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(
+            err, "diskkit: write error: No space left on device\n",
+            "{args:?}"
+        );
+    }
+}
+
+#[test]
+fn closed_pipe_ends_quietly_by_sigpipe() {
+    let dir = tempdir();
+    for args in printing_commands(dir.path()) {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let (status, err) = run_with_stdout(&as_refs(&args), writer.into());
+        assert_eq!(status.signal(), Some(libc::SIGPIPE), "{args:?}: {err}");
+        assert_eq!(err, "", "{args:?}");
+    }
+}
