@@ -77,3 +77,55 @@ fn closed_pipe_ends_quietly_by_sigpipe() {
         assert_eq!(err, "", "{args:?}");
     }
 }
+
+/// True when `text` holds an escape sequence or a control character other than line ends.
+fn has_raw_controls(text: &str) -> bool {
+    text.chars().any(|c| c.is_control() && c != '\n')
+}
+
+#[test]
+fn names_from_images_are_escaped() {
+    let dir = tempdir();
+    let evil = "x\u{1b}[31mred\u{9b}2J";
+    // A qcow2 whose backing file name carries an escape sequence (the backing does not exist).
+    let top = p(dir.path(), "top.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-u",
+        "-F",
+        "raw",
+        "-b",
+        evil,
+        path_str(&top),
+        "1M",
+    ]);
+    let (_, out, err) = diskkit(&["info", path_str(&top)]);
+    assert!(
+        !has_raw_controls(&out) && !has_raw_controls(&err),
+        "{out}{err}"
+    );
+    assert!(
+        format!("{out}{err}").contains("\\u{1b}[31mred"),
+        "{out}{err}"
+    );
+    // A Rock Ridge name and a symbolic link target with one.
+    let tree = dir.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    std::fs::write(tree.join(evil), b"x").unwrap();
+    std::os::unix::fs::symlink(evil, tree.join("link")).unwrap();
+    let iso = p(dir.path(), "a.iso");
+    let made = Command::new("xorriso")
+        .args(["-as", "mkisofs", "-quiet", "-R", "-o"])
+        .arg(&iso)
+        .arg(&tree)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    for long in [&[][..], &["-l"]] {
+        let out = diskkit_ok(&[&["iso", "ls"], long, &[path_str(&iso)]].concat());
+        assert!(!has_raw_controls(&out), "{out}");
+        assert!(out.contains("x\\u{1b}[31mred\\u{9b}2J"), "{out}");
+    }
+}

@@ -1,6 +1,6 @@
 //! `diskkit check`: consistency check of image metadata, like `qemu-img check`.
 
-use super::util::{Out, OutputFormat, parse_format};
+use super::util::{Out, OutputFormat, parse_format, printable};
 use diskkit::formats::check::{self, CheckReport, Repair};
 use diskkit::formats::{Error, Format, HostFile, Result, detect};
 use std::path::PathBuf;
@@ -76,7 +76,7 @@ pub fn run(args: Args) -> Result<i32> {
 fn human(r: &CheckReport) -> String {
     let mut out = String::new();
     for m in &r.messages {
-        out.push_str(m);
+        out.push_str(&printable(m));
         out.push('\n');
     }
     if r.leaks_fixed > 0 || r.corruptions_fixed > 0 {

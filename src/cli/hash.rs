@@ -1,7 +1,7 @@
 //! `diskkit hash`: a format-independent digest of guest content, sha256sum style, with per-chunk
 //! manifests and verification against them.
 
-use super::util::{Bar, Out, open_image, parse_format, parse_size};
+use super::util::{Bar, Out, open_image, parse_format, parse_size, printable, report_error};
 use super::{EXIT_DIFFERENT, EXIT_ERROR, EXIT_OK};
 use diskkit::formats::digest::{ChunkDigest, DEFAULT_CHUNK_SIZE, Manifest, check_chunk_size, hex};
 use diskkit::formats::{Error, Format, Result};
@@ -86,7 +86,7 @@ pub fn run(args: Args) -> Result<i32> {
                 out.flush()?;
             }
             Err(e) => {
-                eprintln!("diskkit: {e}");
+                report_error(&e);
                 code = EXIT_ERROR;
             }
         }
@@ -136,7 +136,8 @@ fn check(args: &Args, manifest_path: &Path, image: &Path) -> Result<i32> {
             index += 1;
         }),
     )?;
-    let name = image.display();
+    let name = image.display().to_string();
+    let name = printable(&name);
     let mut out = Out::new();
     if hash.virtual_size != expected.virtual_size {
         writeln!(

@@ -1,7 +1,7 @@
 //! `diskkit iso`: list and extract the files of an ISO 9660 image.
 
 use super::info::format_date;
-use super::util::Out;
+use super::util::{Out, printable, warn};
 use super::{EXIT_ERROR, EXIT_OK};
 use diskkit::Error;
 use diskkit::formats::Result;
@@ -86,10 +86,6 @@ pub fn run(args: Args) -> Result<i32> {
     }
 }
 
-fn warn(message: &str) {
-    eprintln!("diskkit: warning: {message}");
-}
-
 fn ls(args: LsArgs) -> Result<i32> {
     let fs = IsoFs::open(&args.iso)?;
     let (_, entry) = fs.lookup(name_mode(args.names), args.path.as_deref().unwrap_or(""))?;
@@ -98,7 +94,7 @@ fn ls(args: LsArgs) -> Result<i32> {
         let line = if args.long {
             long_line(name, e)
         } else {
-            name.to_string()
+            printable(name).into_owned()
         };
         writeln!(out, "{line}")
     };
@@ -131,13 +127,14 @@ fn long_line(name: &str, e: &Entry) -> String {
         |t| format_date(u64::try_from(t).unwrap_or(0)),
     );
     let link = match &e.kind {
-        EntryKind::Symlink(target) => format!(" -> {target}"),
+        EntryKind::Symlink(target) => format!(" -> {}", printable(target)),
         _ => String::new(),
     };
     format!(
-        "{} {:>12} {date} {name}{link}",
+        "{} {:>12} {date} {}{link}",
         mode_string(e.display_mode()),
-        e.size
+        e.size,
+        printable(name)
     )
 }
 
@@ -215,7 +212,7 @@ fn extract(args: ExtractArgs) -> Result<i32> {
         eprintln!(
             "diskkit: {} problem(s): some entries of {} were not extracted",
             ex.failures,
-            args.iso.display()
+            printable(&args.iso.display().to_string())
         );
         return Ok(EXIT_ERROR);
     }

@@ -81,7 +81,7 @@ pub fn run() -> i32 {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("diskkit: {e}");
+            util::report_error(&e);
             EXIT_ERROR
         }
     }

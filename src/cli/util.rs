@@ -4,8 +4,39 @@ use clap::ValueEnum;
 use diskkit::formats::{CreateOptions, Format, Image, OpenOptions, Result, open};
 use diskkit::progress::Progress;
 use indicatif::{ProgressBar, ProgressStyle};
+use std::borrow::Cow;
 use std::io::{BufWriter, StdoutLock, Write};
 use std::path::Path;
+
+/// `text` safe to print on a terminal: control characters (escape sequences, newlines, C1
+/// codes) in names taken from images and manifests are shown as Rust escapes (`\u{1b}`), so
+/// they can neither drive the terminal nor fake an output line.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    Cow::Owned(
+        text.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
+/// Prints an error on stderr as every command does; error texts quote names from images.
+pub fn report_error(e: &diskkit::Error) {
+    eprintln!("diskkit: {}", printable(&e.to_string()));
+}
+
+/// Prints a warning on stderr.
+pub fn warn(message: &str) {
+    eprintln!("diskkit: warning: {}", printable(message));
+}
 
 /// Standard output of every command, buffered; the one place that decides what a failed write
 /// means. A reader that went away (`diskkit hash *.qcow2 | head -1`) ends the process quietly
@@ -146,5 +177,14 @@ mod tests {
         assert_eq!(human_size(1 << 30), "1 GiB");
         assert_eq!(human_size(1536), "1.500 KiB");
         assert_eq!(human_size(100), "100 B");
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(printable("disk-1.qcow2 é"), "disk-1.qcow2 é");
+        assert_eq!(
+            printable("a\x1b[31mb\nc\u{9b}d"),
+            "a\\u{1b}[31mb\\nc\\u{9b}d"
+        );
     }
 }
