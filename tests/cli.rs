@@ -129,3 +129,42 @@ fn names_from_images_are_escaped() {
         assert!(out.contains("x\\u{1b}[31mred\\u{9b}2J"), "{out}");
     }
 }
+
+#[test]
+fn completions_load_in_their_shell() {
+    for shell in ["bash", "zsh", "fish", "powershell", "elvish"] {
+        let script = diskkit_ok(&["completions", shell]);
+        for command in ["convert", "hash", "iso", "pull"] {
+            assert!(script.contains(command), "{shell}: no {command}");
+        }
+    }
+    let bash = Command::new("bash")
+        .args([
+            "-c",
+            &format!(
+                "source <({} completions bash) && complete -p diskkit",
+                diskkit_bin()
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert!(bash.status.success(), "{bash:?}");
+    assert!(String::from_utf8_lossy(&bash.stdout).contains("diskkit"));
+    assert_ne!(diskkit(&["completions", "tcsh"]).0, 0);
+}
+
+#[test]
+fn man_pages_cover_every_command() {
+    let page = diskkit_ok(&["man"]);
+    assert!(
+        page.starts_with(".ie") && page.contains(".TH diskkit 1"),
+        "{page}"
+    );
+    for command in ["info", "convert", "hash", "iso", "push", "completions"] {
+        assert!(page.contains(&format!("diskkit\\-{command}")), "{command}");
+        let sub = diskkit_ok(&["man", command]);
+        assert!(sub.contains(&format!(".TH diskkit-{command} 1")), "{sub}");
+    }
+    let (code, _, err) = diskkit(&["man", "nope"]);
+    assert_eq!((code, err.as_str()), (2, "diskkit: man: no command nope\n"));
+}

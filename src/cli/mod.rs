@@ -4,6 +4,7 @@ mod check;
 mod compare;
 mod convert;
 mod create;
+mod generate;
 mod hash;
 mod info;
 mod iso;
@@ -57,6 +58,8 @@ enum Command {
     Verify(storage::VerifyArgs),
     Ls(storage::LsArgs),
     Rm(storage::RmArgs),
+    Completions(generate::CompletionsArgs),
+    Man(generate::ManArgs),
 }
 
 pub fn run() -> i32 {
@@ -77,6 +80,8 @@ pub fn run() -> i32 {
         Command::Verify(a) => storage::verify(a),
         Command::Ls(a) => storage::ls(a),
         Command::Rm(a) => storage::rm(a),
+        Command::Completions(a) => generate::completions(a),
+        Command::Man(a) => generate::man(a),
     };
     match result {
         Ok(code) => code,

@@ -54,6 +54,10 @@ impl Out {
         self.0.write_fmt(args).map_err(write_error)
     }
 
+    pub fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
+        self.0.write_all(bytes).map_err(write_error)
+    }
+
     pub fn flush(&mut self) -> Result<()> {
         self.0.flush().map_err(write_error)
     }
