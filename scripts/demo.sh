@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: takes the sample image shipped in testdata/ through what a
 # cloud import needs: inspect it, convert it to the upload formats, prove the outputs carry the
-# same disk (compare, hash), and check their metadata. Builds diskkit first (release).
+# same disk (compare, hash), check their metadata, and take one through object storage (a local
+# directory as the bucket: push, ls, pull back, verify). Builds diskkit first (release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --locked -q
-dk=target/release/diskkit
+# Cargo names the binary it built (wherever CARGO_TARGET_DIR or .cargo/config put it).
+dk=$(cargo build --release --locked --message-format=json-render-diagnostics |
+  sed -n 's/.*"executable":"\([^"]*\/diskkit\)".*/\1/p' | tail -n 1)
+[ -x "$dk" ] || { echo "demo: cargo did not report the diskkit binary" >&2; exit 2; }
 sample=${1:-testdata/sample.qcow2}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -28,3 +31,11 @@ $dk hash "$sample" "$work"/*
 step "check metadata"
 $dk check "$work/disk.qcow2"
 $dk check "$work/disk.vhd"
+step "object storage, on a local directory as the bucket (s3://, oss://, obs:// work the same)"
+bucket="$work/bucket"
+mkdir "$bucket"
+$dk push -O qcow2 -c "$sample" "$bucket/images/disk.qcow2"
+$dk ls "$bucket/images/"
+$dk pull -O qcow2 "$bucket/images/disk.qcow2" "$work/pulled.qcow2"
+$dk verify "$bucket/images/disk.qcow2"
+$dk compare "$sample" "$work/pulled.qcow2"

@@ -20,7 +20,12 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
 fi
 
 # A published bootable ISO for tests/iso.rs (skipped, with the reason printed, when unavailable).
-downloads=target/test-downloads
+# Under cargo's target directory, wherever CARGO_TARGET_DIR or .cargo/config put it; the tests
+# find it through DISKKIT_TEST_DOWNLOADS.
+target_dir=$(cargo metadata --format-version 1 --no-deps |
+  sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+export DISKKIT_TEST_DOWNLOADS=${target_dir:-target}/test-downloads
+downloads=$DISKKIT_TEST_DOWNLOADS
 fetch_grub() {
   ( cd "$downloads" && apt-get download grub-rescue-pc >/dev/null 2>&1 &&
     dpkg-deb -x grub-rescue-pc_*.deb grub-rescue-pc )

@@ -83,8 +83,8 @@ pub fn encode_chunk(data: &[u8]) -> Result<Vec<u8>> {
             data.len()
         )));
     }
-    let compressed = zstd::bulk::compress(data, ZSTD_LEVEL)
-        .map_err(|e| Error::invalid(format!("zstd: {e}")))?;
+    let compressed =
+        zstd::bulk::compress(data, ZSTD_LEVEL).map_err(|e| Error::invalid(format!("zstd: {e}")))?;
     let (encoding, stored) = if compressed.len() < data.len() {
         (ChunkEncoding::Zstd, compressed.as_slice())
     } else {
@@ -105,18 +105,23 @@ pub fn encode_chunk(data: &[u8]) -> Result<Vec<u8>> {
 /// the lengths, the CRC and the decompressed length; the caller checks the content's digest
 /// against the chunk's name.
 pub fn decode_chunk(name: &Path, bytes: &[u8]) -> Result<Vec<u8>> {
-    let corrupt = |offset: u64, reason: String| Error::corrupt(name, "chunk header", offset, reason);
+    let corrupt =
+        |offset: u64, reason: String| Error::corrupt(name, "chunk header", offset, reason);
     if bytes.len() < CHUNK_HEADER {
         return Err(corrupt(0, format!("{} bytes is too short", bytes.len())));
     }
     if &bytes[..8] != CHUNK_MAGIC {
         return Err(corrupt(0, "bad magic (not a diskkit chunk)".into()));
     }
-    let word = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    let word =
+        |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
     let raw_len = word(12) as u64;
     let stored_len = word(16) as usize;
     if raw_len > MAX_CHUNK_SIZE {
-        return Err(corrupt(12, format!("guest length {raw_len} is over {MAX_CHUNK_SIZE}")));
+        return Err(corrupt(
+            12,
+            format!("guest length {raw_len} is over {MAX_CHUNK_SIZE}"),
+        ));
     }
     if bytes.len() - CHUNK_HEADER != stored_len {
         return Err(corrupt(
@@ -129,12 +134,21 @@ pub fn decode_chunk(name: &Path, bytes: &[u8]) -> Result<Vec<u8>> {
     }
     let stored = &bytes[CHUNK_HEADER..];
     if crc32c::crc32c(stored) != word(20) {
-        return Err(corrupt(20, "CRC-32C of the stored bytes does not match".into()));
+        return Err(corrupt(
+            20,
+            "CRC-32C of the stored bytes does not match".into(),
+        ));
     }
     let data = match bytes[8] {
         0 => stored.to_vec(),
-        1 => zstd::bulk::decompress(stored, raw_len as usize)
-            .map_err(|e| Error::corrupt(name, "chunk data", CHUNK_HEADER as u64, format!("zstd: {e}")))?,
+        1 => zstd::bulk::decompress(stored, raw_len as usize).map_err(|e| {
+            Error::corrupt(
+                name,
+                "chunk data",
+                CHUNK_HEADER as u64,
+                format!("zstd: {e}"),
+            )
+        })?,
         other => return Err(corrupt(8, format!("unknown encoding {other}"))),
     };
     if data.len() as u64 != raw_len {
@@ -220,19 +234,26 @@ impl SnapshotIndex {
     /// Parses an index object (`name` in errors), checking its length, checksum and the
     /// agreement of its chunk count with the sizes it records.
     pub fn decode(name: &Path, bytes: &[u8]) -> Result<SnapshotIndex> {
-        let corrupt = |offset: u64, reason: String| Error::corrupt(name, "snapshot index", offset, reason);
+        let corrupt =
+            |offset: u64, reason: String| Error::corrupt(name, "snapshot index", offset, reason);
         if bytes.len() < INDEX_HEADER + 32 {
             return Err(corrupt(0, format!("{} bytes is too short", bytes.len())));
         }
         if &bytes[..8] != INDEX_MAGIC {
-            return Err(corrupt(0, "bad magic (not a diskkit snapshot index)".into()));
+            return Err(corrupt(
+                0,
+                "bad magic (not a diskkit snapshot index)".into(),
+            ));
         }
         let meta_len = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize;
         let mut count = [0u8; 8];
         count.copy_from_slice(&bytes[12..20]);
         let count = u64::from_le_bytes(count);
         if meta_len > MAX_META {
-            return Err(corrupt(8, format!("metadata length {meta_len} is over {MAX_META}")));
+            return Err(corrupt(
+                8,
+                format!("metadata length {meta_len} is over {MAX_META}"),
+            ));
         }
         let expected = count
             .checked_mul(32)
@@ -249,7 +270,10 @@ impl SnapshotIndex {
         }
         let body = bytes.len() - 32;
         if Sha256::digest(&bytes[..body]).as_slice() != &bytes[body..] {
-            return Err(corrupt(body as u64, "checksum does not match the content".into()));
+            return Err(corrupt(
+                body as u64,
+                "checksum does not match the content".into(),
+            ));
         }
         let meta_end = INDEX_HEADER + meta_len;
         let meta: SnapshotMeta = serde_json::from_slice(&bytes[INDEX_HEADER..meta_end])
@@ -317,8 +341,13 @@ mod tests {
         let mut flipped = bytes.clone();
         let at = flipped.len() - 40;
         flipped[at] ^= 1;
-        let e = SnapshotIndex::decode(name, &flipped).unwrap_err().to_string();
-        assert!(e.contains("checksum") && e.contains("store/snapshots/x"), "{e}");
+        let e = SnapshotIndex::decode(name, &flipped)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("checksum") && e.contains("store/snapshots/x"),
+            "{e}"
+        );
         // A count that would need a huge allocation is refused from the length alone.
         let mut huge = bytes.clone();
         huge[12..20].copy_from_slice(&u64::MAX.to_le_bytes());
@@ -329,7 +358,9 @@ mod tests {
     fn chunks_round_trip_compressed_or_not() {
         let name = Path::new("c");
         let text = b"log line\n".repeat(10_000);
-        let random: Vec<u8> = (0..100_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let random: Vec<u8> = (0..100_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         for data in [&text[..], &random[..], &[][..]] {
             let enc = encode_chunk(data).unwrap();
             assert_eq!(decode_chunk(name, &enc).unwrap(), data);
@@ -338,7 +369,12 @@ mod tests {
         let mut enc = encode_chunk(&text).unwrap();
         let last = enc.len() - 1;
         enc[last] ^= 0xff;
-        assert!(decode_chunk(name, &enc).unwrap_err().to_string().contains("CRC"));
+        assert!(
+            decode_chunk(name, &enc)
+                .unwrap_err()
+                .to_string()
+                .contains("CRC")
+        );
         let mut lying = encode_chunk(&text).unwrap();
         lying[12..16].copy_from_slice(&(MAX_CHUNK_SIZE as u32 + 1).to_le_bytes());
         assert!(decode_chunk(name, &lying).is_err());

@@ -1,6 +1,6 @@
 //! `diskkit check`: consistency check of image metadata, like `qemu-img check`.
 
-use super::util::{OutputFormat, parse_format};
+use super::util::{Out, OutputFormat, parse_format, printable};
 use diskkit::formats::check::{self, CheckReport, Repair};
 use diskkit::formats::{Error, Format, HostFile, Result, detect};
 use std::path::PathBuf;
@@ -58,13 +58,16 @@ pub fn run(args: Args) -> Result<i32> {
         return Ok(EXIT_NO_CHECK);
     };
     if !args.quiet {
+        let mut out = Out::new();
         match args.output {
-            OutputFormat::Human => print!("{}", human(&report)),
-            OutputFormat::Json => println!(
+            OutputFormat::Human => write!(out, "{}", human(&report))?,
+            OutputFormat::Json => writeln!(
+                out,
                 "{}",
                 serde_json::to_string_pretty(&report).map_err(|e| Error::invalid(e.to_string()))?
-            ),
+            )?,
         }
+        out.flush()?;
     }
     Ok(report.exit_code())
 }
@@ -73,7 +76,7 @@ pub fn run(args: Args) -> Result<i32> {
 fn human(r: &CheckReport) -> String {
     let mut out = String::new();
     for m in &r.messages {
-        out.push_str(m);
+        out.push_str(&printable(m));
         out.push('\n');
     }
     if r.leaks_fixed > 0 || r.corruptions_fixed > 0 {

@@ -1,6 +1,6 @@
 //! `diskkit compare`: are two images the same disk, whatever their formats?
 
-use super::util::{Bar, open_image, parse_format};
+use super::util::{Bar, Out, open_image, parse_format};
 use super::{EXIT_DIFFERENT, EXIT_OK};
 use diskkit::compare::{CompareResult, compare};
 use diskkit::formats::{Format, Result};
@@ -56,7 +56,9 @@ pub fn run(args: Args) -> Result<i32> {
         ),
     };
     if !args.quiet {
-        println!("{msg}");
+        let mut out = Out::new();
+        writeln!(out, "{msg}")?;
+        out.flush()?;
     }
     Ok(code)
 }

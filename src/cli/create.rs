@@ -2,7 +2,7 @@
 
 use super::EXIT_OK;
 use super::convert::open_backing;
-use super::util::{create_options, parse_format, parse_size};
+use super::util::{Out, create_options, parse_format, parse_size};
 use diskkit::formats::{Error, Format, Result};
 use diskkit::output::write_new_image;
 use std::path::PathBuf;
@@ -54,11 +54,14 @@ pub fn run(args: Args) -> Result<i32> {
     };
     write_new_image(args.format, &args.file, size, &mut opts, |_| Ok(()))?;
     if !args.quiet {
-        println!(
+        let mut out = Out::new();
+        writeln!(
+            out,
             "Formatting '{}', fmt={} size={size}",
             args.file.display(),
             args.format
-        );
+        )?;
+        out.flush()?;
     }
     Ok(EXIT_OK)
 }

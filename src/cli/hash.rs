@@ -1,7 +1,7 @@
 //! `diskkit hash`: a format-independent digest of guest content, sha256sum style, with per-chunk
 //! manifests and verification against them.
 
-use super::util::{Bar, open_image, parse_format, parse_size};
+use super::util::{Bar, Out, open_image, parse_format, parse_size, printable, report_error};
 use super::{EXIT_DIFFERENT, EXIT_ERROR, EXIT_OK};
 use diskkit::formats::digest::{ChunkDigest, DEFAULT_CHUNK_SIZE, Manifest, check_chunk_size, hex};
 use diskkit::formats::{Error, Format, Result};
@@ -71,15 +71,22 @@ pub fn run(args: Args) -> Result<i32> {
         manifest.format = Some(format);
         manifest.source = Some(image.display().to_string());
         write_atomically(manifest_path, &manifest.to_json())?;
-        println!("{}  {}", hex(&hash.digest), image.display());
+        let mut out = Out::new();
+        writeln!(out, "{}  {}", hex(&hash.digest), image.display())?;
+        out.flush()?;
         return Ok(EXIT_OK);
     }
     let mut code = EXIT_OK;
+    let mut out = Out::new();
     for image in &images {
         match hash_one(&args, image, chunk_size, None) {
-            Ok((hash, _)) => println!("{}  {}", hex(&hash.digest), image.display()),
+            Ok((hash, _)) => {
+                // Each line as soon as it is known: hashing the next image may take minutes.
+                writeln!(out, "{}  {}", hex(&hash.digest), image.display())?;
+                out.flush()?;
+            }
             Err(e) => {
-                eprintln!("diskkit: {e}");
+                report_error(&e);
                 code = EXIT_ERROR;
             }
         }
@@ -129,29 +136,37 @@ fn check(args: &Args, manifest_path: &Path, image: &Path) -> Result<i32> {
             index += 1;
         }),
     )?;
-    let name = image.display();
+    let name = image.display().to_string();
+    let name = printable(&name);
+    let mut out = Out::new();
     if hash.virtual_size != expected.virtual_size {
-        println!(
+        writeln!(
+            out,
             "{name}: FAILED: virtual size {} differs from the manifest's {}",
             hash.virtual_size, expected.virtual_size
-        );
+        )?;
+        out.flush()?;
         return Ok(EXIT_DIFFERENT);
     }
     if differing.is_empty() && hash.digest == expected.digest {
-        println!("{name}: OK");
+        writeln!(out, "{name}: OK")?;
+        out.flush()?;
         return Ok(EXIT_OK);
     }
     for offset in &differing {
-        println!(
+        writeln!(
+            out,
             "chunk {} at offset {offset}: differs",
             offset / expected.chunk_size
-        );
+        )?;
     }
-    println!(
+    writeln!(
+        out,
         "{name}: FAILED ({} of {} chunks differ)",
         differing.len(),
         expected.chunks.len()
-    );
+    )?;
+    out.flush()?;
     Ok(EXIT_DIFFERENT)
 }
 

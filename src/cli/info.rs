@@ -1,7 +1,7 @@
 //! `diskkit info`: what an image is, as `qemu-img info` shows it.
 
 use super::EXIT_OK;
-use super::util::{OutputFormat, human_size, open_image, parse_format};
+use super::util::{Out, OutputFormat, human_size, open_image, parse_format, printable, warn};
 use diskkit::formats::{Format, Image, ImageInfo, Result};
 use std::path::PathBuf;
 
@@ -35,9 +35,10 @@ pub fn run(args: Args) -> Result<i32> {
     }
     for info in &layers {
         for w in &info.warnings {
-            eprintln!("diskkit: warning: {}: {w}", info.filename.display());
+            warn(&format!("{}: {w}", info.filename.display()));
         }
     }
+    let mut out = Out::new();
     match args.output {
         OutputFormat::Json => {
             let text = if args.backing_chain {
@@ -45,26 +46,29 @@ pub fn run(args: Args) -> Result<i32> {
             } else {
                 serde_json::to_string_pretty(&layers[0])
             };
-            println!(
+            writeln!(
+                out,
                 "{}",
                 text.map_err(|e| diskkit::Error::invalid(e.to_string()))?
-            );
+            )?;
         }
         OutputFormat::Human => {
             for (i, info) in layers.iter().enumerate() {
                 if i > 0 {
-                    println!();
+                    writeln!(out)?;
                 }
-                print!("{}", human(info));
+                write!(out, "{}", human(info))?;
             }
         }
     }
+    out.flush()?;
     Ok(EXIT_OK)
 }
 
 fn human(info: &ImageInfo) -> String {
     let mut s = String::new();
-    let mut line = |k: &str, v: String| s.push_str(&format!("{k}: {v}\n"));
+    // Every value may come from the image (names, backing file names): printed escaped.
+    let mut line = |k: &str, v: String| s.push_str(&format!("{k}: {}\n", printable(&v)));
     line("image", info.filename.display().to_string());
     line("file format", info.format.clone());
     line(
@@ -104,8 +108,8 @@ fn human(info: &ImageInfo) -> String {
         for sn in &info.snapshots {
             s.push_str(&format!(
                 "{:<4} {:<20} {:>10} {:<19} {:>15}\n",
-                sn.id,
-                sn.name,
+                printable(&sn.id),
+                printable(&sn.name),
                 human_size(sn.vm_state_size),
                 format_date(sn.date_sec),
                 format_clock(sn.vm_clock_sec, sn.vm_clock_nsec),
@@ -121,7 +125,7 @@ fn human(info: &ImageInfo) -> String {
             if k == "bootable"
                 && let Some(summary) = boot_summary(data)
             {
-                s.push_str(&format!("    {k}: {summary}\n"));
+                s.push_str(&format!("    {k}: {}\n", printable(&summary)));
             } else {
                 human_value(&mut s, 4, k, v);
             }
@@ -137,19 +141,19 @@ fn human_value(s: &mut String, indent: usize, key: &str, v: &serde_json::Value) 
     let pad = " ".repeat(indent);
     match v {
         Value::Object(map) if !map.is_empty() => {
-            s.push_str(&format!("{pad}{key}:\n"));
+            s.push_str(&format!("{pad}{}:\n", printable(key)));
             for (k, v) in map {
                 human_value(s, indent + 4, k, v);
             }
         }
         Value::Array(items) if !items.is_empty() => {
-            s.push_str(&format!("{pad}{key}:\n"));
+            s.push_str(&format!("{pad}{}:\n", printable(key)));
             for (i, v) in items.iter().enumerate() {
                 human_value(s, indent + 4, &format!("[{i}]"), v);
             }
         }
-        Value::String(t) => s.push_str(&format!("{pad}{key}: {t}\n")),
-        other => s.push_str(&format!("{pad}{key}: {other}\n")),
+        Value::String(t) => s.push_str(&format!("{pad}{}: {}\n", printable(key), printable(t))),
+        other => s.push_str(&format!("{pad}{}: {other}\n", printable(key))),
     }
 }
 

@@ -1,6 +1,7 @@
 //! `diskkit iso`: list and extract the files of an ISO 9660 image.
 
 use super::info::format_date;
+use super::util::{Out, printable, warn};
 use super::{EXIT_ERROR, EXIT_OK};
 use diskkit::Error;
 use diskkit::formats::Result;
@@ -85,21 +86,17 @@ pub fn run(args: Args) -> Result<i32> {
     }
 }
 
-fn warn(message: &str) {
-    eprintln!("diskkit: warning: {message}");
-}
-
 fn ls(args: LsArgs) -> Result<i32> {
     let fs = IsoFs::open(&args.iso)?;
     let (_, entry) = fs.lookup(name_mode(args.names), args.path.as_deref().unwrap_or(""))?;
-    let mut out = std::io::stdout().lock();
+    let mut out = Out::new();
     let mut print = |name: &str, e: &Entry| -> Result<()> {
         let line = if args.long {
             long_line(name, e)
         } else {
-            name.to_string()
+            printable(name).into_owned()
         };
-        writeln!(out, "{line}").map_err(|e| Error::io(Path::new("stdout"), "write", e))
+        writeln!(out, "{line}")
     };
     if !entry.is_dir() {
         print(&entry.name, &entry)?;
@@ -120,6 +117,7 @@ fn ls(args: LsArgs) -> Result<i32> {
             print(&e.name, e)?;
         }
     }
+    out.flush()?;
     Ok(EXIT_OK)
 }
 
@@ -129,13 +127,14 @@ fn long_line(name: &str, e: &Entry) -> String {
         |t| format_date(u64::try_from(t).unwrap_or(0)),
     );
     let link = match &e.kind {
-        EntryKind::Symlink(target) => format!(" -> {target}"),
+        EntryKind::Symlink(target) => format!(" -> {}", printable(target)),
         _ => String::new(),
     };
     format!(
-        "{} {:>12} {date} {name}{link}",
+        "{} {:>12} {date} {}{link}",
         mode_string(e.display_mode()),
-        e.size
+        e.size,
+        printable(name)
     )
 }
 
@@ -213,7 +212,7 @@ fn extract(args: ExtractArgs) -> Result<i32> {
         eprintln!(
             "diskkit: {} problem(s): some entries of {} were not extracted",
             ex.failures,
-            args.iso.display()
+            printable(&args.iso.display().to_string())
         );
         return Ok(EXIT_ERROR);
     }

@@ -1,10 +1,9 @@
 //! `diskkit map`: the allocation map of an image, like `qemu-img map`.
 
 use super::EXIT_OK;
-use super::util::{OutputFormat, open_image, parse_format};
+use super::util::{Out, OutputFormat, open_image, parse_format};
 use diskkit::formats::{Extent, ExtentKind, Extents, Format, Result};
 use serde::Serialize;
-use std::io::Write;
 use std::path::PathBuf;
 
 /// Show which guest ranges hold data, which read as zeros and where they are stored
@@ -59,18 +58,15 @@ impl From<&Extent> for MapEntry {
 
 pub fn run(args: Args) -> Result<i32> {
     let image = open_image(&args.image, args.format, args.snapshot.as_deref())?;
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
-    let io_err = |e: std::io::Error| diskkit::Error::invalid(format!("writing output: {e}"));
+    let mut out = Out::new();
     if args.output == OutputFormat::Human {
         writeln!(
             out,
             "{:<18} {:<18} {:<11} {:>5} {:<18}",
             "Offset", "Length", "Kind", "Depth", "Host offset"
-        )
-        .map_err(io_err)?;
+        )?;
     } else {
-        write!(out, "[").map_err(io_err)?;
+        write!(out, "[")?;
     }
     for (i, e) in Extents::new(image.as_ref(), 0, image.virtual_size()).enumerate() {
         let e = e?;
@@ -79,7 +75,7 @@ pub fn run(args: Args) -> Result<i32> {
                 let sep = if i == 0 { "" } else { ",\n" };
                 let entry = serde_json::to_string(&MapEntry::from(&e))
                     .map_err(|e| diskkit::Error::invalid(e.to_string()))?;
-                write!(out, "{sep}{entry}").map_err(io_err)?;
+                write!(out, "{sep}{entry}")?;
             }
             OutputFormat::Human => {
                 let (kind, host) = match e.kind {
@@ -92,14 +88,13 @@ pub fn run(args: Args) -> Result<i32> {
                     out,
                     "{:<#18x} {:<#18x} {:<11} {:>5} {host}",
                     e.start, e.length, kind, e.depth
-                )
-                .map_err(io_err)?;
+                )?;
             }
         }
     }
     if args.output == OutputFormat::Json {
-        writeln!(out, "]").map_err(io_err)?;
+        writeln!(out, "]")?;
     }
-    out.flush().map_err(io_err)?;
+    out.flush()?;
     Ok(EXIT_OK)
 }

@@ -4,12 +4,14 @@ mod check;
 mod compare;
 mod convert;
 mod create;
+mod generate;
 mod hash;
 mod info;
 mod iso;
 mod map;
 mod measure;
 mod resize;
+mod snapshot;
 mod storage;
 mod util;
 
@@ -57,6 +59,9 @@ enum Command {
     Verify(storage::VerifyArgs),
     Ls(storage::LsArgs),
     Rm(storage::RmArgs),
+    Snapshot(snapshot::Args),
+    Completions(generate::CompletionsArgs),
+    Man(generate::ManArgs),
 }
 
 pub fn run() -> i32 {
@@ -77,11 +82,14 @@ pub fn run() -> i32 {
         Command::Verify(a) => storage::verify(a),
         Command::Ls(a) => storage::ls(a),
         Command::Rm(a) => storage::rm(a),
+        Command::Snapshot(a) => snapshot::run(a),
+        Command::Completions(a) => generate::completions(a),
+        Command::Man(a) => generate::man(a),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("diskkit: {e}");
+            util::report_error(&e);
             EXIT_ERROR
         }
     }

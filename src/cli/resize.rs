@@ -1,7 +1,7 @@
 //! `diskkit resize`: change an image's virtual size, like `qemu-img resize`.
 
 use super::EXIT_OK;
-use super::util::{human_size, open_image, parse_format, parse_size};
+use super::util::{Out, human_size, open_image, parse_format, parse_size};
 use diskkit::convert::allocated_ranges;
 use diskkit::formats::{Error, Format, Result, write};
 use std::path::PathBuf;
@@ -62,7 +62,9 @@ pub fn run(args: Args) -> Result<i32> {
         );
     }
     if !args.quiet {
-        println!("Image resized.");
+        let mut out = Out::new();
+        writeln!(out, "Image resized.")?;
+        out.flush()?;
     }
     Ok(EXIT_OK)
 }

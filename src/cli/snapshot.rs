@@ -1,7 +1,10 @@
 //! `diskkit snapshot ...`: data-disk snapshots in a content-addressed store.
 
 use super::storage::Connection;
-use super::util::{Bar, OutputFormat, create_options, human_size, open_image, parse_format, parse_size};
+use super::util::{
+    Bar, Out, OutputFormat, create_options, human_size, open_image, parse_format, parse_size,
+    printable,
+};
 use super::{EXIT_DIFFERENT, EXIT_OK};
 use diskkit::formats::chunk_store::HOLE;
 use diskkit::formats::write::CacheMode;
@@ -212,7 +215,7 @@ pub fn run(args: Args) -> Result<i32> {
 }
 
 fn open(conn: &Connection, store: &str) -> Result<SnapshotStore> {
-    SnapshotStore::open(store, &conn.settings(), None)
+    SnapshotStore::open(store, &conn.settings(), conn.profile(), None)
 }
 
 fn json(value: &impl serde::Serialize) -> Result<String> {
@@ -220,10 +223,12 @@ fn json(value: &impl serde::Serialize) -> Result<String> {
 }
 
 fn create(args: CreateArgs) -> Result<i32> {
+    let mut out = Out::new();
     let image = open_image(&args.image, args.format, None)?;
     let store = SnapshotStore::open(
         &args.store,
         &args.conn.settings(),
+        args.conn.profile(),
         Some(args.chunk_size.unwrap_or(snapshot::DEFAULT_CHUNK_SIZE)),
     )?;
     if args.chunk_size.is_some_and(|c| c != store.chunk_size()) {
@@ -242,14 +247,15 @@ fn create(args: CreateArgs) -> Result<i32> {
     let report = snapshot::create(&store, image.as_ref(), &args.image, &opts, &bar)?;
     bar.finish();
     match args.output {
-        OutputFormat::Json => println!("{}", json(&report)?),
+        OutputFormat::Json => writeln!(out, "{}", json(&report)?)?,
         OutputFormat::Human => {
             let path = match report.path {
                 snapshot::IncrementalPath::Full => "every data chunk read",
                 snapshot::IncrementalPath::Overlay => "overlay: only the overlay's clusters read",
             };
-            println!("path: {path}");
-            println!(
+            writeln!(out, "path: {path}")?;
+            writeln!(
+                out,
                 "read {}, stored {} new ({} of new data), reused {}, from the parent {}, {} zero chunks",
                 human_size(report.bytes_read),
                 human_size(report.bytes_stored),
@@ -257,50 +263,60 @@ fn create(args: CreateArgs) -> Result<i32> {
                 human_size(report.bytes_reused),
                 human_size(report.bytes_from_parent),
                 report.zero_chunks
-            );
-            println!("digest: {}", report.digest);
-            println!("{}", report.id);
+            )?;
+            writeln!(out, "digest: {}", report.digest)?;
+            writeln!(out, "{}", report.id)?;
         }
     }
+    out.flush()?;
     Ok(EXIT_OK)
 }
 
 fn ls(args: LsArgs) -> Result<i32> {
+    let mut out = Out::new();
     let store = open(&args.conn, &args.store)?;
     let mut entries = store.list()?;
     if let Some(name) = &args.name {
         entries.retain(|e| &e.meta.name == name);
     }
     match args.output {
-        OutputFormat::Json => println!("{}", json(&entries)?),
+        OutputFormat::Json => writeln!(out, "{}", json(&entries)?)?,
         OutputFormat::Human => {
-            println!(
-                "{:<32}  {:<20}  {:>12}  {:>12}  {:<10}  PARENT",
+            writeln!(
+                out,
+                "{:<32}  {:<20}  {:>10}  {:>10}  {:<20}  PARENT",
                 "ID", "NAME", "VIRTUAL", "DATA", "CREATED"
-            );
+            )?;
             for e in entries {
-                println!(
-                    "{:<32}  {:<20}  {:>12}  {:>12}  {:<10}  {}",
+                writeln!(
+                    out,
+                    "{:<32}  {:<20}  {:>10}  {:>10}  {:<20}  {}",
                     e.id,
-                    super::util::escape_for_terminal(&e.meta.name),
+                    printable(&e.meta.name),
                     human_size(e.meta.virtual_size),
                     human_size(e.data_chunks * e.meta.chunk_size),
-                    e.meta.created,
-                    e.meta.parent.as_deref().map_or("-", |p| &p[..12.min(p.len())])
-                );
+                    utc(e.meta.created),
+                    e.meta
+                        .parent
+                        .as_deref()
+                        .map_or("-", |p| &p[..12.min(p.len())])
+                )?;
             }
         }
     }
+    out.flush()?;
     Ok(EXIT_OK)
 }
 
 fn info(args: InfoArgs) -> Result<i32> {
+    let mut out = Out::new();
     let store = open(&args.conn, &args.store)?;
     let image = SnapshotImage::of(store, &args.id)?;
     let meta = &image.index().meta;
     let data_chunks = image.index().chunks.iter().filter(|c| **c != HOLE).count();
     match args.output {
-        OutputFormat::Json => println!(
+        OutputFormat::Json => writeln!(
+            out,
             "{}",
             json(&serde_json::json!({
                 "id": image.id(),
@@ -308,44 +324,63 @@ fn info(args: InfoArgs) -> Result<i32> {
                 "chunks": image.index().chunks.len(),
                 "data-chunks": data_chunks,
             }))?
-        ),
+        )?,
         OutputFormat::Human => {
-            println!("id: {}", image.id());
-            println!("name: {}", super::util::escape_for_terminal(&meta.name));
-            println!("source format: {}", super::util::escape_for_terminal(&meta.source_format));
-            println!("virtual size: {} ({} bytes)", human_size(meta.virtual_size), meta.virtual_size);
-            println!("chunk size: {}", human_size(meta.chunk_size));
-            println!("chunks: {} ({data_chunks} with data)", image.index().chunks.len());
-            println!("created: {}", meta.created);
-            println!("parent: {}", meta.parent.as_deref().unwrap_or("-"));
-            println!("digest: {}", meta.digest);
+            writeln!(out, "id: {}", image.id())?;
+            writeln!(out, "name: {}", printable(&meta.name))?;
+            writeln!(out, "source format: {}", printable(&meta.source_format))?;
+            writeln!(
+                out,
+                "virtual size: {} ({} bytes)",
+                human_size(meta.virtual_size),
+                meta.virtual_size
+            )?;
+            writeln!(out, "chunk size: {}", human_size(meta.chunk_size))?;
+            writeln!(
+                out,
+                "chunks: {} ({data_chunks} with data)",
+                image.index().chunks.len()
+            )?;
+            writeln!(out, "created: {}", utc(meta.created))?;
+            writeln!(out, "parent: {}", meta.parent.as_deref().unwrap_or("-"))?;
+            writeln!(out, "digest: {}", meta.digest)?;
             for (k, v) in &meta.tags {
-                println!(
-                    "tag: {}={}",
-                    super::util::escape_for_terminal(k),
-                    super::util::escape_for_terminal(v)
-                );
+                writeln!(out, "tag: {}={}", printable(k), printable(v))?;
             }
         }
     }
+    out.flush()?;
     Ok(EXIT_OK)
 }
 
 fn diff(args: DiffArgs) -> Result<i32> {
+    let mut out = Out::new();
     let store = open(&args.conn, &args.store)?;
     let a = store.index(&store.resolve(&args.id1)?)?;
     let b = store.index(&store.resolve(&args.id2)?)?;
     let ranges = snapshot::diff(&a, &b)?;
     match args.output {
-        OutputFormat::Json => println!("{}", json(&ranges)?),
+        OutputFormat::Json => writeln!(out, "{}", json(&ranges)?)?,
         OutputFormat::Human => {
             for r in &ranges {
-                println!("{:#x} +{:#x} ({})", r.start, r.length, human_size(r.length));
+                writeln!(
+                    out,
+                    "{:#x} +{:#x} ({})",
+                    r.start,
+                    r.length,
+                    human_size(r.length)
+                )?;
             }
             let total: u64 = ranges.iter().map(|r| r.length).sum();
-            println!("{} changed in {} ranges", human_size(total), ranges.len());
+            writeln!(
+                out,
+                "{} changed in {} ranges",
+                human_size(total),
+                ranges.len()
+            )?;
         }
     }
+    out.flush()?;
     Ok(EXIT_OK)
 }
 
@@ -369,58 +404,79 @@ fn restore(args: RestoreArgs) -> Result<i32> {
 }
 
 fn rm(args: RmArgs) -> Result<i32> {
+    let mut out = Out::new();
     let store = open(&args.conn, &args.store)?;
     // Resolve every id first: a typo removes nothing.
-    let ids: Vec<String> = args.ids.iter().map(|i| store.resolve(i)).collect::<Result<_>>()?;
+    let ids: Vec<String> = args
+        .ids
+        .iter()
+        .map(|i| store.resolve(i))
+        .collect::<Result<_>>()?;
     for id in ids {
         store.remove(&id)?;
-        println!("removed {id}");
+        writeln!(out, "removed {id}")?;
     }
+    out.flush()?;
     Ok(EXIT_OK)
 }
 
 fn gc(args: StoreArgs) -> Result<i32> {
+    let mut out = Out::new();
     let store = open(&args.conn, &args.store)?;
     let r = snapshot::gc(&store)?;
-    println!(
+    writeln!(
+        out,
         "{} snapshots; {} chunks kept, {} removed ({})",
         r.snapshots,
         r.chunks_kept,
         r.chunks_removed,
         human_size(r.bytes_removed)
-    );
+    )?;
+    out.flush()?;
     Ok(EXIT_OK)
 }
 
 fn verify(args: VerifyArgs) -> Result<i32> {
+    let mut out = Out::new();
     let store = open(&args.conn, &args.store)?;
-    let ids: Vec<String> = args.ids.iter().map(|i| store.resolve(i)).collect::<Result<_>>()?;
+    let ids: Vec<String> = args
+        .ids
+        .iter()
+        .map(|i| store.resolve(i))
+        .collect::<Result<_>>()?;
     let report = snapshot::verify(&store, &ids, args.read_data)?;
     for (id, e) in &report.bad_indexes {
-        println!("snapshot {id}: {}", super::util::escape_for_terminal(e));
+        writeln!(out, "snapshot {id}: {}", printable(e))?;
     }
     for d in &report.damaged {
-        println!(
+        writeln!(
+            out,
             "chunk {}: {} (used by {})",
             d.chunk,
-            super::util::escape_for_terminal(&d.problem),
+            printable(&d.problem),
             d.snapshots.join(", ")
-        );
+        )?;
     }
-    println!(
+    writeln!(
+        out,
         "{} snapshots, {} chunks checked{}: {}",
         report.snapshots,
         report.chunks_checked,
         if args.read_data { " (data read)" } else { "" },
         if report.is_clean() { "OK" } else { "DAMAGED" }
-    );
-    Ok(if report.is_clean() { EXIT_OK } else { EXIT_DIFFERENT })
+    )?;
+    out.flush()?;
+    Ok(if report.is_clean() {
+        EXIT_OK
+    } else {
+        EXIT_DIFFERENT
+    })
 }
 
-/// Opens `STORE#ID` as an image, for commands that take image sources.
-pub fn open_snapshot_source(spec: &str, conn: &Connection) -> Result<Box<dyn Image>> {
-    let (store, id) = spec
-        .rsplit_once('#')
-        .ok_or_else(|| Error::invalid(format!("{spec}: not STORE#ID")))?;
-    Ok(Box::new(SnapshotImage::open(store, id, &conn.settings())?))
+/// Seconds since the epoch as `2026-12-06T02:56:36Z`.
+fn utc(secs: u64) -> String {
+    i64::try_from(secs)
+        .ok()
+        .and_then(|s| jiff::Timestamp::from_second(s).ok())
+        .map_or_else(|| secs.to_string(), |t| t.to_string())
 }

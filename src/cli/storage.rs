@@ -35,15 +35,25 @@ pub struct Connection {
 }
 
 impl Connection {
-    fn open(&self, url: &str) -> Result<(Location, Store)> {
-        let location = Location::parse(url)?;
-        let settings = Settings {
+    /// The settings the flags give; the environment and the profile fill in the rest when a
+    /// store is opened.
+    pub fn settings(&self) -> Settings {
+        Settings {
             endpoint: self.endpoint.clone(),
             region: self.region.clone(),
             virtual_host: self.virtual_host,
             ..Settings::default()
         }
-        .resolve(location.scheme, self.profile.as_deref())?;
+    }
+
+    /// The profile named by `--profile`.
+    pub fn profile(&self) -> Option<&str> {
+        self.profile.as_deref()
+    }
+
+    fn open(&self, url: &str) -> Result<(Location, Store)> {
+        let location = Location::parse(url)?;
+        let settings = self.settings().resolve(location.scheme, self.profile())?;
         let store = Store::open(&location, &settings)?;
         Ok((location, store))
     }

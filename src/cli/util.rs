@@ -4,7 +4,82 @@ use clap::ValueEnum;
 use diskkit::formats::{CreateOptions, Format, Image, OpenOptions, Result, open};
 use diskkit::progress::Progress;
 use indicatif::{ProgressBar, ProgressStyle};
+use std::borrow::Cow;
+use std::io::{BufWriter, StdoutLock, Write};
 use std::path::Path;
+
+/// `text` safe to print on a terminal: control characters (escape sequences, newlines, C1
+/// codes) in names taken from images and manifests are shown as Rust escapes (`\u{1b}`), so
+/// they can neither drive the terminal nor fake an output line.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    Cow::Owned(
+        text.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
+/// Prints an error on stderr as every command does; error texts quote names from images.
+pub fn report_error(e: &diskkit::Error) {
+    eprintln!("diskkit: {}", printable(&e.to_string()));
+}
+
+/// Prints a warning on stderr.
+pub fn warn(message: &str) {
+    eprintln!("diskkit: warning: {}", printable(message));
+}
+
+/// Standard output of every command, buffered; the one place that decides what a failed write
+/// means. A reader that went away (`diskkit hash *.qcow2 | head -1`) ends the process quietly
+/// by SIGPIPE, as coreutils and qemu-img do (status 141 in a shell); any other failure (a full
+/// disk) is the error `write error: No space left on device`. `write!`/`writeln!` work on it and
+/// return that error; a command calls `flush` before it succeeds.
+pub struct Out(BufWriter<StdoutLock<'static>>);
+
+impl Out {
+    pub fn new() -> Self {
+        Out(BufWriter::new(std::io::stdout().lock()))
+    }
+
+    pub fn write_fmt(&mut self, args: std::fmt::Arguments) -> Result<()> {
+        self.0.write_fmt(args).map_err(write_error)
+    }
+
+    pub fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
+        self.0.write_all(bytes).map_err(write_error)
+    }
+
+    pub fn flush(&mut self) -> Result<()> {
+        self.0.flush().map_err(write_error)
+    }
+}
+
+fn write_error(e: std::io::Error) -> diskkit::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        // Rust ignores SIGPIPE at startup (writes then fail with EPIPE); restore the default
+        // action and take the signal, so the shell and `set -o pipefail` see what they see
+        // for coreutils.
+        // SAFETY: resetting a signal disposition and raising it have no memory effects.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            libc::raise(libc::SIGPIPE);
+        }
+        std::process::exit(128 + libc::SIGPIPE);
+    }
+    // "No space left on device", without the " (os error 28)" of io::Error's Display.
+    let text = e.to_string();
+    let reason = text.split(" (os error").next().unwrap_or(&text);
+    diskkit::Error::invalid(format!("write error: {reason}"))
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
@@ -16,11 +91,28 @@ pub fn parse_format(s: &str) -> std::result::Result<Format, String> {
     Format::parse(s).map_err(|e| e.to_string())
 }
 
+/// Opens an image source: a file, or `STORE#ID`, a snapshot in a snapshot store (connection
+/// settings from the environment and the default profile). A file whose name contains `#`
+/// is still a file when it exists.
 pub fn open_image(
     path: &Path,
     format: Option<Format>,
     snapshot: Option<&str>,
 ) -> Result<Box<dyn Image>> {
+    if !path.exists()
+        && let Some((store, id)) = path.to_str().and_then(|s| s.rsplit_once('#'))
+    {
+        if format.is_some() || snapshot.is_some() {
+            return Err(diskkit::Error::invalid(format!(
+                "{}: a store snapshot has no -f or -l",
+                path.display()
+            )));
+        }
+        let settings = diskkit::storage::Settings::default();
+        return Ok(Box::new(diskkit::snapshot::SnapshotImage::open(
+            store, id, &settings, None,
+        )?));
+    }
     open(
         path,
         &OpenOptions {
@@ -106,5 +198,14 @@ mod tests {
         assert_eq!(human_size(1 << 30), "1 GiB");
         assert_eq!(human_size(1536), "1.500 KiB");
         assert_eq!(human_size(100), "100 B");
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(printable("disk-1.qcow2 é"), "disk-1.qcow2 é");
+        assert_eq!(
+            printable("a\x1b[31mb\nc\u{9b}d"),
+            "a\\u{1b}[31mb\\nc\\u{9b}d"
+        );
     }
 }

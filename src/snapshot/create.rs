@@ -1,8 +1,8 @@
 //! `snapshot create`: an image into the store, storing only chunks the store lacks.
 
 use super::{SnapshotStore, now_secs};
-use crate::progress::Progress;
 use crate::output::PendingOutput;
+use crate::progress::Progress;
 use diskkit_formats::chunk_store::{self, HOLE, SnapshotIndex, SnapshotMeta, SourceIdentity};
 use diskkit_formats::digest::{ChunkDigest, DigestBuilder, hex};
 use diskkit_formats::image::first_nonzero_byte;
@@ -255,7 +255,8 @@ impl Work<'_> {
             return Ok(digest);
         }
         let encoded = chunk_store::encode_chunk(&data)?;
-        self.stored.fetch_add(encoded.len() as u64, Ordering::Relaxed);
+        self.stored
+            .fetch_add(encoded.len() as u64, Ordering::Relaxed);
         self.new.fetch_add(length, Ordering::Relaxed);
         self.store.put_chunk(&digest, encoded)?;
         Ok(digest)

@@ -24,8 +24,13 @@ pub struct SnapshotImage {
 
 impl SnapshotImage {
     /// Opens snapshot `id` (or a unique prefix) of the store at `url`.
-    pub fn open(url: &str, id: &str, settings: &Settings) -> Result<SnapshotImage> {
-        let store = SnapshotStore::open(url, settings, None)?;
+    pub fn open(
+        url: &str,
+        id: &str,
+        settings: &Settings,
+        profile: Option<&str>,
+    ) -> Result<SnapshotImage> {
+        let store = SnapshotStore::open(url, settings, profile, None)?;
         Self::of(store, id)
     }
 

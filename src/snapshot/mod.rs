@@ -70,9 +70,11 @@ pub struct SnapshotEntry {
 impl SnapshotStore {
     /// Opens the store at `url`. With `create_chunk_size`, a store that does not exist yet is
     /// created with that chunk size; without, it must exist.
+    /// `settings` come from flags; the environment and `profile` fill in the rest.
     pub fn open(
         url: &str,
         settings: &Settings,
+        profile: Option<&str>,
         create_chunk_size: Option<u64>,
     ) -> Result<SnapshotStore> {
         if let Some(size) = create_chunk_size {
@@ -85,13 +87,14 @@ impl SnapshotStore {
             }
         }
         let location = Location::parse(url)?;
-        if location.scheme == Scheme::Local && !Path::new(&location.bucket).join(&location.key).is_dir()
+        if location.scheme == Scheme::Local
+            && !Path::new(&location.bucket).join(&location.key).is_dir()
         {
             return Err(Error::invalid(format!(
                 "{url}: no snapshot store here (snapshot create makes one)"
             )));
         }
-        let settings = settings.clone().resolve(location.scheme, None)?;
+        let settings = settings.clone().resolve(location.scheme, profile)?;
         let store = Store::open(&location, &settings)?;
         let prefix = match location.key.trim_end_matches('/') {
             "" => String::new(),
@@ -101,7 +104,12 @@ impl SnapshotStore {
         let chunk_size = match store.read_small(&config_key)? {
             Some(bytes) => {
                 let config: StoreConfig = serde_json::from_slice(&bytes).map_err(|e| {
-                    Error::corrupt(Path::new(&location.with_key(&config_key).url()), "store config", 0, e.to_string())
+                    Error::corrupt(
+                        Path::new(&location.with_key(&config_key).url()),
+                        "store config",
+                        0,
+                        e.to_string(),
+                    )
                 })?;
                 if config.format != STORE_FORMAT || config.version != STORE_VERSION {
                     return Err(Error::unsupported(
@@ -148,7 +156,11 @@ impl SnapshotStore {
 
     /// The store's URL, for messages.
     pub fn url(&self) -> String {
-        self.location.with_key(self.prefix.trim_end_matches('/')).url()
+        let url = self
+            .location
+            .with_key(self.prefix.trim_end_matches('/'))
+            .url();
+        url.trim_end_matches('/').to_string()
     }
 
     fn chunk_key(&self, digest: &[u8; 32]) -> String {
@@ -187,9 +199,10 @@ impl SnapshotStore {
     pub fn read_chunk(&self, digest: &[u8; 32]) -> Result<Vec<u8>> {
         let key = self.chunk_key(digest);
         let name = self.object_name(&key);
-        let bytes = self.store.read_small(&key)?.ok_or_else(|| {
-            Error::corrupt(&name, "chunk", 0, "missing from the store")
-        })?;
+        let bytes = self
+            .store
+            .read_small(&key)?
+            .ok_or_else(|| Error::corrupt(&name, "chunk", 0, "missing from the store"))?;
         let data = chunk_store::decode_chunk(&name, &bytes)?;
         if Sha256::digest(&data).as_slice() != digest {
             return Err(Error::corrupt(
@@ -367,9 +380,19 @@ fn host_name() -> String {
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     let name: String = String::from_utf8_lossy(&buf[..end])
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
-    if ok && !name.is_empty() { name } else { "localhost".into() }
+    if ok && !name.is_empty() {
+        name
+    } else {
+        "localhost".into()
+    }
 }
 
 fn now_secs() -> u64 {
@@ -494,7 +517,11 @@ impl VerifyReport {
 /// name. Chunks are read in parallel.
 pub fn verify(store: &SnapshotStore, ids: &[String], read_data: bool) -> Result<VerifyReport> {
     use rayon::prelude::*;
-    let ids = if ids.is_empty() { store.ids()? } else { ids.to_vec() };
+    let ids = if ids.is_empty() {
+        store.ids()?
+    } else {
+        ids.to_vec()
+    };
     let mut report = VerifyReport::default();
     let mut users: BTreeMap<[u8; 32], Vec<String>> = BTreeMap::new();
     for id in ids {

@@ -1,0 +1,170 @@
+//! The command line as a user meets it: output to closed pipes and full devices, control
+//! characters from images, completions and the man page, help texts.
+
+mod common;
+use common::*;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// Runs diskkit with stdout on `stdout`; returns (status, stderr).
+fn run_with_stdout(args: &[&str], stdout: Stdio) -> (std::process::ExitStatus, String) {
+    let out = Command::new(diskkit_bin())
+        .args(args)
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run diskkit");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Every command that prints, on a small qcow2 and a small ISO in `dir`.
+fn printing_commands(dir: &Path) -> Vec<Vec<String>> {
+    let qcow2 = p(dir, "a.qcow2");
+    qemu_img(&["create", "-f", "qcow2", path_str(&qcow2), "1M"]);
+    let iso = p(dir, "a.iso");
+    std::fs::create_dir_all(dir.join("tree")).unwrap();
+    std::fs::write(dir.join("tree/file"), b"x").unwrap();
+    let made = Command::new("xorriso")
+        .args(["-as", "mkisofs", "-quiet", "-R", "-o"])
+        .arg(&iso)
+        .arg(dir.join("tree"))
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let q = path_str(&qcow2).to_string();
+    let i = path_str(&iso).to_string();
+    let cmd = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    vec![
+        cmd(&["info", &q]),
+        cmd(&["info", "--output", "json", &q]),
+        cmd(&["map", &q]),
+        cmd(&["check", &q]),
+        cmd(&["compare", &q, &q]),
+        cmd(&["hash", &q, &q]),
+        cmd(&["iso", "ls", "-l", &i]),
+    ]
+}
+
+#[test]
+fn full_device_is_a_write_error_not_a_panic() {
+    let dir = tempdir();
+    for args in printing_commands(dir.path()) {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let (status, err) = run_with_stdout(&as_refs(&args), full.into());
+        assert_eq!(status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(
+            err, "diskkit: write error: No space left on device\n",
+            "{args:?}"
+        );
+    }
+}
+
+#[test]
+fn closed_pipe_ends_quietly_by_sigpipe() {
+    let dir = tempdir();
+    for args in printing_commands(dir.path()) {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let (status, err) = run_with_stdout(&as_refs(&args), writer.into());
+        assert_eq!(status.signal(), Some(libc::SIGPIPE), "{args:?}: {err}");
+        assert_eq!(err, "", "{args:?}");
+    }
+}
+
+/// True when `text` holds an escape sequence or a control character other than line ends.
+fn has_raw_controls(text: &str) -> bool {
+    text.chars().any(|c| c.is_control() && c != '\n')
+}
+
+#[test]
+fn names_from_images_are_escaped() {
+    let dir = tempdir();
+    let evil = "x\u{1b}[31mred\u{9b}2J";
+    // A qcow2 whose backing file name carries an escape sequence (the backing does not exist).
+    let top = p(dir.path(), "top.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-u",
+        "-F",
+        "raw",
+        "-b",
+        evil,
+        path_str(&top),
+        "1M",
+    ]);
+    let (_, out, err) = diskkit(&["info", path_str(&top)]);
+    assert!(
+        !has_raw_controls(&out) && !has_raw_controls(&err),
+        "{out}{err}"
+    );
+    assert!(
+        format!("{out}{err}").contains("\\u{1b}[31mred"),
+        "{out}{err}"
+    );
+    // A Rock Ridge name and a symbolic link target with one.
+    let tree = dir.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    std::fs::write(tree.join(evil), b"x").unwrap();
+    std::os::unix::fs::symlink(evil, tree.join("link")).unwrap();
+    let iso = p(dir.path(), "a.iso");
+    let made = Command::new("xorriso")
+        .args(["-as", "mkisofs", "-quiet", "-R", "-o"])
+        .arg(&iso)
+        .arg(&tree)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    for long in [&[][..], &["-l"]] {
+        let out = diskkit_ok(&[&["iso", "ls"], long, &[path_str(&iso)]].concat());
+        assert!(!has_raw_controls(&out), "{out}");
+        assert!(out.contains("x\\u{1b}[31mred\\u{9b}2J"), "{out}");
+    }
+}
+
+#[test]
+fn completions_load_in_their_shell() {
+    for shell in ["bash", "zsh", "fish", "powershell", "elvish"] {
+        let script = diskkit_ok(&["completions", shell]);
+        for command in ["convert", "hash", "iso", "pull"] {
+            assert!(script.contains(command), "{shell}: no {command}");
+        }
+    }
+    let bash = Command::new("bash")
+        .args([
+            "-c",
+            &format!(
+                "source <({} completions bash) && complete -p diskkit",
+                diskkit_bin()
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert!(bash.status.success(), "{bash:?}");
+    assert!(String::from_utf8_lossy(&bash.stdout).contains("diskkit"));
+    assert_ne!(diskkit(&["completions", "tcsh"]).0, 0);
+}
+
+#[test]
+fn man_pages_cover_every_command() {
+    let page = diskkit_ok(&["man"]);
+    assert!(
+        page.starts_with(".ie") && page.contains(".TH diskkit 1"),
+        "{page}"
+    );
+    for command in ["info", "convert", "hash", "iso", "push", "completions"] {
+        assert!(page.contains(&format!("diskkit\\-{command}")), "{command}");
+        let sub = diskkit_ok(&["man", command]);
+        assert!(sub.contains(&format!(".TH diskkit-{command} 1")), "{sub}");
+    }
+    let (code, _, err) = diskkit(&["man", "nope"]);
+    assert_eq!((code, err.as_str()), (2, "diskkit: man: no command nope\n"));
+}
