@@ -3,9 +3,13 @@
 
 use crate::parallel::read_pool;
 use crate::progress::Progress;
-use diskkit_formats::image::first_nonzero_byte;
-use diskkit_formats::{Error, Extents, Image, Result};
+use diskkit_formats::image::{
+    GuestRange, Step, Walk, allocated_ranges, first_nonzero_byte, with_bytes,
+};
+use diskkit_formats::{Error, Image, Result};
 use rayon::prelude::*;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Bytes compared per parallel task: large enough to amortise the map lookups and reads, small
 /// enough that memory stays bounded (two buffers per worker thread).
@@ -43,25 +47,7 @@ pub fn compare(
         });
     }
     let common = size_a.min(size_b);
-    let chunks = common.div_ceil(CHUNK);
-    let first = read_pool()?.install(|| {
-        (0..chunks)
-            .into_par_iter()
-            .map(|i| {
-                let start = i * CHUNK;
-                let end = (start + CHUNK).min(common);
-                let r = compare_range(a, b, start, end);
-                progress.advance(end - start);
-                r
-            })
-            .find_map_first(|r| match r {
-                Ok(None) => None,
-                other => Some(other),
-            })
-    });
-    if let Some(r) = first
-        && let Some(offset) = r?
-    {
+    if let Some(offset) = first_difference_in(a, b, common, progress)? {
         return Ok(CompareResult::ContentDiffers { offset });
     }
     let longer = if size_a > size_b { a } else { b };
@@ -71,87 +57,126 @@ pub fn compare(
     Ok(CompareResult::Identical)
 }
 
-/// The first guest offset in [start, end) at which the two images differ.
-fn compare_range(a: &dyn Image, b: &dyn Image, start: u64, end: u64) -> Result<Option<u64>> {
-    let mut buf_a = Vec::new();
-    let mut buf_b = Vec::new();
-    let mut ext_b = Extents::new(b, start, end).peekable();
-    for ea in Extents::new(a, start, end) {
-        let ea = ea?;
-        let mut pos = ea.start;
-        while pos < ea.end() {
-            let eb = match ext_b.peek() {
-                Some(Ok(eb)) if eb.end() <= pos => {
-                    ext_b.next();
-                    continue;
-                }
-                Some(Ok(eb)) => *eb,
-                Some(Err(_)) => {
-                    return Err(match ext_b.next() {
-                        Some(Err(e)) => e,
-                        _ => Error::invalid("extent walk lost its error"),
-                    });
-                }
-                None => {
-                    return Err(Error::invalid(format!(
-                        "extent map of the second image ends before {pos:#x}"
-                    )));
-                }
-            };
-            let seg_end = ea.end().min(eb.end());
-            let len = (seg_end - pos) as usize;
-            match (ea.is_zero(), eb.is_zero()) {
-                (true, true) => {}
-                (true, false) => {
-                    if let Some(o) = nonzero_in(b, pos, len, &mut buf_b)? {
-                        return Ok(Some(o));
-                    }
-                }
-                (false, true) => {
-                    if let Some(o) = nonzero_in(a, pos, len, &mut buf_a)? {
-                        return Ok(Some(o));
-                    }
-                }
-                (false, false) => {
-                    buf_a.resize(len, 0);
-                    buf_b.resize(len, 0);
-                    a.read_at(&mut buf_a, pos)?;
-                    b.read_at(&mut buf_b, pos)?;
-                    if let Some(i) = first_difference(&buf_a, &buf_b) {
-                        return Ok(Some(pos + i as u64));
-                    }
-                }
-            }
-            pos = seg_end;
+/// The first offset below `end` at which `a` and `b` differ. Cells are compared in parallel; the
+/// outcome (difference or error) at the lowest offset wins, and cells above an outcome found
+/// are skipped.
+fn first_difference_in(
+    a: &dyn Image,
+    b: &dyn Image,
+    end: u64,
+    progress: &dyn Progress,
+) -> Result<Option<u64>> {
+    let mut walk = Walk::new(&[a, b], GuestRange::new(0, end), CHUNK)?;
+    let first = Mutex::new(None::<(u64, Result<u64>)>);
+    let limit = AtomicU64::new(u64::MAX);
+    let found = |at: u64, outcome: Result<u64>| {
+        limit.fetch_min(at, Ordering::Relaxed);
+        if let Ok(mut first) = first.lock()
+            && first.as_ref().is_none_or(|(f, _)| at < *f)
+        {
+            *first = Some((at, outcome));
         }
+    };
+    // A failing walk stops at its position: every step before it lies below.
+    let steps = std::iter::from_fn(|| {
+        let at = walk.position();
+        walk.next().map(|step| step.map_err(|e| (at, e)))
+    });
+    read_pool()?.install(|| {
+        steps
+            .take_while(|_| limit.load(Ordering::Relaxed) == u64::MAX)
+            .par_bridge()
+            .for_each_init(CellBuffers::default, |bufs, step| match step {
+                Err((at, e)) => found(at, Err(e)),
+                Ok(step) => {
+                    let range = step.range();
+                    if range.start >= limit.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    if let Step::Cell { data, .. } = &step {
+                        match compare_cell(a, b, range, data, bufs) {
+                            Ok(None) => {}
+                            Ok(Some(offset)) => found(offset, Ok(offset)),
+                            Err(e) => found(range.start, Err(e)),
+                        }
+                    }
+                    progress.advance(range.len());
+                }
+            })
+    });
+    match first.into_inner() {
+        Ok(first) => first.map(|(_, outcome)| outcome).transpose(),
+        Err(_) => Err(Error::invalid("compare: a worker panicked")),
+    }
+}
+
+/// Per-worker read buffers, reused from cell to cell.
+#[derive(Default)]
+struct CellBuffers {
+    a: Vec<u8>,
+    b: Vec<u8>,
+}
+
+/// The first offset in `cell` at which `a` and `b` differ; `data` holds the data ranges of each
+/// image inside the cell.
+fn compare_cell(
+    a: &dyn Image,
+    b: &dyn Image,
+    cell: GuestRange,
+    data: &[Vec<GuestRange>],
+    bufs: &mut CellBuffers,
+) -> Result<Option<u64>> {
+    let (no_data, mut pos) = (Vec::new(), cell.start);
+    let (mut data_a, mut data_b) = (
+        data.first().unwrap_or(&no_data).iter().peekable(),
+        data.get(1).unwrap_or(&no_data).iter().peekable(),
+    );
+    while pos < cell.end {
+        // Whether each image has data at `pos`, and up to where that holds.
+        let state = |ranges: &mut std::iter::Peekable<std::slice::Iter<GuestRange>>| {
+            while ranges.next_if(|r| r.end <= pos).is_some() {}
+            match ranges.peek() {
+                Some(r) if r.start <= pos => (true, r.end),
+                Some(r) => (false, r.start),
+                None => (false, cell.end),
+            }
+        };
+        let (in_a, until_a) = state(&mut data_a);
+        let (in_b, until_b) = state(&mut data_b);
+        let part = GuestRange::new(pos, until_a.min(until_b).min(cell.end));
+        let diff = match (in_a, in_b) {
+            (false, false) => None,
+            (true, false) => nonzero_in(a, part, &mut bufs.a)?,
+            (false, true) => nonzero_in(b, part, &mut bufs.b)?,
+            (true, true) => with_bytes(a, part, &mut bufs.a, |x| {
+                with_bytes(b, part, &mut bufs.b, |y| first_difference(x, y))
+            })??
+            .map(|i| part.start + i as u64),
+        };
+        if diff.is_some() {
+            return Ok(diff);
+        }
+        pos = part.end;
     }
     Ok(None)
 }
 
-/// The first non-zero guest byte of `image` in [start, end), reading only non-zero extents.
+/// The first non-zero guest byte of `image` in [start, end), reading only its data ranges.
 pub fn first_nonzero(image: &dyn Image, start: u64, end: u64) -> Result<Option<u64>> {
     let mut buf = Vec::new();
-    for e in Extents::new(image, start, end) {
-        let e = e?;
-        if e.is_zero() {
-            continue;
-        }
-        let mut pos = e.start;
-        while pos < e.end() {
-            let len = (e.end() - pos).min(CHUNK) as usize;
-            if let Some(o) = nonzero_in(image, pos, len, &mut buf)? {
+    for range in allocated_ranges(image, GuestRange::new(start, end)) {
+        for part in range?.cells(CHUNK) {
+            if let Some(o) = nonzero_in(image, part, &mut buf)? {
                 return Ok(Some(o));
             }
-            pos += len as u64;
         }
     }
     Ok(None)
 }
 
-fn nonzero_in(image: &dyn Image, pos: u64, len: usize, buf: &mut Vec<u8>) -> Result<Option<u64>> {
-    buf.resize(len, 0);
-    image.read_at(buf, pos)?;
-    Ok(first_nonzero_byte(buf).map(|i| pos + i as u64))
+fn nonzero_in(image: &dyn Image, range: GuestRange, buf: &mut Vec<u8>) -> Result<Option<u64>> {
+    let at = with_bytes(image, range, buf, first_nonzero_byte)?;
+    Ok(at.map(|i| range.start + i as u64))
 }
 
 fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {

@@ -10,14 +10,13 @@
 //! name, synced, renamed into place), so an interrupted conversion never leaves a partial image
 //! under the final name; the source is only read.
 
-use crate::parallel::read_pool;
+use crate::parallel::{pool_of, read_pool};
 use crate::progress::Progress;
 use diskkit_formats::host::HostFile;
-use diskkit_formats::image::first_nonzero_byte;
+use diskkit_formats::image::{self, GuestRange, Step, Walk, first_nonzero_byte, read_filled};
 use diskkit_formats::write::{self, CreateOptions, ImageWriter};
-use diskkit_formats::{Error, Extents, Format, Image, Result};
+use diskkit_formats::{Error, Format, Image, Result};
 use rayon::prelude::*;
-use std::iter::Peekable;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -115,27 +114,16 @@ pub fn convert(
         .max(src.optimal_transfer().min(MAX_CHUNK))
         .max(unit)
         .next_multiple_of(unit);
-    let mut layers = vec![allocated_ranges(src, 0, size).peekable()];
-    if let Some(b) = opts.backing {
-        layers.push(allocated_ranges(b, 0, size).peekable());
-    }
-    let plan = Plan {
-        layers,
-        pos: 0,
-        end: size,
-        chunk,
-    };
+    let mut layers = vec![src];
+    layers.extend(opts.backing);
+    let walk = Walk::new(&layers, GuestRange::new(0, size), chunk)?;
     let run = || {
-        plan.par_bridge()
-            .try_for_each_init(Buffers::default, |bufs, job| engine.run(job?, bufs))
+        walk.par_bridge()
+            .try_for_each_init(Buffers::default, |bufs, step| engine.run(step?, bufs))
     };
     match opts.threads {
         None => read_pool()?.install(run)?,
-        Some(n) => rayon::ThreadPoolBuilder::new()
-            .num_threads(n.max(1))
-            .build()
-            .map_err(|e| Error::invalid(format!("cannot start {n} threads: {e}")))?
-            .install(run)?,
+        Some(n) => pool_of(n)?.install(run)?,
     }
     Ok(ConvertStats {
         read: engine.read.into_inner(),
@@ -211,123 +199,15 @@ fn refuse_input_as_output(src: &dyn Image, backing: Option<&dyn Image>, out: &Pa
     Ok(())
 }
 
-/// The guest ranges `(start, end)` of `image` in `[start, end)` that its map does not call zero:
-/// what a copy must read. Metadata only.
-pub fn allocated_ranges<'a>(image: &'a dyn Image, start: u64, end: u64) -> DataRanges<'a> {
-    DataRanges(Extents::new(image, start, end))
-}
-
-pub struct DataRanges<'a>(Extents<'a>);
-
-impl Iterator for DataRanges<'_> {
-    type Item = Result<(u64, u64)>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        loop {
-            match self.0.next()? {
-                Ok(e) if e.is_zero() => continue,
-                Ok(e) => return Some(Ok((e.start, e.end()))),
-                Err(err) => return Some(Err(err)),
-            }
-        }
-    }
-}
-
-/// A unit of work: a range where no layer has data, or one chunk with the data ranges of each
-/// layer (source, then backing) inside it.
-enum Job {
-    Gap {
-        start: u64,
-        end: u64,
-    },
-    Chunk {
-        start: u64,
-        end: u64,
-        layers: Vec<Vec<(u64, u64)>>,
-    },
-}
-
-/// Cuts the guest space into jobs, walking the layers' extent maps in step. Sequential and
-/// metadata-only; the workers pull jobs as they become free, so few are ever pending.
-struct Plan<'a> {
-    layers: Vec<Peekable<DataRanges<'a>>>,
-    /// Chunk-aligned start of the next job.
-    pos: u64,
+/// The guest ranges `(start, end)` of `image` in `[start, end)` that its map does not call zero.
+// Tuples for the callers outside the engine until they take the `GuestRange`s of
+// [`image::allocated_ranges`].
+pub fn allocated_ranges(
+    image: &dyn Image,
+    start: u64,
     end: u64,
-    chunk: u64,
-}
-
-impl Plan<'_> {
-    fn next_job(&mut self) -> Result<Option<Job>> {
-        if self.pos >= self.end {
-            return Ok(None);
-        }
-        let mut next_data = self.end;
-        for layer in &mut self.layers {
-            match layer.peek() {
-                Some(Ok((s, _))) => next_data = next_data.min(*s),
-                Some(Err(_)) => return Err(take_error(layer)),
-                None => {}
-            }
-        }
-        // Ranges below `pos` were consumed by earlier jobs, so `next_data >= pos`.
-        let chunk_start = if next_data >= self.end {
-            self.end
-        } else {
-            next_data / self.chunk * self.chunk
-        };
-        if chunk_start > self.pos {
-            let job = Job::Gap {
-                start: self.pos,
-                end: chunk_start,
-            };
-            self.pos = chunk_start;
-            return Ok(Some(job));
-        }
-        let (start, end) = (self.pos, (self.pos + self.chunk).min(self.end));
-        let mut layers = Vec::with_capacity(self.layers.len());
-        for layer in &mut self.layers {
-            let mut ranges = Vec::new();
-            loop {
-                match layer.peek_mut() {
-                    Some(Ok((s, e))) if *s < end => {
-                        ranges.push(((*s).max(start), (*e).min(end)));
-                        if *e > end {
-                            *s = end;
-                            break;
-                        }
-                        layer.next();
-                    }
-                    Some(Err(_)) => return Err(take_error(layer)),
-                    _ => break,
-                }
-            }
-            layers.push(ranges);
-        }
-        self.pos = end;
-        Ok(Some(Job::Chunk { start, end, layers }))
-    }
-}
-
-fn take_error(layer: &mut Peekable<DataRanges>) -> Error {
-    match layer.next() {
-        Some(Err(e)) => e,
-        _ => Error::invalid("extent walk lost its error"),
-    }
-}
-
-impl Iterator for Plan<'_> {
-    type Item = Result<Job>;
-
-    fn next(&mut self) -> Option<Result<Job>> {
-        match self.next_job() {
-            Ok(job) => job.map(Ok),
-            Err(e) => {
-                self.pos = self.end;
-                Some(Err(e))
-            }
-        }
-    }
+) -> impl Iterator<Item = Result<(u64, u64)>> + '_ {
+    image::allocated_ranges(image, GuestRange::new(start, end)).map(|r| r.map(|r| (r.start, r.end)))
 }
 
 /// What to do with one zero-detection unit of a chunk.
@@ -344,7 +224,7 @@ enum Action {
 struct Buffers {
     src: Vec<u8>,
     /// The source's data ranges inside the part being copied through `src`.
-    ranges: Vec<(u64, u64)>,
+    ranges: Vec<GuestRange>,
     backing: Vec<u8>,
     actions: Vec<Action>,
 }
@@ -366,28 +246,25 @@ struct Engine<'a> {
 }
 
 impl Engine<'_> {
-    fn run(&self, job: Job, bufs: &mut Buffers) -> Result<()> {
-        match job {
-            Job::Gap { start, end } => {
+    fn run(&self, step: Step, bufs: &mut Buffers) -> Result<()> {
+        let range = step.range();
+        match step {
+            Step::Zeros(_) => {
                 // Zeros on both sides in overlay mode: nothing differs from the backing image.
                 if self.backing.is_none() && self.zero_needed {
-                    self.zero(start, end - start)?;
+                    self.zero(range.start, range.len())?;
                 }
-                self.progress.advance(end - start);
             }
-            Job::Chunk { start, end, layers } => {
-                self.chunk(start, end, &layers, bufs)?;
-                self.progress.advance(end - start);
-            }
+            Step::Cell { range, data } => self.chunk(range, &data, bufs)?,
         }
+        self.progress.advance(range.len());
         Ok(())
     }
 
     fn chunk(
         &self,
-        start: u64,
-        end: u64,
-        layers: &[Vec<(u64, u64)>],
+        range: GuestRange,
+        layers: &[Vec<GuestRange>],
         bufs: &mut Buffers,
     ) -> Result<()> {
         let no_ranges = Vec::new();
@@ -395,26 +272,25 @@ impl Engine<'_> {
         match self.backing {
             Some(backing) => {
                 let back_ranges = layers.get(1).unwrap_or(&no_ranges);
-                self.write_differences(start, end, src_ranges, backing, back_ranges, bufs)
+                self.write_differences(range, src_ranges, backing, back_ranges, bufs)
             }
-            None => self.copy(start, end, src_ranges, bufs),
+            None => self.copy(range, src_ranges, bufs),
         }
     }
 
-    /// Copies guest bytes `[start, end)`, where the source maps `ranges` as data. Runs of whole
-    /// units inside one range are written straight from the source's memory map when it has one
-    /// (one copy less, and the kernel's copy out of the source's page cache is the largest cost
-    /// of an uncompressed conversion after the copy into the output's); the rest goes through
-    /// a buffer.
-    fn copy(&self, start: u64, end: u64, ranges: &[(u64, u64)], bufs: &mut Buffers) -> Result<()> {
+    /// Copies guest bytes `range`, where the source maps `ranges` as data. Runs of whole units
+    /// inside one range are written straight from the source's memory map when it has one (one
+    /// copy less, and the kernel's copy out of the source's page cache is the largest cost of an
+    /// uncompressed conversion after the copy into the output's); the rest goes through a buffer.
+    fn copy(&self, range: GuestRange, ranges: &[GuestRange], bufs: &mut Buffers) -> Result<()> {
         let size = self.src.virtual_size();
-        let mut pos = start;
-        for &(s, e) in ranges {
-            let lo = s.next_multiple_of(self.unit);
-            let hi = if e == size {
-                e
+        let mut pos = range.start;
+        for r in ranges {
+            let lo = r.start.next_multiple_of(self.unit);
+            let hi = if r.end == size {
+                r.end
             } else {
-                e / self.unit * self.unit
+                r.end / self.unit * self.unit
             };
             if lo >= hi {
                 continue;
@@ -427,36 +303,34 @@ impl Engine<'_> {
             if mapped {
                 written?;
                 self.read.fetch_add(hi - lo, Ordering::Relaxed);
-                self.copy_buffered(pos, lo, ranges, bufs)?;
+                self.copy_buffered(GuestRange::new(pos, lo), ranges, bufs)?;
                 pos = hi;
             }
         }
-        self.copy_buffered(pos, end, ranges, bufs)
+        self.copy_buffered(GuestRange::new(pos, range.end), ranges, bufs)
     }
 
-    /// Copies guest bytes `[start, end)` (unit-aligned, or ending at the image's end) through a
-    /// buffer: `ranges` (clipped to it) read from the source, zeros elsewhere.
+    /// Copies guest bytes `range` (unit-aligned, or ending at the image's end) through a buffer:
+    /// `ranges` (clipped to it) read from the source, zeros elsewhere.
     fn copy_buffered(
         &self,
-        start: u64,
-        end: u64,
-        ranges: &[(u64, u64)],
+        range: GuestRange,
+        ranges: &[GuestRange],
         bufs: &mut Buffers,
     ) -> Result<()> {
-        if start >= end {
+        if range.is_empty() {
             return Ok(());
         }
         bufs.ranges.clear();
         bufs.ranges.extend(
             ranges
                 .iter()
-                .filter(|&&(s, e)| e > start && s < end)
-                .map(|&(s, e)| (s.max(start), e.min(end))),
+                .filter(|r| r.end > range.start && r.start < range.end)
+                .map(|r| GuestRange::new(r.start.max(range.start), r.end.min(range.end))),
         );
-        let len = (end - start) as usize;
-        self.fill(self.src, &bufs.ranges, start, len, &mut bufs.src)?;
-        let has_data = units_with_data(&bufs.ranges, start, len, self.unit as usize);
-        self.write_units(&bufs.src, start, Some(&has_data), &mut bufs.actions)
+        self.fill(self.src, range, &bufs.ranges, &mut bufs.src)?;
+        let has_data = units_with_data(&bufs.ranges, range, self.unit);
+        self.write_units(&bufs.src, range.start, Some(&has_data), &mut bufs.actions)
     }
 
     /// Writes `data`, the guest bytes at `offset` (unit-aligned): units the source maps as zero
@@ -478,23 +352,20 @@ impl Engine<'_> {
         self.apply(data, offset, actions)
     }
 
-    /// Overlay mode: writes the units of `[start, end)` whose content differs from the backing
-    /// image's.
+    /// Overlay mode: writes the units of `range` whose content differs from the backing image's.
     fn write_differences(
         &self,
-        start: u64,
-        end: u64,
-        src_ranges: &[(u64, u64)],
+        range: GuestRange,
+        src_ranges: &[GuestRange],
         backing: &dyn Image,
-        back_ranges: &[(u64, u64)],
+        back_ranges: &[GuestRange],
         bufs: &mut Buffers,
     ) -> Result<()> {
-        let len = (end - start) as usize;
         let unit = self.unit as usize;
-        self.fill(self.src, src_ranges, start, len, &mut bufs.src)?;
-        self.fill(backing, back_ranges, start, len, &mut bufs.backing)?;
-        let src_data = units_with_data(src_ranges, start, len, unit);
-        let back_data = units_with_data(back_ranges, start, len, unit);
+        self.fill(self.src, range, src_ranges, &mut bufs.src)?;
+        self.fill(backing, range, back_ranges, &mut bufs.backing)?;
+        let src_data = units_with_data(src_ranges, range, self.unit);
+        let back_data = units_with_data(back_ranges, range, self.unit);
         bufs.actions.clear();
         for (i, piece) in bufs.src.chunks(unit).enumerate() {
             let same = (!src_data[i] && !back_data[i])
@@ -509,7 +380,7 @@ impl Engine<'_> {
                 Action::Write
             });
         }
-        self.apply(&bufs.src, start, &bufs.actions)
+        self.apply(&bufs.src, range.start, &bufs.actions)
     }
 
     /// Carries out one action per unit of `data` (the guest bytes at `offset`), a run of equal
@@ -535,26 +406,17 @@ impl Engine<'_> {
         Ok(())
     }
 
-    /// Fills `buf` with the guest bytes of `[start, start + len)`: `ranges` read from `image`,
-    /// zeros elsewhere.
+    /// Fills `buf` with the guest bytes of `range`: `ranges` read from `image`, zeros elsewhere.
     fn fill(
         &self,
         image: &dyn Image,
-        ranges: &[(u64, u64)],
-        start: u64,
-        len: usize,
+        range: GuestRange,
+        ranges: &[GuestRange],
         buf: &mut Vec<u8>,
     ) -> Result<()> {
-        buf.resize(len, 0);
-        let mut pos = 0;
-        for &(s, e) in ranges {
-            let (lo, hi) = ((s - start) as usize, (e - start) as usize);
-            buf[pos..lo].fill(0);
-            image.read_at(&mut buf[lo..hi], s)?;
-            self.read.fetch_add(e - s, Ordering::Relaxed);
-            pos = hi;
-        }
-        buf[pos..].fill(0);
+        buf.resize(range.len() as usize, 0);
+        let read = read_filled(image, range.start, buf, ranges.iter().copied().map(Ok))?;
+        self.read.fetch_add(read, Ordering::Relaxed);
         Ok(())
     }
 
@@ -565,13 +427,18 @@ impl Engine<'_> {
     }
 }
 
-/// For each `unit`-sized piece of a chunk, whether any of `ranges` touches it.
-fn units_with_data(ranges: &[(u64, u64)], start: u64, len: usize, unit: usize) -> Vec<bool> {
-    let mut has = vec![false; len.div_ceil(unit)];
-    for &(s, e) in ranges {
-        let first = (s - start) as usize / unit;
-        let last = ((e - start) as usize).div_ceil(unit);
-        has[first..last].fill(true);
+/// For each unit-sized piece of `range`, whether any of `ranges` (inside it) touches it.
+fn units_with_data(ranges: &[GuestRange], range: GuestRange, unit: u64) -> Vec<bool> {
+    let mut has = vec![false; range.len().div_ceil(unit) as usize];
+    for r in ranges {
+        let inside = GuestRange::new(
+            r.start.saturating_sub(range.start),
+            r.end.saturating_sub(range.start),
+        );
+        let units = inside.clusters(unit);
+        if let Some(flags) = has.get_mut(units.start as usize..units.end as usize) {
+            flags.fill(true);
+        }
     }
     has
 }

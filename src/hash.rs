@@ -9,13 +9,13 @@
 //!
 //! Streams: chunks are read sequentially while the previous batch is hashed in parallel.
 
-use crate::parallel::read_pool;
+use crate::parallel::{cores, read_pool};
 use crate::progress::Progress;
 use diskkit_formats::digest::{ChunkDigest, ChunkHasher, DigestBuilder};
-use diskkit_formats::{Error, Extent, Extents, Image, Result};
+use diskkit_formats::image::{GuestRange, Step, Walk, for_each_piece};
+use diskkit_formats::{Error, Image, Result};
 use rayon::prelude::*;
 use std::io::{ErrorKind, Read};
-use std::ops::Range;
 use std::sync::Mutex;
 
 /// The digest of a whole image or stream.
@@ -35,7 +35,7 @@ const STREAM_BATCH_BYTES: u64 = 64 << 20;
 const DATA_CHUNKS_PER_THREAD: usize = 8;
 
 /// Bytes read at once by a hashing thread: small enough to stay in the CPU cache until hashed.
-const READ_PIECE: usize = 256 << 10;
+const READ_PIECE: u64 = 256 << 10;
 
 /// Zero chunks per window cost 48 bytes each: this bounds a window of a huge sparse image.
 const MAX_WINDOW_CHUNKS: usize = 1 << 16;
@@ -43,12 +43,11 @@ const MAX_WINDOW_CHUNKS: usize = 1 << 16;
 /// What to do for one chunk.
 enum Job {
     /// The map says every byte reads as zero.
-    Zero { offset: u64, length: u64 },
-    /// Read the `data` ranges (guest offsets); the rest of the chunk is zeros.
+    Zero(GuestRange),
+    /// Read the `data` ranges; the rest of the chunk is zeros.
     Read {
-        offset: u64,
-        length: u64,
-        data: Vec<Range<u64>>,
+        chunk: GuestRange,
+        data: Vec<GuestRange>,
     },
 }
 
@@ -64,10 +63,10 @@ pub fn hash_image(
     let hasher = chunk_hasher(chunk_size, on_chunk.is_some())?;
     let mut builder = DigestBuilder::new(chunk_size)?;
     let size = image.virtual_size();
-    let buffers = BufferPool::new(READ_PIECE);
+    let buffers = BufferPool::default();
     let pool = read_pool()?;
     let max_data_jobs = DATA_CHUNKS_PER_THREAD * pool.current_num_threads();
-    let mut cutter = ChunkCutter::new(image, chunk_size);
+    let mut cutter = ChunkCutter::new(image, chunk_size)?;
     let mut window = Vec::new();
     loop {
         window.clear();
@@ -89,14 +88,10 @@ pub fn hash_image(
                 .par_iter()
                 .map(|job| {
                     let d = match job {
-                        Job::Zero { offset, length } => hasher.zero(*offset, *length),
-                        Job::Read {
-                            offset,
-                            length,
-                            data,
-                        } => buffers.with(|piece| {
-                            hash_chunk(&hasher, image, *offset, *length, data, piece)
-                        })?,
+                        Job::Zero(chunk) => hasher.zero(chunk.start, chunk.len()),
+                        Job::Read { chunk, data } => {
+                            buffers.with(|buf| hash_chunk(&hasher, image, *chunk, data, buf))?
+                        }
                     };
                     progress.advance(d.length);
                     Ok(d)
@@ -133,121 +128,77 @@ fn chunk_hasher(chunk_size: u64, with_crc: bool) -> Result<ChunkHasher> {
     }
 }
 
-/// Digests of the chunk of `length` bytes at `offset` whose data lies in `data` (the rest is
-/// zero), read through `piece` a piece at a time: pieces stay in the CPU cache between the copy
-/// and the hashing, where a whole chunk would go out to memory and back.
+/// Digests of `chunk`, whose data lies in `data` (the rest is zero), read through `buf` a piece
+/// at a time: pieces stay in the CPU cache between the copy and the hashing, where a whole chunk
+/// would go out to memory and back.
 fn hash_chunk(
     hasher: &ChunkHasher,
     image: &dyn Image,
-    offset: u64,
-    length: u64,
-    data: &[Range<u64>],
-    piece: &mut [u8],
+    chunk: GuestRange,
+    data: &[GuestRange],
+    buf: &mut Vec<u8>,
 ) -> Result<ChunkDigest> {
-    let mut chunk = hasher.start(offset);
-    let mut pos = offset;
-    for r in data {
-        chunk.feed_zeros(r.start - pos);
-        pos = r.start;
-        // The whole range at once where it lies mapped in one piece, else piece by piece (each
-        // mapped where it can be): trying the whole rest again per piece could rescan the map.
-        if image.with_mapped(pos, r.end - pos, &mut |bytes| chunk.feed(bytes))? {
-            pos = r.end;
-        }
-        while pos < r.end {
-            let n = (r.end - pos).min(piece.len() as u64) as usize;
-            if !image.with_mapped(pos, n as u64, &mut |bytes| chunk.feed(bytes))? {
-                image.read_at(&mut piece[..n], pos)?;
-                chunk.feed(&piece[..n]);
-            }
-            pos += n as u64;
-        }
+    let mut digest = hasher.start(chunk.start);
+    let mut pos = chunk.start;
+    for &r in data {
+        digest.feed_zeros(r.start - pos);
+        for_each_piece(image, r, READ_PIECE, buf, &mut |bytes| digest.feed(bytes))?;
+        pos = r.end;
     }
-    chunk.feed_zeros(offset + length - pos);
-    Ok(chunk.finish())
+    digest.feed_zeros(chunk.end - pos);
+    Ok(digest.finish())
 }
 
-/// Walks the extent map once, in guest order, and cuts it into chunk jobs.
+/// Cuts the guest walk into chunk jobs, one per chunk: runs of zeros one chunk at a time.
 struct ChunkCutter<'a> {
-    extents: Extents<'a>,
-    /// The extent that covers `pos`, once fetched.
-    current: Option<Extent>,
-    pos: u64,
-    size: u64,
+    walk: Walk<'a>,
+    /// What is left of the last run of zeros of the walk.
+    zeros: GuestRange,
     chunk_size: u64,
 }
 
 impl<'a> ChunkCutter<'a> {
-    fn new(image: &'a dyn Image, chunk_size: u64) -> Self {
-        let size = image.virtual_size();
-        ChunkCutter {
-            extents: Extents::new(image, 0, size),
-            current: None,
-            pos: 0,
-            size,
+    fn new(image: &'a dyn Image, chunk_size: u64) -> Result<Self> {
+        let all = GuestRange::new(0, image.virtual_size());
+        Ok(ChunkCutter {
+            walk: Walk::new(&[image], all, chunk_size)?,
+            zeros: GuestRange::new(0, 0),
             chunk_size,
-        }
+        })
     }
 
     fn next_job(&mut self) -> Result<Option<Job>> {
-        let offset = self.pos;
-        if offset >= self.size {
-            return Ok(None);
-        }
-        let end = (offset + self.chunk_size).min(self.size);
-        let mut data: Vec<Range<u64>> = Vec::new();
-        while self.pos < end {
-            let e = match self.current {
-                Some(e) if e.end() > self.pos => e,
-                _ => {
-                    let e = self.extents.next().transpose()?.ok_or_else(|| {
-                        Error::invalid(format!("extent map ends before {:#x}", self.pos))
-                    })?;
-                    self.current = Some(e);
-                    e
-                }
-            };
-            let part_end = e.end().min(end);
-            if !e.is_zero() {
-                match data.last_mut() {
-                    Some(last) if last.end == self.pos => last.end = part_end,
-                    _ => data.push(self.pos..part_end),
+        loop {
+            if let Some(chunk) = self.zeros.cells(self.chunk_size).next() {
+                self.zeros.start = chunk.end;
+                return Ok(Some(Job::Zero(chunk)));
+            }
+            match self.walk.next().transpose()? {
+                None => return Ok(None),
+                Some(Step::Zeros(zeros)) => self.zeros = zeros,
+                Some(Step::Cell { range, mut data }) => {
+                    return Ok(Some(Job::Read {
+                        chunk: range,
+                        data: data.pop().unwrap_or_default(),
+                    }));
                 }
             }
-            self.pos = part_end;
         }
-        let length = end - offset;
-        Ok(Some(if data.is_empty() {
-            Job::Zero { offset, length }
-        } else {
-            Job::Read {
-                offset,
-                length,
-                data,
-            }
-        }))
     }
 }
 
 /// Read buffers reused across chunks: as many exist as chunks are read at once, and they are
 /// freed when the hash is done.
+#[derive(Default)]
 struct BufferPool {
     free: Mutex<Vec<Vec<u8>>>,
-    size: usize,
 }
 
 impl BufferPool {
-    fn new(size: usize) -> Self {
-        BufferPool {
-            free: Mutex::new(Vec::new()),
-            size,
-        }
-    }
-
-    /// Runs `f` on a buffer of `size` bytes with unspecified content.
-    fn with<T>(&self, f: impl FnOnce(&mut [u8]) -> T) -> T {
+    /// Runs `f` on a buffer with unspecified content.
+    fn with<T>(&self, f: impl FnOnce(&mut Vec<u8>) -> T) -> T {
         let taken = self.free.lock().ok().and_then(|mut v| v.pop());
-        let mut buf = taken.unwrap_or_else(|| vec![0; self.size]);
+        let mut buf = taken.unwrap_or_default();
         let out = f(&mut buf);
         if let Ok(mut v) = self.free.lock() {
             v.push(buf);
@@ -267,13 +218,13 @@ pub fn hash_stream(
 ) -> Result<ImageHash> {
     let hasher = chunk_hasher(chunk_size, on_chunk.is_some())?;
     let mut builder = DigestBuilder::new(chunk_size)?;
-    let batch = (STREAM_BATCH_BYTES / chunk_size).clamp(1, 2 * rayon::current_num_threads() as u64)
-        as usize;
+    let batch = (STREAM_BATCH_BYTES / chunk_size).clamp(1, 2 * cores() as u64) as usize;
+    let pool = read_pool()?;
     let mut spare = Vec::new();
     let mut current = read_batch(reader, chunk_size as usize, batch, &mut spare)?;
     while !current.is_empty() {
         let base = builder.covered();
-        let (digests, next) = rayon::join(
+        let (digests, next) = pool.join(
             || {
                 let offsets = current.iter().scan(base, |next_offset, c| {
                     let o = *next_offset;

@@ -1,6 +1,13 @@
 //! The image model shared by every format: a virtual size, an extent map that says what backs each
 //! guest range without reading data, and positioned reads of guest content.
 
+mod walk;
+
+pub use walk::{
+    DataRanges, GuestRange, Step, TouchedClusters, Walk, allocated_ranges, for_each_piece,
+    read_filled, touched_clusters, with_bytes,
+};
+
 use crate::error::{Error, Result};
 use serde::Serialize;
 use std::fmt;
@@ -88,6 +95,10 @@ pub struct Extent {
 impl Extent {
     pub fn end(&self) -> u64 {
         self.start + self.length
+    }
+
+    pub fn range(&self) -> GuestRange {
+        GuestRange::new(self.start, self.end())
     }
 
     /// True when the range reads as zeros without reading anything.

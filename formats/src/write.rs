@@ -6,7 +6,7 @@
 //! into place only after `finish` has returned (outputs are synced by then).
 
 use crate::error::{Error, Result};
-use crate::image::Format;
+use crate::image::{Format, GuestRange};
 use crate::qcow2::{self, Qcow2Writer};
 use crate::raw::{self, RawWriter};
 use crate::vhd::{self, VhdWriter};
@@ -71,13 +71,13 @@ pub fn open_existing(format: Format, path: &Path) -> Result<Box<dyn ImageWriter>
 }
 
 /// Host bytes a new image of `format` needs for a guest of `virtual_size` bytes whose data lies
-/// in `allocated` (guest ranges `(start, end)`, ascending, as
-/// `convert::allocated_ranges` yields them).
+/// in `allocated` (ascending, as [`allocated_ranges`](crate::image::allocated_ranges) yields
+/// them).
 pub fn measure(
     format: Format,
     virtual_size: u64,
     opts: &mut CreateOptions,
-    allocated: &mut dyn Iterator<Item = Result<(u64, u64)>>,
+    allocated: &mut dyn Iterator<Item = Result<GuestRange>>,
 ) -> Result<Measure> {
     match format {
         Format::Raw => {
@@ -86,10 +86,17 @@ pub fn measure(
             let _ = allocated;
             Ok(raw::measure(virtual_size))
         }
-        Format::Qcow2 => qcow2::measure(virtual_size, opts, allocated),
-        Format::Vhd => vhd::measure(virtual_size, opts, allocated),
+        // The formats' `measure` take `(start, end)` tuples until their tests pass `GuestRange`s.
+        Format::Qcow2 => qcow2::measure(virtual_size, opts, &mut as_tuples(allocated)),
+        Format::Vhd => vhd::measure(virtual_size, opts, &mut as_tuples(allocated)),
         other => Err(cannot_write(other)),
     }
+}
+
+fn as_tuples(
+    ranges: &mut dyn Iterator<Item = Result<GuestRange>>,
+) -> impl Iterator<Item = Result<(u64, u64)>> + '_ {
+    ranges.map(|r| r.map(|r| (r.start, r.end)))
 }
 
 /// Changes the virtual size of an image in place. Shrinking drops guest data past the new end;

@@ -2,7 +2,7 @@
 
 use super::EXIT_OK;
 use super::util::{OutputFormat, create_options, open_image, parse_format, parse_size};
-use diskkit::convert::allocated_ranges;
+use diskkit::formats::image::{GuestRange, allocated_ranges};
 use diskkit::formats::{Format, Result, write};
 use std::path::PathBuf;
 
@@ -44,7 +44,7 @@ pub fn run(args: Args) -> Result<i32> {
         (Some(src), _) => {
             let image = open_image(src, args.format, args.snapshot.as_deref())?;
             let size = image.virtual_size();
-            let mut ranges = allocated_ranges(image.as_ref(), 0, size);
+            let mut ranges = allocated_ranges(image.as_ref(), GuestRange::new(0, size));
             write::measure(args.out_format, size, &mut opts, &mut ranges)?
         }
         (None, size) => {

@@ -11,7 +11,7 @@ use super::l2::{COMPRESSED, COPIED, Geometry, MAX_L1_BYTES, OFFSET_MASK, ZERO, r
 use super::refcount::{Counts, RefcountLayout, write_structure};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
-use crate::image::{Format, first_nonzero_byte};
+use crate::image::{Format, GuestRange, first_nonzero_byte, touched_clusters};
 use crate::write::{CreateOptions, ImageWriter, Measure, Writeback};
 use std::collections::HashMap;
 use std::fs::File;
@@ -687,6 +687,7 @@ impl ImageWriter for Qcow2Writer {
 
 /// Size of a new qcow2 image of `virtual_size` bytes holding the guest ranges `allocated`
 /// (`(start, end)`, ascending), as `qemu-img measure -O qcow2` computes it.
+// The tuples stay until tests/qcow2_write.rs passes `GuestRange`s.
 pub fn measure(
     virtual_size: u64,
     opts: &mut CreateOptions,
@@ -700,18 +701,13 @@ pub fn measure(
         // The backing file may share nothing with the source: every cluster may be written.
         aligned
     } else {
-        let mut total = 0u64;
-        let mut counted_end = 0u64;
-        for range in allocated {
-            let (start, end) = range?;
-            let first = (start / cs * cs).max(counted_end);
-            let end = end.next_multiple_of(cs);
-            if end > first {
-                total += end - first;
-                counted_end = end;
-            }
+        let ranges = allocated.map(|r| r.map(|(start, end)| GuestRange::new(start, end)));
+        let mut clusters = 0u64;
+        for run in touched_clusters(ranges, cs) {
+            let run = run?;
+            clusters += run.end - run.start;
         }
-        total
+        clusters * cs
     };
     let fully = full_size(&cfg, aligned);
     Ok(Measure {

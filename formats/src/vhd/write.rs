@@ -4,7 +4,7 @@ use super::layout::*;
 use super::read::{checked_guest_size, locate_footer};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
-use crate::image::{Format, check_guest_range};
+use crate::image::{Format, GuestRange, check_guest_range, touched_clusters};
 use crate::write::{CreateOptions, ImageWriter, Measure};
 use std::fs::File;
 use std::io::Read;
@@ -424,8 +424,9 @@ impl ImageWriter for VhdWriter {
     }
 }
 
-/// Bytes a new VHD needs: `required` for the allocated guest ranges `(start, end)` (a dynamic
-/// disk stores every block they touch), `fully_allocated` for every block.
+/// Bytes a new VHD needs: `required` for the allocated guest ranges `(start, end)` (ascending;
+/// a dynamic disk stores every block they touch), `fully_allocated` for every block.
+// The tuples stay until tests/vhd.rs passes `GuestRange`s.
 pub fn measure(
     virtual_size: u64,
     opts: &mut CreateOptions,
@@ -440,21 +441,13 @@ pub fn measure(
             fully_allocated,
         });
     }
-    let bs = plan.block_size;
-    let mut touched = vec![0u64; entries.div_ceil(64) as usize];
-    for range in allocated {
-        let (start, end) = range?;
-        let end = end.min(plan.virtual_size);
-        if start >= end {
-            continue;
-        }
-        for b in start / bs..end.div_ceil(bs) {
-            if let Some(w) = touched.get_mut((b / 64) as usize) {
-                *w |= 1 << (b % 64);
-            }
-        }
+    let inside =
+        allocated.map(|r| r.map(|(start, end)| GuestRange::new(start, end.min(plan.virtual_size))));
+    let mut blocks = 0u64;
+    for run in touched_clusters(inside, plan.block_size) {
+        let run = run?;
+        blocks += run.end.min(entries).saturating_sub(run.start);
     }
-    let blocks: u64 = touched.iter().map(|w| u64::from(w.count_ones())).sum();
     Ok(Measure {
         required: plan.file_size(blocks),
         fully_allocated,

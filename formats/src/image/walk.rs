@@ -1,0 +1,504 @@
+//! The one walk over guest content that every pass reading an image goes through (convert,
+//! compare, hash): the extent maps of one or more images walked in step and cut to the caller's
+//! grid, into runs where no image has data (nothing to read) and grid cells with each image's
+//! data ranges; and the reads of those ranges, in place where the image has them mapped.
+
+use super::{Extents, Image};
+use crate::error::{Error, Result};
+use std::fmt;
+use std::iter::Peekable;
+use std::ops::Range;
+
+/// Guest bytes `[start, end)`. One type for every guest range, so that an end cannot be taken
+/// for a length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GuestRange {
+    pub start: u64,
+    pub end: u64,
+}
+
+impl GuestRange {
+    pub fn new(start: u64, end: u64) -> Self {
+        GuestRange { start, end }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.end.saturating_sub(self.start)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.end <= self.start
+    }
+
+    /// Indexes of the clusters of `cluster_size` bytes (not 0) that the range touches.
+    pub fn clusters(&self, cluster_size: u64) -> Range<u64> {
+        if self.is_empty() {
+            return 0..0;
+        }
+        self.start / cluster_size..self.end.div_ceil(cluster_size)
+    }
+
+    /// The pieces of the range cut at the multiples of `grid` (not 0).
+    pub fn cells(self, grid: u64) -> impl Iterator<Item = GuestRange> {
+        let mut pos = self.start;
+        std::iter::from_fn(move || {
+            if pos >= self.end {
+                return None;
+            }
+            let end = next_boundary(pos, grid).min(self.end);
+            let cell = GuestRange::new(pos, end);
+            pos = end;
+            Some(cell)
+        })
+    }
+}
+
+impl fmt::Display for GuestRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}..{:#x}", self.start, self.end)
+    }
+}
+
+/// The first multiple of `grid` above `pos`, or `u64::MAX` past the last one.
+fn next_boundary(pos: u64, grid: u64) -> u64 {
+    (pos / grid)
+        .checked_add(1)
+        .and_then(|n| n.checked_mul(grid))
+        .unwrap_or(u64::MAX)
+}
+
+/// The ranges of `image` inside `range` that its map does not call zero: what a copy must read.
+/// Ascending, inside the virtual size; reads metadata only.
+pub fn allocated_ranges(image: &dyn Image, range: GuestRange) -> DataRanges<'_> {
+    DataRanges(Extents::new(image, range.start, range.end))
+}
+
+pub struct DataRanges<'a>(Extents<'a>);
+
+impl Iterator for DataRanges<'_> {
+    type Item = Result<GuestRange>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            match self.0.next()? {
+                Ok(e) if e.is_zero() => continue,
+                Ok(e) => return Some(Ok(e.range())),
+                Err(err) => return Some(Err(err)),
+            }
+        }
+    }
+}
+
+/// The clusters of `cluster_size` bytes (not 0) that `ranges` (ascending) touch, as ascending
+/// runs of cluster indexes, each cluster once: a range that reaches back into clusters already
+/// counted adds only the new ones. What an image format stores for a guest's data.
+pub fn touched_clusters<I>(ranges: I, cluster_size: u64) -> TouchedClusters<I::IntoIter>
+where
+    I: IntoIterator<Item = Result<GuestRange>>,
+{
+    TouchedClusters {
+        ranges: ranges.into_iter(),
+        cluster_size,
+        counted: 0,
+        pending: None,
+    }
+}
+
+pub struct TouchedClusters<I> {
+    ranges: I,
+    cluster_size: u64,
+    /// Clusters below this one are counted.
+    counted: u64,
+    /// The run being extended.
+    pending: Option<Range<u64>>,
+}
+
+impl<I: Iterator<Item = Result<GuestRange>>> Iterator for TouchedClusters<I> {
+    type Item = Result<Range<u64>>;
+
+    fn next(&mut self) -> Option<Result<Range<u64>>> {
+        loop {
+            let range = match self.ranges.next() {
+                None => return self.pending.take().map(Ok),
+                Some(Err(e)) => return Some(Err(e)),
+                Some(Ok(r)) => r,
+            };
+            let clusters = range.clusters(self.cluster_size);
+            let first = clusters.start.max(self.counted);
+            if first >= clusters.end {
+                continue;
+            }
+            self.counted = clusters.end;
+            match self.pending.as_mut() {
+                Some(run) if run.end == first => run.end = clusters.end,
+                Some(_) => return self.pending.replace(first..clusters.end).map(Ok),
+                None => self.pending = Some(first..clusters.end),
+            }
+        }
+    }
+}
+
+/// One step of a [`Walk`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Guest bytes where no image has data: whole grid cells (the first and last ones cut to the
+    /// walked range). Nothing to read.
+    Zeros(GuestRange),
+    /// One grid cell (cut to the walked range) and, per image in the order given, its data
+    /// ranges inside the cell; the rest of the cell reads as zeros.
+    Cell {
+        range: GuestRange,
+        data: Vec<Vec<GuestRange>>,
+    },
+}
+
+impl Step {
+    pub fn range(&self) -> GuestRange {
+        match self {
+            Step::Zeros(r) | Step::Cell { range: r, .. } => *r,
+        }
+    }
+}
+
+/// Walks the extent maps of several images over one guest range in step, in guest order, and
+/// cuts it at the multiples of a grid: see [`Step`]. Sequential and metadata-only; consumers
+/// that read in parallel pull steps as workers become free, so few are ever pending.
+pub struct Walk<'a> {
+    layers: Vec<Peekable<DataRanges<'a>>>,
+    /// Start of the next step.
+    pos: u64,
+    end: u64,
+    grid: u64,
+}
+
+impl<'a> Walk<'a> {
+    /// Walks `range` of `images` (each walked up to its own virtual size: zeros past it), cut
+    /// at the multiples of `grid`.
+    pub fn new(images: &[&'a dyn Image], range: GuestRange, grid: u64) -> Result<Self> {
+        if grid == 0 {
+            return Err(Error::invalid("guest walk with a grid of 0 bytes"));
+        }
+        Ok(Walk {
+            layers: images
+                .iter()
+                .map(|&image| allocated_ranges(image, range).peekable())
+                .collect(),
+            pos: range.start,
+            end: range.end,
+            grid,
+        })
+    }
+
+    /// Where the next step starts: every step returned so far lies below it.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    fn next_step(&mut self) -> Result<Option<Step>> {
+        if self.pos >= self.end {
+            return Ok(None);
+        }
+        let mut next_data = self.end;
+        for layer in &mut self.layers {
+            match layer.peek() {
+                Some(Ok(r)) => next_data = next_data.min(r.start),
+                Some(Err(_)) => return Err(take_error(layer)),
+                None => {}
+            }
+        }
+        // Ranges below `pos` were consumed by earlier steps, so `next_data >= pos`.
+        let cell_start = if next_data >= self.end {
+            self.end
+        } else {
+            next_data / self.grid * self.grid
+        };
+        if cell_start > self.pos {
+            let zeros = GuestRange::new(self.pos, cell_start);
+            self.pos = cell_start;
+            return Ok(Some(Step::Zeros(zeros)));
+        }
+        let range = GuestRange::new(self.pos, next_boundary(self.pos, self.grid).min(self.end));
+        let mut data = Vec::with_capacity(self.layers.len());
+        for layer in &mut self.layers {
+            let mut inside = Vec::new();
+            loop {
+                match layer.peek_mut() {
+                    Some(Ok(r)) if r.start < range.end => {
+                        inside.push(GuestRange::new(
+                            r.start.max(range.start),
+                            r.end.min(range.end),
+                        ));
+                        if r.end > range.end {
+                            r.start = range.end;
+                            break;
+                        }
+                        layer.next();
+                    }
+                    Some(Err(_)) => return Err(take_error(layer)),
+                    _ => break,
+                }
+            }
+            data.push(inside);
+        }
+        self.pos = range.end;
+        Ok(Some(Step::Cell { range, data }))
+    }
+}
+
+fn take_error(layer: &mut Peekable<DataRanges>) -> Error {
+    match layer.next() {
+        Some(Err(e)) => e,
+        _ => Error::invalid("extent walk lost its error"),
+    }
+}
+
+impl Iterator for Walk<'_> {
+    type Item = Result<Step>;
+
+    fn next(&mut self) -> Option<Result<Step>> {
+        match self.next_step() {
+            Ok(step) => step.map(Ok),
+            Err(e) => {
+                self.pos = self.end;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// Calls `f` on the guest bytes of `range` of `image`: in place where the image has them
+/// mapped in memory, else read into `buf` (resized to fit).
+pub fn with_bytes<T>(
+    image: &dyn Image,
+    range: GuestRange,
+    buf: &mut Vec<u8>,
+    mut f: impl FnMut(&[u8]) -> T,
+) -> Result<T> {
+    let mut out = None;
+    image.with_mapped(range.start, range.len(), &mut |bytes| out = Some(f(bytes)))?;
+    if let Some(out) = out {
+        return Ok(out);
+    }
+    let len = usize::try_from(range.len())
+        .map_err(|_| Error::invalid(format!("guest range {range} is too long to read at once")))?;
+    buf.resize(len, 0);
+    image.read_at(buf, range.start)?;
+    Ok(f(buf))
+}
+
+/// Calls `f` on the guest bytes of `range` of `image`, in order: all at once where the image
+/// has them mapped in one piece, else in pieces of at most `piece` bytes (each in place where it
+/// can be, else read into `buf`): pieces stay in the CPU cache between the read and `f`.
+pub fn for_each_piece(
+    image: &dyn Image,
+    range: GuestRange,
+    piece: u64,
+    buf: &mut Vec<u8>,
+    f: &mut dyn FnMut(&[u8]),
+) -> Result<()> {
+    // Trying the whole range first, once: trying the rest again per piece could rescan the map.
+    if image.with_mapped(range.start, range.len(), f)? {
+        return Ok(());
+    }
+    let mut pos = range.start;
+    while pos < range.end {
+        let part = GuestRange::new(pos, pos.saturating_add(piece.max(1)).min(range.end));
+        with_bytes(image, part, buf, &mut *f)?;
+        pos = part.end;
+    }
+    Ok(())
+}
+
+/// Fills `buf` with the guest bytes of `image` at `offset`: the `data` ranges (ascending, inside
+/// the buffer's span) read, zeros elsewhere without reading. Returns the bytes read.
+pub fn read_filled(
+    image: &dyn Image,
+    offset: u64,
+    buf: &mut [u8],
+    data: impl IntoIterator<Item = Result<GuestRange>>,
+) -> Result<u64> {
+    let mut pos = 0;
+    let mut read = 0;
+    for range in data {
+        let range = range?;
+        let span = |at: u64| {
+            at.checked_sub(offset)
+                .and_then(|i| usize::try_from(i).ok())
+                .filter(|&i| i <= buf.len())
+        };
+        let (lo, hi) = match (span(range.start), span(range.end)) {
+            (Some(lo), Some(hi)) if pos <= lo && lo <= hi => (lo, hi),
+            _ => {
+                return Err(Error::invalid(format!(
+                    "data range {range} is not inside {offset:#x}+{:#x} after {:#x}",
+                    buf.len(),
+                    offset + pos as u64
+                )));
+            }
+        };
+        buf[pos..lo].fill(0);
+        image.read_at(&mut buf[lo..hi], range.start)?;
+        read += range.len();
+        pos = hi;
+    }
+    buf[pos..].fill(0);
+    Ok(read)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::{Extent, ExtentKind, Format, ImageInfo};
+    use std::path::PathBuf;
+
+    /// A guest of `size` bytes whose data ranges are `data` (content: the low byte of the
+    /// offset, plus one), zeros elsewhere; `mapped` serves data in place.
+    struct Mem {
+        size: u64,
+        data: Vec<GuestRange>,
+        mapped: bool,
+    }
+
+    fn byte_at(offset: u64) -> u8 {
+        (offset % 251) as u8 + 1
+    }
+
+    impl Image for Mem {
+        fn format(&self) -> Format {
+            Format::Raw
+        }
+        fn virtual_size(&self) -> u64 {
+            self.size
+        }
+        fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
+            let next = self.data[self.data.partition_point(|r| r.end <= offset)..].first();
+            let inside = next.is_some_and(|r| r.start <= offset);
+            let until = next.map_or(u64::MAX, |r| if inside { r.end } else { r.start });
+            let kind = if inside {
+                ExtentKind::Data { offset }
+            } else {
+                ExtentKind::Zero
+            };
+            let length = until.min(offset + max_len) - offset;
+            Ok(Extent {
+                start: offset,
+                length,
+                kind,
+                depth: 0,
+            })
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            for (i, b) in buf.iter_mut().enumerate() {
+                let at = offset + i as u64;
+                let data = self.data.iter().any(|r| r.start <= at && at < r.end);
+                *b = if data { byte_at(at) } else { 0 };
+            }
+            Ok(())
+        }
+        fn with_mapped(&self, offset: u64, len: u64, f: &mut dyn FnMut(&[u8])) -> Result<bool> {
+            if !self.mapped {
+                return Ok(false);
+            }
+            let mut buf = vec![0; len as usize];
+            self.read_at(&mut buf, offset)?;
+            f(&buf);
+            Ok(true)
+        }
+        fn info(&self) -> ImageInfo {
+            ImageInfo::basic(PathBuf::from("mem"), Format::Raw, self.size, 0)
+        }
+    }
+
+    fn r(start: u64, end: u64) -> GuestRange {
+        GuestRange::new(start, end)
+    }
+
+    #[test]
+    fn walk_cuts_layers_in_step_and_skips_shared_zeros() {
+        let a = Mem {
+            size: 100,
+            data: vec![r(5, 12), r(45, 47)],
+            mapped: false,
+        };
+        // Shorter than the walk: zeros past its end.
+        let b = Mem {
+            size: 50,
+            data: vec![r(8, 25)],
+            mapped: false,
+        };
+        let steps: Vec<Step> = Walk::new(&[&a, &b], r(0, 100), 10)
+            .unwrap()
+            .collect::<Result<_>>()
+            .unwrap();
+        let cell = |range, data| Step::Cell { range, data };
+        assert_eq!(
+            steps,
+            [
+                cell(r(0, 10), vec![vec![r(5, 10)], vec![r(8, 10)]]),
+                cell(r(10, 20), vec![vec![r(10, 12)], vec![r(10, 20)]]),
+                cell(r(20, 30), vec![vec![], vec![r(20, 25)]]),
+                Step::Zeros(r(30, 40)),
+                cell(r(40, 50), vec![vec![r(45, 47)], vec![]]),
+                Step::Zeros(r(50, 100)),
+            ]
+        );
+        // An unaligned start begins with a partial cell.
+        let steps: Vec<GuestRange> = Walk::new(&[&a], r(7, 33), 10)
+            .unwrap()
+            .map(|s| s.unwrap().range())
+            .collect();
+        assert_eq!(steps, [r(7, 10), r(10, 20), r(20, 33)]);
+        assert!(Walk::new(&[&a], r(0, 100), 0).is_err());
+    }
+
+    #[test]
+    fn touched_clusters_counts_each_cluster_once() {
+        let ranges = [
+            r(0, 1),
+            r(15, 17),
+            r(0, 8),
+            r(16, 40),
+            r(41, 42),
+            r(50, 50),
+            r(60, 70),
+        ];
+        let runs: Vec<Range<u64>> = touched_clusters(ranges.map(Ok), 8)
+            .collect::<Result<_>>()
+            .unwrap();
+        assert_eq!(runs, [0..6, 7..9]);
+        assert_eq!(r(9, 9).clusters(8), 0..0);
+        assert_eq!(r(8, 17).clusters(8), 1..3);
+    }
+
+    #[test]
+    fn reads_give_data_and_zeros_mapped_or_not() {
+        for mapped in [false, true] {
+            let image = Mem {
+                size: 64,
+                data: vec![r(3, 9), r(20, 30)],
+                mapped,
+            };
+            let mut expected = vec![0u8; 64];
+            image.read_at(&mut expected, 0).unwrap();
+
+            let mut buf = vec![0xff; 40];
+            let data = allocated_ranges(&image, r(10, 50));
+            assert_eq!(read_filled(&image, 10, &mut buf, data).unwrap(), 10);
+            assert_eq!(buf, expected[10..50]);
+            let outside = [Ok(r(5, 12))];
+            assert!(read_filled(&image, 10, &mut buf, outside).is_err());
+
+            let mut got = Vec::new();
+            let mut scratch = Vec::new();
+            let mut collect = |b: &[u8]| got.extend_from_slice(b);
+            for_each_piece(&image, r(1, 33), 7, &mut scratch, &mut collect).unwrap();
+            assert_eq!(got, expected[1..33]);
+            let sum = with_bytes(&image, r(20, 22), &mut scratch, |b| b.to_vec()).unwrap();
+            assert_eq!(sum, expected[20..22]);
+        }
+        assert_eq!(
+            r(5, 25).cells(10).collect::<Vec<_>>(),
+            [r(5, 10), r(10, 20), r(20, 25)]
+        );
+    }
+}
