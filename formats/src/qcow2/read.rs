@@ -4,12 +4,12 @@ use super::compress::decompress;
 use super::header::Header;
 use super::l2::{Cluster, CompressedDesc, Geometry, L2Cache, OFFSET_MASK, read_table};
 use super::snapshot::{self, Snapshot};
+use crate::backing::{BackingOpener, Role};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 use crate::image::{
     Extent, ExtentKind, Format, Image, ImageInfo, check_guest_range, map_backing, read_backing,
 };
-use crate::open::Chain;
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
@@ -53,9 +53,13 @@ pub(crate) fn resolve_relative(image: &Path, name: &str) -> PathBuf {
 }
 
 impl Qcow2Image {
-    /// Opens the image in `file`, its data file and (through `chain`) its backing chain. With
+    /// Opens the image in `file`, and through `opener` its data file and backing chain. With
     /// `snapshot`, the view is that internal snapshot's.
-    pub fn open(file: HostFile, chain: &mut Chain, snapshot: Option<&str>) -> Result<Self> {
+    pub fn open(
+        file: HostFile,
+        opener: &mut dyn BackingOpener,
+        snapshot: Option<&str>,
+    ) -> Result<Self> {
         let header = Header::read(&file)?;
         let path = file.path().to_path_buf();
         let geo = header.geometry();
@@ -110,11 +114,12 @@ impl Qcow2Image {
             Some(name) if header.has_data_file() => {
                 // Relative names: the image's folder, then (as qemu does) the working directory.
                 let beside = resolve_relative(&path, name);
-                Some(HostFile::open(if beside.exists() {
+                let named = if beside.exists() {
                     &beside
                 } else {
                     Path::new(name)
-                })?)
+                };
+                Some(opener.open_file(&path, named, Role::DataFile, &mut warnings)?)
             }
             _ => None,
         };
@@ -130,7 +135,7 @@ impl Qcow2Image {
                     .map(Format::parse)
                     .transpose()
                     .map_err(|e| Error::unsupported(&path, format!("backing file format: {e}")))?;
-                Some(chain.open(p, fmt, None)?)
+                Some(opener.open_backing(&path, p, Role::BackingFile, fmt, &mut warnings)?)
             }
             None => None,
         };
@@ -281,10 +286,6 @@ impl Qcow2Image {
             buf.copy_from_slice(&cluster[start..start + buf.len()]);
         }
         Ok(())
-    }
-
-    pub fn header(&self) -> &Header {
-        &self.header
     }
 }
 
