@@ -296,6 +296,11 @@ fn open_extents(
             }
             (kind, Some(name)) => {
                 let extent_path = resolve(path, name);
+                if Path::new(name).is_absolute() {
+                    // The disk cannot move with its files (the opener says whether it lies
+                    // outside the descriptor's directory).
+                    warnings.push(format!("extent file {name:?} is an absolute path"));
+                }
                 let file = opener.open_file(path, &extent_path, Role::Extent, warnings)?;
                 if *kind == ExtentType::Sparse {
                     let s = SparseExtent::open(file)?;
