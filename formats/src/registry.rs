@@ -9,6 +9,7 @@ use crate::image::{Format, Image};
 use crate::iso::IsoImage;
 use crate::qcow2::{self, Qcow2Image, Qcow2Writer};
 use crate::raw::{self, RawImage, RawWriter};
+use crate::stream::StreamFn;
 use crate::vhd::{self, VhdImage, VhdWriter};
 use crate::vhdx::{self, VhdxImage};
 use crate::vmdk::{self, VmdkImage};
@@ -45,6 +46,8 @@ pub struct Driver {
     pub resize: Option<ResizeFn>,
     /// The virtual size a resize to `new_size` bytes gives.
     pub resized_size: fn(new_size: u64) -> Result<u64>,
+    /// Lays out a source as an image file computed on demand.
+    pub stream: Option<StreamFn>,
 }
 
 /// A format diskkit only reads.
@@ -59,6 +62,7 @@ const fn read_only(format: Format, detect: Option<DetectFn>, open: OpenFn) -> Dr
         check: None,
         resize: None,
         resized_size: Ok,
+        stream: None,
     }
 }
 
@@ -74,6 +78,7 @@ static QCOW2: Driver = Driver {
     check: Some(qcow2::check),
     resize: Some(qcow2::resize),
     resized_size: qcow2::sectors_up,
+    stream: Some(qcow2::stream::stream),
 };
 
 static VHDX: Driver = read_only(
@@ -94,6 +99,7 @@ static VHD: Driver = Driver {
     check: Some(vhd::check),
     resize: Some(|path, size| vhd::resize(path, size, true).map(|_| ())),
     resized_size: Ok,
+    stream: Some(vhd::stream::stream),
 };
 
 static ISO: Driver = read_only(
@@ -118,6 +124,7 @@ static RAW: Driver = Driver {
     check: None,
     resize: Some(raw::resize),
     resized_size: Ok,
+    stream: Some(crate::stream::raw),
 };
 
 /// The table, in detection order.
