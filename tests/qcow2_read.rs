@@ -536,3 +536,49 @@ fn backing_file_outside_the_directory_follows_the_policy() {
     );
     assert!(open_as(ImplicitOpens::Refuse).is_err());
 }
+
+/// The JSON report of `check` by qemu-img and by diskkit, with their exit codes.
+fn both_checks(img: &Path) -> ((i32, Value), (i32, Value)) {
+    let qemu = std::process::Command::new("qemu-img")
+        .args(["check", "--output=json", path_str(img)])
+        .output()
+        .unwrap();
+    let (code, out, err) = diskkit(&["check", "--output", "json", path_str(img)]);
+    let ours = serde_json::from_str(&out).unwrap_or(Value::String(err));
+    (
+        (
+            qemu.status.code().unwrap(),
+            serde_json::from_slice(&qemu.stdout).unwrap_or(Value::Null),
+        ),
+        (code, ours),
+    )
+}
+
+/// `check` refuses what `open` refuses, and counts each damaged entry once, as qemu-img does.
+#[test]
+fn check_of_damaged_images_agrees_with_qemu() {
+    let dir = tempdir();
+    let img = p(dir.path(), "cut.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&img), "64M"]);
+    qemu_io("qcow2", &img, &["write -P 0x11 0 40M"]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(20 << 20)
+        .unwrap();
+    let ((qemu_code, qemu), (code, ours)) = both_checks(&img);
+    assert_eq!(code, qemu_code, "{ours}");
+    assert!(qemu["corruptions"].as_u64().unwrap() > 100, "{qemu}");
+    assert_eq!(ours["corruptions"], qemu["corruptions"], "{ours}");
+
+    // A virtual size of 2^64 - 1: info refuses it, and so does check, naming the L1 table.
+    let huge = p(dir.path(), "huge.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&huge), "1M"]);
+    patch(&huge, 24, &u64::MAX.to_be_bytes());
+    let ((qemu_code, _), (code, ours)) = both_checks(&huge);
+    assert_ne!(qemu_code, 0);
+    assert_ne!(code, 0);
+    assert!(ours.as_str().unwrap().contains("L1 table"), "{ours}");
+    assert_ne!(diskkit(&["info", path_str(&huge)]).0, 0);
+}

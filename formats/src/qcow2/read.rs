@@ -40,6 +40,27 @@ enum Kind {
     Unallocated,
 }
 
+/// Refuses an L1 table of `l1_size` entries too small to map `virtual_size` bytes: what `open`
+/// and `check` refuse alike.
+pub(super) fn check_l1_size(
+    path: &Path,
+    geo: &Geometry,
+    l1_size: u32,
+    virtual_size: u64,
+    structure: &str,
+    offset: u64,
+) -> Result<()> {
+    if geo.l1_entries_for(virtual_size) > u64::from(l1_size) {
+        return Err(Error::corrupt(
+            path,
+            structure,
+            offset,
+            format!("{l1_size} entries cannot map a virtual size of {virtual_size} bytes"),
+        ));
+    }
+    Ok(())
+}
+
 /// Resolves a file name recorded in an image: relative names are relative to the image's folder.
 pub(crate) fn resolve_relative(image: &Path, name: &str) -> PathBuf {
     let p = Path::new(name);
@@ -86,14 +107,7 @@ impl Qcow2Image {
                 )
             }
         };
-        if geo.l1_entries_for(virtual_size) > u64::from(l1_size) {
-            return Err(Error::corrupt(
-                &path,
-                l1_structure,
-                l1_offset,
-                format!("{l1_size} entries cannot map a virtual size of {virtual_size} bytes"),
-            ));
-        }
+        check_l1_size(&path, &geo, l1_size, virtual_size, l1_structure, l1_offset)?;
         let l1 = read_table(&file, l1_offset, u64::from(l1_size), l1_structure)?;
 
         let mut warnings = Vec::new();
