@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use diskkit::formats::{Image, OpenOptions, open};
+use diskkit::formats::{Image, ImplicitOpens, OpenOptions, open, open_with};
 use serde_json::Value;
 use std::path::Path;
 
@@ -474,4 +474,111 @@ fn damaged_images_fail_cleanly() {
         assert!(err.contains("bad.qcow2"), "{name}: {err}");
         assert!(!err.contains("panicked"), "{name}: {err}");
     }
+}
+
+/// A backing file is opened under the caller's policy for files that image metadata names.
+#[test]
+fn backing_file_outside_the_directory_follows_the_policy() {
+    let dir = tempdir();
+    let (base_dir, top_dir) = (dir.path().join("base"), dir.path().join("top"));
+    std::fs::create_dir(&base_dir).unwrap();
+    std::fs::create_dir(&top_dir).unwrap();
+    let base = base_dir.join("base.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&base), "1M"]);
+    qemu_io("qcow2", &base, &["write -P 0x5a 0 64k"]);
+    let top = top_dir.join("top.qcow2");
+    let top_on = |backing: &str| {
+        let args = ["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", backing];
+        qemu_img(&[&args[..], &[path_str(&top)]].concat());
+    };
+    top_on("../base/base.qcow2");
+    let open_as = |policy| open_with(&top, &OpenOptions::default(), policy);
+
+    let image = open_as(ImplicitOpens::Allow).unwrap();
+    assert!(
+        image.info().warnings.is_empty(),
+        "{:?}",
+        image.info().warnings
+    );
+    assert_eq!(lib_bytes(image.as_ref())[..65536], [0x5a; 65536]);
+
+    // The default (the CLI's): opened, with a warning that `info` shows.
+    let warnings = open(&top, &OpenOptions::default()).unwrap().info().warnings;
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("base.qcow2") && warnings[0].contains("outside"));
+    let info: Value =
+        serde_json::from_str(&diskkit_ok(&["info", "--output", "json", path_str(&top)])).unwrap();
+    assert_eq!(info["warnings"][0].as_str(), Some(warnings[0].as_str()));
+
+    let err = open_as(ImplicitOpens::RefuseOutsideDir)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("top.qcow2") && err.contains("base.qcow2") && err.contains("outside"),
+        "{err}"
+    );
+    let err = open_as(ImplicitOpens::Refuse).err().unwrap().to_string();
+    assert!(err.contains("must not name other files"), "{err}");
+
+    // A symbolic link beside the image that leads out of the directory is outside too.
+    std::os::unix::fs::symlink(&base, top_dir.join("link.qcow2")).unwrap();
+    top_on("link.qcow2");
+    assert!(open_as(ImplicitOpens::RefuseOutsideDir).is_err());
+    // A backing file in the image's directory passes all but the strictest policy.
+    std::fs::rename(&base, top_dir.join("beside.qcow2")).unwrap();
+    top_on("beside.qcow2");
+    let image = open_as(ImplicitOpens::RefuseOutsideDir).unwrap();
+    assert!(
+        image.info().warnings.is_empty(),
+        "{:?}",
+        image.info().warnings
+    );
+    assert!(open_as(ImplicitOpens::Refuse).is_err());
+}
+
+/// The JSON report of `check` by qemu-img and by diskkit, with their exit codes.
+fn both_checks(img: &Path) -> ((i32, Value), (i32, Value)) {
+    let qemu = std::process::Command::new("qemu-img")
+        .args(["check", "--output=json", path_str(img)])
+        .output()
+        .unwrap();
+    let (code, out, err) = diskkit(&["check", "--output", "json", path_str(img)]);
+    let ours = serde_json::from_str(&out).unwrap_or(Value::String(err));
+    (
+        (
+            qemu.status.code().unwrap(),
+            serde_json::from_slice(&qemu.stdout).unwrap_or(Value::Null),
+        ),
+        (code, ours),
+    )
+}
+
+/// `check` refuses what `open` refuses, and counts each damaged entry once, as qemu-img does.
+#[test]
+fn check_of_damaged_images_agrees_with_qemu() {
+    let dir = tempdir();
+    let img = p(dir.path(), "cut.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&img), "64M"]);
+    qemu_io("qcow2", &img, &["write -P 0x11 0 40M"]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(20 << 20)
+        .unwrap();
+    let ((qemu_code, qemu), (code, ours)) = both_checks(&img);
+    assert_eq!(code, qemu_code, "{ours}");
+    assert!(qemu["corruptions"].as_u64().unwrap() > 100, "{qemu}");
+    assert_eq!(ours["corruptions"], qemu["corruptions"], "{ours}");
+
+    // A virtual size of 2^64 - 1: info refuses it, and so does check, naming the L1 table.
+    let huge = p(dir.path(), "huge.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&huge), "1M"]);
+    patch(&huge, 24, &u64::MAX.to_be_bytes());
+    let ((qemu_code, _), (code, ours)) = both_checks(&huge);
+    assert_ne!(qemu_code, 0);
+    assert_ne!(code, 0);
+    assert!(ours.as_str().unwrap().contains("L1 table"), "{ours}");
+    assert_ne!(diskkit(&["info", path_str(&huge)]).0, 0);
 }

@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use diskkit::formats::{Extents, Image, OpenOptions, open};
+use diskkit::formats::{Extents, Image, ImplicitOpens, OpenOptions, open, open_with};
 use std::path::Path;
 
 const MIB: u64 = 1 << 20;
@@ -919,4 +919,123 @@ fn vhdx_differencing_reads_parent_and_sector_bitmap() {
     let (code, _, err) = diskkit(&["info", path_str(&child)]);
     assert_eq!(code, 2);
     assert!(err.contains("parent"), "{err}");
+}
+
+/// A monolithicFlat descriptor made by qemu-img whose extent line names `extent` instead.
+fn flat_descriptor_naming(dir: &Path, name: &str, extent: &str) -> std::path::PathBuf {
+    let desc = p(dir, name);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=monolithicFlat",
+        path_str(&desc),
+        "1M",
+    ]);
+    let text = std::fs::read_to_string(&desc).unwrap();
+    let flat = format!("\"{}\"", name.replace(".vmdk", "-flat.vmdk"));
+    assert!(text.contains(&flat), "{text}");
+    std::fs::write(&desc, text.replace(&flat, &format!("\"{extent}\""))).unwrap();
+    desc
+}
+
+/// CVE-2022-47951: a VMDK descriptor can name any host file as its extent. The caller's policy
+/// decides whether it is read.
+#[test]
+fn flat_extent_naming_a_host_file_follows_the_policy() {
+    let dir = tempdir();
+    let host_file = "/etc/hostname";
+    let desc = flat_descriptor_naming(dir.path(), "host.vmdk", host_file);
+    let open_as = |policy| open_with(&desc, &OpenOptions::default(), policy);
+    let outside = |w: &[String]| {
+        w.iter()
+            .any(|w| w.contains(host_file) && w.contains("outside"))
+    };
+
+    assert!(!outside(
+        &open_as(ImplicitOpens::Allow).unwrap().info().warnings
+    ));
+    assert!(outside(
+        &open(&desc, &OpenOptions::default())
+            .unwrap()
+            .info()
+            .warnings
+    ));
+    let info = info_json(&desc);
+    let cli_warnings: Vec<String> = serde_json::from_value(info["warnings"].clone()).unwrap();
+    assert!(outside(&cli_warnings), "{info}");
+    for policy in [ImplicitOpens::RefuseOutsideDir, ImplicitOpens::Refuse] {
+        let err = open_as(policy).err().unwrap().to_string();
+        assert!(
+            err.contains("host.vmdk") && err.contains(host_file),
+            "{err}"
+        );
+    }
+}
+
+/// Runs diskkit, failing the test if it has not finished within a few seconds.
+fn diskkit_within_seconds(args: &[&str]) -> (i32, String) {
+    use std::time::{Duration, Instant};
+    let mut child = std::process::Command::new(diskkit_bin())
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(30) {
+            child.kill().unwrap();
+            panic!("diskkit {args:?} still running after 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A FIFO named as an extent or backing file is refused before it is read: reading it would
+/// block `info` and `hash` forever.
+#[test]
+fn named_fifo_is_refused_without_blocking() {
+    let dir = tempdir();
+    let d = dir.path();
+    let status = std::process::Command::new("mkfifo")
+        .arg(p(d, "fifo"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let desc = flat_descriptor_naming(d, "flat.vmdk", "fifo");
+    let top = p(d, "top.qcow2");
+    // -u: qemu-img itself would block on the FIFO.
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-F",
+        "raw",
+        "-b",
+        "fifo",
+        path_str(&top),
+        "1M",
+    ]);
+    for image in [&desc, &top] {
+        let err = open_with(image, &OpenOptions::default(), ImplicitOpens::Allow)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("FIFO"), "{err}");
+        for command in ["info", "hash"] {
+            let (code, err) = diskkit_within_seconds(&[command, path_str(image)]);
+            assert_ne!(code, 0);
+            assert!(err.contains("is a FIFO, not a regular file"), "{err}");
+        }
+    }
 }

@@ -2,17 +2,17 @@
 
 use crate::error::Result;
 use crate::image::Format;
+use crate::registry::driver;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
 /// Checks the metadata of the image at `path` (repairing what `repair` allows). `None` when the
 /// format has no metadata to check (raw, ISO).
 pub fn check(format: Format, path: &Path, repair: Option<Repair>) -> Result<Option<CheckReport>> {
-    match format {
-        Format::Qcow2 => crate::qcow2::check(path, repair).map(Some),
-        Format::Vhd => crate::vhd::check(path, repair).map(Some),
-        Format::Raw | Format::Iso | Format::Vhdx | Format::Vmdk => Ok(None),
-    }
+    driver(format)
+        .check
+        .map(|check| check(path, repair))
+        .transpose()
 }
 
 /// What `check -r` may repair.

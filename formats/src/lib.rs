@@ -3,6 +3,7 @@
 //!
 //! This crate knows nothing of the command line, async runtimes or object storage.
 
+pub mod backing;
 pub mod check;
 pub mod chunk_store;
 pub mod digest;
@@ -13,14 +14,18 @@ pub mod iso;
 pub mod open;
 pub mod qcow2;
 pub mod raw;
+pub mod registry;
+pub mod stream;
 pub mod vhd;
 pub mod vhdx;
 pub mod vmdk;
 pub mod write;
 
+pub use backing::ImplicitOpens;
 pub use check::{CheckReport, Repair};
 pub use error::{Error, Result};
 pub use host::HostFile;
 pub use image::{Extent, ExtentKind, Extents, Format, Image, ImageInfo, SnapshotInfo};
-pub use open::{OpenOptions, detect, open};
+pub use open::{OpenOptions, detect, open, open_with};
+pub use stream::{ImageStream, stream};
 pub use write::{CreateOptions, ImageWriter, Measure};

@@ -1,15 +1,14 @@
-//! Format detection by magic bytes and opening of images with their backing chains.
+//! Opening an image with its backing chain, and the gate every file its metadata names passes.
 
+use crate::backing::{BackingOpener, ImplicitOpens, Role};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 use crate::image::{Format, Image};
-use crate::iso::IsoImage;
-use crate::qcow2::Qcow2Image;
-use crate::raw::RawImage;
-use crate::vhd::{self, VhdImage};
-use crate::vhdx::VhdxImage;
-use crate::vmdk::VmdkImage;
+use crate::registry::driver;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+pub use crate::registry::detect;
 
 /// The deepest backing chain diskkit follows; deeper chains are refused as probably cyclic or
 /// hostile.
@@ -23,42 +22,45 @@ pub struct OpenOptions {
     pub snapshot: Option<String>,
 }
 
-/// Guesses the format of a file from its magic bytes, never its name. Anything unrecognised is raw.
-pub fn detect(file: &HostFile) -> Result<Format> {
-    let mut head = [0u8; 8];
-    let n = file.len().min(8) as usize;
-    file.read_exact_at(&mut head[..n], 0, "format magic")?;
-    Ok(match &head[..n] {
-        [b'Q', b'F', b'I', 0xfb, ..] => Format::Qcow2,
-        b"conectix" => Format::Vhd,
-        b"vhdxfile" => Format::Vhdx,
-        _ if vhd::has_fixed_footer(file)? => Format::Vhd,
-        _ if crate::iso::has_magic(file)? => Format::Iso,
-        _ if crate::vmdk::detect(file)? => Format::Vmdk,
-        _ => Format::Raw,
-    })
-}
-
-/// Opens an image and, recursively, its backing chain.
+/// Opens an image and, recursively, its backing chain, warning about named files outside an
+/// image's directory ([`ImplicitOpens::WarnOutsideDir`]).
 pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn Image>> {
-    let mut chain = Chain::default();
-    chain.open(path, opts.format, opts.snapshot.as_deref())
+    open_with(path, opts, ImplicitOpens::default())
 }
 
-/// State carried while opening a backing chain: the files already open (to refuse cycles).
-#[derive(Default)]
-pub struct Chain {
+/// [`open`] with the policy for the files that image metadata names.
+pub fn open_with(path: &Path, opts: &OpenOptions, policy: ImplicitOpens) -> Result<Box<dyn Image>> {
+    let file = HostFile::open(path)?;
+    let format = match opts.format {
+        Some(f) => f,
+        None => detect(&file)?,
+    };
+    let mut chain = ChainOpener {
+        policy,
+        visited: Vec::new(),
+    };
+    chain.enter(file.path())?;
+    let Some(snapshot) = opts.snapshot.as_deref() else {
+        return (driver(format).open)(file, &mut chain);
+    };
+    let Some(open_snapshot) = driver(format).open_snapshot else {
+        return Err(Error::invalid(format!(
+            "{}: --snapshot needs a qcow2 image, this is {format}",
+            path.display()
+        )));
+    };
+    open_snapshot(file, &mut chain, snapshot)
+}
+
+/// The opener of one chain: the policy, and the images already open (to refuse cycles).
+struct ChainOpener {
+    policy: ImplicitOpens,
     visited: Vec<PathBuf>,
 }
 
-impl Chain {
-    /// Opens one layer; format drivers call this again for their backing file.
-    pub fn open(
-        &mut self,
-        path: &Path,
-        format: Option<Format>,
-        snapshot: Option<&str>,
-    ) -> Result<Box<dyn Image>> {
+impl ChainOpener {
+    /// Records that the image at `path` is being opened; refuses loops and endless chains.
+    fn enter(&mut self, path: &Path) -> Result<()> {
         let canonical = path
             .canonicalize()
             .map_err(|e| Error::io(path, "open", e))?;
@@ -75,24 +77,96 @@ impl Chain {
             )));
         }
         self.visited.push(canonical);
-        let file = HostFile::open(path)?;
+        Ok(())
+    }
+}
+
+impl BackingOpener for ChainOpener {
+    fn open_file(
+        &mut self,
+        referrer: &Path,
+        named: &Path,
+        role: Role,
+        warnings: &mut Vec<String>,
+    ) -> Result<HostFile> {
+        let refused = |why: &str| {
+            Error::invalid(format!(
+                "{}: {} {} not opened: {why}",
+                referrer.display(),
+                role.name(),
+                named.display()
+            ))
+        };
+        if self.policy == ImplicitOpens::Refuse {
+            return Err(refused("this image must not name other files"));
+        }
+        if self.policy != ImplicitOpens::Allow && !inside_dir_of(referrer, named)? {
+            if self.policy == ImplicitOpens::RefuseOutsideDir {
+                return Err(refused("it lies outside the image's directory"));
+            }
+            warnings.push(format!(
+                "{} {} lies outside the image's directory",
+                role.name(),
+                named.display()
+            ));
+        }
+        let kind = |meta: &std::fs::Metadata| {
+            let t = meta.file_type();
+            if t.is_file() || t.is_block_device() {
+                Ok(())
+            } else {
+                Err(refused(&format!(
+                    "it is {}, not a regular file or block device",
+                    describe(t)
+                )))
+            }
+        };
+        kind(&std::fs::metadata(named).map_err(|e| Error::io(named, "stat", e))?)?;
+        // Non-blocking, so that a FIFO swapped in since the check cannot block the open; the
+        // type is checked again on what was opened.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(named)
+            .map_err(|e| Error::io(named, "open", e))?;
+        kind(&file.metadata().map_err(|e| Error::io(named, "stat", e))?)?;
+        if role.is_image() {
+            self.enter(named)?;
+        }
+        HostFile::from_file(named, file)
+    }
+
+    fn open_image(&mut self, file: HostFile, format: Option<Format>) -> Result<Box<dyn Image>> {
         let format = match format {
             Some(f) => f,
             None => detect(&file)?,
         };
-        if snapshot.is_some() && format != Format::Qcow2 {
-            return Err(Error::invalid(format!(
-                "{}: --snapshot needs a qcow2 image, this is {format}",
-                path.display()
-            )));
-        }
-        match format {
-            Format::Raw => Ok(Box::new(RawImage::open(file))),
-            Format::Qcow2 => Ok(Box::new(Qcow2Image::open(file, self, snapshot)?)),
-            Format::Vhd => Ok(Box::new(VhdImage::open(file, self)?)),
-            Format::Iso => Ok(Box::new(IsoImage::open(file)?)),
-            Format::Vmdk => Ok(Box::new(VmdkImage::open(file, self)?)),
-            Format::Vhdx => Ok(Box::new(VhdxImage::open(file, self)?)),
-        }
+        (driver(format).open)(file, self)
+    }
+}
+
+/// True when `named` lies in the directory of the image `referrer`, or below it, once symbolic
+/// links are resolved.
+fn inside_dir_of(referrer: &Path, named: &Path) -> Result<bool> {
+    let referrer = referrer
+        .canonicalize()
+        .map_err(|e| Error::io(referrer, "open", e))?;
+    let named = named
+        .canonicalize()
+        .map_err(|e| Error::io(named, "open", e))?;
+    Ok(referrer.parent().is_some_and(|dir| named.starts_with(dir)))
+}
+
+fn describe(t: std::fs::FileType) -> &'static str {
+    if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_dir() {
+        "a directory"
+    } else {
+        "a special file"
     }
 }

@@ -1,5 +1,8 @@
 //! Raw images: the guest view is the file itself. Holes (SEEK_HOLE) read as zeros and are mapped
 //! as zero extents, so a sparse raw file costs only its allocated data.
+//!
+//! A guest is whole 512-byte sectors, as qemu sees it: a file whose length is not a multiple of
+//! 512 is a disk of the next whole sector, whose missing tail reads as zeros.
 
 use crate::error::{Error, Result};
 use crate::host::HostFile;
@@ -32,7 +35,14 @@ impl RawImage {
     pub fn host(&self) -> &HostFile {
         &self.file
     }
+
+    fn guest_size(&self) -> u64 {
+        self.file.len().div_ceil(SECTOR) * SECTOR
+    }
 }
+
+/// qemu's unit of a raw disk's size.
+const SECTOR: u64 = 512;
 
 impl Image for RawImage {
     fn format(&self) -> Format {
@@ -40,12 +50,13 @@ impl Image for RawImage {
     }
 
     fn virtual_size(&self) -> u64 {
-        self.file.len()
+        self.guest_size()
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
-        check_guest_range(self.file.len(), offset, 1)?;
-        let max_len = max_len.min(self.file.len() - offset);
+        check_guest_range(self.guest_size(), offset, 1)?;
+        let max_len = max_len.min(self.guest_size() - offset);
+        // Past the end of the file `data_run` finds no data: the tail of the last sector is zero.
         let (data, length) = self.file.data_run(offset, max_len)?;
         Ok(Extent {
             start: offset,
@@ -60,12 +71,12 @@ impl Image for RawImage {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_guest_range(self.file.len(), offset, buf.len() as u64)?;
-        self.file.read_exact_at(buf, offset, "raw data")
+        check_guest_range(self.guest_size(), offset, buf.len() as u64)?;
+        self.file.read_zero_padded_at(buf, offset)
     }
 
     fn with_mapped(&self, offset: u64, len: u64, f: &mut dyn FnMut(&[u8])) -> Result<bool> {
-        check_guest_range(self.file.len(), offset, len)?;
+        check_guest_range(self.guest_size(), offset, len)?;
         Ok(self.file.with_mapped(offset, len, f))
     }
 
@@ -73,7 +84,7 @@ impl Image for RawImage {
         ImageInfo::basic(
             self.file.path().to_path_buf(),
             self.format,
-            self.file.len(),
+            self.guest_size(),
             self.file.allocated_bytes(),
         )
     }

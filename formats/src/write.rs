@@ -7,9 +7,8 @@
 
 use crate::error::{Error, Result};
 use crate::image::{Format, GuestRange};
-use crate::qcow2::{self, Qcow2Writer};
-use crate::raw::{self, RawWriter};
-use crate::vhd::{self, VhdWriter};
+use crate::registry::driver;
+use crate::{qcow2, raw, vhd};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -49,25 +48,19 @@ pub fn create(
     virtual_size: u64,
     opts: &mut CreateOptions,
 ) -> Result<Box<dyn ImageWriter>> {
-    match format {
-        Format::Raw => Ok(Box::new(RawWriter::create(path, virtual_size, opts)?)),
-        Format::Qcow2 => Ok(Box::new(Qcow2Writer::create(path, virtual_size, opts)?)),
-        Format::Vhd => Ok(Box::new(VhdWriter::create(path, virtual_size, opts)?)),
-        other => Err(cannot_write(other)),
-    }
+    let create = driver(format).create.ok_or_else(|| cannot_write(format))?;
+    create(path, virtual_size, opts)
 }
 
 /// Opens an existing image to overwrite its guest content in place (`convert -n`).
 pub fn open_existing(format: Format, path: &Path) -> Result<Box<dyn ImageWriter>> {
-    match format {
-        Format::Raw => Ok(Box::new(RawWriter::open_existing(path)?)),
-        Format::Qcow2 => Ok(Box::new(Qcow2Writer::open_existing(path)?)),
-        Format::Vhd => Ok(Box::new(VhdWriter::open_existing(path)?)),
-        other => Err(Error::invalid(format!(
-            "cannot write into existing {other} images (-n needs a raw, qcow2 or fixed vpc \
+    let open_existing = driver(format).open_existing.ok_or_else(|| {
+        Error::invalid(format!(
+            "cannot write into existing {format} images (-n needs a raw, qcow2 or fixed vpc \
              target)"
-        ))),
-    }
+        ))
+    })?;
+    open_existing(path)
 }
 
 /// Host bytes a new image of `format` needs for a guest of `virtual_size` bytes whose data lies
@@ -102,21 +95,16 @@ fn as_tuples(
 /// Changes the virtual size of an image in place. Shrinking drops guest data past the new end;
 /// callers confirm that with the user first.
 pub fn resize(format: Format, path: &Path, new_size: u64) -> Result<()> {
-    match format {
-        Format::Raw => raw::resize(path, new_size),
-        Format::Qcow2 => qcow2::resize(path, new_size),
-        Format::Vhd => vhd::resize(path, new_size, true).map(|_| ()),
-        other => Err(Error::invalid(format!("cannot resize {other} images"))),
-    }
+    let resize = driver(format)
+        .resize
+        .ok_or_else(|| Error::invalid(format!("cannot resize {format} images")))?;
+    resize(path, new_size)
 }
 
 /// The virtual size [`resize`] gives an image of `format` asked for `new_size` bytes (qcow2 keeps
 /// whole 512-byte sectors, as qemu does).
 pub fn resized_size(format: Format, new_size: u64) -> Result<u64> {
-    match format {
-        Format::Qcow2 => qcow2::sectors_up(new_size),
-        _ => Ok(new_size),
-    }
+    (driver(format).resized_size)(new_size)
 }
 
 fn cannot_write(format: Format) -> Error {

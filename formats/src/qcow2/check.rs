@@ -5,6 +5,7 @@
 
 use super::header::{Header, INCOMPAT_DIRTY, OFF_INCOMPATIBLE_FEATURES, OFF_REFCOUNT_TABLE_OFFSET};
 use super::l2::{COPIED, Cluster, Geometry, OFFSET_MASK, be_words, read_table};
+use super::read::check_l1_size;
 use super::refcount::{Counts, RefcountLayout, for_each_disk_refcount, write_structure};
 use super::snapshot;
 use crate::check::{CheckReport, Repair};
@@ -242,6 +243,15 @@ fn refcount_table(file: &HostFile, h: &Header) -> Result<Vec<u64>> {
 pub fn check(path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
     let file = HostFile::open(path)?;
     let h = Header::read(&file)?;
+    // What open refuses, check refuses too: the rest of the check trusts the L1 size.
+    check_l1_size(
+        path,
+        &h.geometry(),
+        h.l1_size,
+        super::sectors_down(h.size),
+        "qcow2 L1 table",
+        h.l1_table_offset,
+    )?;
     let mut t = tally(&file, &h)?;
     let rt = refcount_table(&file, &h)?;
     let cs = h.cluster_size();
@@ -282,7 +292,10 @@ pub fn check(path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
     }
     t.report.image_end_offset = Some(end);
     for (c, flag, at) in std::mem::take(&mut t.copied) {
-        let refcount = disk.get(c as usize).copied().unwrap_or(0);
+        // A cluster past the end of the file was reported as such already (once, as qemu does).
+        let Some(&refcount) = disk.get(c as usize) else {
+            continue;
+        };
         if (refcount == 1) != flag {
             t.problem(format!(
                 "ERROR OFLAG_COPIED: table entry at {at:#x} has COPIED={flag} but cluster {c} \

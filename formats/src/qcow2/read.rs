@@ -4,12 +4,12 @@ use super::compress::decompress;
 use super::header::Header;
 use super::l2::{Cluster, CompressedDesc, Geometry, L2Cache, OFFSET_MASK, read_table};
 use super::snapshot::{self, Snapshot};
+use crate::backing::{BackingOpener, Role};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 use crate::image::{
     Extent, ExtentKind, Format, Image, ImageInfo, check_guest_range, map_backing, read_backing,
 };
-use crate::open::Chain;
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
@@ -40,6 +40,27 @@ enum Kind {
     Unallocated,
 }
 
+/// Refuses an L1 table of `l1_size` entries too small to map `virtual_size` bytes: what `open`
+/// and `check` refuse alike.
+pub(super) fn check_l1_size(
+    path: &Path,
+    geo: &Geometry,
+    l1_size: u32,
+    virtual_size: u64,
+    structure: &str,
+    offset: u64,
+) -> Result<()> {
+    if geo.l1_entries_for(virtual_size) > u64::from(l1_size) {
+        return Err(Error::corrupt(
+            path,
+            structure,
+            offset,
+            format!("{l1_size} entries cannot map a virtual size of {virtual_size} bytes"),
+        ));
+    }
+    Ok(())
+}
+
 /// Resolves a file name recorded in an image: relative names are relative to the image's folder.
 pub(crate) fn resolve_relative(image: &Path, name: &str) -> PathBuf {
     let p = Path::new(name);
@@ -53,9 +74,13 @@ pub(crate) fn resolve_relative(image: &Path, name: &str) -> PathBuf {
 }
 
 impl Qcow2Image {
-    /// Opens the image in `file`, its data file and (through `chain`) its backing chain. With
+    /// Opens the image in `file`, and through `opener` its data file and backing chain. With
     /// `snapshot`, the view is that internal snapshot's.
-    pub fn open(file: HostFile, chain: &mut Chain, snapshot: Option<&str>) -> Result<Self> {
+    pub fn open(
+        file: HostFile,
+        opener: &mut dyn BackingOpener,
+        snapshot: Option<&str>,
+    ) -> Result<Self> {
         let header = Header::read(&file)?;
         let path = file.path().to_path_buf();
         let geo = header.geometry();
@@ -82,14 +107,7 @@ impl Qcow2Image {
                 )
             }
         };
-        if geo.l1_entries_for(virtual_size) > u64::from(l1_size) {
-            return Err(Error::corrupt(
-                &path,
-                l1_structure,
-                l1_offset,
-                format!("{l1_size} entries cannot map a virtual size of {virtual_size} bytes"),
-            ));
-        }
+        check_l1_size(&path, &geo, l1_size, virtual_size, l1_structure, l1_offset)?;
         let l1 = read_table(&file, l1_offset, u64::from(l1_size), l1_structure)?;
 
         let mut warnings = Vec::new();
@@ -110,11 +128,12 @@ impl Qcow2Image {
             Some(name) if header.has_data_file() => {
                 // Relative names: the image's folder, then (as qemu does) the working directory.
                 let beside = resolve_relative(&path, name);
-                Some(HostFile::open(if beside.exists() {
+                let named = if beside.exists() {
                     &beside
                 } else {
                     Path::new(name)
-                })?)
+                };
+                Some(opener.open_file(&path, named, Role::DataFile, &mut warnings)?)
             }
             _ => None,
         };
@@ -130,7 +149,7 @@ impl Qcow2Image {
                     .map(Format::parse)
                     .transpose()
                     .map_err(|e| Error::unsupported(&path, format!("backing file format: {e}")))?;
-                Some(chain.open(p, fmt, None)?)
+                Some(opener.open_backing(&path, p, Role::BackingFile, fmt, &mut warnings)?)
             }
             None => None,
         };
@@ -281,10 +300,6 @@ impl Qcow2Image {
             buf.copy_from_slice(&cluster[start..start + buf.len()]);
         }
         Ok(())
-    }
-
-    pub fn header(&self) -> &Header {
-        &self.header
     }
 }
 

@@ -24,7 +24,8 @@ use super::l2::{COPIED, Geometry, MAX_L1_BYTES};
 use super::refcount::RefcountLayout;
 use super::write::take_compression_type;
 use crate::error::{Error, Result};
-use crate::image::{check_guest_range, first_nonzero_byte};
+use crate::image::{Format, Image, check_guest_range, first_nonzero_byte};
+use crate::stream::{ImageStream, ZeroPadded};
 use crate::write::CreateOptions;
 use rayon::prelude::*;
 
@@ -432,7 +433,11 @@ impl Qcow2Stream {
                     let guest = guest_of(rank)? * cs + within;
                     let piece = &mut out[done..done + n];
                     let from_guest = self.virtual_size.saturating_sub(guest).min(n as u64);
-                    read_guest(&mut piece[..from_guest as usize], guest)?;
+                    // A piece wholly past the guest's end (the tail of its last cluster) reads
+                    // nothing: asking the source for bytes there would be out of range.
+                    if from_guest > 0 {
+                        read_guest(&mut piece[..from_guest as usize], guest)?;
+                    }
                     piece[from_guest as usize..].fill(0);
                     done += n;
                 }
@@ -629,6 +634,53 @@ fn allocated_runs(
         }
     }
     Ok((runs, rank))
+}
+
+/// `src` laid out as a plain or compressed (`-c`) qcow2 image (see [`crate::stream`]).
+pub(crate) fn stream<'a>(
+    src: &'a dyn Image,
+    opts: &mut CreateOptions,
+    allocated: &mut dyn Iterator<Item = Result<(u64, u64)>>,
+    compressing: &(dyn Fn(u64) + Sync),
+) -> Result<Box<dyn ImageStream + 'a>> {
+    // The guest is rounded up to whole sectors: zeros past the source's end.
+    let guest = ZeroPadded::new(src, super::sectors_up(src.virtual_size())?);
+    let layout = Qcow2Stream::plan(
+        src.virtual_size(),
+        opts,
+        allocated,
+        &|buf, at| guest.read_at(buf, at),
+        compressing,
+    )?;
+    Ok(Box::new(Qcow2ImageStream { layout, guest }))
+}
+
+struct Qcow2ImageStream<'a> {
+    layout: Qcow2Stream,
+    guest: ZeroPadded<'a>,
+}
+
+impl ImageStream for Qcow2ImageStream<'_> {
+    fn format(&self) -> Format {
+        Format::Qcow2
+    }
+
+    fn size(&self) -> u64 {
+        self.layout.object_size()
+    }
+
+    fn guest(&self) -> &dyn Image {
+        &self.guest
+    }
+
+    fn layout_fingerprint(&self) -> String {
+        self.layout.layout_fingerprint()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.layout
+            .fill(buf, offset, &|b, at| self.guest.read_at(b, at))
+    }
 }
 
 #[cfg(test)]

@@ -1,12 +1,13 @@
 //! Reading VHD images: fixed, dynamic and differencing disks.
 
 use super::layout::*;
+use crate::backing::{BackingOpener, Role};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 use crate::image::{
     Extent, ExtentKind, Format, Image, ImageInfo, check_guest_range, map_backing, read_backing,
 };
-use crate::open::Chain;
+use crate::registry::detect;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -385,8 +386,8 @@ enum Location {
 }
 
 impl VhdImage {
-    /// Opens a VHD; `chain` opens the parent of a differencing disk.
-    pub fn open(file: HostFile, chain: &mut Chain) -> Result<VhdImage> {
+    /// Opens a VHD; `opener` opens the parent of a differencing disk.
+    pub fn open(file: HostFile, opener: &mut dyn BackingOpener) -> Result<VhdImage> {
         let located = locate_footer(&file)?;
         let virtual_size = checked_guest_size(&file, &located)?;
         let LocatedFooter {
@@ -400,7 +401,7 @@ impl VhdImage {
             DiskType::Dynamic | DiskType::Differencing => {
                 let layout = read_sparse(&file, &footer, virtual_size)?;
                 let parent = if disk_type == DiskType::Differencing {
-                    Some(open_parent(&file, &layout.header, chain, &mut warnings)?)
+                    Some(open_parent(&file, &layout.header, opener, &mut warnings)?)
                 } else {
                     None
                 };
@@ -422,6 +423,11 @@ impl VhdImage {
             parent,
             warnings,
         })
+    }
+
+    /// The disk's unique identifier (footer), which a differencing child records as its parent's.
+    pub fn uuid(&self) -> [u8; 16] {
+        self.footer.uuid
     }
 
     fn bitmap(&self, s: &Sparse, block: u64, entry: u32) -> Result<Arc<Bitmap>> {
@@ -622,7 +628,7 @@ fn percent_decode(s: &str) -> Option<String> {
 fn open_parent(
     file: &HostFile,
     header: &DynamicHeader,
-    chain: &mut Chain,
+    opener: &mut dyn BackingOpener,
     warnings: &mut Vec<String>,
 ) -> Result<Parent> {
     let child_dir = file
@@ -667,19 +673,21 @@ fn open_parent(
             }
             continue;
         }
-        let image = chain.open(&path, None, None)?;
-        let expected = uuid_string(&header.parent_uuid);
-        let actual = image
-            .info()
-            .format_specific
-            .and_then(|v| v["data"]["uuid"].as_str().map(str::to_string));
-        if image.format() == Format::Vhd && actual.as_deref() != Some(expected.as_str()) {
-            warnings.push(format!(
-                "parent {} has UUID {}, the differencing disk expects {expected}",
-                path.display(),
-                actual.unwrap_or_default()
-            ));
-        }
+        let parent = opener.open_file(file.path(), &path, Role::Parent, warnings)?;
+        let image: Box<dyn Image> = if detect(&parent)? == Format::Vhd {
+            let vhd = VhdImage::open(parent, opener)?;
+            if vhd.uuid() != header.parent_uuid {
+                warnings.push(format!(
+                    "parent {} has UUID {}, the differencing disk expects {}",
+                    path.display(),
+                    uuid_string(&vhd.uuid()),
+                    uuid_string(&header.parent_uuid)
+                ));
+            }
+            Box::new(vhd)
+        } else {
+            opener.open_image(parent, None)?
+        };
         return Ok(Parent {
             image,
             recorded: text.trim_end_matches('\0').to_string(),

@@ -9,7 +9,8 @@
 use super::layout::{DiskType, DynamicHeader, FOOTER_SIZE, SECTOR, UNALLOCATED, bat_size};
 use super::write::Plan;
 use crate::error::{Error, Result};
-use crate::image::check_guest_range;
+use crate::image::{Format, Image, check_guest_range};
+use crate::stream::{ImageStream, ZeroPadded};
 use crate::write::CreateOptions;
 use byteorder::{BigEndian, ByteOrder};
 
@@ -136,7 +137,9 @@ impl Blocks {
         let guest = block * self.block_size + in_block;
         // The last block may reach past the guest size: those bytes are zeros.
         let from_guest = guest_size.saturating_sub(guest).min(n as u64) as usize;
-        read_guest(&mut buf[..from_guest], guest)?;
+        if from_guest > 0 {
+            read_guest(&mut buf[..from_guest], guest)?;
+        }
         buf[from_guest..n].fill(0);
         Ok(n)
     }
@@ -202,6 +205,43 @@ fn blocks(
         block_size,
         bitmap_size: plan.bitmap_size(),
     })
+}
+
+/// `src` laid out as a fixed or dynamic VHD (see [`crate::stream`]).
+pub(crate) fn stream<'a>(
+    src: &'a dyn Image,
+    opts: &mut CreateOptions,
+    allocated: &mut dyn Iterator<Item = Result<(u64, u64)>>,
+    _compressing: &(dyn Fn(u64) + Sync),
+) -> Result<Box<dyn ImageStream + 'a>> {
+    let layout = VhdStream::plan(src.virtual_size(), opts, allocated)?;
+    // The geometry may round the guest up: zeros past the source's end.
+    let guest = ZeroPadded::new(src, layout.guest_size());
+    Ok(Box::new(VhdImageStream { layout, guest }))
+}
+
+struct VhdImageStream<'a> {
+    layout: VhdStream,
+    guest: ZeroPadded<'a>,
+}
+
+impl ImageStream for VhdImageStream<'_> {
+    fn format(&self) -> Format {
+        Format::Vhd
+    }
+
+    fn size(&self) -> u64 {
+        self.layout.object_size()
+    }
+
+    fn guest(&self) -> &dyn Image {
+        &self.guest
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.layout
+            .fill(buf, offset, &mut |b, at| self.guest.read_at(b, at))
+    }
 }
 
 #[cfg(test)]

@@ -4,12 +4,12 @@
 
 mod log;
 
+use crate::backing::{BackingOpener, Role};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 use crate::image::{
     Extent, ExtentKind, Format, Image, ImageInfo, check_guest_range, map_backing, read_backing,
 };
-use crate::open::Chain;
 use byteorder::{ByteOrder, LittleEndian as LE};
 use log::{LogLocation, LoggedFile};
 use serde_json::json;
@@ -139,6 +139,8 @@ pub struct VhdxImage {
     parent_name: Option<String>,
     parent_path: Option<PathBuf>,
     log_replayed: bool,
+    /// Problems found while opening that did not prevent reading.
+    warnings: Vec<String>,
 }
 
 /// The fields of the current header that locate the log.
@@ -165,7 +167,7 @@ struct Metadata {
 }
 
 impl VhdxImage {
-    pub fn open(host: HostFile, chain: &mut Chain) -> Result<VhdxImage> {
+    pub fn open(host: HostFile, opener: &mut dyn BackingOpener) -> Result<VhdxImage> {
         let path = host.path().to_path_buf();
         let mut magic = [0u8; 8];
         host.read_exact_at(&mut magic, 0, "vhdx file type identifier")?;
@@ -227,11 +229,18 @@ impl VhdxImage {
             parent_name: None,
             parent_path: None,
             log_replayed,
+            warnings: Vec::new(),
         };
         image.validate_bat(bat_region.offset, meta.has_parent)?;
         if meta.has_parent {
             let (name, parent_path) = find_parent(&path, &meta.parent_locator)?;
-            image.parent = Some(chain.open(&parent_path, None, None)?);
+            image.parent = Some(opener.open_backing(
+                &path,
+                &parent_path,
+                Role::Parent,
+                None,
+                &mut image.warnings,
+            )?);
             image.parent_name = Some(name);
             image.parent_path = Some(parent_path);
         }
@@ -819,6 +828,7 @@ impl Image for VhdxImage {
                 "log-replayed": self.log_replayed,
             }
         }));
+        info.warnings = self.warnings.clone();
         if self.log_replayed {
             info.warnings.push(
                 "the metadata log was not empty: it was replayed in memory (the file is unchanged)"

@@ -13,15 +13,15 @@ pub use descriptor::{Descriptor, ExtentLine, ExtentType, MAX_DESCRIPTOR_SIZE};
 use descriptor::{NO_PARENT_CID, looks_like_descriptor};
 use sparse::{Grain, SparseExtent};
 
+use crate::backing::{BackingOpener, Role};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 use crate::image::{
     Extent, ExtentKind, Format, Image, ImageInfo, check_guest_range, map_backing, read_backing,
 };
-use crate::open::Chain;
 use serde_json::json;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 const SECTOR: u64 = 512;
 
@@ -81,7 +81,7 @@ pub struct VmdkImage {
 impl VmdkImage {
     /// Opens a sparse extent file (its embedded descriptor, if any, gives the disk's identity)
     /// or a text descriptor and the extent files it names.
-    pub fn open(file: HostFile, chain: &mut Chain) -> Result<VmdkImage> {
+    pub fn open(file: HostFile, opener: &mut dyn BackingOpener) -> Result<VmdkImage> {
         let path = file.path().to_path_buf();
         let mut magic = [0u8; 4];
         let n = file.len().min(4) as usize;
@@ -103,13 +103,19 @@ impl VmdkImage {
             }
             let text = file.read_vec_at(0, file.len(), "vmdk descriptor")?;
             let descriptor = Descriptor::parse(&text, &path, 0)?;
-            let extents = open_extents(&path, &descriptor, &mut warnings)?;
+            let extents = open_extents(&path, &descriptor, opener, &mut warnings)?;
             (descriptor, extents)
         };
         let virtual_size = extents.last().map_or(0, |e| e.guest_start + e.length);
         let parent = match (&descriptor.parent_file_name_hint, descriptor.parent_cid) {
             (_, NO_PARENT_CID) => None,
-            (Some(hint), _) => Some(chain.open(&resolve(&path, hint), None, None)?),
+            (Some(hint), _) => Some(opener.open_backing(
+                &path,
+                &resolve(&path, hint),
+                Role::Parent,
+                None,
+                &mut warnings,
+            )?),
             (None, _) => {
                 warnings.push(
                     "delta disk without parentFileNameHint: unallocated grains read as zeros"
@@ -260,6 +266,7 @@ fn open_monolithic(file: HostFile) -> Result<(Descriptor, Vec<VmdkExtent>)> {
 fn open_extents(
     path: &Path,
     descriptor: &Descriptor,
+    opener: &mut dyn BackingOpener,
     warnings: &mut Vec<String>,
 ) -> Result<Vec<VmdkExtent>> {
     descriptor
@@ -290,16 +297,11 @@ fn open_extents(
             (kind, Some(name)) => {
                 let extent_path = resolve(path, name);
                 if Path::new(name).is_absolute() {
+                    // The disk cannot move with its files (the opener says whether it lies
+                    // outside the descriptor's directory).
                     warnings.push(format!("extent file {name:?} is an absolute path"));
-                } else if Path::new(name)
-                    .components()
-                    .any(|c| c == Component::ParentDir)
-                {
-                    warnings.push(format!(
-                        "extent file {name:?} lies outside the descriptor's directory"
-                    ));
                 }
-                let file = HostFile::open(&extent_path)?;
+                let file = opener.open_file(path, &extent_path, Role::Extent, warnings)?;
                 if *kind == ExtentType::Sparse {
                     let s = SparseExtent::open(file)?;
                     if s.capacity_bytes() < length {

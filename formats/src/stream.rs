@@ -1,0 +1,162 @@
+//! Image files computed on demand from a source image: every byte range of the file is a
+//! function of the source, so a file can be sent in parts, in any order and in parallel (into
+//! object storage), without being written anywhere first.
+
+use crate::error::{Error, Result};
+use crate::image::{Extent, ExtentKind, Extents, Format, Image, ImageInfo, check_guest_range};
+use crate::registry::driver;
+use crate::write::CreateOptions;
+use std::path::PathBuf;
+
+/// An image file of a known size that produces any byte range on demand.
+pub trait ImageStream: Send + Sync {
+    fn format(&self) -> Format;
+
+    /// Bytes of the whole file.
+    fn size(&self) -> u64;
+
+    /// The guest the file holds: the source, seen larger where the format rounds its size up
+    /// (the extra bytes read as zeros). Hash this to describe the file's guest.
+    fn guest(&self) -> &dyn Image;
+
+    /// Identifies the file's layout beyond format and size, where options or data choose it
+    /// (compressed qcow2 packing); empty where format and size determine it.
+    fn layout_fingerprint(&self) -> String {
+        String::new()
+    }
+
+    /// Fills `buf` with the file's bytes at `offset`; the range must lie inside [`Self::size`].
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+}
+
+/// Lays out `src` as an image file of `format` with the `-o`/`-c` options in `opts`.
+/// `allocated` yields the guest ranges `(start, end)` of `src` that hold data, ascending; the
+/// rest is not read. A compressed qcow2 compresses the whole source once here, reporting guest
+/// bytes done to `compressing`.
+pub fn stream<'a>(
+    src: &'a dyn Image,
+    format: Format,
+    opts: &mut CreateOptions,
+    allocated: &mut dyn Iterator<Item = Result<(u64, u64)>>,
+    compressing: &(dyn Fn(u64) + Sync),
+) -> Result<Box<dyn ImageStream + 'a>> {
+    let plan = driver(format)
+        .stream
+        .ok_or_else(|| Error::invalid(format!("{format} images cannot be streamed")))?;
+    if opts.compress && format != Format::Qcow2 {
+        return Err(Error::invalid(format!(
+            "-c: {format} has no compressed form; use -O qcow2"
+        )));
+    }
+    let mut lengths = allocated.map(|r| r.map(|(start, end)| (start, end - start)));
+    plan(src, opts, &mut lengths, compressing)
+}
+
+/// How a format lays out a source as a stream: the source, the options, the allocated guest
+/// ranges `(start, length)` and the compression progress.
+pub type StreamFn = for<'a> fn(
+    src: &'a dyn Image,
+    opts: &mut CreateOptions,
+    allocated: &mut dyn Iterator<Item = Result<(u64, u64)>>,
+    compressing: &(dyn Fn(u64) + Sync),
+) -> Result<Box<dyn ImageStream + 'a>>;
+
+/// The raw stream: the guest bytes themselves.
+pub(crate) fn raw<'a>(
+    src: &'a dyn Image,
+    opts: &mut CreateOptions,
+    _allocated: &mut dyn Iterator<Item = Result<(u64, u64)>>,
+    _compressing: &(dyn Fn(u64) + Sync),
+) -> Result<Box<dyn ImageStream + 'a>> {
+    opts.reject_unknown(Format::Raw)?;
+    Ok(Box::new(RawStream(ZeroPadded::new(
+        src,
+        src.virtual_size(),
+    ))))
+}
+
+struct RawStream<'a>(ZeroPadded<'a>);
+
+impl ImageStream for RawStream<'_> {
+    fn format(&self) -> Format {
+        Format::Raw
+    }
+
+    fn size(&self) -> u64 {
+        self.0.size
+    }
+
+    fn guest(&self) -> &dyn Image {
+        &self.0
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.0.read_at(buf, offset)
+    }
+}
+
+/// A source seen with a virtual size of at least its own: bytes past its end read as zeros.
+/// Reads only what the source's map calls data.
+pub(crate) struct ZeroPadded<'a> {
+    inner: &'a dyn Image,
+    size: u64,
+}
+
+impl<'a> ZeroPadded<'a> {
+    pub(crate) fn new(inner: &'a dyn Image, size: u64) -> Self {
+        ZeroPadded {
+            inner,
+            size: size.max(inner.virtual_size()),
+        }
+    }
+}
+
+impl Image for ZeroPadded<'_> {
+    fn format(&self) -> Format {
+        self.inner.format()
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
+        let inner_size = self.inner.virtual_size();
+        if offset < inner_size {
+            return self.inner.map(offset, max_len.min(inner_size - offset));
+        }
+        check_guest_range(self.size, offset, 1)?;
+        Ok(Extent {
+            start: offset,
+            length: max_len.min(self.size - offset),
+            kind: ExtentKind::Zero,
+            depth: 0,
+        })
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_guest_range(self.size, offset, buf.len() as u64)?;
+        for e in Extents::new(self, offset, offset + buf.len() as u64) {
+            let e = e?;
+            let at = (e.start - offset) as usize;
+            let part = &mut buf[at..at + e.length as usize];
+            if e.is_zero() {
+                part.fill(0);
+            } else {
+                self.inner.read_at(part, e.start)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn with_mapped(&self, offset: u64, len: u64, f: &mut dyn FnMut(&[u8])) -> Result<bool> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.inner.virtual_size() => self.inner.with_mapped(offset, len, f),
+            _ => Ok(false),
+        }
+    }
+
+    fn info(&self) -> ImageInfo {
+        ImageInfo::basic(PathBuf::new(), self.format(), self.size, 0)
+    }
+}
