@@ -3,6 +3,7 @@
 use super::util::{Bar, create_options, human_size, open_image, parse_format, parse_size};
 use super::{EXIT_ERROR, EXIT_OK};
 use diskkit::convert::allocated_ranges;
+use diskkit::formats::error::ErrorKind;
 use diskkit::formats::{Error, Format, Result};
 use diskkit::storage::push::{self, Export, PushOptions};
 use diskkit::storage::{Location, Settings, Store, pull};
@@ -35,7 +36,7 @@ pub struct Connection {
 }
 
 impl Connection {
-    fn open(&self, url: &str) -> Result<(Location, Store)> {
+    fn open(&self, url: &str) -> Result<(Location, Box<dyn Store>)> {
         let location = Location::parse(url)?;
         let settings = Settings {
             endpoint: self.endpoint.clone(),
@@ -44,7 +45,7 @@ impl Connection {
             ..Settings::default()
         }
         .resolve(location.scheme, self.profile.as_deref())?;
-        let store = Store::open(&location, &settings)?;
+        let store = diskkit::storage::open(&location, &settings)?;
         Ok((location, store))
     }
 }
@@ -108,7 +109,7 @@ pub struct PushArgs {
 pub fn push(args: PushArgs) -> Result<i32> {
     if let Some(url) = &args.abort {
         let (location, store) = args.connection.open(url)?;
-        push::abort(&store, &location)?;
+        push::abort(store.as_ref(), &location)?;
         println!("aborted the unfinished upload to {}", location.url());
         return Ok(EXIT_OK);
     }
@@ -167,7 +168,7 @@ pub fn push(args: PushArgs) -> Result<i32> {
     let hashing = Bar::new(args.progress, guest_size, "hashing");
     let uploading = Bar::new(args.progress, object_size, "uploading");
     let result = push::push(
-        &store,
+        store.as_ref(),
         &location,
         src.as_ref(),
         &export,
@@ -200,7 +201,11 @@ pub fn push(args: PushArgs) -> Result<i32> {
         }
         Err(e) => {
             eprintln!("diskkit: {e}");
-            if store.resumable() && push::has_checkpoint(&location) {
+            // A conflicting unfinished upload says itself what to do.
+            if e.kind() != ErrorKind::AlreadyExists
+                && store.resumable()
+                && push::has_checkpoint(&location)
+            {
                 eprintln!(
                     "diskkit: the upload is unfinished and nothing was written under {}: rerun \
                      the same command to resume it, or run diskkit push --abort {url}",
@@ -262,10 +267,10 @@ pub struct PullArgs {
 pub fn pull(args: PullArgs) -> Result<i32> {
     let (location, store) = args.connection.open(&args.src)?;
     let mut create = create_options(&args.options)?;
-    let size = store.stat(&location.key)?.unwrap_or(0);
+    let size = store.stat(&location.key)?.map_or(0, |m| m.size);
     let bar = Bar::new(args.progress, size, "downloading");
     let digest = pull::pull(
-        &store,
+        store.as_ref(),
         &location,
         &args.dst,
         args.out_format.unwrap_or(Format::Raw),
@@ -304,9 +309,9 @@ pub struct VerifyArgs {
 
 pub fn verify(args: VerifyArgs) -> Result<i32> {
     let (location, store) = args.connection.open(&args.url)?;
-    let size = store.stat(&location.key)?.unwrap_or(0);
+    let size = store.stat(&location.key)?.map_or(0, |m| m.size);
     let bar = Bar::new(args.progress, size, "verifying");
-    let digest = pull::verify(&store, &location, args.parallel.max(1), &bar)?;
+    let digest = pull::verify(store.as_ref(), &location, args.parallel.max(1), &bar)?;
     bar.finish();
     println!("{}: OK {digest}", location.url());
     Ok(EXIT_OK)
@@ -325,7 +330,7 @@ pub struct LsArgs {
 
 pub fn ls(args: LsArgs) -> Result<i32> {
     let (location, store) = args.connection.open(&args.url)?;
-    for item in pull::list(&store, &location)? {
+    for item in pull::list(store.as_ref(), &location)? {
         match &item.manifest {
             Some(m) => println!(
                 "{}\t{}\t{}\t{}",
@@ -352,6 +357,6 @@ pub struct RmArgs {
 
 pub fn rm(args: RmArgs) -> Result<i32> {
     let (location, store) = args.connection.open(&args.url)?;
-    pull::remove(&store, &location)?;
+    pull::remove(store.as_ref(), &location)?;
     Ok(EXIT_OK)
 }

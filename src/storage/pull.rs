@@ -11,7 +11,7 @@ use crate::convert::{ConvertOptions, convert_to_path};
 use crate::hash::hash_image;
 use crate::progress::{NoProgress, Progress};
 use diskkit_formats::digest::{ChunkDigest, ChunkHasher, DigestBuilder, PiecewiseChunk, hex};
-use diskkit_formats::image::{check_guest_range, first_nonzero_byte};
+use diskkit_formats::image::check_guest_range;
 use diskkit_formats::write::{CreateOptions, Writeback};
 use diskkit_formats::{Error, Extent, ExtentKind, Format, Image, ImageInfo, Result};
 use std::cell::RefCell;
@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The guest content of an object, read with ranged requests.
 pub struct RemoteImage<'a> {
-    store: &'a Store,
+    store: &'a dyn Store,
     location: Location,
     format: Format,
     virtual_size: u64,
@@ -29,14 +29,14 @@ pub struct RemoteImage<'a> {
 
 /// The manifest of the object at `location` and the object's size, checked against each
 /// other.
-pub fn open_manifest(store: &Store, location: &Location) -> Result<(ObjectManifest, u64)> {
+pub fn open_manifest(store: &dyn Store, location: &Location) -> Result<(ObjectManifest, u64)> {
     if location.is_prefix() {
         return Err(Error::invalid(format!(
             "{}: name an object, not a prefix",
             location.url()
         )));
     }
-    let Some(size) = store.stat(&location.key)? else {
+    let Some(size) = store.stat(&location.key)?.map(|m| m.size) else {
         return Err(store.no_such_object(&location.key));
     };
     let manifest_at = manifest_key(&location.key);
@@ -61,7 +61,7 @@ impl<'a> RemoteImage<'a> {
     /// The object as an image when its guest bytes are stored first and whole (raw, fixed
     /// VHD); `None` for formats that must be read locally.
     pub fn new(
-        store: &'a Store,
+        store: &'a dyn Store,
         location: &Location,
         manifest: &ObjectManifest,
     ) -> Result<Option<RemoteImage<'a>>> {
@@ -130,7 +130,7 @@ impl Image for RemoteImage<'_> {
 /// VHD objects are converted straight from ranged reads; others (dynamic VHD) are first
 /// downloaded next to `dst` and converted from there.
 pub fn pull(
-    store: &Store,
+    store: &dyn Store,
     location: &Location,
     dst: &Path,
     format: Format,
@@ -396,7 +396,7 @@ impl RangeHasher<'_> {
 /// the digest. Objects that cannot be read in place (dynamic VHD) are downloaded to a
 /// temporary file first.
 pub fn verify(
-    store: &Store,
+    store: &dyn Store,
     location: &Location,
     threads: usize,
     reading: &dyn Progress,
@@ -485,7 +485,7 @@ const DIRECT_ALIGN: usize = 4096;
 /// this VM, 1-2 s of system time per 2 GiB, varying from run to run). Without `digest` the file
 /// is about to be read (hashed or converted), so it goes through the page cache.
 fn download(
-    store: &Store,
+    store: &dyn Store,
     location: &Location,
     path: &Path,
     size: u64,
@@ -503,24 +503,10 @@ fn download(
         progress,
         &|at, piece| {
             // Runs of non-zero grains are written; zero grains stay holes.
-            let mut pos = 0;
-            while pos < piece.len() {
-                let Some(first) = first_nonzero_byte(&piece[pos..]) else {
-                    break;
-                };
-                let start = pos + first / WRITE_GRAIN * WRITE_GRAIN;
-                let mut end = (start + WRITE_GRAIN).min(piece.len());
-                while end < piece.len() {
-                    let next = (end + WRITE_GRAIN).min(piece.len());
-                    if first_nonzero_byte(&piece[end..next]).is_none() {
-                        break;
-                    }
-                    end = next;
-                }
-                out.write_at(&piece[start..end], at + start as u64)?;
-                pos = end;
-            }
-            Ok(())
+            super::zero_runs(piece, WRITE_GRAIN, &mut |start, end, zeros| match zeros {
+                true => Ok(()),
+                false => out.write_at(&piece[start..end], at + start as u64),
+            })
         },
     )?;
     out.file.sync_all().map_err(|e| Error::io(path, "sync", e))
@@ -593,7 +579,7 @@ impl<'a> Output<'a> {
 /// Streams the first `len` bytes of the object at `location` in ranges, `threads` at once,
 /// handing each piece to `sink` and to `digest`.
 fn fetch(
-    store: &Store,
+    store: &dyn Store,
     location: &Location,
     len: u64,
     threads: usize,
@@ -630,7 +616,7 @@ fn fetch(
 }
 
 /// A fixed VHD object ends with a valid footer that gives the guest size.
-fn check_vhd_footer(store: &Store, location: &Location, guest: u64) -> Result<()> {
+fn check_vhd_footer(store: &dyn Store, location: &Location, guest: u64) -> Result<()> {
     use diskkit_formats::vhd::layout::{FOOTER_SIZE, Footer};
     let mut bytes = [0u8; FOOTER_SIZE as usize];
     store.read_at(&location.key, &mut bytes, guest)?;
@@ -661,7 +647,7 @@ pub struct Listed {
 
 /// The images under the prefix of `location`: every object except manifests and unfinished
 /// local uploads.
-pub fn list(store: &Store, location: &Location) -> Result<Vec<Listed>> {
+pub fn list(store: &dyn Store, location: &Location) -> Result<Vec<Listed>> {
     let prefix = if location.is_prefix() {
         location.key.clone()
     } else {
@@ -686,7 +672,7 @@ pub fn list(store: &Store, location: &Location) -> Result<Vec<Listed>> {
 }
 
 /// Removes the image at `location` and its manifest.
-pub fn remove(store: &Store, location: &Location) -> Result<()> {
+pub fn remove(store: &dyn Store, location: &Location) -> Result<()> {
     if location.is_prefix() {
         return Err(Error::invalid(format!(
             "{}: name an object, not a prefix",
@@ -696,8 +682,7 @@ pub fn remove(store: &Store, location: &Location) -> Result<()> {
     if store.stat(&location.key)?.is_none() {
         return Err(store.no_such_object(&location.key));
     }
-    store.delete(&location.key)?;
-    store.delete(&manifest_key(&location.key))
+    store.delete(&[location.key.clone(), manifest_key(&location.key)])
 }
 
 #[cfg(test)]
