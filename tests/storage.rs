@@ -5,6 +5,8 @@
 mod common;
 
 use common::*;
+use diskkit::formats::error::ErrorKind;
+use diskkit::storage::{Location, Settings, Store};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -195,7 +197,8 @@ fn round_trips(env: &Env, dir: &Path, url_of: &dyn Fn(&str) -> String) {
             let out = env.ok(&["verify", &url]);
             assert!(out.contains("OK"), "{out}");
             let pulled = dir.join(format!("{name}.{ext}.pulled"));
-            env.ok(&["pull", &url, path_str(&pulled)]);
+            // Converted back to raw (without -O the object comes as it is, byte for byte).
+            env.ok(&["pull", "-O", "raw", &url, path_str(&pulled)]);
             qemu_img(&["compare", path_str(&src), path_str(&pulled)]);
             // The manifest digest is the digest of the object's guest content: the source's
             // own for raw, and for VHD the source's padded to the VHD's size.
@@ -790,4 +793,376 @@ fn s3_server_dies_midway_then_resume() {
     assert_eq!(part_counts(&out), (6, 6 - done, done), "{out}");
     env.ok(&["verify", url]);
     drop(server);
+}
+
+/// Connection settings of the shared test server, for the library's own calls.
+fn s3_settings(endpoint: &str) -> Settings {
+    Settings {
+        endpoint: Some(endpoint.to_string()),
+        region: Some("us-east-1".into()),
+        access_key_id: Some(ACCESS_KEY.into()),
+        secret_access_key: Some(SECRET_KEY.into()),
+        ..Settings::default()
+    }
+}
+
+fn open_store(url: &str, settings: &Settings) -> (Location, Box<dyn Store>) {
+    let location = Location::parse(url).unwrap();
+    let store = diskkit::storage::open(&location, settings).unwrap();
+    (location, store)
+}
+
+/// Eight writers race to create one object: exactly one wins, the others (and a later writer)
+/// get `AlreadyExists`, and the object holds the winner's bytes.
+fn create_if_absent_race(store: &dyn Store, key: &str) {
+    let results: Vec<_> = std::thread::scope(|s| {
+        let writers: Vec<_> = (0..8u8)
+            .map(|i| s.spawn(move || (i, store.create_if_absent(key, vec![i; 1000 + i as usize]))))
+            .collect();
+        writers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    let winners: Vec<u8> = results
+        .iter()
+        .filter(|(_, r)| r.is_ok())
+        .map(|(i, _)| *i)
+        .collect();
+    assert_eq!(winners.len(), 1, "{results:?}");
+    for (_, r) in &results {
+        if let Err(e) = r {
+            assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+        }
+    }
+    let winner = winners[0];
+    let stored = store.read_small(key).unwrap().unwrap();
+    assert_eq!(stored, vec![winner; 1000 + winner as usize]);
+    let later = store.create_if_absent(key, vec![9]).unwrap_err();
+    assert_eq!(later.kind(), ErrorKind::AlreadyExists, "{later}");
+}
+
+#[test]
+fn local_bucket_create_if_absent() {
+    let (_dir, bucket, _env) = local_bucket_env();
+    let (_, store) = open_store(&format!("{}/", bucket.display()), &Settings::default());
+    create_if_absent_race(store.as_ref(), "ledger/entry-1");
+    // No temporary file is left next to the object.
+    let names: Vec<_> = std::fs::read_dir(bucket.join("ledger")).unwrap().collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+}
+
+#[test]
+fn s3_create_if_absent() {
+    let Some(endpoint) = shared_server() else {
+        return;
+    };
+    let (_, store) = open_store("s3://diskkit-test/", &s3_settings(&endpoint));
+    let key = format!("cia-{}/entry", std::process::id());
+    create_if_absent_race(store.as_ref(), &key);
+    store.delete(&[key]).unwrap();
+}
+
+/// Failures a program acts on have kinds, whatever the message says.
+#[test]
+fn s3_errors_have_kinds() {
+    let Some(endpoint) = shared_server() else {
+        return;
+    };
+    let missing = format!("s3://diskkit-missing-{}/", std::process::id());
+    let (_, store) = open_store(&missing, &s3_settings(&endpoint));
+    assert_eq!(store.list("").unwrap_err().kind(), ErrorKind::NoSuchBucket);
+    assert_eq!(store.no_such_object("k").kind(), ErrorKind::NoSuchBucket);
+    let wrong = Settings {
+        secret_access_key: Some("wrong".into()),
+        ..s3_settings(&endpoint)
+    };
+    let (_, store) = open_store("s3://diskkit-test/", &wrong);
+    assert_eq!(store.list("").unwrap_err().kind(), ErrorKind::AccessDenied);
+    assert_eq!(
+        store.create_upload("k").unwrap_err().kind(),
+        ErrorKind::AccessDenied
+    );
+    let (_, store) = open_store("s3://diskkit-test/k", &s3_settings(&endpoint));
+    assert_eq!(store.stat("no/such/key").unwrap().map(|m| m.size), None);
+    assert_eq!(store.no_such_object("k").kind(), ErrorKind::NotFound);
+}
+
+/// A closed loopback port: every command says it cannot reach the endpoint (after retrying),
+/// and the error is of the network kind.
+#[test]
+fn dead_endpoint_is_explained() {
+    let dir = tempdir();
+    let env = Env {
+        cache: dir.path().join("cache"),
+        endpoint: Some("http://127.0.0.1:9".into()),
+    };
+    let (_, store) = open_store("s3://b/k", &s3_settings("http://127.0.0.1:9"));
+    let e = store.stat("k").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Network, "{e}");
+    assert!(e.kind().is_retryable());
+    let pulled = dir.path().join("pulled");
+    for args in [
+        vec!["ls", "s3://b/"],
+        vec!["verify", "s3://b/k"],
+        vec!["pull", "s3://b/k", path_str(&pulled)],
+    ] {
+        let (code, _, err) = env.run(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(
+            err.contains("cannot reach the endpoint http://127.0.0.1:9 after 4 attempts"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+/// OSS and OBS settings that are missing say which ones, before any request.
+#[test]
+fn oss_and_obs_misconfiguration_is_explained() {
+    let dir = tempdir();
+    let env = Env {
+        cache: dir.path().join("cache"),
+        endpoint: None,
+    };
+    let run = |args: &[&str], set: &[(&str, &str)]| {
+        let mut cmd = env.command(args);
+        for var in [
+            "OSS_ENDPOINT",
+            "OSS_ACCESS_KEY_ID",
+            "OSS_ACCESS_KEY_SECRET",
+            "ALIBABA_CLOUD_ACCESS_KEY_ID",
+            "ALIBABA_CLOUD_ACCESS_KEY_SECRET",
+            "OBS_ENDPOINT",
+            "OBS_ACCESS_KEY_ID",
+            "OBS_SECRET_ACCESS_KEY",
+            "HUAWEICLOUD_SDK_AK",
+            "HUAWEICLOUD_SDK_SK",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.envs(set.iter().copied());
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["ls", "oss://bucket/"], &[]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("oss://bucket/: no endpoint: set OSS_ENDPOINT, --endpoint")
+            && !err.contains("ConfigInvalid"),
+        "{err}"
+    );
+    let obs = [("OBS_ENDPOINT", "https://obs.example.com")];
+    let (code, err) = run(&["ls", "obs://bucket/"], &obs);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains(
+            "obs://bucket/: no credentials: set OBS_ACCESS_KEY_ID and OBS_SECRET_ACCESS_KEY"
+        ),
+        "{err}"
+    );
+    let (code, err) = run(
+        &["ls", "oss://bucket/"],
+        &[("OSS_ENDPOINT", "https://oss.example.com")],
+    );
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("no credentials: set OSS_ACCESS_KEY_ID"),
+        "{err}"
+    );
+}
+
+/// A local bucket on a full disk: the error is of the no-space kind.
+#[test]
+fn local_bucket_full_disk_has_its_kind() {
+    let dir = tempdir();
+    let Some(disk) = SmallDisk::mount(&dir.path().join("small")) else {
+        return;
+    };
+    let (_, store) = open_store(&format!("{}/", disk.0.display()), &Settings::default());
+    let e = store.create_if_absent("big", vec![1; 4 << 20]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
+    let id = store.create_upload("big").unwrap();
+    let e = store
+        .upload_part("big", &id, 1, 0, vec![1u8; 4 << 20].into())
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
+    store.abort_upload("big", &id).unwrap();
+}
+
+/// Without -O, pull writes the object as it is: a dynamic VHD or qcow2 object comes back byte
+/// for byte (and checked), not converted to raw.
+#[test]
+fn local_bucket_pull_is_byte_for_byte() {
+    let (dir, bucket, env) = local_bucket_env();
+    let src = mixed_raw(dir.path(), "src.raw", 12 * MIB);
+    for (fmt, key) in [("vpc", "disk-azure.vhd"), ("qcow2", "disk.qcow2")] {
+        let url = format!("{}/{key}", bucket.display());
+        env.ok(&["push", "-O", fmt, path_str(&src), &url]);
+        let pulled = dir.path().join(format!("pulled-{key}"));
+        let out = env.ok(&["pull", &url, path_str(&pulled)]);
+        assert!(out.contains("verified against the manifest"), "{out}");
+        assert!(std::fs::read(&pulled).unwrap() == std::fs::read(bucket.join(key)).unwrap());
+        let info = env.ok(&["info", path_str(&pulled)]);
+        assert!(info.contains(fmt), "{info}");
+    }
+}
+
+/// Objects diskkit did not push: refused unchecked unless --no-verify (local buckets have no
+/// MD5 ETag), and the message says no check was made.
+#[test]
+fn local_bucket_pulls_foreign_objects() {
+    let (dir, bucket, env) = local_bucket_env();
+    std::fs::write(bucket.join("foreign.img"), vec![3u8; 100_000]).unwrap();
+    let url = format!("{}/foreign.img", bucket.display());
+    let pulled = dir.path().join("pulled.img");
+    let (code, _, err) = env.run(&["pull", &url, path_str(&pulled)]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("pass --no-verify"), "{err}");
+    assert!(!pulled.exists());
+    let out = env.ok(&["pull", "--no-verify", &url, path_str(&pulled)]);
+    assert!(out.contains("not verified (--no-verify)"), "{out}");
+    assert_eq!(std::fs::read(&pulled).unwrap(), vec![3u8; 100_000]);
+    let (code, _, err) = env.run(&["verify", &url]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("pass --no-verify"), "{err}");
+}
+
+/// An object another tool uploaded in one part: its MD5 ETag checks pull and verify.
+#[test]
+fn s3_pulls_foreign_objects_checked_by_md5() {
+    let Some((dir, env)) = shared_server_env() else {
+        return;
+    };
+    let endpoint = env.endpoint.clone().unwrap();
+    let key = format!("foreign-{}/disk.img", std::process::id());
+    let (_, store) = open_store("s3://diskkit-test/", &s3_settings(&endpoint));
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+    store.write(&key, data.clone()).unwrap();
+    let url = bucket_url("diskkit-test", &key);
+    let out = env.ok(&["verify", &url]);
+    assert!(out.contains("verified against the store's ETag"), "{out}");
+    let pulled = dir.path().join("pulled.img");
+    let out = env.ok(&["pull", &url, path_str(&pulled)]);
+    assert!(out.contains("MD5") && out.contains("store's ETag"), "{out}");
+    assert_eq!(std::fs::read(&pulled).unwrap(), data);
+    store.delete(&[key]).unwrap();
+}
+
+/// push FILE DIR/ and pull URL DIR/ keep the file name, as cp does; --target azure makes a
+/// fixed VHD; ls has a header, human sizes and JSON.
+#[test]
+fn local_bucket_names_target_and_listing() {
+    let (dir, bucket, env) = local_bucket_env();
+    let src = mixed_raw(dir.path(), "named.raw", 8 * MIB);
+    env.ok(&["push", path_str(&src), &format!("{}/", bucket.display())]);
+    assert!(bucket.join("named.raw").is_file());
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let url = format!("{}/named.raw", bucket.display());
+    env.ok(&["pull", &url, &format!("{}/", out_dir.display())]);
+    assert!(out_dir.join("named.raw").is_file());
+    let azure = format!("{}/azure.vhd", bucket.display());
+    env.ok(&["push", "--target", "azure", path_str(&src), &azure]);
+    let info = qemu_img(&["info", "-f", "vpc", path_str(&bucket.join("azure.vhd"))]);
+    assert!(info.contains("vpc"), "{info}");
+    let size = std::fs::metadata(bucket.join("azure.vhd")).unwrap().len();
+    assert_eq!(size % MIB, 512, "fixed VHD: MiB-aligned data and a footer");
+    let listing = env.ok(&["ls", &format!("{}/", bucket.display())]);
+    let mut lines = listing.lines();
+    assert_eq!(
+        lines.next(),
+        Some("KEY\tSIZE\tMODIFIED\tFORMAT\tGUEST\tDIGEST")
+    );
+    let line = lines.find(|l| l.starts_with("named.raw\t")).unwrap();
+    assert!(
+        line.contains("\t8 MiB\t") && line.contains("\traw\t"),
+        "{line}"
+    );
+    let json = env.ok(&["ls", "--output", "json", &format!("{}/", bucket.display())]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let named = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["key"] == "named.raw")
+        .unwrap();
+    assert_eq!(named["size"], 8 * MIB);
+    assert_eq!(named["format"], "raw");
+    assert!(
+        named["modified"].as_str().unwrap().ends_with('Z'),
+        "{named}"
+    );
+}
+
+/// Zeros of a raw image are holes in a local bucket's object.
+#[test]
+fn local_bucket_objects_are_sparse() {
+    use std::os::unix::fs::MetadataExt;
+    let (dir, bucket, env) = local_bucket_env();
+    let src = dir.path().join("sparse.raw");
+    qemu_img(&["create", "-f", "raw", path_str(&src), "64M"]);
+    qemu_io("raw", &src, &["write -P 0x11 10M 1M"]);
+    let url = format!("{}/sparse.raw", bucket.display());
+    env.ok(&["push", path_str(&src), &url]);
+    let meta = std::fs::metadata(bucket.join("sparse.raw")).unwrap();
+    assert_eq!(meta.len(), 64 * MIB);
+    assert!(
+        meta.blocks() * 512 <= 2 * MIB,
+        "{} bytes allocated",
+        meta.blocks() * 512
+    );
+    env.ok(&["verify", &url]);
+}
+
+/// A rerun after the source changed says one thing to do: abort, then push again.
+#[test]
+fn local_bucket_changed_source_gives_one_instruction() {
+    let (dir, bucket, env) = local_bucket_env();
+    let src = dir.path().join("big.raw");
+    qemu_img(&["create", "-f", "raw", path_str(&src), "26M"]);
+    qemu_io("raw", &src, &as_refs(&mixed_pattern(26 * MIB)));
+    let url = format!("{}/disk.raw", bucket.display());
+    push_and_kill(&env, &src, &url, 1, &[]);
+    qemu_io("raw", &src, &["write -P 0x77 0 1M"]);
+    let (code, _, err) = env.run(&["push", path_str(&src), &url]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!(
+            "run diskkit push --abort {}",
+            Location::parse(&url).unwrap().url()
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("rerun the same command"), "{err}");
+}
+
+/// A push killed at any moment completes on the first rerun: here before any part was sent.
+#[test]
+fn s3_push_killed_early_completes_on_first_rerun() {
+    let Some((dir, env)) = shared_server_env() else {
+        return;
+    };
+    let src = dir.path().join("early.raw");
+    qemu_img(&["create", "-f", "raw", path_str(&src), "64M"]);
+    qemu_io("raw", &src, &as_refs(&mixed_pattern(64 * MIB)));
+    let url = bucket_url(
+        "diskkit-test",
+        &format!("early-{}/disk.raw", std::process::id()),
+    );
+    let args = ["push", "--part-size", "5M", path_str(&src), &url];
+    for delay_ms in [0, 150, 600] {
+        let mut child = env
+            .command(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let out = env.ok(&args);
+        assert!(out.contains("13 parts of 5 MiB"), "{out}");
+        env.ok(&["verify", &url]);
+    }
+    env.ok(&["rm", &url]);
 }

@@ -3,6 +3,7 @@
 use super::util::{Bar, create_options, human_size, open_image, parse_format, parse_size};
 use super::{EXIT_ERROR, EXIT_OK};
 use diskkit::convert::allocated_ranges;
+use diskkit::formats::error::ErrorKind;
 use diskkit::formats::{Error, Format, Result};
 use diskkit::storage::push::{self, Export, PushOptions};
 use diskkit::storage::{Location, Settings, Store, pull};
@@ -51,10 +52,10 @@ impl Connection {
         self.profile.as_deref()
     }
 
-    fn open(&self, url: &str) -> Result<(Location, Store)> {
+    fn open(&self, url: &str) -> Result<(Location, Box<dyn Store>)> {
         let location = Location::parse(url)?;
         let settings = self.settings().resolve(location.scheme, self.profile())?;
-        let store = Store::open(&location, &settings)?;
+        let store = diskkit::storage::open(&location, &settings)?;
         Ok((location, store))
     }
 }
@@ -109,16 +110,29 @@ pub struct PushArgs {
     abort: Option<String>,
     #[command(flatten)]
     connection: Connection,
-    #[arg(required_unless_present = "abort")]
+    /// Output profile for a cloud: azure = fixed VHD with the size rounded as Azure requires
+    /// (same as -O vpc -o subformat=fixed,target=azure)
+    #[arg(long, value_enum)]
+    target: Option<Target>,
+    /// The image to upload: a local file in any format diskkit reads (raw, qcow2, VHD, VHDX,
+    /// VMDK, ISO)
+    #[arg(value_name = "SRC", required_unless_present = "abort")]
     src: Option<PathBuf>,
+    /// Where to put it: s3://BUCKET/KEY, oss://..., obs://..., a local DIR/KEY; a URL ending in
+    /// / (or an existing directory) keeps SRC's file name
     #[arg(value_name = "URL", required_unless_present = "abort")]
     dst: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Target {
+    Azure,
 }
 
 pub fn push(args: PushArgs) -> Result<i32> {
     if let Some(url) = &args.abort {
         let (location, store) = args.connection.open(url)?;
-        push::abort(&store, &location)?;
+        push::abort(store.as_ref(), &location)?;
         println!("aborted the unfinished upload to {}", location.url());
         return Ok(EXIT_OK);
     }
@@ -128,8 +142,28 @@ pub fn push(args: PushArgs) -> Result<i32> {
     let src = open_image(src_path, args.format, None)?;
     let mut create = create_options(&args.options)?;
     create.compress = args.compress;
-    let out_format = args.out_format.unwrap_or(Format::Raw);
-    let (location, store) = args.connection.open(url)?;
+    let out_format = match args.target {
+        Some(Target::Azure) => {
+            if args.out_format.is_some_and(|f| f != Format::Vhd) {
+                return Err(Error::invalid("--target azure writes VHD objects (-O vpc)"));
+            }
+            create.options.insert("target".into(), "azure".into());
+            create
+                .options
+                .entry("subformat".into())
+                .or_insert_with(|| "fixed".into());
+            Format::Vhd
+        }
+        None => args.out_format.unwrap_or(Format::Raw),
+    };
+    let (mut location, store) = args.connection.open(url)?;
+    if location.is_prefix() {
+        // Into a "directory": the source's file name, as cp does.
+        let name = src_path
+            .file_name()
+            .ok_or_else(|| Error::invalid(format!("{}: no file name", src_path.display())))?;
+        location = location.with_key(&format!("{}{}", location.key, name.to_string_lossy()));
+    }
     if args.compress {
         // Planning compresses the whole source: find a wrong URL, endpoint or credentials first.
         store.stat(&location.key)?;
@@ -167,7 +201,7 @@ pub fn push(args: PushArgs) -> Result<i32> {
             source.display(),
             meta.len(),
             out_format.name(),
-            args.options,
+            create.options,
             args.compress,
             export.layout_fingerprint()
         ),
@@ -177,7 +211,7 @@ pub fn push(args: PushArgs) -> Result<i32> {
     let hashing = Bar::new(args.progress, guest_size, "hashing");
     let uploading = Bar::new(args.progress, object_size, "uploading");
     let result = push::push(
-        &store,
+        store.as_ref(),
         &location,
         src.as_ref(),
         &export,
@@ -210,7 +244,11 @@ pub fn push(args: PushArgs) -> Result<i32> {
         }
         Err(e) => {
             eprintln!("diskkit: {e}");
-            if store.resumable() && push::has_checkpoint(&location) {
+            // A conflicting unfinished upload says itself what to do.
+            if e.kind() != ErrorKind::AlreadyExists
+                && store.resumable()
+                && push::has_checkpoint(&location)
+            {
                 eprintln!(
                     "diskkit: the upload is unfinished and nothing was written under {}: rerun \
                      the same command to resume it, or run diskkit push --abort {url}",
@@ -243,14 +281,18 @@ fn allocated_cluster_bytes(image: &dyn diskkit::formats::Image) -> u64 {
 /// Download an image from a bucket, converting on the fly, and verify it
 #[derive(clap::Args)]
 #[command(
-    long_about = "Download the image at URL into DST (format -O, default raw) with \
-parallel ranged reads; runs of zeros become holes. DST is written under a temporary name and \
-renamed into place when complete; its guest digest is then checked against the object's \
-manifest (URL.diskkit.json).\n\nExit codes: 0 success (digest matches), 2 error or mismatch."
+    long_about = "Download the object at URL into DST with parallel ranged reads: byte for \
+byte, or converted to the format -O; runs of zeros become holes. DST is written under a \
+temporary name and renamed into place when complete.\n\n\
+Verification: an object pushed by diskkit is checked against its manifest (URL.diskkit.json): \
+the guest digest of what was written. Any other object is checked against the store's MD5 \
+ETag when the store offers one (a single-part upload); an object with neither is refused \
+unless --no-verify. The message says which check was made.\n\n\
+Exit codes: 0 success (the check passed or --no-verify), 2 error or mismatch."
 )]
 #[command(after_help = URLS)]
 pub struct PullArgs {
-    /// Output format: raw, qcow2, vpc [default: raw]
+    /// Output format: raw, qcow2, vpc [default: the object as it is, byte for byte]
     #[arg(short = 'O', value_parser = parse_format)]
     out_format: Option<Format>,
     /// Output format options, qemu style
@@ -262,41 +304,84 @@ pub struct PullArgs {
     /// Show a progress bar
     #[arg(short = 'p', long)]
     progress: bool,
+    /// Take an object that has neither a diskkit manifest nor an MD5 ETag without checking it
+    #[arg(long)]
+    no_verify: bool,
     #[command(flatten)]
     connection: Connection,
+    /// The object to download: s3://BUCKET/KEY, oss://..., obs://..., a local DIR/KEY
     #[arg(value_name = "URL")]
     src: String,
+    /// The file to write (replaced if it exists); a path ending in / is a directory to write
+    /// into under the object's name
+    #[arg(value_name = "DST")]
     dst: PathBuf,
 }
 
 pub fn pull(args: PullArgs) -> Result<i32> {
     let (location, store) = args.connection.open(&args.src)?;
     let mut create = create_options(&args.options)?;
-    let size = store.stat(&location.key)?.unwrap_or(0);
+    let size = store.stat(&location.key)?.map_or(0, |m| m.size);
     let bar = Bar::new(args.progress, size, "downloading");
-    let digest = pull::pull(
-        &store,
-        &location,
-        &args.dst,
-        args.out_format.unwrap_or(Format::Raw),
-        &mut create,
-        args.parallel.max(1),
-        &bar,
-    )?;
+    let dst = pull_target(&args.dst, &location)?;
+    let mut opts = pull::PullOptions {
+        format: args.out_format,
+        create: &mut create,
+        threads: args.parallel.max(1),
+        verify: !args.no_verify,
+    };
+    let verified = pull::pull(store.as_ref(), &location, &dst, &mut opts, &bar)?;
     bar.finish();
     println!(
-        "pulled {} into {}: digest {digest} verified",
+        "pulled {} into {}: {}",
         location.url(),
-        args.dst.display()
+        dst.display(),
+        describe(&verified)
     );
     Ok(EXIT_OK)
+}
+
+/// The file a pull writes: `dst`, or in the directory `dst/` the object's name.
+fn pull_target(dst: &std::path::Path, location: &Location) -> Result<PathBuf> {
+    let into_dir = dst.as_os_str().as_encoded_bytes().ends_with(b"/");
+    if !into_dir {
+        if dst.is_dir() {
+            return Err(Error::invalid(format!(
+                "{}: is a directory (end it with / to pull into it under the object's name)",
+                dst.display()
+            )));
+        }
+        return Ok(dst.to_path_buf());
+    }
+    match location.key.rsplit('/').next().filter(|n| !n.is_empty()) {
+        Some(name) => Ok(dst.join(name)),
+        None => Err(Error::invalid(format!(
+            "{}: name an object, not a prefix",
+            location.url()
+        ))),
+    }
+}
+
+/// What was checked, as the pull and verify messages say it.
+fn describe(verified: &pull::Verified) -> String {
+    match verified {
+        pull::Verified::Manifest(digest) => {
+            format!("digest {digest} verified against the manifest")
+        }
+        pull::Verified::Md5(md5) => {
+            format!("MD5 {md5} verified against the store's ETag (no diskkit manifest)")
+        }
+        pull::Verified::Unchecked => "not verified (--no-verify)".to_string(),
+    }
 }
 
 /// Check an image in a bucket against its manifest, reading it in place
 #[derive(clap::Args)]
 #[command(
     long_about = "Read the image at URL with ranged reads and check its guest digest \
-against its manifest (URL.diskkit.json).\n\nExit codes: 0 verified, 2 error or mismatch."
+against its manifest (URL.diskkit.json); an object diskkit did not push is checked against the \
+store's MD5 ETag (single-part uploads), and refused when it has none.\n\n\
+Exit codes: 0 verified, 2 error or mismatch."
 )]
 #[command(after_help = URLS)]
 pub struct VerifyArgs {
@@ -314,18 +399,31 @@ pub struct VerifyArgs {
 
 pub fn verify(args: VerifyArgs) -> Result<i32> {
     let (location, store) = args.connection.open(&args.url)?;
-    let size = store.stat(&location.key)?.unwrap_or(0);
+    let size = store.stat(&location.key)?.map_or(0, |m| m.size);
     let bar = Bar::new(args.progress, size, "verifying");
-    let digest = pull::verify(&store, &location, args.parallel.max(1), &bar)?;
+    let verified = pull::verify(store.as_ref(), &location, args.parallel.max(1), &bar)?;
     bar.finish();
-    println!("{}: OK {digest}", location.url());
+    match verified {
+        pull::Verified::Manifest(digest) => println!("{}: OK {digest}", location.url()),
+        other => println!("{}: OK, {}", location.url(), describe(&other)),
+    }
     Ok(EXIT_OK)
 }
 
-/// List the images in a bucket with their format, size and digest
+/// List the objects in a bucket with their size, time, format and digest
 #[derive(clap::Args)]
+#[command(
+    long_about = "List the objects under URL (recursively), manifests and unfinished uploads \
+left out: KEY (relative to URL), SIZE of the object, MODIFIED (UTC), and for objects pushed by \
+diskkit their FORMAT, GUEST size and DIGEST (else -). Columns are separated by tabs.\n\n\
+--output json prints one JSON array instead: key, url, size, modified (RFC 3339), and format, \
+guest_size, digest (null when unknown); sizes in bytes."
+)]
 #[command(after_help = URLS)]
 pub struct LsArgs {
+    /// Output: text (a header, then one line per object) or json
+    #[arg(long, value_enum, default_value = "text")]
+    output: LsOutput,
     #[command(flatten)]
     connection: Connection,
     /// A bucket or prefix: s3://BUCKET/, s3://BUCKET/DIR/, a local directory
@@ -333,19 +431,55 @@ pub struct LsArgs {
     url: String,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LsOutput {
+    Text,
+    Json,
+}
+
 pub fn ls(args: LsArgs) -> Result<i32> {
     let (location, store) = args.connection.open(&args.url)?;
-    for item in pull::list(&store, &location)? {
-        match &item.manifest {
-            Some(m) => println!(
-                "{}\t{}\t{}\t{}",
-                item.key,
-                m.format,
-                m.guest.virtual_size,
-                m.guest.digest_hex()
+    let items = pull::list(store.as_ref(), &location)?;
+    let time = |t: Option<std::time::SystemTime>| t.and_then(|t| jiff::Timestamp::try_from(t).ok());
+    if args.output == LsOutput::Json {
+        let json: Vec<_> = items
+            .iter()
+            .map(|item| {
+                let m = item.manifest.as_ref();
+                serde_json::json!({
+                    "key": item.key,
+                    "url": location.with_key(&item.full_key).url(),
+                    "size": item.size,
+                    "modified": time(item.modified).map(|t| t.to_string()),
+                    "format": m.map(|m| &m.format),
+                    "guest_size": m.map(|m| m.guest.virtual_size),
+                    "digest": m.map(|m| m.guest.digest_hex()),
+                })
+            })
+            .collect();
+        let text =
+            serde_json::to_string_pretty(&json).map_err(|e| Error::invalid(format!("ls: {e}")))?;
+        println!("{text}");
+        return Ok(EXIT_OK);
+    }
+    println!("KEY\tSIZE\tMODIFIED\tFORMAT\tGUEST\tDIGEST");
+    for item in &items {
+        let modified = time(item.modified).map_or("-".to_string(), |t| {
+            t.strftime("%Y-%m-%d %H:%M:%S").to_string()
+        });
+        let (format, guest, digest) = match &item.manifest {
+            Some(m) => (
+                m.format.clone(),
+                human_size(m.guest.virtual_size),
+                m.guest.digest_hex(),
             ),
-            None => println!("{}\t-\t{}\t-", item.key, item.size),
-        }
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        println!(
+            "{}\t{}\t{modified}\t{format}\t{guest}\t{digest}",
+            item.key,
+            human_size(item.size),
+        );
     }
     Ok(EXIT_OK)
 }
@@ -362,6 +496,6 @@ pub struct RmArgs {
 
 pub fn rm(args: RmArgs) -> Result<i32> {
     let (location, store) = args.connection.open(&args.url)?;
-    pull::remove(&store, &location)?;
+    pull::remove(store.as_ref(), &location)?;
     Ok(EXIT_OK)
 }

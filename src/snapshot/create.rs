@@ -271,7 +271,7 @@ impl SnapshotStore {
         Ok(self
             .store
             .stat(&self.chunk_key(digest))?
-            .is_some_and(|n| n >= chunk_store::CHUNK_HEADER as u64))
+            .is_some_and(|m| m.size >= chunk_store::CHUNK_HEADER as u64))
     }
 
     /// Stores a chunk. Local stores write it under a temporary name renamed into place (not
@@ -289,7 +289,7 @@ impl SnapshotStore {
                     .map_err(|e| out.name_output(Error::io(out.temp_path(), "write", e)))?;
                 out.commit(CacheMode::Unsafe).map(drop)
             }
-            None => self.store.write_small(&key, encoded),
+            None => self.store.write(&key, encoded),
         }
     }
 

@@ -22,6 +22,7 @@ pub use create::{CreateOptions, CreateReport, IncrementalPath, create};
 pub use image::SnapshotImage;
 
 use crate::storage::{Location, Scheme, Settings, Store};
+use diskkit_formats::error::ErrorKind;
 use diskkit_formats::chunk_store::{self, HOLE, SnapshotIndex};
 use diskkit_formats::digest::hex;
 use diskkit_formats::{Error, Result};
@@ -50,7 +51,7 @@ struct StoreConfig {
 
 /// An opened snapshot store.
 pub struct SnapshotStore {
-    store: Store,
+    store: Box<dyn Store>,
     location: Location,
     /// Key prefix of the store inside the bucket: empty or ending in `/`.
     prefix: String,
@@ -95,7 +96,7 @@ impl SnapshotStore {
             )));
         }
         let settings = settings.clone().resolve(location.scheme, profile)?;
-        let store = Store::open(&location, &settings)?;
+        let store = crate::storage::open(&location, &settings)?;
         let prefix = match location.key.trim_end_matches('/') {
             "" => String::new(),
             k => format!("{k}/"),
@@ -132,7 +133,7 @@ impl SnapshotStore {
                     };
                     let text = serde_json::to_vec_pretty(&config)
                         .map_err(|e| Error::invalid(e.to_string()))?;
-                    store.write_small(&config_key, text)?;
+                    store.write(&config_key, text)?;
                     size
                 }
                 None => {
@@ -187,7 +188,7 @@ impl SnapshotStore {
                 }
                 crate::output::write_file(&path, &bytes)
             }
-            None => self.store.write_small(key, bytes),
+            None => self.store.write(key, bytes),
         }
     }
 
@@ -296,7 +297,7 @@ impl SnapshotStore {
 
     /// Removes snapshots (their indexes; `gc` frees the chunks no other snapshot uses).
     pub fn remove(&self, id: &str) -> Result<()> {
-        self.store.delete(&self.index_key(id))
+        self.store.delete(&[self.index_key(id)])
     }
 
     /// Takes a lease for a `snapshot create`, after which [`gc`] deletes nothing: it is
@@ -334,7 +335,7 @@ impl SnapshotStore {
             && holder.pid != std::process::id()
             && !crate::output::process_alive(holder.pid as i32);
         if dead_here || age > LEASE_EXPIRY.as_secs() {
-            self.store.delete(key)?;
+            self.store.delete(&[key.to_string()])?;
             return Ok(None);
         }
         Ok(Some(format!(
@@ -352,7 +353,7 @@ struct Lease<'a> {
 
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
-        let _ = self.store.store.delete(&self.key);
+        let _ = self.store.store.delete(std::slice::from_ref(&self.key));
     }
 }
 
@@ -440,7 +441,15 @@ pub fn gc(store: &SnapshotStore) -> Result<GcReport> {
             store.url()
         )));
     }
-    store.put(&lock_key, holder_record())?;
+    match store.store.create_if_absent(&lock_key, holder_record()) {
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+            return Err(Error::invalid(format!(
+                "{}: another garbage collection started at the same time",
+                store.url()
+            )));
+        }
+        other => other?,
+    }
     let result = (|| {
         let leases = format!("{}leases/", store.prefix);
         for lease in store.store.list(&leases)? {
@@ -459,6 +468,7 @@ pub fn gc(store: &SnapshotStore) -> Result<GcReport> {
             referenced.extend(store.index(&id)?.chunks.into_iter().filter(|c| *c != HOLE));
         }
         let chunks = format!("{}chunks/", store.prefix);
+        let mut unreferenced = Vec::new();
         for object in store.store.list(&chunks)? {
             let Some(digest) = object.key.rsplit('/').next().and_then(parse_digest) else {
                 continue;
@@ -466,14 +476,15 @@ pub fn gc(store: &SnapshotStore) -> Result<GcReport> {
             if referenced.contains(&digest) {
                 report.chunks_kept += 1;
             } else {
-                store.store.delete(&object.key)?;
+                unreferenced.push(object.key);
                 report.chunks_removed += 1;
                 report.bytes_removed += object.size;
             }
         }
+        store.store.delete(&unreferenced)?;
         Ok(report)
     })();
-    store.store.delete(&lock_key)?;
+    store.store.delete(&[lock_key])?;
     result
 }
 

@@ -76,7 +76,15 @@ impl Location {
             if d.as_os_str().is_empty() || d.is_dir() {
                 break;
             }
-            key.extend(d.file_name());
+            // `missing/..` names the directory above only once `missing` exists (the OS
+            // resolves `..` through it): refuse rather than guess.
+            let Some(name) = d.file_name() else {
+                return Err(Error::invalid(format!(
+                    "{url}: '..' after a directory that does not exist ({})",
+                    d.parent().unwrap_or(d).display()
+                )));
+            };
+            key.push(name);
             dir = d.parent();
         }
         let bucket = match dir {
@@ -245,5 +253,28 @@ mod tests {
         let l = Location::parse("x.img").unwrap();
         assert_eq!((l.bucket.as_str(), l.key.as_str()), (".", "x.img"));
         assert!(Location::parse("/tmp/").unwrap().is_prefix());
+        // `..` resolves as the OS does where the directory before it exists, and is refused
+        // where it does not.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let l = Location::parse(&format!("{}/sub/../x.img", dir.path().display())).unwrap();
+        assert_eq!(l.key, "x.img");
+        assert_eq!(
+            std::path::absolute(Path::new(&l.bucket))
+                .unwrap()
+                .join(&l.key),
+            {
+                std::fs::canonicalize(dir.path())
+                    .unwrap()
+                    .join("sub/../x.img")
+            }
+        );
+        let missing = format!("{}/nosuch/../x.img", dir.path().display());
+        let e = Location::parse(&missing).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("'..' after a directory that does not exist"),
+            "{e}"
+        );
     }
 }

@@ -18,7 +18,7 @@ mod s3;
 mod store;
 
 pub use location::{Location, Scheme, Settings};
-pub use store::{ObjectEntry, Store};
+pub use store::{ObjectEntry, ObjectMeta, Store, UploadParts, open};
 
 /// Suffix of the sidecar manifest object written next to every pushed image.
 pub const MANIFEST_SUFFIX: &str = ".diskkit.json";
@@ -62,5 +62,55 @@ fn run_parallel(
     match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Splits `data` into maximal runs of `grain`-sized blocks (the last may be shorter) that are all
+/// zeros or all hold data, and hands each to `f` as `(start, end, zeros)`: zeros can stay holes.
+fn zero_runs(
+    data: &[u8],
+    grain: usize,
+    f: &mut dyn FnMut(usize, usize, bool) -> diskkit_formats::Result<()>,
+) -> diskkit_formats::Result<()> {
+    use diskkit_formats::image::first_nonzero_byte;
+    let mut start = 0;
+    while start < data.len() {
+        let zeros = first_nonzero_byte(&data[start..(start + grain).min(data.len())]).is_none();
+        let mut end = (start + grain).min(data.len());
+        while end < data.len() {
+            let next = (end + grain).min(data.len());
+            if first_nonzero_byte(&data[end..next]).is_none() != zeros {
+                break;
+            }
+            end = next;
+        }
+        f(start, end, zeros)?;
+        start = end;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn zero_runs_split_data_from_zeros() {
+        let mut data = vec![0u8; 10];
+        data[4] = 1;
+        data[5] = 1;
+        let mut runs = Vec::new();
+        super::zero_runs(&data, 2, &mut |s, e, z| {
+            runs.push((s, e, z));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(runs, [(0, 4, true), (4, 6, false), (6, 10, true)]);
+        data[9] = 1;
+        runs.clear();
+        super::zero_runs(&data, 4, &mut |s, e, z| {
+            runs.push((s, e, z));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(runs, [(0, 4, true), (4, 10, false)]);
     }
 }

@@ -6,12 +6,13 @@
 
 use super::push::ObjectManifest;
 use super::store::is_upload_temp;
-use super::{Location, MANIFEST_SUFFIX, Store, manifest_key};
+use super::{Location, MANIFEST_SUFFIX, ObjectMeta, Store, manifest_key};
 use crate::convert::{ConvertOptions, convert_to_path};
 use crate::hash::hash_image;
 use crate::progress::{NoProgress, Progress};
 use diskkit_formats::digest::{ChunkDigest, ChunkHasher, DigestBuilder, PiecewiseChunk, hex};
-use diskkit_formats::image::{check_guest_range, first_nonzero_byte};
+use diskkit_formats::error::ErrorKind;
+use diskkit_formats::image::check_guest_range;
 use diskkit_formats::write::{CreateOptions, Writeback};
 use diskkit_formats::{Error, Extent, ExtentKind, Format, Image, ImageInfo, Result};
 use std::cell::RefCell;
@@ -21,47 +22,184 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The guest content of an object, read with ranged requests.
 pub struct RemoteImage<'a> {
-    store: &'a Store,
+    store: &'a dyn Store,
     location: Location,
     format: Format,
     virtual_size: u64,
 }
 
-/// The manifest of the object at `location` and the object's size, checked against each
-/// other.
-pub fn open_manifest(store: &Store, location: &Location) -> Result<(ObjectManifest, u64)> {
+/// How [`pull`] writes and checks.
+pub struct PullOptions<'a> {
+    /// Output format; `None`: the object as it is, byte for byte.
+    pub format: Option<Format>,
+    /// Output format options.
+    pub create: &'a mut CreateOptions,
+    /// Ranged reads in flight at once.
+    pub threads: usize,
+    /// Check an object without a manifest against the store's MD5 ETag (and refuse one that
+    /// has none); objects with a manifest are always checked.
+    pub verify: bool,
+}
+
+/// The check a pull or verify made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verified {
+    /// The guest digest (hex) matched the object's diskkit manifest.
+    Manifest(String),
+    /// The object's MD5 (hex) matched the store's ETag: an object diskkit did not push,
+    /// uploaded in one part.
+    Md5(String),
+    /// Nothing was checked (`--no-verify` on an object without a manifest).
+    Unchecked,
+}
+
+/// The object at `location` and its diskkit manifest, checked against each other; `None` for
+/// an object diskkit did not push (no manifest next to it).
+fn open_manifest(
+    store: &dyn Store,
+    location: &Location,
+) -> Result<(ObjectMeta, Option<ObjectManifest>)> {
     if location.is_prefix() {
         return Err(Error::invalid(format!(
             "{}: name an object, not a prefix",
             location.url()
         )));
     }
-    let Some(size) = store.stat(&location.key)? else {
+    let Some(meta) = store.stat(&location.key)? else {
         return Err(store.no_such_object(&location.key));
     };
-    let manifest_at = manifest_key(&location.key);
-    let Some(bytes) = store.read_small(&manifest_at)? else {
-        return Err(Error::invalid(format!(
-            "{}: no manifest {manifest_at} next to it (push it with diskkit push)",
-            location.url()
-        )));
+    let Some(bytes) = store.read_small(&manifest_key(&location.key))? else {
+        return Ok((meta, None));
     };
     let manifest = ObjectManifest::from_json(&bytes)?;
-    if manifest.object_size != size {
-        return Err(Error::invalid(format!(
-            "{}: object has {size} bytes, its manifest says {}",
+    if manifest.object_size != meta.size {
+        return Err(Error::storage(
+            ErrorKind::DigestMismatch,
             location.url(),
-            manifest.object_size
-        )));
+            "verify",
+            format!(
+                "object has {} bytes, its manifest says {}",
+                meta.size, manifest.object_size
+            ),
+        ));
     }
-    Ok((manifest, size))
+    Ok((meta, Some(manifest)))
+}
+
+/// The MD5 (hex) to check an object without a manifest against: its ETag when that is one
+/// (a single-part upload; multipart ETags end in `-N`). `None` when `verify` is off; an error
+/// when there is nothing to check against.
+fn expected_md5(meta: &ObjectMeta, location: &Location, verify: bool) -> Result<Option<String>> {
+    if !verify {
+        return Ok(None);
+    }
+    match &meta.etag {
+        Some(t) if t.len() == 32 && t.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Ok(Some(t.to_ascii_lowercase()))
+        }
+        _ => Err(Error::storage(
+            ErrorKind::Unsupported,
+            location.url(),
+            "verify",
+            format!(
+                "no diskkit manifest ({}) and no MD5 ETag (the store gives {}) to check the \
+                 object against: pass --no-verify to take it unchecked",
+                manifest_key(&location.key),
+                meta.etag
+                    .as_deref()
+                    .map_or("none".to_string(), |t| format!("'{t}'"))
+            ),
+        )),
+    }
+}
+
+/// Checks the MD5 of the object's bytes against the store's.
+fn same_md5(md5: md5::Md5, expected: &str, location: &Location) -> Result<Verified> {
+    use md5::Digest;
+    let found = hex(&md5.finalize());
+    if found != expected {
+        return Err(Error::storage(
+            ErrorKind::DigestMismatch,
+            location.url(),
+            "verify",
+            format!("content MD5 {found} differs from the store's ETag {expected}"),
+        ));
+    }
+    Ok(Verified::Md5(found))
+}
+
+/// The MD5 of the file at `path`.
+fn file_md5(path: &Path) -> Result<md5::Md5> {
+    use md5::Digest;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, "open", e))?;
+    let mut md5 = md5::Md5::new();
+    let mut buf = vec![0; PIECE];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => return Ok(md5),
+            Ok(n) => md5.update(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io(path, "read", e)),
+        }
+    }
+}
+
+/// Downloads an object diskkit did not push into `dst`: byte for byte, or converted to
+/// `format` (its own format detected from its bytes), checked against its MD5 ETag.
+fn pull_foreign(
+    store: &dyn Store,
+    location: &Location,
+    meta: &ObjectMeta,
+    (dst, dir): (&Path, &Path),
+    opts: &mut PullOptions,
+    downloading: &dyn Progress,
+) -> Result<Verified> {
+    let threads = opts.threads;
+    let expected = expected_md5(meta, location, opts.verify)?;
+    let local = Download::new(dir)?;
+    download(
+        store,
+        location,
+        local.path(),
+        meta.size,
+        threads,
+        None,
+        downloading,
+    )?;
+    let verified = match &expected {
+        Some(md5) => same_md5(file_md5(local.path())?, md5, location)?,
+        None => Verified::Unchecked,
+    };
+    match opts.format {
+        None => local
+            .0
+            .persist(dst)
+            .map_err(|e| Error::io(dst, "rename into place", e.error))?,
+        Some(format) => {
+            let image = diskkit_formats::open(local.path(), &Default::default())?;
+            let convert = ConvertOptions {
+                threads: Some(threads),
+                ..ConvertOptions::default()
+            };
+            convert_to_path(
+                image.as_ref(),
+                format,
+                dst,
+                opts.create,
+                &convert,
+                &NoProgress,
+            )?;
+        }
+    }
+    Ok(verified)
 }
 
 impl<'a> RemoteImage<'a> {
     /// The object as an image when its guest bytes are stored first and whole (raw, fixed
     /// VHD); `None` for formats that must be read locally.
     pub fn new(
-        store: &'a Store,
+        store: &'a dyn Store,
         location: &Location,
         manifest: &ObjectManifest,
     ) -> Result<Option<RemoteImage<'a>>> {
@@ -125,29 +263,36 @@ impl Image for RemoteImage<'_> {
     }
 }
 
-/// Downloads the image at `location` into a new image of `format` at `dst` (sparse where the
-/// guest has zeros), then checks the written image's digest against the manifest. Raw and fixed
-/// VHD objects are converted straight from ranged reads; others (dynamic VHD) are first
-/// downloaded next to `dst` and converted from there.
+/// Downloads the image at `location` into `dst` (sparse where the guest has zeros): byte for
+/// byte when `format` is `None`, else converted to `format`. An object pushed by diskkit is
+/// checked against its manifest's guest digest: raw and fixed VHD objects are converted
+/// straight from ranged reads; others (dynamic VHD, qcow2) are first downloaded next to `dst`
+/// and converted from there. Other objects are checked against the store's MD5 ETag, or not at
+/// all when `verify` is off.
 pub fn pull(
-    store: &Store,
+    store: &dyn Store,
     location: &Location,
     dst: &Path,
-    format: Format,
-    create: &mut CreateOptions,
-    threads: usize,
+    opts: &mut PullOptions,
     downloading: &dyn Progress,
-) -> Result<String> {
+) -> Result<Verified> {
     // Devices and directories are refused before anything is downloaded (a rename would
     // replace a device node); a symlink's target is replaced.
     let dst = &crate::output::final_target(dst)?;
-    let (manifest, size) = open_manifest(store, location)?;
+    let (meta, manifest) = open_manifest(store, location)?;
+    let dir = dst.parent().filter(|d| !d.as_os_str().is_empty());
+    let dir = dir.unwrap_or(Path::new("."));
+    let size = meta.size;
+    let Some(manifest) = manifest else {
+        return pull_foreign(store, location, &meta, (dst, dir), opts, downloading)
+            .map_err(|e| explain_full_disk(e, dst, dir, size));
+    };
+    let (create, threads) = (&mut *opts.create, opts.threads);
+    let format = opts.format.unwrap_or(manifest.format()?);
     let opts = ConvertOptions {
         threads: Some(threads),
         ..ConvertOptions::default()
     };
-    let dir = dst.parent().filter(|d| !d.as_os_str().is_empty());
-    let dir = dir.unwrap_or(Path::new("."));
     let as_is = manifest.format()? == format && create.options.is_empty();
     let remote = RemoteImage::new(store, location, &manifest)?;
     // Space the pull takes at most: the object as is, or the converted guest (plus the object
@@ -206,35 +351,44 @@ pub fn pull(
         }
     })();
     if let Some(digest) = written.map_err(|e| explain_full_disk(e, dst, dir, needed))? {
-        return Ok(digest);
+        return Ok(Verified::Manifest(digest));
     }
     let written = open_as(dst, format)?;
-    check_digest(written.as_ref(), &manifest, location).map_err(|e| {
-        Error::invalid(format!(
-            "{e} (the pulled image is left at {})",
-            dst.display()
-        ))
-    })
+    let digest = check_digest(written.as_ref(), &manifest, location).map_err(|e| match e {
+        Error::Storage {
+            kind,
+            url,
+            op,
+            message,
+        } => Error::storage(
+            kind,
+            url,
+            op,
+            format!("{message} (the pulled image is left at {})", dst.display()),
+        ),
+        e => e,
+    })?;
+    Ok(Verified::Manifest(digest))
 }
 
 /// A clear message when `e` says the filesystem of `dst` (in `dir`) is full: what the pull
 /// needs and what is free (temporary files are gone by now); other errors as they are.
 fn explain_full_disk(e: Error, dst: &Path, dir: &Path, needed: u64) -> Error {
-    use std::io::ErrorKind::{QuotaExceeded, StorageFull};
-    let Error::Io { source, .. } = &e else {
-        return e;
-    };
-    if !matches!(source.kind(), StorageFull | QuotaExceeded) {
+    if e.kind() != ErrorKind::NoSpace {
         return e;
     }
     let free = free_space(dir)
         .map(|n| format!(", {n} are free there"))
         .unwrap_or_default();
-    Error::invalid(format!(
-        "{}: no space left on device: the pulled image needs up to {needed} bytes{free}; \
-         nothing was written ({e})",
-        dst.display()
-    ))
+    Error::storage(
+        ErrorKind::NoSpace,
+        dst.display().to_string(),
+        "write",
+        format!(
+            "no space left on device: the pulled image needs up to {needed} bytes{free}; \
+             nothing was written ({e})"
+        ),
+    )
 }
 
 /// Bytes an unprivileged user may still write on the filesystem holding `dir`.
@@ -290,13 +444,17 @@ fn same_digest(
     location: &Location,
 ) -> Result<String> {
     if size != manifest.guest.virtual_size || digest != manifest.guest.digest {
-        return Err(Error::invalid(format!(
-            "{}: content digest {} ({size} bytes) differs from the manifest's {} ({} bytes)",
+        return Err(Error::storage(
+            ErrorKind::DigestMismatch,
             location.url(),
-            hex(&digest),
-            manifest.guest.digest_hex(),
-            manifest.guest.virtual_size
-        )));
+            "verify",
+            format!(
+                "content digest {} ({size} bytes) differs from the manifest's {} ({} bytes)",
+                hex(&digest),
+                manifest.guest.digest_hex(),
+                manifest.guest.virtual_size
+            ),
+        ));
     }
     Ok(manifest.guest.digest_hex())
 }
@@ -394,15 +552,31 @@ impl RangeHasher<'_> {
 
 /// Reads the object at `location` and checks its guest digest against its manifest; returns
 /// the digest. Objects that cannot be read in place (dynamic VHD) are downloaded to a
-/// temporary file first.
+/// temporary file first. An object diskkit did not push is checked against the store's MD5
+/// ETag, read in one ordered stream.
 pub fn verify(
-    store: &Store,
+    store: &dyn Store,
     location: &Location,
     threads: usize,
     reading: &dyn Progress,
-) -> Result<String> {
-    let (manifest, size) = open_manifest(store, location)?;
-    match RemoteImage::new(store, location, &manifest)? {
+) -> Result<Verified> {
+    let (meta, manifest) = open_manifest(store, location)?;
+    let size = meta.size;
+    let Some(manifest) = manifest else {
+        use md5::Digest;
+        let Some(expected) = expected_md5(&meta, location, true)? else {
+            return Ok(Verified::Unchecked);
+        };
+        let mut md5 = md5::Md5::new();
+        let mut piece = vec![0; PIECE];
+        store.read_pieces(&location.key, 0, size, &mut piece, &mut |_, bytes| {
+            md5.update(bytes);
+            reading.advance(bytes.len() as u64);
+            Ok(())
+        })?;
+        return same_md5(md5, &expected, location);
+    };
+    let digest = match RemoteImage::new(store, location, &manifest)? {
         Some(remote) => {
             let guest = manifest.guest.virtual_size;
             let digest = match InFlightDigest::new(manifest.guest.chunk_size, guest) {
@@ -431,7 +605,8 @@ pub fn verify(
             let image = open_as(local.path(), manifest.format()?)?;
             check_digest(image.as_ref(), &manifest, location)
         }
-    }
+    }?;
+    Ok(Verified::Manifest(digest))
 }
 
 /// A temporary file for a download, removed when dropped.
@@ -485,7 +660,7 @@ const DIRECT_ALIGN: usize = 4096;
 /// this VM, 1-2 s of system time per 2 GiB, varying from run to run). Without `digest` the file
 /// is about to be read (hashed or converted), so it goes through the page cache.
 fn download(
-    store: &Store,
+    store: &dyn Store,
     location: &Location,
     path: &Path,
     size: u64,
@@ -503,24 +678,10 @@ fn download(
         progress,
         &|at, piece| {
             // Runs of non-zero grains are written; zero grains stay holes.
-            let mut pos = 0;
-            while pos < piece.len() {
-                let Some(first) = first_nonzero_byte(&piece[pos..]) else {
-                    break;
-                };
-                let start = pos + first / WRITE_GRAIN * WRITE_GRAIN;
-                let mut end = (start + WRITE_GRAIN).min(piece.len());
-                while end < piece.len() {
-                    let next = (end + WRITE_GRAIN).min(piece.len());
-                    if first_nonzero_byte(&piece[end..next]).is_none() {
-                        break;
-                    }
-                    end = next;
-                }
-                out.write_at(&piece[start..end], at + start as u64)?;
-                pos = end;
-            }
-            Ok(())
+            super::zero_runs(piece, WRITE_GRAIN, &mut |start, end, zeros| match zeros {
+                true => Ok(()),
+                false => out.write_at(&piece[start..end], at + start as u64),
+            })
         },
     )?;
     out.file.sync_all().map_err(|e| Error::io(path, "sync", e))
@@ -593,7 +754,7 @@ impl<'a> Output<'a> {
 /// Streams the first `len` bytes of the object at `location` in ranges, `threads` at once,
 /// handing each piece to `sink` and to `digest`.
 fn fetch(
-    store: &Store,
+    store: &dyn Store,
     location: &Location,
     len: u64,
     threads: usize,
@@ -630,38 +791,48 @@ fn fetch(
 }
 
 /// A fixed VHD object ends with a valid footer that gives the guest size.
-fn check_vhd_footer(store: &Store, location: &Location, guest: u64) -> Result<()> {
+fn check_vhd_footer(store: &dyn Store, location: &Location, guest: u64) -> Result<()> {
     use diskkit_formats::vhd::layout::{FOOTER_SIZE, Footer};
     let mut bytes = [0u8; FOOTER_SIZE as usize];
     store.read_at(&location.key, &mut bytes, guest)?;
     if !Footer::has_cookie(&bytes) || !Footer::checksum_ok(&bytes) {
-        return Err(Error::invalid(format!(
-            "{}: no valid VHD footer at offset {guest}",
-            location.url()
-        )));
+        return Err(Error::storage(
+            ErrorKind::CorruptImage,
+            location.url(),
+            "verify",
+            format!("no valid VHD footer at offset {guest}"),
+        ));
     }
     let footer = Footer::parse(&bytes);
     if footer.current_size != guest {
-        return Err(Error::invalid(format!(
-            "{}: VHD footer says {} guest bytes, the manifest {guest}",
+        return Err(Error::storage(
+            ErrorKind::DigestMismatch,
             location.url(),
-            footer.current_size
-        )));
+            "verify",
+            format!(
+                "VHD footer says {} guest bytes, the manifest {guest}",
+                footer.current_size
+            ),
+        ));
     }
     Ok(())
 }
 
-/// One image found by [`list`]: its key and what its manifest says (`None`: no or unreadable
+/// One object found by [`list`]: its key and what its manifest says (`None`: no or unreadable
 /// manifest).
 pub struct Listed {
+    /// The key relative to the listed prefix.
     pub key: String,
+    /// The whole key in the bucket.
+    pub full_key: String,
     pub size: u64,
+    pub modified: Option<std::time::SystemTime>,
     pub manifest: Option<ObjectManifest>,
 }
 
 /// The images under the prefix of `location`: every object except manifests and unfinished
 /// local uploads.
-pub fn list(store: &Store, location: &Location) -> Result<Vec<Listed>> {
+pub fn list(store: &dyn Store, location: &Location) -> Result<Vec<Listed>> {
     let prefix = if location.is_prefix() {
         location.key.clone()
     } else {
@@ -677,8 +848,10 @@ pub fn list(store: &Store, location: &Location) -> Result<Vec<Listed>> {
             .read_small(&manifest_key(&o.key))?
             .and_then(|b| ObjectManifest::from_json(&b).ok());
         out.push(Listed {
-            key: o.key,
+            key: o.key.strip_prefix(&prefix).unwrap_or(&o.key).to_string(),
+            full_key: o.key,
             size: o.size,
+            modified: o.modified,
             manifest,
         });
     }
@@ -686,7 +859,7 @@ pub fn list(store: &Store, location: &Location) -> Result<Vec<Listed>> {
 }
 
 /// Removes the image at `location` and its manifest.
-pub fn remove(store: &Store, location: &Location) -> Result<()> {
+pub fn remove(store: &dyn Store, location: &Location) -> Result<()> {
     if location.is_prefix() {
         return Err(Error::invalid(format!(
             "{}: name an object, not a prefix",
@@ -696,8 +869,7 @@ pub fn remove(store: &Store, location: &Location) -> Result<()> {
     if store.stat(&location.key)?.is_none() {
         return Err(store.no_such_object(&location.key));
     }
-    store.delete(&location.key)?;
-    store.delete(&manifest_key(&location.key))
+    store.delete(&[location.key.clone(), manifest_key(&location.key)])
 }
 
 #[cfg(test)]

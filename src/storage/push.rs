@@ -6,12 +6,13 @@
 //! without a local copy. Memory is one part buffer per parallel upload.
 
 use super::checkpoint::{self, Checkpoint};
-use super::{Location, Store, manifest_key};
+use super::{Location, Store, UploadParts, manifest_key};
 use crate::convert::allocated_ranges;
 use crate::hash::hash_image;
 use crate::progress::Progress;
 use bytes::Bytes;
 use diskkit_formats::digest::{DEFAULT_CHUNK_SIZE, Manifest};
+use diskkit_formats::error::ErrorKind;
 use diskkit_formats::image::check_guest_range;
 use diskkit_formats::qcow2::stream::Qcow2Stream;
 use diskkit_formats::vhd::stream::VhdStream;
@@ -295,7 +296,7 @@ fn test_part_delay() -> Option<std::time::Duration> {
 /// Pushes `src` to `location` as `export`: hashes it, uploads the parts the checkpoint does not
 /// already list, completes the upload, checks the object's size and writes the manifest.
 pub fn push(
-    store: &Store,
+    store: &dyn Store,
     location: &Location,
     src: &dyn Image,
     export: &Export,
@@ -317,18 +318,33 @@ pub fn push(
     if let Some(c) = &previous
         && (c.identity != opts.identity || c.object_size != object_size)
     {
-        return Err(Error::invalid(format!(
-            "{url}: an unfinished upload of a different source or format is recorded in {}; \
-             run diskkit push --abort {url} first",
-            cp_path.display()
-        )));
+        // An unfinished upload already exists for this URL: this push cannot resume it.
+        return Err(Error::storage(
+            ErrorKind::AlreadyExists,
+            &url,
+            "resume upload",
+            format!(
+                "an unfinished upload of a different source or format is recorded in {}: run \
+                 diskkit push --abort {url}, then this push again",
+                cp_path.display()
+            ),
+        ));
     }
-    // A recorded upload the server no longer has (expired or aborted) leaves nothing to
-    // resume: start over rather than fail at the first part.
-    let restarted = match &previous {
-        Some(c) => store.resumable() && !store.upload_exists(key, &c.upload_id)?,
-        None => false,
-    };
+    // Resume only what the store still holds: a recorded upload the server no longer has
+    // (expired or aborted) leaves nothing to resume, and a recorded part it does not list
+    // (a server that lost it) is sent again, rather than failing at completion.
+    let mut restarted = false;
+    if let Some(c) = &mut previous
+        && store.resumable()
+    {
+        match store.list_parts(key, &c.upload_id)? {
+            UploadParts::Gone => restarted = true,
+            UploadParts::Listed(held) => c
+                .parts
+                .retain(|n, etag| held.get(n).is_some_and(|h| same_etag(h, etag))),
+            UploadParts::Unlisted => {}
+        }
+    }
     if restarted {
         previous = None;
     }
@@ -339,46 +355,34 @@ pub fn push(
     let parts = u32::try_from(object_size.div_ceil(part).max(1))
         .map_err(|_| Error::invalid("too many parts"))?;
     let (sent, resumed, manifest) = if store.resumable() {
+        let upload = Upload {
+            store,
+            key,
+            url: &url,
+            cp_path: &cp_path,
+            identity: &opts.identity,
+            object_size,
+            part,
+            parts,
+        };
         let cp = match previous {
             Some(c) => c,
-            None => {
-                let c = Checkpoint {
-                    url: url.clone(),
-                    identity: opts.identity.clone(),
-                    upload_id: store.create_upload(key)?,
-                    object_size,
-                    part_size: part,
-                    parts: BTreeMap::new(),
-                };
-                c.save(&cp_path)?;
-                c
-            }
+            None => upload.start()?,
         };
         let manifest = guest_manifest(src, export, &opts.source_name, hashing)?;
         let resumed = cp.parts.len() as u32;
-        let missing: Vec<u32> = (1..=parts).filter(|n| !cp.parts.contains_key(n)).collect();
         uploading.advance(u64::from(resumed) * part);
-        let upload_id = cp.upload_id.clone();
-        let cp = Mutex::new(cp);
-        upload_parts(
-            store,
-            key,
-            &upload_id,
-            &missing,
-            part,
-            opts.parallel,
-            |n| export.fill_part(src, n, part, object_size),
-            |n, etag, len| {
-                uploading.advance(len);
-                let mut c = cp.lock().unwrap_or_else(|p| p.into_inner());
-                c.parts.insert(n, etag);
-                c.save(&cp_path)
-            },
-        )?;
-        let cp = cp.into_inner().unwrap_or_else(|p| p.into_inner());
-        let list: Vec<(u32, String)> = cp.parts.into_iter().collect();
-        store.complete_upload(key, &upload_id, &list, object_size)?;
-        (missing.len() as u32, resumed, manifest)
+        let fill = |n| export.fill_part(src, n, part, object_size);
+        match upload.finish(cp, opts.parallel, &fill, uploading) {
+            // The server dropped the upload after it listed it (expired, or aborted by
+            // another process): one fresh upload, so that a rerun always completes.
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                restarted = true;
+                let sent = upload.finish(upload.start()?, opts.parallel, &fill, uploading)?;
+                (sent, 0, manifest)
+            }
+            sent => (sent?, resumed, manifest),
+        }
     } else {
         let manifest = guest_manifest(src, export, &opts.source_name, hashing)?;
         store.upload_stream(key, object_size, part, opts.parallel, &mut |offset, buf| {
@@ -402,7 +406,7 @@ pub fn push(
     };
     let json =
         serde_json::to_vec_pretty(&object).map_err(|e| Error::invalid(format!("manifest: {e}")))?;
-    store.write_small(&manifest_key(key), json)?;
+    store.write(&manifest_key(key), json)?;
     Checkpoint::remove(&cp_path)?;
     Ok(PushReport {
         object_size,
@@ -412,6 +416,75 @@ pub fn push(
         resumed,
         restarted,
     })
+}
+
+/// True when two ETags name the same part (servers differ in quoting them).
+fn same_etag(a: &str, b: &str) -> bool {
+    a.trim_matches('"') == b.trim_matches('"')
+}
+
+/// A resumable upload of one object, recorded in a checkpoint.
+struct Upload<'a> {
+    store: &'a dyn Store,
+    key: &'a str,
+    url: &'a str,
+    cp_path: &'a std::path::Path,
+    identity: &'a str,
+    object_size: u64,
+    part: u64,
+    parts: u32,
+}
+
+impl Upload<'_> {
+    /// Starts a new upload and records it.
+    fn start(&self) -> Result<Checkpoint> {
+        let c = Checkpoint {
+            url: self.url.to_string(),
+            identity: self.identity.to_string(),
+            upload_id: self.store.create_upload(self.key)?,
+            object_size: self.object_size,
+            part_size: self.part,
+            parts: BTreeMap::new(),
+        };
+        c.save(self.cp_path)?;
+        Ok(c)
+    }
+
+    /// Sends the parts `cp` does not list (made by `fill`), recording each, and completes the
+    /// upload; returns how many parts were sent.
+    fn finish(
+        &self,
+        cp: Checkpoint,
+        parallel: usize,
+        fill: &(dyn Fn(u32) -> Result<Vec<u8>> + Sync),
+        uploading: &dyn Progress,
+    ) -> Result<u32> {
+        let missing: Vec<u32> = (1..=self.parts)
+            .filter(|n| !cp.parts.contains_key(n))
+            .collect();
+        let upload_id = cp.upload_id.clone();
+        let cp = Mutex::new(cp);
+        upload_parts(
+            self.store,
+            self.key,
+            &upload_id,
+            &missing,
+            self.part,
+            parallel,
+            fill,
+            |n, etag, len| {
+                uploading.advance(len);
+                let mut c = cp.lock().unwrap_or_else(|p| p.into_inner());
+                c.parts.insert(n, etag);
+                c.save(self.cp_path)
+            },
+        )?;
+        let cp = cp.into_inner().unwrap_or_else(|p| p.into_inner());
+        let list: Vec<(u32, String)> = cp.parts.into_iter().collect();
+        self.store
+            .complete_upload(self.key, &upload_id, &list, self.object_size)?;
+        Ok(missing.len() as u32)
+    }
 }
 
 /// The guest digest and chunk manifest of the object `export` makes of `src`.
@@ -444,7 +517,7 @@ pub fn has_checkpoint(location: &Location) -> bool {
 }
 
 /// Abandons the unfinished upload to `location` recorded in the checkpoint, and forgets it.
-pub fn abort(store: &Store, location: &Location) -> Result<()> {
+pub fn abort(store: &dyn Store, location: &Location) -> Result<()> {
     let url = location.url();
     let cp_path = checkpoint::path_for(&url)?;
     let Some(cp) = Checkpoint::load(&cp_path)? else {
@@ -471,13 +544,13 @@ impl Export {
 /// records a sent part (number, ETag, length). Stops at the first error and returns it.
 #[allow(clippy::too_many_arguments)]
 fn upload_parts(
-    store: &Store,
+    store: &dyn Store,
     key: &str,
     upload_id: &str,
     numbers: &[u32],
     part: u64,
     parallel: usize,
-    produce: impl Fn(u32) -> Result<Vec<u8>> + Sync,
+    produce: &(dyn Fn(u32) -> Result<Vec<u8>> + Sync),
     done: impl Fn(u32, String, u64) -> Result<()> + Sync,
 ) -> Result<()> {
     let delay = test_part_delay();

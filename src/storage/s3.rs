@@ -4,10 +4,12 @@
 
 use super::location::Settings;
 use bytes::Bytes;
+use diskkit_formats::error::ErrorKind;
 use diskkit_formats::{Error, Result};
 use hmac::{Hmac, KeyInit, Mac};
 use reqwest::{Method, StatusCode};
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Attempts per request when the failure may be passing (connection refused or reset, timeout,
@@ -55,15 +57,21 @@ impl S3Client {
                 .nth(1)
                 .is_some_and(|h| h.contains('/'))
         {
-            return Err(Error::invalid(format!(
-                "endpoint '{endpoint}' is not http(s)://HOST[:PORT]"
-            )));
+            return Err(Error::storage(
+                ErrorKind::InvalidArgument,
+                format!("s3://{bucket}/"),
+                "connect",
+                format!("endpoint '{endpoint}' is not http(s)://HOST[:PORT]"),
+            ));
         }
         let (Some(access_key), Some(secret_key)) = (
             settings.access_key_id.clone(),
             settings.secret_access_key.clone(),
         ) else {
-            return Err(Error::invalid(
+            return Err(Error::storage(
+                ErrorKind::AccessDenied,
+                format!("s3://{bucket}/"),
+                "sign in",
                 "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile \
                  (see diskkit push --help)",
             ));
@@ -72,7 +80,14 @@ impl S3Client {
             .connect_timeout(CONNECT_TIMEOUT)
             .read_timeout(READ_TIMEOUT)
             .build()
-            .map_err(|e| Error::invalid(format!("cannot set up HTTP client: {e}")))?;
+            .map_err(|e| {
+                Error::storage(
+                    ErrorKind::Unsupported,
+                    format!("s3://{bucket}/"),
+                    "connect",
+                    format!("cannot set up HTTP client: {}", error_chain(&e)),
+                )
+            })?;
         Ok(S3Client {
             http,
             scheme_host,
@@ -87,11 +102,11 @@ impl S3Client {
 
     /// Starts a multipart upload of `key`; returns its upload id.
     pub async fn create_upload(&self, key: &str) -> Result<String> {
+        const OP: &str = "create upload";
         let body = self
-            .send(Method::POST, key, &[("uploads", "")], Bytes::new())
+            .send(OP, Method::POST, key, &[("uploads", "")], Bytes::new())
             .await?;
-        xml_field(&body, "UploadId")
-            .ok_or_else(|| Error::invalid(format!("{}: no UploadId in the reply", self.url(key))))
+        xml_field(&body, "UploadId").ok_or_else(|| self.bad_reply(key, OP, "no UploadId"))
     }
 
     /// Sends part `number` (from 1); returns its ETag. The payload hash is signed, so the server
@@ -105,12 +120,13 @@ impl S3Client {
     ) -> Result<String> {
         let n = number.to_string();
         let query = [("partNumber", n.as_str()), ("uploadId", upload_id)];
-        let (_, headers) = self.send_raw(Method::PUT, key, &query, data).await?;
+        let op = format!("upload part {number}");
+        let (_, headers) = self.send_raw(&op, Method::PUT, key, &query, data).await?;
         headers
             .get(reqwest::header::ETAG)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
-            .ok_or_else(|| Error::invalid(format!("{}: part {number}: no ETag", self.url(key))))
+            .ok_or_else(|| self.bad_reply(key, &op, &format!("part {number}: no ETag")))
     }
 
     /// Assembles the object from `parts` (number, ETag), in ascending number order.
@@ -128,8 +144,10 @@ impl S3Client {
             ));
         }
         xml.push_str("</CompleteMultipartUpload>");
+        const OP: &str = "complete upload";
         let body = self
             .send(
+                OP,
                 Method::POST,
                 key,
                 &[("uploadId", upload_id)],
@@ -138,33 +156,53 @@ impl S3Client {
             .await?;
         // S3 may answer 200 and report the failure in the body.
         if body.contains("<Error>") {
-            return Err(self.error(key, StatusCode::OK, &body, &Default::default()));
+            return Err(self.error(key, OP, StatusCode::OK, &body, &Default::default()));
         }
         Ok(())
     }
 
-    /// Whether the unfinished upload still exists on the server (a ListParts of one part):
-    /// servers expire or abort old uploads.
-    pub async fn upload_exists(&self, key: &str, upload_id: &str) -> Result<bool> {
-        match self
-            .send(
-                Method::GET,
-                key,
-                &[("max-parts", "1"), ("uploadId", upload_id)],
-                Bytes::new(),
-            )
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(e) if e.to_string().contains("NoSuchUpload") => Ok(false),
-            Err(e) => Err(e),
+    /// The parts (number → ETag) the server holds for the unfinished upload, all pages of
+    /// them; `None` when the upload is gone (servers expire or abort old uploads).
+    pub async fn list_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+    ) -> Result<Option<BTreeMap<u32, String>>> {
+        const OP: &str = "list parts";
+        let mut parts = BTreeMap::new();
+        let mut marker = 0u32;
+        // An upload has at most 10,000 parts, 1,000 a page: a server that keeps saying "more"
+        // without moving on is not followed forever.
+        for _ in 0..=11 {
+            let m = marker.to_string();
+            let query = [("part-number-marker", m.as_str()), ("uploadId", upload_id)];
+            let body = match self.send(OP, Method::GET, key, &query, Bytes::new()).await {
+                Ok(body) => body,
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            for part in xml_elements(&body, "Part") {
+                let number = xml_field(part, "PartNumber").and_then(|n| n.parse().ok());
+                match (number, xml_field(part, "ETag")) {
+                    (Some(n), Some(etag)) => parts.insert(n, etag),
+                    _ => return Err(self.bad_reply(key, OP, "a part without number or ETag")),
+                };
+            }
+            let next = xml_field(&body, "NextPartNumberMarker").and_then(|n| n.parse().ok());
+            match (xml_field(&body, "IsTruncated").as_deref(), next) {
+                (Some("true"), Some(n)) if n > marker => marker = n,
+                (Some("true"), _) => break,
+                _ => return Ok(Some(parts)),
+            }
         }
+        Err(self.bad_reply(key, OP, "a part listing that does not end"))
     }
 
     /// Abandons the upload and frees its parts. An upload that is already gone is not an error.
     pub async fn abort(&self, key: &str, upload_id: &str) -> Result<()> {
         match self
             .send(
+                "abort upload",
                 Method::DELETE,
                 key,
                 &[("uploadId", upload_id)],
@@ -173,33 +211,47 @@ impl S3Client {
             .await
         {
             Ok(_) => Ok(()),
-            Err(e) if e.to_string().contains("NoSuchUpload") => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
         }
     }
 
     async fn send(
         &self,
+        op: &str,
         method: Method,
         key: &str,
         query: &[(&str, &str)],
         body: Bytes,
     ) -> Result<String> {
-        self.send_raw(method, key, query, body).await.map(|r| r.0)
+        self.send_raw(op, method, key, query, body)
+            .await
+            .map(|r| r.0)
+    }
+
+    /// A success reply that lacks what it must carry.
+    fn bad_reply(&self, key: &str, op: &str, what: &str) -> Error {
+        Error::storage(
+            ErrorKind::ServerError,
+            self.url(key),
+            op,
+            format!("{what} in the reply"),
+        )
     }
 
     /// Sends a signed request, retrying passing failures; returns the body and headers of a
     /// success.
     async fn send_raw(
         &self,
+        op: &str,
         method: Method,
         key: &str,
         query: &[(&str, &str)],
         body: Bytes,
     ) -> Result<(String, reqwest::header::HeaderMap)> {
-        match self.request(method, key, query, body).await? {
+        match self.request(op, method, key, query, body).await? {
             (status, text, headers) if status.is_success() => Ok((text, headers)),
-            (status, text, headers) => Err(self.error(key, status, &text, &headers)),
+            (status, text, headers) => Err(self.error(key, op, status, &text, &headers)),
         }
     }
 
@@ -207,6 +259,7 @@ impl S3Client {
     /// throttling; never another 4xx, which would only fail again); returns the last reply.
     async fn request(
         &self,
+        op: &str,
         method: Method,
         key: &str,
         query: &[(&str, &str)],
@@ -222,12 +275,12 @@ impl S3Client {
             };
             if !retry || attempt >= ATTEMPTS {
                 return outcome.map_err(|e| {
-                    Error::invalid(format!(
-                        "{}: cannot reach the endpoint {} after {attempt} attempts: {}",
-                        self.url(key),
-                        self.scheme_host,
-                        error_chain(&e)
-                    ))
+                    let kind = if e.is_timeout() {
+                        ErrorKind::Timeout
+                    } else {
+                        ErrorKind::Network
+                    };
+                    unreachable(kind, &self.url(key), op, &self.scheme_host, attempt, &e)
                 });
             }
             tokio::time::sleep(backoff).await;
@@ -236,14 +289,29 @@ impl S3Client {
         }
     }
 
-    /// False when the server says the bucket does not exist (HEAD on the bucket answers 404).
-    pub async fn bucket_exists(&self) -> Result<bool> {
-        let (status, _, _) = self.request(Method::HEAD, "", &[], Bytes::new()).await?;
-        Ok(status != StatusCode::NOT_FOUND)
+    /// Lists at most one key of the bucket: fails with the server's own explanation (no such
+    /// bucket, wrong credentials or region), reported against `key`, when the bucket cannot be
+    /// used. Replies through other clients (OpenDAL) carry less: this says why they failed.
+    pub async fn check_bucket(&self, key: &str) -> Result<()> {
+        let query = [("list-type", "2"), ("max-keys", "1")];
+        match self
+            .request("check bucket", Method::GET, "", &query, Bytes::new())
+            .await?
+        {
+            (status, _, _) if status.is_success() => Ok(()),
+            (status, text, headers) => {
+                Err(self.error(key, "check bucket", status, &text, &headers))
+            }
+        }
     }
 
     pub fn region(&self) -> &str {
         &self.region
+    }
+
+    /// `http(s)://host[:port]` of the server.
+    pub fn endpoint(&self) -> &str {
+        &self.scheme_host
     }
 
     async fn attempt(
@@ -343,6 +411,7 @@ impl S3Client {
     fn error(
         &self,
         key: &str,
+        op: &str,
         status: StatusCode,
         body: &str,
         headers: &reqwest::header::HeaderMap,
@@ -353,14 +422,14 @@ impl S3Client {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         });
-        let what = explain(
+        let (kind, what) = explain(
             status,
             xml_field(body, "Code").as_deref(),
             &xml_field(body, "Message").unwrap_or_default(),
             server_region.as_deref(),
             &self.region,
         );
-        Error::invalid(format!("{}: {what}", self.url(key)))
+        Error::storage(kind, self.url(key), op, what)
     }
 }
 
@@ -372,16 +441,36 @@ fn is_passing(status: StatusCode) -> bool {
     status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS
 }
 
-/// What an S3 error reply means: `CODE: message (what to do)`. `server_region` is the region
-/// the reply names for the bucket (XML `<Region>` or the `x-amz-bucket-region` header),
-/// `signed_for` the region the request was signed for.
+/// The error for an endpoint that did not answer after `attempts` tries.
+pub fn unreachable(
+    kind: ErrorKind,
+    url: &str,
+    op: &str,
+    endpoint: &str,
+    attempts: u32,
+    e: &dyn std::error::Error,
+) -> Error {
+    Error::storage(
+        kind,
+        url,
+        op,
+        format!(
+            "cannot reach the endpoint {endpoint} after {attempts} attempts: {}",
+            error_chain(e)
+        ),
+    )
+}
+
+/// What an S3 error reply means: its kind, and `CODE: message (what to do)`. `server_region` is
+/// the region the reply names for the bucket (XML `<Region>` or the `x-amz-bucket-region`
+/// header), `signed_for` the region the request was signed for.
 pub fn explain(
     status: StatusCode,
     code: Option<&str>,
     message: &str,
     server_region: Option<&str>,
     signed_for: &str,
-) -> String {
+) -> (ErrorKind, String) {
     const CREDENTIALS: &str = " (check the access key and secret: AWS_ACCESS_KEY_ID, \
                                AWS_SECRET_ACCESS_KEY or the profile)";
     let region_code = matches!(
@@ -417,12 +506,31 @@ pub fn explain(
             .to_string(),
         _ => String::new(),
     };
+    let kind = match code {
+        _ if wrong_region.is_some() || region_code => ErrorKind::WrongRegion,
+        Some("NoSuchBucket") => ErrorKind::NoSuchBucket,
+        Some("NoSuchKey" | "NoSuchUpload") => ErrorKind::NotFound,
+        Some("InvalidAccessKeyId" | "SignatureDoesNotMatch" | "AccessDenied") => {
+            ErrorKind::AccessDenied
+        }
+        Some("PreconditionFailed" | "ConditionalRequestConflict") => ErrorKind::AlreadyExists,
+        Some("SlowDown") => ErrorKind::Throttled,
+        _ => match status.as_u16() {
+            403 => ErrorKind::AccessDenied,
+            404 => ErrorKind::NotFound,
+            412 => ErrorKind::AlreadyExists,
+            429 => ErrorKind::Throttled,
+            500.. => ErrorKind::ServerError,
+            _ => ErrorKind::InvalidArgument,
+        },
+    };
     let code = code.map_or_else(|| status.to_string(), str::to_string);
-    if message.is_empty() {
+    let text = if message.is_empty() {
         format!("{code}{hint}")
     } else {
         format!("{code}: {message}{hint}")
-    }
+    };
+    (kind, text)
 }
 
 fn encode(s: &str) -> String {
@@ -445,13 +553,27 @@ pub fn xml_field(xml: &str, name: &str) -> Option<String> {
     let open = format!("<{name}>");
     let start = xml.find(&open)? + open.len();
     let len = xml[start..].find(&format!("</{name}>"))?;
-    Some(
-        xml[start..start + len]
-            .replace("&quot;", "\"")
-            .replace("&lt;", "<")
-            .replace("&gt;", ">")
-            .replace("&amp;", "&"),
-    )
+    let raw = &xml[start..start + len];
+    // Servers escape with named and numeric entities alike (SeaweedFS quotes ETags as &#34;).
+    quick_xml::escape::unescape(raw)
+        .map(|text| text.into_owned())
+        .ok()
+}
+
+/// The contents of every `<name>...</name>` element of `xml`, in order.
+fn xml_elements<'a>(xml: &'a str, name: &str) -> Vec<&'a str> {
+    let (open, close) = (format!("<{name}>"), format!("</{name}>"));
+    let mut out = Vec::new();
+    let mut rest = xml;
+    while let Some(start) = rest.find(&open) {
+        rest = &rest[start + open.len()..];
+        let Some(len) = rest.find(&close) else {
+            break;
+        };
+        out.push(&rest[..len]);
+        rest = &rest[len + close.len()..];
+    }
+    out
 }
 
 /// All causes of an error, outermost first: reqwest's own message is often just "error sending
@@ -514,11 +636,19 @@ mod tests {
             Some("x&y")
         );
         assert_eq!(xml_field("<a>", "UploadId"), None);
+        assert_eq!(
+            xml_field("<Part><ETag>&#34;e&#x22;</ETag></Part>", "ETag").as_deref(),
+            Some("\"e\"")
+        );
         assert_eq!(encode("a b/c~"), "a%20b%2Fc~");
     }
 
     /// [`S3Client::error`] on an error reply, as the user sees it.
     fn reply(status: u16, body: &str, headers: &[(&'static str, &str)]) -> String {
+        reply_error(status, body, headers).to_string()
+    }
+
+    fn reply_error(status: u16, body: &str, headers: &[(&'static str, &str)]) -> Error {
         let settings = Settings {
             endpoint: Some("http://127.0.0.1:9".into()),
             access_key_id: Some("k".into()),
@@ -531,7 +661,7 @@ mod tests {
             map.insert(*k, v.parse().unwrap());
         }
         let status = StatusCode::from_u16(status).unwrap();
-        client.error("k", status, body, &map).to_string()
+        client.error("k", "test", status, body, &map)
     }
 
     #[test]
@@ -598,6 +728,53 @@ mod tests {
             text.contains("AccessDenied: no (check the access key"),
             "{text}"
         );
+    }
+
+    /// Recorded replies of AWS and SeaweedFS, classified by kind whatever their text.
+    #[test]
+    fn replies_have_kinds() {
+        let kind = |status, body: &str, headers: &[(&'static str, &str)]| {
+            reply_error(status, body, headers).kind()
+        };
+        let code = |c: &str| format!("<Error><Code>{c}</Code><Message>m</Message></Error>");
+        // A HEAD signed for the wrong region: AWS answers 400 with no body, naming the
+        // bucket's region in a header.
+        let headers = [("x-amz-bucket-region", "eu-west-1")];
+        assert_eq!(kind(400, "", &headers), ErrorKind::WrongRegion);
+        let text = reply(400, "", &headers);
+        assert!(
+            text.starts_with("s3://b/k: 400 Bad Request (the bucket is in region 'eu-west-1'")
+                && text.contains("AWS_REGION=eu-west-1")
+                && text.contains("--region eu-west-1"),
+            "{text}"
+        );
+        let no_bucket = "<Error><Code>NoSuchBucket</Code><Message>The specified bucket does not \
+            exist</Message></Error>";
+        assert_eq!(kind(404, no_bucket, &[]), ErrorKind::NoSuchBucket);
+        let text = reply(404, no_bucket, &[]);
+        assert!(
+            text.starts_with(
+                "s3://b/k: NoSuchBucket: The specified bucket does not exist (create the bucket"
+            ),
+            "{text}"
+        );
+        for (status, c, expected) in [
+            (404, "NoSuchKey", ErrorKind::NotFound),
+            (404, "NoSuchUpload", ErrorKind::NotFound),
+            (403, "SignatureDoesNotMatch", ErrorKind::AccessDenied),
+            (403, "InvalidAccessKeyId", ErrorKind::AccessDenied),
+            (400, "AuthorizationHeaderMalformed", ErrorKind::WrongRegion),
+            (412, "PreconditionFailed", ErrorKind::AlreadyExists),
+            (503, "SlowDown", ErrorKind::Throttled),
+            (500, "InternalError", ErrorKind::ServerError),
+            (400, "EntityTooSmall", ErrorKind::InvalidArgument),
+        ] {
+            assert_eq!(kind(status, &code(c), &[]), expected, "{c}");
+        }
+        assert_eq!(kind(429, "", &[]), ErrorKind::Throttled);
+        assert_eq!(kind(502, "", &[]), ErrorKind::ServerError);
+        assert!(kind(503, "", &[]).is_retryable());
+        assert!(!kind(403, "", &[]).is_retryable());
     }
 
     #[test]
