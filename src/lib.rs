@@ -5,6 +5,7 @@ pub mod compare;
 pub mod convert;
 pub mod hash;
 pub mod hash_check;
+pub mod iso_extract;
 pub mod parallel;
 pub mod progress;
 pub mod storage;
