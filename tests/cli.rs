@@ -168,3 +168,53 @@ fn man_pages_cover_every_command() {
     let (code, _, err) = diskkit(&["man", "nope"]);
     assert_eq!((code, err.as_str()), (2, "diskkit: man: no command nope\n"));
 }
+
+/// `map --output json` says what `qemu-img map --output=json` says: raw holes carry their
+/// offset, unallocated blocks of a format without backing files (vpc) are present.
+#[test]
+fn map_json_is_qemu_img_map() {
+    let dir = tempdir();
+    let raw = p(dir.path(), "m.raw");
+    qemu_img(&["create", "-f", "raw", path_str(&raw), "4M"]);
+    qemu_io("raw", &raw, &["write -P 1 0 64k", "write -P 2 1M 64k"]);
+    let mut images = vec![(raw.clone(), "raw")];
+    for fmt in ["vpc", "qcow2", "vmdk"] {
+        let img = p(dir.path(), &format!("m.{fmt}"));
+        qemu_img(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            fmt,
+            path_str(&raw),
+            path_str(&img),
+        ]);
+        images.push((img, fmt));
+    }
+    qemu_io("qcow2", &images[2].0, &["write -z 2M 64k"]);
+    let overlay = p(dir.path(), "overlay.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        path_str(&raw),
+        "-F",
+        "raw",
+        path_str(&overlay),
+    ]);
+    qemu_io("qcow2", &overlay, &["write -P 3 0 4k"]);
+    images.push((overlay, "qcow2"));
+    for (img, fmt) in &images {
+        let parse = |text: &str| -> serde_json::Value { serde_json::from_str(text).unwrap() };
+        let qemu = parse(&qemu_img(&[
+            "map",
+            "-f",
+            fmt,
+            "--output=json",
+            path_str(img),
+        ]));
+        let ours = parse(&diskkit_ok(&["map", "--output", "json", path_str(img)]));
+        assert_eq!(ours, qemu, "{}", img.display());
+    }
+}

@@ -105,6 +105,15 @@ pub fn open_image(
     )
 }
 
+/// `image` and its backing images, top first.
+pub fn backing_chain(image: &dyn Image) -> Vec<&dyn Image> {
+    let mut chain = vec![image];
+    while let Some(b) = chain[chain.len() - 1].backing() {
+        chain.push(b);
+    }
+    chain
+}
+
 /// Collects repeated `-o key=value,...` arguments.
 pub fn create_options(specs: &[String]) -> Result<CreateOptions> {
     let mut opts = CreateOptions::default();
