@@ -218,3 +218,32 @@ fn map_json_is_qemu_img_map() {
         assert_eq!(ours, qemu, "{}", img.display());
     }
 }
+
+/// With stderr not a terminal (a CI log), -p prints progress lines that name the image.
+#[test]
+fn progress_is_logged_when_stderr_is_not_a_terminal() {
+    let dir = tempdir();
+    let a = mixed_raw(dir.path(), "a.raw", 8 << 20);
+    let b = mixed_raw(dir.path(), "b.raw", 8 << 20);
+    let (_, _, err) = diskkit(&["hash", "-p", path_str(&a), path_str(&b)]);
+    for img in [&a, &b] {
+        let name = path_str(img);
+        let lines: Vec<&str> = err
+            .lines()
+            .filter(|l| l.starts_with(&format!("diskkit: hashing {name}: ")))
+            .collect();
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(": 100% (8 MiB of 8 MiB), ")),
+            "{err}"
+        );
+        assert!(lines.last().unwrap().contains(": done, 8 MiB in "), "{err}");
+    }
+    let (code, _, err) = diskkit(&["compare", "-p", path_str(&a), path_str(&b)]);
+    assert_eq!(code, 0);
+    assert!(
+        err.contains("diskkit: comparing: 100% (8 MiB of 8 MiB), "),
+        "{err}"
+    );
+}

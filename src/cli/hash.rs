@@ -125,7 +125,9 @@ fn hash_one(
         return Ok((hash, Format::Raw.name().to_string()));
     }
     let img = open_image(image, args.format, args.snapshot.as_deref())?;
-    let bar = Bar::new(args.progress, img.virtual_size(), "hashing");
+    let size = img.virtual_size();
+    let bar = Bar::new(args.progress, size, &format!("hashing {}", image.display()))
+        .with_data_of(&[img.as_ref()], size)?;
     let hash = hash_image(img.as_ref(), chunk_size, &bar, on_chunk)?;
     bar.finish();
     Ok((hash, img.format().name().to_string()))
@@ -192,7 +194,13 @@ fn check_manifest(args: &Args, manifest: &Manifest, image: &Path) -> Result<i32>
         check_stream(&mut std::io::stdin(), manifest, &NoProgress)?
     } else {
         let img = open_image(image, args.format, args.snapshot.as_deref())?;
-        let bar = Bar::new(args.progress, manifest.virtual_size, "checking");
+        let size = manifest.virtual_size;
+        let bar = Bar::new(
+            args.progress,
+            size,
+            &format!("checking {}", image.display()),
+        )
+        .with_data_of(&[img.as_ref()], size)?;
         let result = check_image(img.as_ref(), manifest, &bar)?;
         bar.finish();
         result
