@@ -247,3 +247,46 @@ fn progress_is_logged_when_stderr_is_not_a_terminal() {
         "{err}"
     );
 }
+
+/// Every positional argument of these commands says in `-h` what it may be, and the top help
+/// names every format and what the commands are for.
+#[test]
+fn help_says_what_each_argument_may_be() {
+    for command in [
+        &["info"][..],
+        &["map"],
+        &["compare"],
+        &["check"],
+        &["resize"],
+        &["create"],
+        &["hash"],
+        &["iso", "ls"],
+        &["iso", "extract"],
+        &["completions"],
+        &["man"],
+    ] {
+        let help = diskkit_ok(&[command, &["-h"]].concat());
+        let arguments = help
+            .split("Arguments:\n")
+            .nth(1)
+            .and_then(|rest| rest.split("\n\n").next())
+            .unwrap_or_else(|| panic!("{command:?}: no arguments\n{help}"));
+        for line in arguments.lines() {
+            let (name, text) = line.trim().split_once("  ").unwrap_or((line, ""));
+            assert!(!text.trim().is_empty(), "{command:?}: {name} has no help");
+        }
+    }
+    let top = diskkit_ok(&["-h"]);
+    let about = top.lines().next().unwrap();
+    for word in [
+        "VHDX",
+        "VMDK",
+        "ISO",
+        "convert",
+        "hash",
+        "object storage",
+        "check",
+    ] {
+        assert!(about.contains(word), "{word}: {about}");
+    }
+}

@@ -30,7 +30,10 @@ pub struct Args {
     /// Print nothing; only the exit code tells
     #[arg(short = 'q', long)]
     quiet: bool,
+    /// The first image: a file in any format diskkit reads (raw, qcow2, vpc/VHD, vhdx, vmdk,
+    /// iso), detected from its content unless -f names one
     a: PathBuf,
+    /// The second image, in any format, detected unless -F names one
     b: PathBuf,
 }
 

@@ -53,7 +53,8 @@ pub struct Args {
     /// list FILE
     #[arg(long, value_name = "FILE", conflicts_with = "manifest")]
     check: Option<PathBuf>,
-    /// Images to hash (`-` or none: stdin)
+    /// Image files in any format diskkit reads (raw, qcow2, vpc/VHD, vhdx, vmdk, iso), detected
+    /// from their content unless -f names one; `-` or none: stdin, as a raw stream
     images: Vec<PathBuf>,
 }
 

@@ -2,7 +2,8 @@
 
 use super::EXIT_OK;
 use super::util::{
-    Out, OutputFormat, backing_chain, human_size, open_image, parse_format, printable, warn,
+    IMAGE_HELP, Out, OutputFormat, backing_chain, human_size, open_image, parse_format, printable,
+    warn,
 };
 use diskkit::formats::{Format, ImageInfo, Result};
 use std::path::PathBuf;
@@ -22,6 +23,7 @@ pub struct Args {
     /// Describe the image as of this internal snapshot (name or ID)
     #[arg(short = 'l', long)]
     snapshot: Option<String>,
+    #[arg(help = IMAGE_HELP)]
     image: PathBuf,
 }
 

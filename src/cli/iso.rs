@@ -50,7 +50,7 @@ struct LsArgs {
     /// Names to read: iso (ISO 9660), joliet, rr (Rock Ridge)
     #[arg(long, value_enum)]
     names: Option<Names>,
-    /// The ISO image file
+    /// The ISO 9660 image file (plain or hybrid .iso)
     iso: PathBuf,
     /// Path inside the image (default: the root directory)
     path: Option<String>,
@@ -69,7 +69,7 @@ struct ExtractArgs {
     /// ..). They are refused by default; either way diskkit never writes through a link.
     #[arg(long)]
     keep_outside_links: bool,
-    /// The ISO image file
+    /// The ISO 9660 image file (plain or hybrid .iso)
     iso: PathBuf,
     /// Paths inside the image to extract (default: everything)
     paths: Vec<String>,

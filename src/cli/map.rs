@@ -1,7 +1,7 @@
 //! `diskkit map`: the allocation map of an image, like `qemu-img map`.
 
 use super::EXIT_OK;
-use super::util::{Out, OutputFormat, backing_chain, open_image, parse_format};
+use super::util::{IMAGE_HELP, Out, OutputFormat, backing_chain, open_image, parse_format};
 use diskkit::formats::{Extent, ExtentKind, Extents, Format, Result};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -18,6 +18,7 @@ pub struct Args {
     /// Map the image as of this internal snapshot (name or ID)
     #[arg(short = 'l', long)]
     snapshot: Option<String>,
+    #[arg(help = IMAGE_HELP)]
     image: PathBuf,
 }
 

@@ -85,6 +85,10 @@ fn write_error(e: std::io::Error) -> diskkit::Error {
     diskkit::Error::invalid(format!("write error: {reason}"))
 }
 
+/// Help of an image argument: what a file may be.
+pub const IMAGE_HELP: &str = "An image file in any format diskkit reads (raw, qcow2, vpc/VHD, \
+vhdx, vmdk, iso), detected from its content unless -f names one";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
     Human,
