@@ -4,6 +4,8 @@
 pub mod compare;
 pub mod convert;
 pub mod hash;
+pub mod hash_check;
+pub mod iso_extract;
 pub mod output;
 pub mod parallel;
 pub mod progress;

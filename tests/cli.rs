@@ -168,3 +168,125 @@ fn man_pages_cover_every_command() {
     let (code, _, err) = diskkit(&["man", "nope"]);
     assert_eq!((code, err.as_str()), (2, "diskkit: man: no command nope\n"));
 }
+
+/// `map --output json` says what `qemu-img map --output=json` says: raw holes carry their
+/// offset, unallocated blocks of a format without backing files (vpc) are present.
+#[test]
+fn map_json_is_qemu_img_map() {
+    let dir = tempdir();
+    let raw = p(dir.path(), "m.raw");
+    qemu_img(&["create", "-f", "raw", path_str(&raw), "4M"]);
+    qemu_io("raw", &raw, &["write -P 1 0 64k", "write -P 2 1M 64k"]);
+    let mut images = vec![(raw.clone(), "raw")];
+    for fmt in ["vpc", "qcow2", "vmdk"] {
+        let img = p(dir.path(), &format!("m.{fmt}"));
+        qemu_img(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            fmt,
+            path_str(&raw),
+            path_str(&img),
+        ]);
+        images.push((img, fmt));
+    }
+    qemu_io("qcow2", &images[2].0, &["write -z 2M 64k"]);
+    let overlay = p(dir.path(), "overlay.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        path_str(&raw),
+        "-F",
+        "raw",
+        path_str(&overlay),
+    ]);
+    qemu_io("qcow2", &overlay, &["write -P 3 0 4k"]);
+    images.push((overlay, "qcow2"));
+    for (img, fmt) in &images {
+        let parse = |text: &str| -> serde_json::Value { serde_json::from_str(text).unwrap() };
+        let qemu = parse(&qemu_img(&[
+            "map",
+            "-f",
+            fmt,
+            "--output=json",
+            path_str(img),
+        ]));
+        let ours = parse(&diskkit_ok(&["map", "--output", "json", path_str(img)]));
+        assert_eq!(ours, qemu, "{}", img.display());
+    }
+}
+
+/// With stderr not a terminal (a CI log), -p prints progress lines that name the image.
+#[test]
+fn progress_is_logged_when_stderr_is_not_a_terminal() {
+    let dir = tempdir();
+    let a = mixed_raw(dir.path(), "a.raw", 8 << 20);
+    let b = mixed_raw(dir.path(), "b.raw", 8 << 20);
+    let (_, _, err) = diskkit(&["hash", "-p", path_str(&a), path_str(&b)]);
+    for img in [&a, &b] {
+        let name = path_str(img);
+        let lines: Vec<&str> = err
+            .lines()
+            .filter(|l| l.starts_with(&format!("diskkit: hashing {name}: ")))
+            .collect();
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(": 100% (8 MiB of 8 MiB), ")),
+            "{err}"
+        );
+        assert!(lines.last().unwrap().contains(": done, 8 MiB in "), "{err}");
+    }
+    let (code, _, err) = diskkit(&["compare", "-p", path_str(&a), path_str(&b)]);
+    assert_eq!(code, 0);
+    assert!(
+        err.contains("diskkit: comparing: 100% (8 MiB of 8 MiB), "),
+        "{err}"
+    );
+}
+
+/// Every positional argument of these commands says in `-h` what it may be, and the top help
+/// names every format and what the commands are for.
+#[test]
+fn help_says_what_each_argument_may_be() {
+    for command in [
+        &["info"][..],
+        &["map"],
+        &["compare"],
+        &["check"],
+        &["resize"],
+        &["create"],
+        &["hash"],
+        &["iso", "ls"],
+        &["iso", "extract"],
+        &["completions"],
+        &["man"],
+    ] {
+        let help = diskkit_ok(&[command, &["-h"]].concat());
+        let arguments = help
+            .split("Arguments:\n")
+            .nth(1)
+            .and_then(|rest| rest.split("\n\n").next())
+            .unwrap_or_else(|| panic!("{command:?}: no arguments\n{help}"));
+        for line in arguments.lines() {
+            let (name, text) = line.trim().split_once("  ").unwrap_or((line, ""));
+            assert!(!text.trim().is_empty(), "{command:?}: {name} has no help");
+        }
+    }
+    let top = diskkit_ok(&["-h"]);
+    let about = top.lines().next().unwrap();
+    for word in [
+        "VHDX",
+        "VMDK",
+        "ISO",
+        "convert",
+        "hash",
+        "object storage",
+        "check",
+    ] {
+        assert!(about.contains(word), "{word}: {about}");
+    }
+}

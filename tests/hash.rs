@@ -223,16 +223,21 @@ fn one_changed_byte_is_found_by_check() {
         assert!(out.contains("FAILED (1 of 16 chunks differ)"), "{out}");
     }
 
-    // A different size is named as such.
+    // A different size with data past the manifest's end is named as such.
     std::fs::OpenOptions::new()
         .write(true)
         .open(&raw)
         .unwrap()
         .set_len(17 * MIB)
         .unwrap();
+    qemu_io("raw", &raw, &[&format!("write -P 0x01 {} 1", 16 * MIB + 5)]);
     let (code, out, _) = diskkit(&["hash", "--check", path_str(&manifest), path_str(&raw)]);
     assert_eq!(code, 1);
     assert!(out.contains("virtual size 17825792 differs"), "{out}");
+    assert!(
+        out.contains("data at offset 16777221, past the manifest's end"),
+        "{out}"
+    );
 
     // A damaged manifest is an error, not a mismatch.
     let text = std::fs::read_to_string(&manifest).unwrap();
@@ -244,6 +249,112 @@ fn one_changed_byte_is_found_by_check() {
     let (code, _, err) = diskkit(&["hash", "--check", path_str(&manifest), path_str(&raw)]);
     assert_eq!(code, 2);
     assert!(err.contains("inconsistent"), "{err}");
+}
+
+/// A VHD whose size qemu rounded up to a CHS geometry holds the same disk as its source
+/// (`compare` says identical): `--check` says so, with its own exit code, in both directions.
+#[test]
+fn check_tells_zeros_added_at_the_end_from_other_content() {
+    let dir = tempdir();
+    let raw = mixed_raw(dir.path(), "src.raw", 16 * MIB);
+    let vhd = p(dir.path(), "rounded.vhd");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vpc",
+        path_str(&raw),
+        path_str(&vhd),
+    ]);
+    let vhd_size = 16 * MIB + 4096;
+    assert!(qemu_img(&["info", path_str(&vhd)]).contains(&format!("({vhd_size} bytes)")));
+    assert_eq!(diskkit(&["compare", path_str(&raw), path_str(&vhd)]).0, 0);
+    let raw_manifest = p(dir.path(), "raw.json");
+    let vhd_manifest = p(dir.path(), "vhd.json");
+    diskkit_ok(&[
+        "hash",
+        "--manifest",
+        path_str(&raw_manifest),
+        path_str(&raw),
+    ]);
+    diskkit_ok(&[
+        "hash",
+        "--manifest",
+        path_str(&vhd_manifest),
+        path_str(&vhd),
+    ]);
+    for (manifest, image, how, sizes) in [
+        (&raw_manifest, &vhd, "added at", (vhd_size, 16 * MIB)),
+        (&vhd_manifest, &raw, "missing from", (16 * MIB, vhd_size)),
+    ] {
+        let (code, out, err) = diskkit(&["hash", "--check", path_str(manifest), path_str(image)]);
+        assert_eq!(code, 3, "{out}{err}");
+        assert_eq!(
+            out,
+            format!(
+                "{}: SAME CONTENT, 4096 zero bytes {how} the end (virtual size {}, the \
+                 manifest's {}: a VHD geometry or sector rounding)\n",
+                path_str(image),
+                sizes.0,
+                sizes.1
+            )
+        );
+    }
+    // Data in the last, short chunk of the smaller disk is a difference, not padding.
+    qemu_io(
+        "vpc",
+        &vhd,
+        &[&format!("write -P 0x05 {} 512", 16 * MIB - 512)],
+    );
+    let (code, out, _) = diskkit(&["hash", "--check", path_str(&raw_manifest), path_str(&vhd)]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("FAILED (1 of 4 chunks differ; virtual size"),
+        "{out}"
+    );
+}
+
+/// `--check` reads its own `DIGEST  NAME` output back, as `sha256sum -c`.
+#[test]
+fn check_reads_a_digest_list() {
+    let dir = tempdir();
+    let a = mixed_raw(dir.path(), "a.raw", 8 * MIB);
+    let b = p(dir.path(), "b.qcow2");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        path_str(&a),
+        path_str(&b),
+    ]);
+    let list = p(dir.path(), "SUMS");
+    std::fs::write(&list, diskkit_ok(&["hash", path_str(&a), path_str(&b)])).unwrap();
+    let (code, out, _) = diskkit(&["hash", "--check", path_str(&list)]);
+    let ok = format!("{}: OK\n{}: OK\n", path_str(&a), path_str(&b));
+    assert_eq!((code, out.as_str()), (0, ok.as_str()));
+
+    qemu_io("qcow2", &b, &["write -P 0x09 4096 1"]);
+    let (code, out, err) = diskkit(&["hash", "--check", path_str(&list)]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(
+        out,
+        format!("{}: OK\n{}: FAILED\n", path_str(&a), path_str(&b))
+    );
+    assert!(err.contains("1 computed digest(s) did NOT match"), "{err}");
+
+    std::fs::remove_file(&a).unwrap();
+    let (code, out, err) = diskkit(&["hash", "--check", path_str(&list)]);
+    assert_eq!(code, 2);
+    assert!(out.starts_with(&format!("{}: FAILED open or read\n", path_str(&a))));
+    assert!(err.contains(path_str(&a)), "{err}");
+
+    std::fs::write(&list, "0123  a.raw\n").unwrap();
+    let (code, _, err) = diskkit(&["hash", "--check", path_str(&list)]);
+    assert_eq!(code, 2);
+    assert!(err.contains("line 1: not a `DIGEST  NAME` line"), "{err}");
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! `diskkit check`: consistency check of image metadata, like `qemu-img check`.
 
-use super::util::{Out, OutputFormat, parse_format, printable};
+use super::util::{IMAGE_HELP, Out, OutputFormat, parse_format, printable};
 use diskkit::formats::check::{self, CheckReport, Repair};
 use diskkit::formats::{Error, Format, HostFile, Result, detect};
 use std::path::PathBuf;
@@ -30,7 +30,7 @@ pub struct Args {
     /// Print nothing; only the exit code tells
     #[arg(short = 'q', long)]
     quiet: bool,
-    /// The image to check
+    #[arg(help = IMAGE_HELP)]
     image: PathBuf,
 }
 

@@ -30,18 +30,19 @@ pub struct Args {
     /// Print nothing; only the exit code tells
     #[arg(short = 'q', long)]
     quiet: bool,
+    /// The first image: a file in any format diskkit reads (raw, qcow2, vpc/VHD, vhdx, vmdk,
+    /// iso), detected from its content unless -f names one
     a: PathBuf,
+    /// The second image, in any format, detected unless -F names one
     b: PathBuf,
 }
 
 pub fn run(args: Args) -> Result<i32> {
     let a = open_image(&args.a, args.format_a, None)?;
     let b = open_image(&args.b, args.format_b, None)?;
-    let bar = Bar::new(
-        args.progress,
-        a.virtual_size().min(b.virtual_size()),
-        "comparing",
-    );
+    let common = a.virtual_size().min(b.virtual_size());
+    let bar = Bar::new(args.progress, common, "comparing")
+        .with_data_of(&[a.as_ref(), b.as_ref()], common)?;
     let result = compare(a.as_ref(), b.as_ref(), args.strict, &bar)?;
     bar.finish();
     let (msg, code) = match result {

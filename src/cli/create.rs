@@ -33,7 +33,7 @@ pub struct Args {
     /// Print nothing on success
     #[arg(short = 'q', long)]
     quiet: bool,
-    /// The image file to create
+    /// The image file to create (an existing file is replaced once the new one is complete)
     file: PathBuf,
     /// Virtual size, e.g. 10G (optional with -b)
     #[arg(value_parser = parse_size)]

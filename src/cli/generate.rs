@@ -16,6 +16,7 @@ zsh:  diskkit completions zsh > ~/.zfunc/_diskkit  (with ~/.zfunc in $fpath)\n  
 fish: diskkit completions fish > ~/.config/fish/completions/diskkit.fish"
 )]
 pub struct CompletionsArgs {
+    /// The shell to complete for
     #[arg(value_enum)]
     shell: Shell,
 }

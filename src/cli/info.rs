@@ -1,8 +1,11 @@
 //! `diskkit info`: what an image is, as `qemu-img info` shows it.
 
 use super::EXIT_OK;
-use super::util::{Out, OutputFormat, human_size, open_image, parse_format, printable, warn};
-use diskkit::formats::{Format, Image, ImageInfo, Result};
+use super::util::{
+    IMAGE_HELP, Out, OutputFormat, backing_chain, human_size, open_image, parse_format, printable,
+    warn,
+};
+use diskkit::formats::{Format, ImageInfo, Result};
 use std::path::PathBuf;
 
 /// Show format, sizes, backing chain, snapshots and format details of an image
@@ -20,19 +23,20 @@ pub struct Args {
     /// Describe the image as of this internal snapshot (name or ID)
     #[arg(short = 'l', long)]
     snapshot: Option<String>,
+    #[arg(help = IMAGE_HELP)]
     image: PathBuf,
 }
 
 pub fn run(args: Args) -> Result<i32> {
     let image = open_image(&args.image, args.format, args.snapshot.as_deref())?;
-    let mut layers = vec![image.info()];
-    if args.backing_chain {
-        let mut cur: &dyn Image = image.as_ref();
-        while let Some(b) = cur.backing() {
-            layers.push(b.info());
-            cur = b;
-        }
-    }
+    let layers: Vec<ImageInfo> = if args.backing_chain {
+        backing_chain(image.as_ref())
+            .iter()
+            .map(|l| l.info())
+            .collect()
+    } else {
+        vec![image.info()]
+    };
     for info in &layers {
         for w in &info.warnings {
             warn(&format!("{}: {w}", info.filename.display()));

@@ -28,8 +28,14 @@ pub const EXIT_ERROR: i32 = 2;
 #[command(
     name = "diskkit",
     version,
-    about = "Inspect, compare, convert and hash cloud disk images (raw, qcow2, VHD, ISO)",
-    long_about = "diskkit works on the guest-visible content of disk images in any supported \
+    about = "Disk images for the cloud (raw, qcow2, VHD, VHDX, VMDK, ISO): inspect, check, \
+create, resize, convert, compare and hash them, list and extract ISO files, and push, pull and \
+verify them in object storage (S3, OSS, OBS or a local directory)",
+    long_about = "Disk images for the cloud (raw, qcow2, VHD, VHDX, VMDK, ISO): inspect (info, \
+map), check and repair, create, resize and measure, convert, compare and hash them, list and \
+extract the files of ISO images, and push, pull, verify, list and remove them in object storage \
+(s3://, oss://, obs:// or a local directory as the bucket; see diskkit push --help).\n\n\
+diskkit works on the guest-visible content of disk images in any supported \
 format, reading only what the image's allocation map says holds data.\n\n\
 Formats are detected from magic bytes, never from file names; -f FMT forces one \
 (raw, qcow2, vpc|vhd, vhdx, vmdk, iso).\n\n\

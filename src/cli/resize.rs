@@ -25,7 +25,7 @@ pub struct Args {
     /// Print nothing on success
     #[arg(short = 'q', long)]
     quiet: bool,
-    /// The image to resize
+    /// The image file to resize in place: raw, qcow2 or vpc (VHD)
     image: PathBuf,
     /// New size (10G), or a change (+1G, -512M)
     #[arg(allow_hyphen_values = true)]

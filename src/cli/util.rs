@@ -1,12 +1,16 @@
 //! Helpers shared by the subcommands: opening images from flags, output modes, human sizes.
 
 use clap::ValueEnum;
+use diskkit::convert::allocated_ranges;
 use diskkit::formats::{CreateOptions, Format, Image, OpenOptions, Result, open};
 use diskkit::progress::Progress;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{HumanDuration, ProgressBar, ProgressState, ProgressStyle};
 use std::borrow::Cow;
-use std::io::{BufWriter, StdoutLock, Write};
+use std::io::{BufWriter, IsTerminal, StdoutLock, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// `text` safe to print on a terminal: control characters (escape sequences, newlines, C1
 /// codes) in names taken from images and manifests are shown as Rust escapes (`\u{1b}`), so
@@ -81,6 +85,10 @@ fn write_error(e: std::io::Error) -> diskkit::Error {
     diskkit::Error::invalid(format!("write error: {reason}"))
 }
 
+/// Help of an image argument: what a file may be.
+pub const IMAGE_HELP: &str = "An image file in any format diskkit reads (raw, qcow2, vpc/VHD, \
+vhdx, vmdk, iso), detected from its content unless -f names one";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
     Human,
@@ -122,6 +130,15 @@ pub fn open_image(
     )
 }
 
+/// `image` and its backing images, top first.
+pub fn backing_chain(image: &dyn Image) -> Vec<&dyn Image> {
+    let mut chain = vec![image];
+    while let Some(b) = chain[chain.len() - 1].backing() {
+        chain.push(b);
+    }
+    chain
+}
+
 /// Collects repeated `-o key=value,...` arguments.
 pub fn create_options(specs: &[String]) -> Result<CreateOptions> {
     let mut opts = CreateOptions::default();
@@ -152,33 +169,163 @@ pub fn human_size(bytes: u64) -> String {
 }
 
 pub use diskkit::formats::write::parse_size;
-/// A progress bar over `total` bytes when `enabled`, hidden otherwise.
-pub struct Bar(ProgressBar);
+/// Progress of one job on stderr, shown only when asked for (-p): a bar on a terminal, else (batch
+/// jobs, CI logs) a line every tenth of the work or every 10 seconds. The percentage counts guest
+/// bytes. Rate and time left count the data read, against the data the allocation map holds
+/// (`with_data_of`), when the engine reports reads ([`Progress::data_read`]): zero ranges pass in
+/// an instant and would otherwise make the estimate many times too long.
+pub struct Bar {
+    counters: Option<Arc<Counters>>,
+    terminal: Option<ProgressBar>,
+}
+
+/// What a progress line shows, shared with the bar's drawing thread.
+struct Counters {
+    what: String,
+    total: u64,
+    /// Data bytes of the job, from the allocation map (0: unknown).
+    data_total: AtomicU64,
+    done: AtomicU64,
+    read: AtomicU64,
+    start: Instant,
+    /// Log lines: when the last one was printed, and at which tenth of the work.
+    logged: Mutex<(Instant, u64)>,
+}
+
+/// A log line at least this often, even when a tenth of the work takes longer.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 impl Bar {
     pub fn new(enabled: bool, total: u64, what: &str) -> Self {
         if !enabled {
-            return Bar(ProgressBar::hidden());
+            return Bar {
+                counters: None,
+                terminal: None,
+            };
         }
-        let pb = ProgressBar::new(total);
-        pb.set_style(
-            ProgressStyle::with_template(
-                "{msg} [{elapsed_precise}] [{wide_bar}] {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta})",
+        let now = Instant::now();
+        let counters = Arc::new(Counters {
+            what: printable(what).into_owned(),
+            total,
+            data_total: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            read: AtomicU64::new(0),
+            start: now,
+            logged: Mutex::new((now, 0)),
+        });
+        let terminal = std::io::stderr().is_terminal().then(|| {
+            let estimate = Arc::clone(&counters);
+            let style = ProgressStyle::with_template(
+                "{msg} [{elapsed_precise}] [{wide_bar}] {bytes}/{total_bytes} ({estimate})",
             )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        pb.set_message(what.to_string());
-        Bar(pb)
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .with_key(
+                "estimate",
+                move |_: &ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = w.write_str(&estimate.estimate(estimate.start.elapsed()));
+                },
+            );
+            let pb = ProgressBar::new(total).with_style(style);
+            pb.set_message(counters.what.clone());
+            pb
+        });
+        Bar {
+            counters: Some(counters),
+            terminal,
+        }
+    }
+
+    /// Counts the data of `images` in `[0, end)` as the work to do (metadata only, and only
+    /// when the bar is shown).
+    pub fn with_data_of(self, images: &[&dyn Image], end: u64) -> Result<Self> {
+        if let Some(c) = &self.counters {
+            let mut data = 0;
+            for image in images {
+                for range in allocated_ranges(*image, 0, end.min(image.virtual_size())) {
+                    let (start, end) = range?;
+                    data += end - start;
+                }
+            }
+            c.data_total.store(data, Ordering::Relaxed);
+        }
+        Ok(self)
     }
 
     pub fn finish(&self) {
-        self.0.finish_and_clear();
+        if let Some(pb) = &self.terminal {
+            pb.finish_and_clear();
+        } else if let Some(c) = &self.counters {
+            eprintln!(
+                "diskkit: {}: done, {} in {:.1}s",
+                c.what,
+                human_size(c.done.load(Ordering::Relaxed)),
+                c.start.elapsed().as_secs_f64()
+            );
+        }
+    }
+}
+
+impl Counters {
+    /// "312 MiB/s, 12s left" after `elapsed`.
+    fn estimate(&self, elapsed: Duration) -> String {
+        let done = self.done.load(Ordering::Relaxed);
+        let read = self.read.load(Ordering::Relaxed);
+        let data_total = self.data_total.load(Ordering::Relaxed);
+        let (processed, left) = if read > 0 && data_total > 0 {
+            (read, data_total.saturating_sub(read))
+        } else {
+            (done, self.total.saturating_sub(done))
+        };
+        let secs = elapsed.as_secs_f64();
+        if processed == 0 || secs <= 0.0 {
+            return "estimating".to_string();
+        }
+        let rate = processed as f64 / secs;
+        format!(
+            "{}/s, {} left",
+            human_size(rate as u64),
+            HumanDuration(Duration::from_secs_f64(left as f64 / rate))
+        )
+    }
+
+    /// Prints a log line when the work crossed a tenth or the last line is old enough.
+    fn log(&self, done: u64) {
+        let tenth = (done * 10).checked_div(self.total).unwrap_or(10);
+        // Another thread printing now is reason enough to skip this update.
+        let Ok(mut last) = self.logged.try_lock() else {
+            return;
+        };
+        if tenth <= last.1 && last.0.elapsed() < LOG_INTERVAL {
+            return;
+        }
+        *last = (Instant::now(), tenth);
+        eprintln!(
+            "diskkit: {}: {}% ({} of {}), {}",
+            self.what,
+            (done * 100).checked_div(self.total).unwrap_or(100),
+            human_size(done),
+            human_size(self.total),
+            self.estimate(self.start.elapsed())
+        );
     }
 }
 
 impl Progress for Bar {
     fn advance(&self, bytes: u64) {
-        self.0.inc(bytes);
+        let Some(c) = &self.counters else {
+            return;
+        };
+        let done = c.done.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        match &self.terminal {
+            Some(pb) => pb.inc(bytes),
+            None => c.log(done),
+        }
+    }
+
+    fn data_read(&self, bytes: u64) {
+        if let Some(c) = &self.counters {
+            c.read.fetch_add(bytes, Ordering::Relaxed);
+        }
     }
 }
 
@@ -207,5 +354,23 @@ mod tests {
             printable("a\x1b[31mb\nc\u{9b}d"),
             "a\\u{1b}[31mb\\nc\\u{9b}d"
         );
+    }
+
+    #[test]
+    fn estimate_counts_data_read_not_zero_ranges() {
+        let bar = Bar::new(true, 10 << 30, "hashing x");
+        let c = bar.counters.as_ref().unwrap();
+        c.data_total.store(1 << 30, Ordering::Relaxed);
+        // 9 GiB done in 1 s, of which 512 MiB data: 512 MiB of data left at 512 MiB/s.
+        c.done.store(9 << 30, Ordering::Relaxed);
+        c.read.store(512 << 20, Ordering::Relaxed);
+        assert_eq!(
+            c.estimate(Duration::from_secs(1)),
+            "512 MiB/s, 1 second left"
+        );
+        // An engine that reports no reads: guest bytes, as before.
+        c.read.store(0, Ordering::Relaxed);
+        assert_eq!(c.estimate(Duration::from_secs(9)), "1 GiB/s, 1 second left");
+        assert_eq!(c.estimate(Duration::ZERO), "estimating");
     }
 }
