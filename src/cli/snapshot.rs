@@ -9,7 +9,7 @@ use super::{EXIT_DIFFERENT, EXIT_OK};
 use diskkit::formats::chunk_store::HOLE;
 use diskkit::formats::write::CacheMode;
 use diskkit::formats::{Error, Format, Image, Result};
-use diskkit::snapshot::{self, SnapshotImage, SnapshotStore};
+use diskkit::snapshot::{self, Crypto, NewStore, SnapshotImage, SnapshotStore};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -74,17 +74,39 @@ struct CreateArgs {
     /// Chunk size of a NEW store: a power of two from 512K to 8M [default: 4M]
     #[arg(long, value_parser = parse_size)]
     chunk_size: Option<u64>,
+    /// Make a NEW store encrypted: chunks and indexes sealed (XChaCha20-Poly1305), chunk names
+    /// keyed, with the key of --key-file or DISKKIT_SNAPSHOT_KEY
+    #[arg(long)]
+    encrypt: bool,
     /// Show a progress bar
     #[arg(short = 'p', long)]
     progress: bool,
     #[arg(long, value_enum, default_value = "human")]
     output: OutputFormat,
     #[command(flatten)]
-    conn: Connection,
+    access: Access,
     /// The image to snapshot (any format diskkit reads)
     image: PathBuf,
     /// The store
     store: String,
+}
+
+/// Where the store is, and its key when it is encrypted.
+#[derive(clap::Args)]
+struct Access {
+    #[command(flatten)]
+    conn: Connection,
+    /// The key of an encrypted store: a file of 64 hex digits or 32 bytes [default: the
+    /// environment variable DISKKIT_SNAPSHOT_KEY]
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
+}
+
+impl Access {
+    fn open(&self, store: &str, new: Option<NewStore>) -> Result<SnapshotStore> {
+        let key = Crypto::from_user(self.key_file.as_deref())?;
+        SnapshotStore::open(store, &self.conn.settings(), self.conn.profile(), key, new)
+    }
 }
 
 fn parse_tag(s: &str) -> std::result::Result<(String, String), String> {
@@ -97,7 +119,7 @@ fn parse_tag(s: &str) -> std::result::Result<(String, String), String> {
 #[derive(clap::Args)]
 struct StoreArgs {
     #[command(flatten)]
-    conn: Connection,
+    access: Access,
     store: String,
 }
 
@@ -111,7 +133,7 @@ struct LsArgs {
     #[arg(long, value_enum, default_value = "human")]
     output: OutputFormat,
     #[command(flatten)]
-    conn: Connection,
+    access: Access,
     store: String,
 }
 
@@ -122,7 +144,7 @@ struct InfoArgs {
     #[arg(long, value_enum, default_value = "human")]
     output: OutputFormat,
     #[command(flatten)]
-    conn: Connection,
+    access: Access,
     store: String,
     id: String,
 }
@@ -134,7 +156,7 @@ struct DiffArgs {
     #[arg(long, value_enum, default_value = "human")]
     output: OutputFormat,
     #[command(flatten)]
-    conn: Connection,
+    access: Access,
     store: String,
     id1: String,
     id2: String,
@@ -163,7 +185,7 @@ struct RestoreArgs {
     #[arg(short = 'p', long)]
     progress: bool,
     #[command(flatten)]
-    conn: Connection,
+    access: Access,
     store: String,
     id: String,
     /// The new image
@@ -175,7 +197,7 @@ struct RestoreArgs {
 #[command(after_help = STORES)]
 struct RmArgs {
     #[command(flatten)]
-    conn: Connection,
+    access: Access,
     store: String,
     #[arg(required = true)]
     ids: Vec<String>,
@@ -195,7 +217,7 @@ struct VerifyArgs {
     #[arg(long)]
     read_data: bool,
     #[command(flatten)]
-    conn: Connection,
+    access: Access,
     store: String,
     ids: Vec<String>,
 }
@@ -214,10 +236,6 @@ pub fn run(args: Args) -> Result<i32> {
     }
 }
 
-fn open(conn: &Connection, store: &str) -> Result<SnapshotStore> {
-    SnapshotStore::open(store, &conn.settings(), conn.profile(), None)
-}
-
 fn json(value: &impl serde::Serialize) -> Result<String> {
     serde_json::to_string_pretty(value).map_err(|e| Error::invalid(e.to_string()))
 }
@@ -225,11 +243,12 @@ fn json(value: &impl serde::Serialize) -> Result<String> {
 fn create(args: CreateArgs) -> Result<i32> {
     let mut out = Out::new();
     let image = open_image(&args.image, args.format, None)?;
-    let store = SnapshotStore::open(
+    let store = args.access.open(
         &args.store,
-        &args.conn.settings(),
-        args.conn.profile(),
-        Some(args.chunk_size.unwrap_or(snapshot::DEFAULT_CHUNK_SIZE)),
+        Some(NewStore {
+            chunk_size: args.chunk_size.unwrap_or(snapshot::DEFAULT_CHUNK_SIZE),
+            encrypt: args.encrypt,
+        }),
     )?;
     if args.chunk_size.is_some_and(|c| c != store.chunk_size()) {
         return Err(Error::invalid(format!(
@@ -274,7 +293,7 @@ fn create(args: CreateArgs) -> Result<i32> {
 
 fn ls(args: LsArgs) -> Result<i32> {
     let mut out = Out::new();
-    let store = open(&args.conn, &args.store)?;
+    let store = args.access.open(&args.store, None)?;
     let mut entries = store.list()?;
     if let Some(name) = &args.name {
         entries.retain(|e| &e.meta.name == name);
@@ -310,7 +329,7 @@ fn ls(args: LsArgs) -> Result<i32> {
 
 fn info(args: InfoArgs) -> Result<i32> {
     let mut out = Out::new();
-    let store = open(&args.conn, &args.store)?;
+    let store = args.access.open(&args.store, None)?;
     let image = SnapshotImage::of(store, &args.id)?;
     let meta = &image.index().meta;
     let data_chunks = image.index().chunks.iter().filter(|c| **c != HOLE).count();
@@ -355,7 +374,7 @@ fn info(args: InfoArgs) -> Result<i32> {
 
 fn diff(args: DiffArgs) -> Result<i32> {
     let mut out = Out::new();
-    let store = open(&args.conn, &args.store)?;
+    let store = args.access.open(&args.store, None)?;
     let a = store.index(&store.resolve(&args.id1)?)?;
     let b = store.index(&store.resolve(&args.id2)?)?;
     let ranges = snapshot::diff(&a, &b)?;
@@ -385,7 +404,7 @@ fn diff(args: DiffArgs) -> Result<i32> {
 }
 
 fn restore(args: RestoreArgs) -> Result<i32> {
-    let store = open(&args.conn, &args.store)?;
+    let store = args.access.open(&args.store, None)?;
     let image = SnapshotImage::of(store, &args.id)?;
     let mut create = create_options(&args.options)?;
     create.compress = args.compress;
@@ -405,7 +424,7 @@ fn restore(args: RestoreArgs) -> Result<i32> {
 
 fn rm(args: RmArgs) -> Result<i32> {
     let mut out = Out::new();
-    let store = open(&args.conn, &args.store)?;
+    let store = args.access.open(&args.store, None)?;
     // Resolve every id first: a typo removes nothing.
     let ids: Vec<String> = args
         .ids
@@ -422,7 +441,7 @@ fn rm(args: RmArgs) -> Result<i32> {
 
 fn gc(args: StoreArgs) -> Result<i32> {
     let mut out = Out::new();
-    let store = open(&args.conn, &args.store)?;
+    let store = args.access.open(&args.store, None)?;
     let r = snapshot::gc(&store)?;
     writeln!(
         out,
@@ -438,7 +457,7 @@ fn gc(args: StoreArgs) -> Result<i32> {
 
 fn verify(args: VerifyArgs) -> Result<i32> {
     let mut out = Out::new();
-    let store = open(&args.conn, &args.store)?;
+    let store = args.access.open(&args.store, None)?;
     let ids: Vec<String> = args
         .ids
         .iter()

@@ -100,7 +100,7 @@ pub fn parse_format(s: &str) -> std::result::Result<Format, String> {
 }
 
 /// Opens an image source: a file, or `STORE#ID`, a snapshot in a snapshot store (connection
-/// settings from the environment and the default profile). A file whose name contains `#`
+/// settings and an encrypted store's key from the environment and the default profile). A file whose name contains `#`
 /// is still a file when it exists.
 pub fn open_image(
     path: &Path,
@@ -117,8 +117,9 @@ pub fn open_image(
             )));
         }
         let settings = diskkit::storage::Settings::default();
+        let key = diskkit::snapshot::Crypto::from_user(None)?;
         return Ok(Box::new(diskkit::snapshot::SnapshotImage::open(
-            store, id, &settings, None,
+            store, id, &settings, None, key,
         )?));
     }
     open(

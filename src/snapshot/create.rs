@@ -158,7 +158,8 @@ pub fn create(
     };
     let encoded = index.encode()?;
     let id = SnapshotIndex::id_of(&encoded);
-    store.put(&store.index_key(&id), encoded)?;
+    let key = store.index_key(&id);
+    store.put(&key, store.seal(&key, encoded)?)?;
     Ok(CreateReport {
         id,
         digest,
@@ -279,6 +280,7 @@ impl SnapshotStore {
     /// object stores never show a partial object.
     fn put_chunk(&self, digest: &[u8; 32], encoded: Vec<u8>) -> Result<()> {
         let key = self.chunk_key(digest);
+        let encoded = self.seal(&key, encoded)?;
         match self.local_path(&key) {
             Some(path) => {
                 if let Some(dir) = path.parent() {

@@ -29,8 +29,9 @@ impl SnapshotImage {
         id: &str,
         settings: &Settings,
         profile: Option<&str>,
+        key: Option<super::Crypto>,
     ) -> Result<SnapshotImage> {
-        let store = SnapshotStore::open(url, settings, profile, None)?;
+        let store = SnapshotStore::open(url, settings, profile, key, None)?;
         Self::of(store, id)
     }
 

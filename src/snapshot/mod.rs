@@ -16,15 +16,17 @@
 //! `diskkit hash --chunk-size N SRC` prints.
 
 mod create;
+mod crypto;
 mod image;
 
 pub use create::{CreateOptions, CreateReport, IncrementalPath, create};
+pub use crypto::{Crypto, KEY_ENV};
 pub use image::SnapshotImage;
 
 use crate::storage::{Location, Scheme, Settings, Store};
-use diskkit_formats::error::ErrorKind;
 use diskkit_formats::chunk_store::{self, HOLE, SnapshotIndex};
 use diskkit_formats::digest::hex;
+use diskkit_formats::error::ErrorKind;
 use diskkit_formats::{Error, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -47,6 +49,20 @@ struct StoreConfig {
     format: String,
     version: u32,
     chunk_size: u64,
+    /// The cipher of an encrypted store ([`crypto`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    encryption: Option<String>,
+    /// Recognises the key of an encrypted store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_check: Option<String>,
+}
+
+/// What a store that does not exist yet is made with.
+#[derive(Debug, Clone, Copy)]
+pub struct NewStore {
+    pub chunk_size: u64,
+    /// Seal chunks and indexes with the key given to [`SnapshotStore::open`].
+    pub encrypt: bool,
 }
 
 /// An opened snapshot store.
@@ -56,6 +72,7 @@ pub struct SnapshotStore {
     /// Key prefix of the store inside the bucket: empty or ending in `/`.
     prefix: String,
     chunk_size: u64,
+    crypto: Option<Crypto>,
 }
 
 /// One snapshot as `ls` shows it.
@@ -71,15 +88,22 @@ pub struct SnapshotEntry {
 impl SnapshotStore {
     /// Opens the store at `url`. With `create_chunk_size`, a store that does not exist yet is
     /// created with that chunk size; without, it must exist.
-    /// `settings` come from flags; the environment and `profile` fill in the rest.
+    /// `settings` come from flags; the environment and `profile` fill in the rest. `key` is
+    /// needed for an encrypted store (and ignored for another).
     pub fn open(
         url: &str,
         settings: &Settings,
         profile: Option<&str>,
-        create_chunk_size: Option<u64>,
+        key: Option<Crypto>,
+        new: Option<NewStore>,
     ) -> Result<SnapshotStore> {
-        if let Some(size) = create_chunk_size {
-            chunk_store::check_chunk_size(size)?;
+        if let Some(n) = new {
+            chunk_store::check_chunk_size(n.chunk_size)?;
+            if n.encrypt && key.is_none() {
+                return Err(Error::invalid(format!(
+                    "--encrypt needs a key: --key-file FILE or {KEY_ENV} (64 hex digits)"
+                )));
+            }
             // A local store is a directory of its own (Location takes the nearest existing
             // directory as the bucket otherwise).
             if !url.contains("://") || url.starts_with("file://") {
@@ -102,7 +126,7 @@ impl SnapshotStore {
             k => format!("{k}/"),
         };
         let config_key = format!("{prefix}config");
-        let chunk_size = match store.read_small(&config_key)? {
+        let config = match store.read_small(&config_key)? {
             Some(bytes) => {
                 let config: StoreConfig = serde_json::from_slice(&bytes).map_err(|e| {
                     Error::corrupt(
@@ -122,19 +146,29 @@ impl SnapshotStore {
                     ));
                 }
                 chunk_store::check_chunk_size(config.chunk_size)?;
-                config.chunk_size
+                if new.is_some_and(|n| n.encrypt) && config.encryption.is_none() {
+                    return Err(Error::invalid(format!(
+                        "{url}: this store is not encrypted: --encrypt applies to a new store"
+                    )));
+                }
+                config
             }
-            None => match create_chunk_size {
-                Some(size) => {
+            None => match new {
+                Some(n) => {
                     let config = StoreConfig {
                         format: STORE_FORMAT.into(),
                         version: STORE_VERSION,
-                        chunk_size: size,
+                        chunk_size: n.chunk_size,
+                        encryption: n.encrypt.then(|| crypto::CIPHER.to_string()),
+                        key_check: key
+                            .as_ref()
+                            .filter(|_| n.encrypt)
+                            .map(|k| k.key_check().to_string()),
                     };
                     let text = serde_json::to_vec_pretty(&config)
                         .map_err(|e| Error::invalid(e.to_string()))?;
                     store.write(&config_key, text)?;
-                    size
+                    config
                 }
                 None => {
                     return Err(Error::invalid(format!(
@@ -143,11 +177,34 @@ impl SnapshotStore {
                 }
             },
         };
+        let crypto = match (&config.encryption, key) {
+            (None, _) => None,
+            (Some(c), _) if c != crypto::CIPHER => {
+                return Err(Error::unsupported(
+                    Path::new(url),
+                    format!("store encryption '{c}'"),
+                ));
+            }
+            (Some(_), None) => {
+                return Err(Error::invalid(format!(
+                    "{url}: the store is encrypted: give its key (--key-file FILE or {KEY_ENV})"
+                )));
+            }
+            (Some(_), Some(k)) => {
+                if config.key_check.as_deref() != Some(k.key_check()) {
+                    return Err(Error::invalid(format!(
+                        "{url}: wrong key for this encrypted store"
+                    )));
+                }
+                Some(k)
+            }
+        };
         Ok(SnapshotStore {
             store,
             location,
             prefix,
-            chunk_size,
+            chunk_size: config.chunk_size,
+            crypto,
         })
     }
 
@@ -164,8 +221,22 @@ impl SnapshotStore {
         url.trim_end_matches('/').to_string()
     }
 
+    /// Whether chunks and indexes are sealed.
+    pub fn encrypted(&self) -> bool {
+        self.crypto.is_some()
+    }
+
+    /// The object name of the chunk whose content has SHA-256 `digest`: the digest itself, or
+    /// its keyed hash in an encrypted store.
+    fn object_digest(&self, digest: &[u8; 32]) -> [u8; 32] {
+        match &self.crypto {
+            Some(c) => c.chunk_name(digest),
+            None => *digest,
+        }
+    }
+
     fn chunk_key(&self, digest: &[u8; 32]) -> String {
-        let h = hex(digest);
+        let h = hex(&self.object_digest(digest));
         format!("{}chunks/{}/{}/{h}", self.prefix, &h[..2], &h[2..4])
     }
 
@@ -192,6 +263,22 @@ impl SnapshotStore {
         }
     }
 
+    /// The content of the object `key` as read (opened with the key in an encrypted store).
+    fn unseal(&self, name: &Path, key: &str, bytes: Vec<u8>) -> Result<Vec<u8>> {
+        match &self.crypto {
+            Some(c) => c.open(name, object_leaf(key), &bytes),
+            None => Ok(bytes),
+        }
+    }
+
+    /// The object to store for content `bytes` at `key` (sealed in an encrypted store).
+    fn seal(&self, key: &str, bytes: Vec<u8>) -> Result<Vec<u8>> {
+        match &self.crypto {
+            Some(c) => c.seal(object_leaf(key), &bytes),
+            None => Ok(bytes),
+        }
+    }
+
     fn local_path(&self, key: &str) -> Option<PathBuf> {
         (self.location.scheme == Scheme::Local).then(|| Path::new(&self.location.bucket).join(key))
     }
@@ -204,6 +291,7 @@ impl SnapshotStore {
             .store
             .read_small(&key)?
             .ok_or_else(|| Error::corrupt(&name, "chunk", 0, "missing from the store"))?;
+        let bytes = self.unseal(&name, &key, bytes)?;
         let data = chunk_store::decode_chunk(&name, &bytes)?;
         if Sha256::digest(&data).as_slice() != digest {
             return Err(Error::corrupt(
@@ -265,7 +353,9 @@ impl SnapshotStore {
             .store
             .read_small(&key)?
             .ok_or_else(|| Error::invalid(format!("{}: no snapshot {id}", self.url())))?;
-        let index = SnapshotIndex::decode(&self.object_name(&key), &bytes)?;
+        let name = self.object_name(&key);
+        let bytes = self.unseal(&name, &key, bytes)?;
+        let index = SnapshotIndex::decode(&name, &bytes)?;
         if index.meta.chunk_size != self.chunk_size {
             return Err(Error::corrupt(
                 &self.object_name(&key),
@@ -410,6 +500,11 @@ fn now_nanos() -> u128 {
         .unwrap_or(0)
 }
 
+/// The last component of a key: the chunk name or snapshot id a sealed object is bound to.
+fn object_leaf(key: &str) -> &str {
+    key.rsplit('/').next().unwrap_or(key)
+}
+
 /// Snapshot ids are 32 lowercase hex digits: nothing else is taken from a listing.
 fn is_id(s: &str) -> bool {
     s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
@@ -465,7 +560,9 @@ pub fn gc(store: &SnapshotStore) -> Result<GcReport> {
         let mut referenced: HashSet<[u8; 32]> = HashSet::new();
         for id in store.ids()? {
             report.snapshots += 1;
-            referenced.extend(store.index(&id)?.chunks.into_iter().filter(|c| *c != HOLE));
+            let index = store.index(&id)?;
+            let used = index.chunks.iter().filter(|c| **c != HOLE);
+            referenced.extend(used.map(|c| store.object_digest(c)));
         }
         let chunks = format!("{}chunks/", store.prefix);
         let mut unreferenced = Vec::new();
