@@ -54,8 +54,9 @@ parallel with bounded memory. The snapshot's index is written last: a killed cre
 a snapshot that lists missing chunks, and a rerun sends only what is missing.\n\n\
 With --parent ID, when IMAGE is a qcow2 overlay whose backing file is the parent's source \
 (same path, size and modification time), only the overlay's own clusters are read; other chunks \
-are the parent's. Otherwise every data chunk is read and hashed and only new chunks stored. The \
-summary says which path was taken.",
+are the parent's. With --bitmap NAME as well, a qcow2 persistent dirty bitmap says which chunks \
+changed since the parent and only those are read. Otherwise every data chunk is read and hashed \
+and only new chunks stored. The summary says which path was taken.",
     after_help = STORES
 )]
 struct CreateArgs {
@@ -68,6 +69,11 @@ struct CreateArgs {
     /// The snapshot this one is incremental to (id or unique prefix)
     #[arg(long, value_name = "ID")]
     parent: Option<String>,
+    /// With --parent: a persistent dirty bitmap of the qcow2 IMAGE that records the writes since
+    /// the parent was taken (qemu-img bitmap --add, or a VM's block-dirty-bitmap-add); only the
+    /// chunks it marks are read. A bitmap in use or marked inconsistent is refused
+    #[arg(long, value_name = "NAME", requires = "parent")]
+    bitmap: Option<String>,
     /// A label, KEY=VALUE (repeatable)
     #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
     tags: Vec<(String, String)>,
@@ -260,6 +266,7 @@ fn create(args: CreateArgs) -> Result<i32> {
     let opts = snapshot::CreateOptions {
         name: args.name,
         parent: args.parent,
+        bitmap: args.bitmap,
         tags: args.tags.into_iter().collect::<BTreeMap<_, _>>(),
     };
     let bar = Bar::new(args.progress, image.virtual_size(), "snapshot");
@@ -271,6 +278,7 @@ fn create(args: CreateArgs) -> Result<i32> {
             let path = match report.path {
                 snapshot::IncrementalPath::Full => "every data chunk read",
                 snapshot::IncrementalPath::Overlay => "overlay: only the overlay's clusters read",
+                snapshot::IncrementalPath::Bitmap => "bitmap: only the chunks it marks read",
             };
             writeln!(out, "path: {path}")?;
             writeln!(

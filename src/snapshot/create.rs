@@ -23,6 +23,9 @@ pub struct CreateOptions {
     pub name: Option<String>,
     /// Id (or unique prefix) of the snapshot this one is incremental to.
     pub parent: Option<String>,
+    /// A qcow2 persistent dirty bitmap of the source that records what changed since the
+    /// parent was taken: only chunks it marks are read.
+    pub bitmap: Option<String>,
     pub tags: BTreeMap<String, String>,
 }
 
@@ -35,6 +38,9 @@ pub enum IncrementalPath {
     /// The source is a qcow2 overlay on the parent's source: only chunks the overlay itself
     /// allocates were read; the others are the parent's.
     Overlay,
+    /// A persistent dirty bitmap said which chunks changed since the parent: only those were
+    /// read; the others are the parent's.
+    Bitmap,
 }
 
 /// What a `snapshot create` did.
@@ -79,19 +85,38 @@ pub fn create(
         }
         None => None,
     };
+    let dirty = match (&opts.bitmap, &parent) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return Err(Error::invalid(
+                "--bitmap says what changed since a parent snapshot: give --parent too",
+            ));
+        }
+        (Some(name), Some(_)) => Some(diskkit_formats::qcow2::bitmap::load(source, name)?),
+    };
     // The overlay path needs the image's backing file to be the parent's source, unchanged.
     let overlay_parent = parent.as_ref().and_then(|(_, p)| {
         let backing = image.backing()?;
         let recorded = p.meta.source.as_ref()?;
         (identity(&backing.info().filename).as_ref() == Some(recorded)).then_some(p)
     });
+    let path = match (&dirty, overlay_parent) {
+        (Some(_), _) => IncrementalPath::Bitmap,
+        (None, Some(_)) => IncrementalPath::Overlay,
+        (None, None) => IncrementalPath::Full,
+    };
     let count = SnapshotIndex::chunk_count(size, cs);
     let work = Work {
         store,
         image,
         cs,
         size,
-        parent: overlay_parent,
+        parent: if dirty.is_some() {
+            parent.as_ref().map(|(_, p)| p)
+        } else {
+            overlay_parent
+        },
+        dirty,
         sent: Mutex::new(HashSet::new()),
         read: AtomicU64::new(0),
         new: AtomicU64::new(0),
@@ -163,11 +188,7 @@ pub fn create(
     Ok(CreateReport {
         id,
         digest,
-        path: if work.parent.is_some() {
-            IncrementalPath::Overlay
-        } else {
-            IncrementalPath::Full
-        },
+        path,
         bytes_read: work.read.into_inner(),
         bytes_new: work.new.into_inner(),
         bytes_stored: work.stored.into_inner(),
@@ -195,7 +216,10 @@ struct Work<'a> {
     image: &'a dyn Image,
     cs: u64,
     size: u64,
+    /// The parent whose chunks stand for the chunks that did not change.
     parent: Option<&'a SnapshotIndex>,
+    /// With a bitmap: what changed since the parent (else an overlay's own clusters did).
+    dirty: Option<diskkit_formats::qcow2::bitmap::DirtyBitmap>,
     /// Chunks stored or found by this run: a disk often repeats a chunk.
     sent: Mutex<HashSet<[u8; 32]>>,
     read: AtomicU64,
@@ -229,8 +253,12 @@ impl Work<'_> {
             self.zeros.fetch_add(1, Ordering::Relaxed);
             return Ok(HOLE);
         }
+        let unchanged = match &self.dirty {
+            Some(bitmap) => !bitmap.any_dirty(offset, offset + length),
+            None => !own_data,
+        };
         if let Some(parent) = self.parent
-            && !own_data
+            && unchanged
             && (offset + length <= parent.meta.virtual_size)
             && (length == self.cs || offset + length == parent.meta.virtual_size)
             && let Some(d) = parent.chunks.get(i as usize)

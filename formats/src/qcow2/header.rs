@@ -21,6 +21,7 @@ pub const EXT_END: u32 = 0;
 pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 pub const EXT_FEATURE_NAMES: u32 = 0x6803_f857;
 pub const EXT_DATA_FILE: u32 = 0x4441_5441;
+pub const EXT_BITMAPS: u32 = 0x2385_2875;
 
 pub const INCOMPAT_DIRTY: u64 = 1 << 0;
 pub const INCOMPAT_CORRUPT: u64 = 1 << 1;
@@ -29,6 +30,9 @@ pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 pub const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
 pub const INCOMPAT_KNOWN: u64 = 0x1f;
 pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
+/// The bitmaps extension is consistent with the image (qemu clears it when a program that does
+/// not know bitmaps writes the image).
+pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
 
 /// Offsets of header fields that writers patch in place.
@@ -80,6 +84,8 @@ pub struct Header {
     pub backing_format: Option<String>,
     /// External data file name extension.
     pub data_file: Option<String>,
+    /// Persistent dirty bitmaps extension (see [`super::bitmap`]).
+    pub bitmaps: Option<super::bitmap::BitmapsExtension>,
 }
 
 /// Big-endian field at `at`; callers have checked that `b` holds it.
@@ -204,6 +210,7 @@ impl Header {
             backing_file: None,
             backing_format: None,
             data_file: None,
+            bitmaps: None,
         };
         let cluster_size = h.cluster_size();
         if version == 3 {
@@ -374,6 +381,9 @@ impl Header {
                 EXT_DATA_FILE => {
                     self.data_file = Some(text(path, "qcow2 data file extension", pos, data)?)
                 }
+                EXT_BITMAPS => {
+                    self.bitmaps = Some(super::bitmap::BitmapsExtension::parse(path, pos, &data)?)
+                }
                 _ => {}
             }
             pos = data_end.next_multiple_of(8);
@@ -411,6 +421,7 @@ impl Header {
             backing_file: None,
             backing_format: None,
             data_file: None,
+            bitmaps: None,
         }
     }
 

@@ -8,6 +8,7 @@
 //! Writing ([`Qcow2Writer`]) creates new images; [`measure`] sizes them; [`check`] verifies (and
 //! repairs) refcounts; [`resize`] changes the virtual size in place.
 
+pub mod bitmap;
 mod check;
 mod compress;
 pub mod header;

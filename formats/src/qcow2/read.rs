@@ -396,6 +396,15 @@ impl Image for Qcow2Image {
             data.insert("corrupt".into(), h.corrupt().into());
             data.insert("extended-l2".into(), h.extended_l2().into());
         }
+        // As qemu-img info: persistent bitmaps with their flags and granularity. A damaged
+        // directory is a warning here; using a bitmap reports the error.
+        match super::bitmap::list(&self.file, h) {
+            Ok(bitmaps) if !bitmaps.is_empty() => {
+                data.insert("bitmaps".into(), serde_json::json!(bitmaps));
+            }
+            Ok(_) => {}
+            Err(e) => info.warnings.push(e.to_string()),
+        }
         info.format_specific = Some(serde_json::json!({"type": "qcow2", "data": data}));
         info
     }
