@@ -10,7 +10,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use reqwest::{Method, StatusCode};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// Attempts per request when the failure may be passing (connection refused or reset, timeout,
 /// 5xx, throttling), with doubling pauses from [`FIRST_BACKOFF`].
@@ -20,6 +20,18 @@ pub const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A response that stalls this long between reads counts as a failed attempt.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The pauses between attempts of one request, for our calls and OpenDAL's alike: doubling from
+/// [`FIRST_BACKOFF`] with jitter (so that parallel parts do not retry in step).
+pub fn retry_policy() -> backon::ExponentialBuilder {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(FIRST_BACKOFF)
+        .with_max_times(ATTEMPTS as usize - 1)
+        .with_jitter()
+}
+
+/// A reply: status, body, headers.
+type Reply = (StatusCode, String, reqwest::header::HeaderMap);
 
 /// Characters S3 leaves unescaped in canonical URIs and query strings.
 const UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
@@ -264,28 +276,43 @@ impl S3Client {
         key: &str,
         query: &[(&str, &str)],
         body: Bytes,
-    ) -> Result<(StatusCode, String, reqwest::header::HeaderMap)> {
-        let mut backoff = FIRST_BACKOFF;
-        let mut attempt = 1;
-        loop {
-            let outcome = self.attempt(method.clone(), key, query, body.clone()).await;
-            let retry = match &outcome {
-                Ok((status, _, _)) => is_passing(*status),
-                Err(_) => true,
-            };
-            if !retry || attempt >= ATTEMPTS {
-                return outcome.map_err(|e| {
-                    let kind = if e.is_timeout() {
-                        ErrorKind::Timeout
-                    } else {
-                        ErrorKind::Network
-                    };
-                    unreachable(kind, &self.url(key), op, &self.scheme_host, attempt, &e)
-                });
+    ) -> Result<Reply> {
+        use backon::Retryable;
+        use std::sync::atomic::{AtomicU32, Ordering};
+        /// Why an attempt is tried again: no reply, or a reply that may pass.
+        enum Failed {
+            Unreachable(reqwest::Error),
+            Passing(Reply),
+        }
+        let attempts = AtomicU32::new(0);
+        let outcome = (|| async {
+            attempts.fetch_add(1, Ordering::Relaxed);
+            match self.attempt(method.clone(), key, query, body.clone()).await {
+                Ok(reply) if is_passing(reply.0) => Err(Failed::Passing(reply)),
+                Ok(reply) => Ok(reply),
+                Err(e) => Err(Failed::Unreachable(e)),
             }
-            tokio::time::sleep(backoff).await;
-            backoff *= 2;
-            attempt += 1;
+        })
+        .retry(retry_policy())
+        .await;
+        match outcome {
+            Ok(reply) | Err(Failed::Passing(reply)) => Ok(reply),
+            Err(Failed::Unreachable(e)) => {
+                let kind = if e.is_timeout() {
+                    ErrorKind::Timeout
+                } else {
+                    ErrorKind::Network
+                };
+                let n = attempts.load(Ordering::Relaxed);
+                Err(unreachable(
+                    kind,
+                    &self.url(key),
+                    op,
+                    &self.scheme_host,
+                    n,
+                    &e,
+                ))
+            }
         }
     }
 
@@ -320,7 +347,7 @@ impl S3Client {
         key: &str,
         query: &[(&str, &str)],
         body: Bytes,
-    ) -> std::result::Result<(StatusCode, String, reqwest::header::HeaderMap), reqwest::Error> {
+    ) -> std::result::Result<Reply, reqwest::Error> {
         let (host_url, host, path) = self.address(key);
         let mut pairs: Vec<(String, String)> =
             query.iter().map(|(k, v)| (encode(k), encode(v))).collect();
@@ -331,7 +358,7 @@ impl S3Client {
             .collect::<Vec<_>>()
             .join("&");
         let payload_hash = hex(&Sha256::digest(&body));
-        let (date, stamp) = amz_time(SystemTime::now());
+        let (date, stamp) = amz_time(jiff::Timestamp::now());
         let mut headers = vec![
             ("host", host),
             ("x-amz-content-sha256", payload_hash.clone()),
@@ -590,35 +617,11 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// `(YYYYMMDD, YYYYMMDDTHHMMSSZ)` of `t` in UTC.
-fn amz_time(t: SystemTime) -> (String, String) {
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = civil_from_days(days as i64);
-    let date = format!("{y:04}{m:02}{d:02}");
-    let stamp = format!(
-        "{date}T{:02}{:02}{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    );
-    (date, stamp)
-}
-
-/// Gregorian (year, month, day) of a count of days since 1970-01-01.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
+fn amz_time(t: jiff::Timestamp) -> (String, String) {
+    (
+        t.strftime("%Y%m%d").to_string(),
+        t.strftime("%Y%m%dT%H%M%SZ").to_string(),
+    )
 }
 
 #[cfg(test)]
@@ -627,10 +630,10 @@ mod tests {
 
     #[test]
     fn dates_and_xml() {
-        let t = UNIX_EPOCH + Duration::from_secs(1_440_938_160); // 2015-08-30 12:36:00 UTC
+        let t = jiff::Timestamp::from_second(1_440_938_160).unwrap(); // 2015-08-30 12:36:00 UTC
         assert_eq!(amz_time(t), ("20150830".into(), "20150830T123600Z".into()));
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        let leap = jiff::Timestamp::from_second(11_016 * 86_400).unwrap();
+        assert_eq!(amz_time(leap).0, "20000229");
         assert_eq!(
             xml_field("<a><UploadId>x&amp;y</UploadId></a>", "UploadId").as_deref(),
             Some("x&y")

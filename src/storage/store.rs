@@ -774,15 +774,12 @@ impl Backend for S3Uploads {
     fn explain(&self, objects: &Objects, key: &str, e: Error) -> Error {
         // The server answered but OpenDAL keeps the reply's status and headers to itself: the
         // bucket check gets the server's own reason (no bucket, wrong key or region).
-        if e.kind().is_retryable()
-            || matches!(
-                e.kind(),
-                ErrorKind::NotFound
-                    | ErrorKind::AlreadyExists
-                    | ErrorKind::Unsupported
-                    | ErrorKind::Network
-            )
-        {
+        // Only the kinds OpenDAL gives a refusal it cannot name (no bucket: invalid
+        // configuration; wrong region: other) are worth the extra request.
+        if !matches!(
+            e.kind(),
+            ErrorKind::AccessDenied | ErrorKind::InvalidArgument | ErrorKind::OtherIo
+        ) {
             return e;
         }
         match objects.runtime.block_on(self.0.check_bucket(key)) {
