@@ -1166,3 +1166,20 @@ fn s3_push_killed_early_completes_on_first_rerun() {
     }
     env.ok(&["rm", &url]);
 }
+
+/// Keys with characters that URLs and signatures escape go through every call.
+#[test]
+fn s3_keys_with_odd_characters() {
+    let Some((dir, env)) = shared_server_env() else {
+        return;
+    };
+    let src = dir.path().join("s.raw");
+    std::fs::write(&src, vec![5u8; 1 << 20]).unwrap();
+    let url = bucket_url(
+        "diskkit-test",
+        &format!("odd-{}/a b+c=d%e&f~é.raw", std::process::id()),
+    );
+    env.ok(&["push", path_str(&src), &url]);
+    env.ok(&["verify", &url]);
+    env.ok(&["rm", &url]);
+}

@@ -1,12 +1,11 @@
-//! The S3 multipart upload calls (create, upload part, complete, abort), signed with AWS
-//! Signature Version 4. OpenDAL uploads multipart too, but keeps the upload id and part numbers
-//! to itself; resuming an interrupted push needs both.
+//! The S3 multipart upload calls (create, upload part, list parts, complete, abort) and the
+//! bucket check, signed by reqsign (SigV4). OpenDAL uploads multipart too, but keeps the upload
+//! id and part numbers to itself; resuming an interrupted push needs both.
 
 use super::location::Settings;
 use bytes::Bytes;
 use diskkit_formats::error::ErrorKind;
 use diskkit_formats::{Error, Result};
-use hmac::{Hmac, KeyInit, Mac};
 use reqwest::{Method, StatusCode};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -30,6 +29,9 @@ pub fn retry_policy() -> backon::ExponentialBuilder {
         .with_jitter()
 }
 
+/// Bytes of a reply kept at most (a page of 1,000 listed parts is about 250 KiB).
+const MAX_REPLY: usize = 4 << 20;
+
 /// A reply: status, body, headers.
 type Reply = (StatusCode, String, reqwest::header::HeaderMap);
 
@@ -46,9 +48,7 @@ pub struct S3Client {
     scheme_host: String,
     bucket: String,
     region: String,
-    access_key: String,
-    secret_key: String,
-    session_token: Option<String>,
+    credential: reqsign_aws_v4::Credential,
     virtual_host: bool,
 }
 
@@ -105,9 +105,12 @@ impl S3Client {
             scheme_host,
             bucket: bucket.to_string(),
             region,
-            access_key,
-            secret_key,
-            session_token: settings.session_token.clone(),
+            credential: reqsign_aws_v4::Credential {
+                access_key_id: access_key,
+                secret_access_key: secret_key,
+                session_token: settings.session_token.clone(),
+                expires_in: None,
+            },
             virtual_host: settings.virtual_host,
         })
     }
@@ -284,10 +287,14 @@ impl S3Client {
             Unreachable(reqwest::Error),
             Passing(Reply),
         }
+        let (url, headers) = self.signed(&method, key, query, &body).await?;
         let attempts = AtomicU32::new(0);
         let outcome = (|| async {
             attempts.fetch_add(1, Ordering::Relaxed);
-            match self.attempt(method.clone(), key, query, body.clone()).await {
+            match self
+                .attempt(method.clone(), &url, &headers, body.clone())
+                .await
+            {
                 Ok(reply) if is_passing(reply.0) => Err(Failed::Passing(reply)),
                 Ok(reply) => Ok(reply),
                 Err(e) => Err(Failed::Unreachable(e)),
@@ -341,90 +348,99 @@ impl S3Client {
         &self.scheme_host
     }
 
+    /// The URL of a request for `key` with `query`, and the headers that sign it (SigV4 by
+    /// reqsign, the payload's SHA-256 included: the server checks the body on arrival).
+    async fn signed(
+        &self,
+        method: &Method,
+        key: &str,
+        query: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<(String, reqwest::header::HeaderMap)> {
+        let (host_url, path) = self.address(key);
+        let query_string = query
+            .iter()
+            .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+            .collect::<Vec<_>>()
+            .join("&");
+        let url = match query_string.is_empty() {
+            true => format!("{host_url}{path}"),
+            false => format!("{host_url}{path}?{query_string}"),
+        };
+        let failed = |e: &dyn std::fmt::Display| {
+            Error::storage(
+                ErrorKind::InvalidArgument,
+                self.url(key),
+                "sign",
+                format!("cannot sign the request: {e}"),
+            )
+        };
+        let request = http::Request::builder()
+            .method(method.clone())
+            .uri(&url)
+            .header("x-amz-content-sha256", hex(&Sha256::digest(body)))
+            .body(())
+            .map_err(|e| failed(&e))?;
+        let (mut parts, ()) = request.into_parts();
+        let signer = reqsign_aws_v4::RequestSigner::new("s3", &self.region);
+        let context = reqsign_core::Context::new();
+        reqsign_core::SignRequest::sign_request(
+            &signer,
+            &context,
+            &mut parts,
+            Some(&self.credential),
+            None,
+        )
+        .await
+        .map_err(|e| failed(&e))?;
+        Ok((url, parts.headers))
+    }
+
+    /// One attempt of a signed request.
     async fn attempt(
         &self,
         method: Method,
-        key: &str,
-        query: &[(&str, &str)],
+        url: &str,
+        headers: &reqwest::header::HeaderMap,
         body: Bytes,
     ) -> std::result::Result<Reply, reqwest::Error> {
-        let (host_url, host, path) = self.address(key);
-        let mut pairs: Vec<(String, String)> =
-            query.iter().map(|(k, v)| (encode(k), encode(v))).collect();
-        pairs.sort();
-        let query_string = pairs
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join("&");
-        let payload_hash = hex(&Sha256::digest(&body));
-        let (date, stamp) = amz_time(jiff::Timestamp::now());
-        let mut headers = vec![
-            ("host", host),
-            ("x-amz-content-sha256", payload_hash.clone()),
-            ("x-amz-date", stamp.clone()),
-        ];
-        if let Some(t) = &self.session_token {
-            headers.push(("x-amz-security-token", t.clone()));
-        }
-        let canonical_headers: String = headers
-            .iter()
-            .map(|(k, v)| format!("{k}:{}\n", v.trim()))
-            .collect();
-        let signed_headers = headers.iter().map(|h| h.0).collect::<Vec<_>>().join(";");
-        let canonical_request = format!(
-            "{method}\n{path}\n{query_string}\n{canonical_headers}\n{signed_headers}\n{payload_hash}"
-        );
-        let scope = format!("{date}/{}/s3/aws4_request", self.region);
-        let string_to_sign = format!(
-            "AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{}",
-            hex(&Sha256::digest(canonical_request.as_bytes()))
-        );
-        let mut signing_key = hmac(
-            format!("AWS4{}", self.secret_key).as_bytes(),
-            date.as_bytes(),
-        );
-        for part in [self.region.as_str(), "s3", "aws4_request"] {
-            signing_key = hmac(&signing_key, part.as_bytes());
-        }
-        let signature = hex(&hmac(&signing_key, string_to_sign.as_bytes()));
-        let authorization = format!(
-            "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={signed_headers}, Signature={signature}",
-            self.access_key
-        );
-        let url = if query_string.is_empty() {
-            format!("{host_url}{path}")
-        } else {
-            format!("{host_url}{path}?{query_string}")
-        };
-        let mut request = self
+        let mut response = self
             .http
             .request(method, url)
-            .header("authorization", authorization);
-        for (k, v) in headers.into_iter().skip(1) {
-            request = request.header(k, v);
-        }
-        let response = request.body(body).send().await?;
+            .headers(headers.clone())
+            .body(body)
+            .send()
+            .await?;
         let status = response.status();
         let headers = response.headers().clone();
-        let text = response.text().await?;
-        Ok((status, text, headers))
+        // A reply is a small XML document: a server that sends more is cut off rather than
+        // buffered (what is kept then fails to parse, or lacks what the call needs).
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await? {
+            let room = MAX_REPLY - body.len();
+            body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if chunk.len() >= room {
+                break;
+            }
+        }
+        Ok((status, String::from_utf8_lossy(&body).into_owned(), headers))
     }
 
-    /// Base URL, Host header and canonical path of `key`, path-style or virtual-hosted.
-    fn address(&self, key: &str) -> (String, String, String) {
+    /// Base URL and path of `key`, path-style or virtual-hosted.
+    fn address(&self, key: &str) -> (String, String) {
         let (scheme, host) = self
             .scheme_host
             .split_once("://")
             .unwrap_or(("https", &self.scheme_host));
         let key_path: String = key.split('/').map(encode).collect::<Vec<_>>().join("/");
         if self.virtual_host {
-            let host = format!("{}.{host}", self.bucket);
-            (format!("{scheme}://{host}"), host, format!("/{key_path}"))
+            (
+                format!("{scheme}://{}.{host}", self.bucket),
+                format!("/{key_path}"),
+            )
         } else {
             (
                 self.scheme_host.clone(),
-                host.to_string(),
                 format!("/{}/{key_path}", encode(&self.bucket)),
             )
         }
@@ -564,13 +580,6 @@ fn encode(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, UNRESERVED).to_string()
 }
 
-fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
-    // HMAC accepts keys of any length.
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
-    mac.update(data);
-    mac.finalize().into_bytes().to_vec()
-}
-
 fn hex(bytes: &[u8]) -> String {
     diskkit_formats::digest::hex(bytes)
 }
@@ -616,24 +625,12 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// `(YYYYMMDD, YYYYMMDDTHHMMSSZ)` of `t` in UTC.
-fn amz_time(t: jiff::Timestamp) -> (String, String) {
-    (
-        t.strftime("%Y%m%d").to_string(),
-        t.strftime("%Y%m%dT%H%M%SZ").to_string(),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn dates_and_xml() {
-        let t = jiff::Timestamp::from_second(1_440_938_160).unwrap(); // 2015-08-30 12:36:00 UTC
-        assert_eq!(amz_time(t), ("20150830".into(), "20150830T123600Z".into()));
-        let leap = jiff::Timestamp::from_second(11_016 * 86_400).unwrap();
-        assert_eq!(amz_time(leap).0, "20000229");
+    fn xml_and_encoding() {
         assert_eq!(
             xml_field("<a><UploadId>x&amp;y</UploadId></a>", "UploadId").as_deref(),
             Some("x&y")
