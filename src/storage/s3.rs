@@ -121,7 +121,9 @@ impl S3Client {
         let body = self
             .send(OP, Method::POST, key, &[("uploads", "")], Bytes::new())
             .await?;
-        xml_field(&body, "UploadId").ok_or_else(|| self.bad_reply(key, OP, "no UploadId"))
+        parse::<Initiated>(&body)
+            .map(|r| r.upload_id)
+            .ok_or_else(|| self.bad_reply(key, OP, "no UploadId"))
     }
 
     /// Sends part `number` (from 1); returns its ETag. The payload hash is signed, so the server
@@ -170,7 +172,7 @@ impl S3Client {
             )
             .await?;
         // S3 may answer 200 and report the failure in the body.
-        if body.contains("<Error>") {
+        if parse::<ErrorReply>(&body).is_some_and(|e| e.code.is_some()) {
             return Err(self.error(key, OP, StatusCode::OK, &body, &Default::default()));
         }
         Ok(())
@@ -196,17 +198,12 @@ impl S3Client {
                 Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(e),
             };
-            for part in xml_elements(&body, "Part") {
-                let number = xml_field(part, "PartNumber").and_then(|n| n.parse().ok());
-                match (number, xml_field(part, "ETag")) {
-                    (Some(n), Some(etag)) => parts.insert(n, etag),
-                    _ => return Err(self.bad_reply(key, OP, "a part without number or ETag")),
-                };
-            }
-            let next = xml_field(&body, "NextPartNumberMarker").and_then(|n| n.parse().ok());
-            match (xml_field(&body, "IsTruncated").as_deref(), next) {
-                (Some("true"), Some(n)) if n > marker => marker = n,
-                (Some("true"), _) => break,
+            let page = parse::<PartsPage>(&body)
+                .ok_or_else(|| self.bad_reply(key, OP, "no part listing"))?;
+            parts.extend(page.parts.into_iter().map(|p| (p.part_number, p.etag)));
+            match (page.is_truncated, page.next_part_number_marker) {
+                (true, Some(n)) if n > marker => marker = n,
+                (true, _) => break,
                 _ => return Ok(Some(parts)),
             }
         }
@@ -459,7 +456,8 @@ impl S3Client {
         body: &str,
         headers: &reqwest::header::HeaderMap,
     ) -> Error {
-        let server_region = xml_field(body, "Region").or_else(|| {
+        let reply = parse::<ErrorReply>(body).unwrap_or_default();
+        let server_region = reply.region.or_else(|| {
             headers
                 .get(BUCKET_REGION_HEADER)
                 .and_then(|v| v.to_str().ok())
@@ -467,8 +465,8 @@ impl S3Client {
         });
         let (kind, what) = explain(
             status,
-            xml_field(body, "Code").as_deref(),
-            &xml_field(body, "Message").unwrap_or_default(),
+            reply.code.as_deref(),
+            &reply.message.unwrap_or_default(),
             server_region.as_deref(),
             &self.region,
         );
@@ -584,32 +582,45 @@ fn hex(bytes: &[u8]) -> String {
     diskkit_formats::digest::hex(bytes)
 }
 
-/// The text of the first `<name>...</name>` element of `xml`.
-pub fn xml_field(xml: &str, name: &str) -> Option<String> {
-    let open = format!("<{name}>");
-    let start = xml.find(&open)? + open.len();
-    let len = xml[start..].find(&format!("</{name}>"))?;
-    let raw = &xml[start..start + len];
-    // Servers escape with named and numeric entities alike (SeaweedFS quotes ETags as &#34;).
-    quick_xml::escape::unescape(raw)
-        .map(|text| text.into_owned())
-        .ok()
+/// An S3 error reply (`<Error>`).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ErrorReply {
+    code: Option<String>,
+    message: Option<String>,
+    /// The bucket's region (AWS, Garage), when the request was signed for another.
+    region: Option<String>,
 }
 
-/// The contents of every `<name>...</name>` element of `xml`, in order.
-fn xml_elements<'a>(xml: &'a str, name: &str) -> Vec<&'a str> {
-    let (open, close) = (format!("<{name}>"), format!("</{name}>"));
-    let mut out = Vec::new();
-    let mut rest = xml;
-    while let Some(start) = rest.find(&open) {
-        rest = &rest[start + open.len()..];
-        let Some(len) = rest.find(&close) else {
-            break;
-        };
-        out.push(&rest[..len]);
-        rest = &rest[len + close.len()..];
-    }
-    out
+/// The reply to CreateMultipartUpload.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Initiated {
+    upload_id: String,
+}
+
+/// A page of ListParts.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct PartsPage {
+    #[serde(default)]
+    is_truncated: bool,
+    next_part_number_marker: Option<u32>,
+    #[serde(default, rename = "Part")]
+    parts: Vec<ListedPart>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ListedPart {
+    part_number: u32,
+    #[serde(rename = "ETag")]
+    etag: String,
+}
+
+/// `xml` as a `T`, or `None` when it is not one (any root element name).
+fn parse<T: serde::de::DeserializeOwned>(xml: &str) -> Option<T> {
+    quick_xml::de::from_str(xml).ok()
 }
 
 /// All causes of an error, outermost first: reqwest's own message is often just "error sending
@@ -631,15 +642,27 @@ mod tests {
 
     #[test]
     fn xml_and_encoding() {
-        assert_eq!(
-            xml_field("<a><UploadId>x&amp;y</UploadId></a>", "UploadId").as_deref(),
-            Some("x&y")
-        );
-        assert_eq!(xml_field("<a>", "UploadId"), None);
-        assert_eq!(
-            xml_field("<Part><ETag>&#34;e&#x22;</ETag></Part>", "ETag").as_deref(),
-            Some("\"e\"")
-        );
+        let initiated = parse::<Initiated>("<a><UploadId>x&amp;y</UploadId></a>");
+        assert_eq!(initiated.map(|r| r.upload_id).as_deref(), Some("x&y"));
+        assert!(parse::<Initiated>("<a>").is_none());
+        // SeaweedFS quotes ETags with numeric entities.
+        let page = parse::<PartsPage>(
+            "<ListPartsResult><IsTruncated>true</IsTruncated><NextPartNumberMarker>2\
+             </NextPartNumberMarker><Part><ETag>&#34;e&#x22;</ETag><PartNumber>2</PartNumber>\
+             <Size>5</Size></Part><Part><PartNumber>1</PartNumber><ETag>\"d\"</ETag></Part>\
+             </ListPartsResult>",
+        )
+        .unwrap();
+        assert!(page.is_truncated);
+        assert_eq!(page.next_part_number_marker, Some(2));
+        let parts: Vec<_> = page
+            .parts
+            .iter()
+            .map(|p| (p.part_number, p.etag.as_str()))
+            .collect();
+        assert_eq!(parts, [(2, "\"e\""), (1, "\"d\"")]);
+        let empty = parse::<PartsPage>("<ListPartsResult></ListPartsResult>").unwrap();
+        assert!(!empty.is_truncated && empty.parts.is_empty());
         assert_eq!(encode("a b/c~"), "a%20b%2Fc~");
     }
 
