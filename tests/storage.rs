@@ -1017,14 +1017,14 @@ fn local_bucket_pulls_foreign_objects() {
     let pulled = dir.path().join("pulled.img");
     let (code, _, err) = env.run(&["pull", &url, path_str(&pulled)]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("pass --no-verify"), "{err}");
+    assert!(err.contains("pull --no-verify takes it unchecked"), "{err}");
     assert!(!pulled.exists());
     let out = env.ok(&["pull", "--no-verify", &url, path_str(&pulled)]);
     assert!(out.contains("not verified (--no-verify)"), "{out}");
     assert_eq!(std::fs::read(&pulled).unwrap(), vec![3u8; 100_000]);
     let (code, _, err) = env.run(&["verify", &url]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("pass --no-verify"), "{err}");
+    assert!(err.contains("pull --no-verify takes it unchecked"), "{err}");
 }
 
 /// An object another tool uploaded in one part: its MD5 ETag checks pull and verify.

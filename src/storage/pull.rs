@@ -103,7 +103,7 @@ fn expected_md5(meta: &ObjectMeta, location: &Location, verify: bool) -> Result<
             "verify",
             format!(
                 "no diskkit manifest ({}) and no MD5 ETag (the store gives {}) to check the \
-                 object against: pass --no-verify to take it unchecked",
+                 object against (diskkit pull --no-verify takes it unchecked)",
                 manifest_key(&location.key),
                 meta.etag
                     .as_deref()
