@@ -1053,6 +1053,16 @@ fn s3_pulls_foreign_objects_checked_by_md5() {
 #[test]
 fn local_bucket_names_target_and_listing() {
     let (dir, bucket, env) = local_bucket_env();
+    let help = env.ok(&["push", "--help"]);
+    assert!(
+        help.contains("The image to upload") && help.contains("Where to put it"),
+        "{help}"
+    );
+    let help = env.ok(&["pull", "--help"]);
+    assert!(
+        help.contains("The object to download") && help.contains("The file to write"),
+        "{help}"
+    );
     let src = mixed_raw(dir.path(), "named.raw", 8 * MIB);
     env.ok(&["push", path_str(&src), &format!("{}/", bucket.display())]);
     assert!(bucket.join("named.raw").is_file());
