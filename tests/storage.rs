@@ -1046,6 +1046,15 @@ fn s3_pulls_foreign_objects_checked_by_md5() {
     assert!(out.contains("MD5") && out.contains("store's ETag"), "{out}");
     assert_eq!(std::fs::read(&pulled).unwrap(), data);
     store.delete(&[key]).unwrap();
+    // An empty object: nothing to read, its MD5 is still checked.
+    let empty_key = format!("foreign-{}/empty.img", std::process::id());
+    store.write(&empty_key, Vec::new()).unwrap();
+    let empty = bucket_url("diskkit-test", &empty_key);
+    let out = env.ok(&["verify", &empty]);
+    assert!(out.contains("d41d8cd98f00b204e9800998ecf8427e"), "{out}");
+    let out = env.ok(&["pull", &empty, path_str(&dir.path().join("empty.img"))]);
+    assert!(out.contains("store's ETag"), "{out}");
+    store.delete(&[empty_key]).unwrap();
 }
 
 /// push FILE DIR/ and pull URL DIR/ keep the file name, as cp does; --target azure makes a
