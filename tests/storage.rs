@@ -1202,3 +1202,50 @@ fn s3_keys_with_odd_characters() {
     env.ok(&["verify", &url]);
     env.ok(&["rm", &url]);
 }
+
+/// An upload that vanishes while a rerun sends its parts (expired, or aborted by another
+/// process) is started afresh once: the rerun still completes.
+#[test]
+fn local_bucket_upload_vanishing_midway_restarts() {
+    let (dir, bucket, env) = local_bucket_env();
+    let src = dir.path().join("v.raw");
+    qemu_img(&["create", "-f", "raw", path_str(&src), "26M"]);
+    qemu_io("raw", &src, &as_refs(&mixed_pattern(26 * MIB)));
+    let url = format!("{}/v.raw", bucket.display());
+    push_and_kill(&env, &src, &url, 1, &[]);
+    let args = [
+        "push",
+        "--part-size",
+        "5M",
+        "--parallel",
+        "1",
+        path_str(&src),
+        &url,
+    ];
+    let rerun = env
+        .command(&args)
+        .env("DISKKIT_TEST_PART_DELAY_MS", "300")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let parts_before = env.checkpoint_parts();
+    let start = Instant::now();
+    while env.checkpoint_parts() <= parts_before {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "rerun made no progress"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for e in std::fs::read_dir(&bucket).unwrap().flatten() {
+        if e.file_name().to_string_lossy().contains("diskkit-upload") {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    let out = rerun.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("gone on the server"), "{err}");
+    env.ok(&["verify", &url]);
+}
