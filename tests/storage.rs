@@ -1133,15 +1133,22 @@ fn local_bucket_objects_are_sparse() {
     env.ok(&["verify", &url]);
 }
 
-/// A rerun after the source changed says one thing to do: abort, then push again.
-#[test]
-fn local_bucket_changed_source_gives_one_instruction() {
+/// A local bucket with a push of a 26 MiB raw source killed after one part: (directory,
+/// bucket, environment, source, URL).
+fn killed_local_push() -> (tempfile::TempDir, PathBuf, Env, PathBuf, String) {
     let (dir, bucket, env) = local_bucket_env();
     let src = dir.path().join("big.raw");
     qemu_img(&["create", "-f", "raw", path_str(&src), "26M"]);
     qemu_io("raw", &src, &as_refs(&mixed_pattern(26 * MIB)));
     let url = format!("{}/disk.raw", bucket.display());
     push_and_kill(&env, &src, &url, 1, &[]);
+    (dir, bucket, env, src, url)
+}
+
+/// A rerun after the source changed says one thing to do: abort, then push again.
+#[test]
+fn local_bucket_changed_source_gives_one_instruction() {
+    let (_dir, _bucket, env, src, url) = killed_local_push();
     qemu_io("raw", &src, &["write -P 0x77 0 1M"]);
     let (code, _, err) = env.run(&["push", path_str(&src), &url]);
     assert_eq!(code, 2, "{err}");
@@ -1207,12 +1214,7 @@ fn s3_keys_with_odd_characters() {
 /// process) is started afresh once: the rerun still completes.
 #[test]
 fn local_bucket_upload_vanishing_midway_restarts() {
-    let (dir, bucket, env) = local_bucket_env();
-    let src = dir.path().join("v.raw");
-    qemu_img(&["create", "-f", "raw", path_str(&src), "26M"]);
-    qemu_io("raw", &src, &as_refs(&mixed_pattern(26 * MIB)));
-    let url = format!("{}/v.raw", bucket.display());
-    push_and_kill(&env, &src, &url, 1, &[]);
+    let (_dir, bucket, env, src, url) = killed_local_push();
     let args = [
         "push",
         "--part-size",
