@@ -1046,6 +1046,20 @@ fn s3_pulls_foreign_objects_checked_by_md5() {
     assert!(out.contains("MD5") && out.contains("store's ETag"), "{out}");
     assert_eq!(std::fs::read(&pulled).unwrap(), data);
     store.delete(&[key]).unwrap();
+    // A multipart upload (5 MiB parts) whose manifest is gone: its MD5-N ETag checks it.
+    let src = mixed_raw(dir.path(), "multi.raw", 12 * MIB);
+    let multi_key = format!("foreign-{}/multi.raw", std::process::id());
+    let multi = bucket_url("diskkit-test", &multi_key);
+    env.ok(&["push", "--part-size", "5M", path_str(&src), &multi]);
+    store
+        .delete(&[format!("{multi_key}.diskkit.json")])
+        .unwrap();
+    let out = env.ok(&["verify", &multi]);
+    assert!(
+        out.contains("-3 verified against the store's ETag"),
+        "{out}"
+    );
+    env.ok(&["rm", &multi]);
     // An empty object: nothing to read, its MD5 is still checked.
     let empty_key = format!("foreign-{}/empty.img", std::process::id());
     store.write(&empty_key, Vec::new()).unwrap();
