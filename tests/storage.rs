@@ -1017,14 +1017,14 @@ fn local_bucket_pulls_foreign_objects() {
     let pulled = dir.path().join("pulled.img");
     let (code, _, err) = env.run(&["pull", &url, path_str(&pulled)]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("pass --no-verify"), "{err}");
+    assert!(err.contains("pull --no-verify takes it unchecked"), "{err}");
     assert!(!pulled.exists());
     let out = env.ok(&["pull", "--no-verify", &url, path_str(&pulled)]);
     assert!(out.contains("not verified (--no-verify)"), "{out}");
     assert_eq!(std::fs::read(&pulled).unwrap(), vec![3u8; 100_000]);
     let (code, _, err) = env.run(&["verify", &url]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("pass --no-verify"), "{err}");
+    assert!(err.contains("pull --no-verify takes it unchecked"), "{err}");
 }
 
 /// An object another tool uploaded in one part: its MD5 ETag checks pull and verify.
@@ -1046,6 +1046,29 @@ fn s3_pulls_foreign_objects_checked_by_md5() {
     assert!(out.contains("MD5") && out.contains("store's ETag"), "{out}");
     assert_eq!(std::fs::read(&pulled).unwrap(), data);
     store.delete(&[key]).unwrap();
+    // A multipart upload (5 MiB parts) whose manifest is gone: its MD5-N ETag checks it.
+    let src = mixed_raw(dir.path(), "multi.raw", 12 * MIB);
+    let multi_key = format!("foreign-{}/multi.raw", std::process::id());
+    let multi = bucket_url("diskkit-test", &multi_key);
+    env.ok(&["push", "--part-size", "5M", path_str(&src), &multi]);
+    store
+        .delete(&[format!("{multi_key}.diskkit.json")])
+        .unwrap();
+    let out = env.ok(&["verify", &multi]);
+    assert!(
+        out.contains("-3 verified against the store's ETag"),
+        "{out}"
+    );
+    env.ok(&["rm", &multi]);
+    // An empty object: nothing to read, its MD5 is still checked.
+    let empty_key = format!("foreign-{}/empty.img", std::process::id());
+    store.write(&empty_key, Vec::new()).unwrap();
+    let empty = bucket_url("diskkit-test", &empty_key);
+    let out = env.ok(&["verify", &empty]);
+    assert!(out.contains("d41d8cd98f00b204e9800998ecf8427e"), "{out}");
+    let out = env.ok(&["pull", &empty, path_str(&dir.path().join("empty.img"))]);
+    assert!(out.contains("store's ETag"), "{out}");
+    store.delete(&[empty_key]).unwrap();
 }
 
 /// push FILE DIR/ and pull URL DIR/ keep the file name, as cp does; --target azure makes a
@@ -1053,6 +1076,16 @@ fn s3_pulls_foreign_objects_checked_by_md5() {
 #[test]
 fn local_bucket_names_target_and_listing() {
     let (dir, bucket, env) = local_bucket_env();
+    let help = env.ok(&["push", "--help"]);
+    assert!(
+        help.contains("The image to upload") && help.contains("Where to put it"),
+        "{help}"
+    );
+    let help = env.ok(&["pull", "--help"]);
+    assert!(
+        help.contains("The object to download") && help.contains("The file to write"),
+        "{help}"
+    );
     let src = mixed_raw(dir.path(), "named.raw", 8 * MIB);
     env.ok(&["push", path_str(&src), &format!("{}/", bucket.display())]);
     assert!(bucket.join("named.raw").is_file());
@@ -1114,15 +1147,22 @@ fn local_bucket_objects_are_sparse() {
     env.ok(&["verify", &url]);
 }
 
-/// A rerun after the source changed says one thing to do: abort, then push again.
-#[test]
-fn local_bucket_changed_source_gives_one_instruction() {
+/// A local bucket with a push of a 26 MiB raw source killed after one part: (directory,
+/// bucket, environment, source, URL).
+fn killed_local_push() -> (tempfile::TempDir, PathBuf, Env, PathBuf, String) {
     let (dir, bucket, env) = local_bucket_env();
     let src = dir.path().join("big.raw");
     qemu_img(&["create", "-f", "raw", path_str(&src), "26M"]);
     qemu_io("raw", &src, &as_refs(&mixed_pattern(26 * MIB)));
     let url = format!("{}/disk.raw", bucket.display());
     push_and_kill(&env, &src, &url, 1, &[]);
+    (dir, bucket, env, src, url)
+}
+
+/// A rerun after the source changed says one thing to do: abort, then push again.
+#[test]
+fn local_bucket_changed_source_gives_one_instruction() {
+    let (_dir, _bucket, env, src, url) = killed_local_push();
     qemu_io("raw", &src, &["write -P 0x77 0 1M"]);
     let (code, _, err) = env.run(&["push", path_str(&src), &url]);
     assert_eq!(code, 2, "{err}");
@@ -1165,4 +1205,63 @@ fn s3_push_killed_early_completes_on_first_rerun() {
         env.ok(&["verify", &url]);
     }
     env.ok(&["rm", &url]);
+}
+
+/// Keys with characters that URLs and signatures escape go through every call.
+#[test]
+fn s3_keys_with_odd_characters() {
+    let Some((dir, env)) = shared_server_env() else {
+        return;
+    };
+    let src = dir.path().join("s.raw");
+    std::fs::write(&src, vec![5u8; 1 << 20]).unwrap();
+    let url = bucket_url(
+        "diskkit-test",
+        &format!("odd-{}/a b+c=d%e&f~é.raw", std::process::id()),
+    );
+    env.ok(&["push", path_str(&src), &url]);
+    env.ok(&["verify", &url]);
+    env.ok(&["rm", &url]);
+}
+
+/// An upload that vanishes while a rerun sends its parts (expired, or aborted by another
+/// process) is started afresh once: the rerun still completes.
+#[test]
+fn local_bucket_upload_vanishing_midway_restarts() {
+    let (_dir, bucket, env, src, url) = killed_local_push();
+    let args = [
+        "push",
+        "--part-size",
+        "5M",
+        "--parallel",
+        "1",
+        path_str(&src),
+        &url,
+    ];
+    let rerun = env
+        .command(&args)
+        .env("DISKKIT_TEST_PART_DELAY_MS", "300")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let parts_before = env.checkpoint_parts();
+    let start = Instant::now();
+    while env.checkpoint_parts() <= parts_before {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "rerun made no progress"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for e in std::fs::read_dir(&bucket).unwrap().flatten() {
+        if e.file_name().to_string_lossy().contains("diskkit-upload") {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    let out = rerun.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("gone on the server"), "{err}");
+    env.ok(&["verify", &url]);
 }

@@ -286,7 +286,8 @@ byte, or converted to the format -O; runs of zeros become holes. DST is written 
 temporary name and renamed into place when complete.\n\n\
 Verification: an object pushed by diskkit is checked against its manifest (URL.diskkit.json): \
 the guest digest of what was written. Any other object is checked against the store's MD5 \
-ETag when the store offers one (a single-part upload); an object with neither is refused \
+ETag when the store offers one (the content's MD5, or for a multipart upload the MD5 of its \
+parts' MD5s, tried with the part sizes upload tools use); an object with neither is refused \
 unless --no-verify. The message says which check was made.\n\n\
 Exit codes: 0 success (the check passed or --no-verify), 2 error or mismatch."
 )]
@@ -380,7 +381,7 @@ fn describe(verified: &pull::Verified) -> String {
 #[command(
     long_about = "Read the image at URL with ranged reads and check its guest digest \
 against its manifest (URL.diskkit.json); an object diskkit did not push is checked against the \
-store's MD5 ETag (single-part uploads), and refused when it has none.\n\n\
+store's MD5 ETag (as pull does), and refused when it has none.\n\n\
 Exit codes: 0 verified, 2 error or mismatch."
 )]
 #[command(after_help = URLS)]

@@ -3,6 +3,7 @@
 //! (or `~/.cache/...`), rewritten atomically after every completed part.
 
 use diskkit_formats::digest::hex;
+use diskkit_formats::error::ErrorKind;
 use diskkit_formats::{Error, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -40,10 +41,14 @@ impl Checkpoint {
     pub fn load(path: &Path) -> Result<Option<Checkpoint>> {
         match std::fs::read(path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-                Error::invalid(format!(
-                    "{}: damaged upload checkpoint ({e}); remove it or run diskkit push --abort URL",
-                    path.display()
-                ))
+                Error::storage(
+                    ErrorKind::CorruptImage,
+                    path.display().to_string(),
+                    "read checkpoint",
+                    format!(
+                        "damaged upload checkpoint ({e}); remove it or run diskkit push --abort URL"
+                    ),
+                )
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io(path, "read checkpoint", e)),

@@ -1,14 +1,17 @@
 //! Images in object storage: buckets addressed by URL, multipart uploads that resume, sidecar
 //! manifests that prove content, ranged reads that feed the convert engine.
 //!
-//! Async stays inside this module: [`Store`] owns a tokio runtime and exposes blocking calls, so
-//! the engine (convert, hash) keeps driving sources and writers synchronously from its threads.
+//! Async stays inside this module: a [`Store`] (from [`open`]) owns a tokio runtime and exposes
+//! blocking calls, so the engine (convert, hash) keeps driving sources and writers synchronously
+//! from its threads. Every failure is an [`Error::Storage`](diskkit_formats::Error::Storage) or
+//! I/O error whose [`kind`](diskkit_formats::Error::kind) says what a program can do about it.
 //!
-//! Backends: `s3://` goes through OpenDAL for reads, listings and deletes, and through a small
-//! SigV4 client of our own ([`s3`]) for multipart uploads, because resuming needs the upload id
-//! and part numbers that OpenDAL keeps private. `oss://` and `obs://` use OpenDAL's native
-//! backends (uploads there are multipart but not resumable). A local directory (or `file://`) is
-//! the bucket that needs no server; its uploads go to a temporary file renamed into place.
+//! Backends: `s3://` goes through OpenDAL for reads, listings, writes and deletes, and through
+//! multipart calls of our own ([`s3`], signed by reqsign) for uploads, because resuming needs the
+//! upload id and part numbers that OpenDAL keeps private. `oss://` and `obs://` use OpenDAL's
+//! native backends (uploads there are multipart but not resumable). A local directory (or
+//! `file://`) is the bucket that needs no server; its uploads go to a temporary file renamed
+//! into place. The `store` module documents what each guarantees.
 
 mod checkpoint;
 mod location;

@@ -376,7 +376,7 @@ pub fn push(
         match upload.finish(cp, opts.parallel, &fill, uploading) {
             // The server dropped the upload after it listed it (expired, or aborted by
             // another process): one fresh upload, so that a rerun always completes.
-            Err(e) if e.kind() == ErrorKind::NotFound => {
+            Err(e @ Error::Storage { .. }) if e.kind() == ErrorKind::NotFound => {
                 restarted = true;
                 let sent = upload.finish(upload.start()?, opts.parallel, &fill, uploading)?;
                 (sent, 0, manifest)

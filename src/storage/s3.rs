@@ -1,16 +1,15 @@
-//! The S3 multipart upload calls (create, upload part, complete, abort), signed with AWS
-//! Signature Version 4. OpenDAL uploads multipart too, but keeps the upload id and part numbers
-//! to itself; resuming an interrupted push needs both.
+//! The S3 multipart upload calls (create, upload part, list parts, complete, abort) and the
+//! bucket check, signed by reqsign (SigV4). OpenDAL uploads multipart too, but keeps the upload
+//! id and part numbers to itself; resuming an interrupted push needs both.
 
 use super::location::Settings;
 use bytes::Bytes;
 use diskkit_formats::error::ErrorKind;
 use diskkit_formats::{Error, Result};
-use hmac::{Hmac, KeyInit, Mac};
 use reqwest::{Method, StatusCode};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// Attempts per request when the failure may be passing (connection refused or reset, timeout,
 /// 5xx, throttling), with doubling pauses from [`FIRST_BACKOFF`].
@@ -20,6 +19,21 @@ pub const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A response that stalls this long between reads counts as a failed attempt.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The pauses between attempts of one request, for our calls and OpenDAL's alike: doubling from
+/// [`FIRST_BACKOFF`] with jitter (so that parallel parts do not retry in step).
+pub fn retry_policy() -> backon::ExponentialBuilder {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(FIRST_BACKOFF)
+        .with_max_times(ATTEMPTS as usize - 1)
+        .with_jitter()
+}
+
+/// Bytes of a reply kept at most (a page of 1,000 listed parts is about 250 KiB).
+const MAX_REPLY: usize = 4 << 20;
+
+/// A reply: status, body, headers.
+type Reply = (StatusCode, String, reqwest::header::HeaderMap);
 
 /// Characters S3 leaves unescaped in canonical URIs and query strings.
 const UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
@@ -34,9 +48,7 @@ pub struct S3Client {
     scheme_host: String,
     bucket: String,
     region: String,
-    access_key: String,
-    secret_key: String,
-    session_token: Option<String>,
+    credential: reqsign_aws_v4::Credential,
     virtual_host: bool,
 }
 
@@ -93,9 +105,12 @@ impl S3Client {
             scheme_host,
             bucket: bucket.to_string(),
             region,
-            access_key,
-            secret_key,
-            session_token: settings.session_token.clone(),
+            credential: reqsign_aws_v4::Credential {
+                access_key_id: access_key,
+                secret_access_key: secret_key,
+                session_token: settings.session_token.clone(),
+                expires_in: None,
+            },
             virtual_host: settings.virtual_host,
         })
     }
@@ -106,7 +121,9 @@ impl S3Client {
         let body = self
             .send(OP, Method::POST, key, &[("uploads", "")], Bytes::new())
             .await?;
-        xml_field(&body, "UploadId").ok_or_else(|| self.bad_reply(key, OP, "no UploadId"))
+        parse::<Initiated>(&body)
+            .map(|r| r.upload_id)
+            .ok_or_else(|| self.bad_reply(key, OP, "no UploadId"))
     }
 
     /// Sends part `number` (from 1); returns its ETag. The payload hash is signed, so the server
@@ -155,7 +172,7 @@ impl S3Client {
             )
             .await?;
         // S3 may answer 200 and report the failure in the body.
-        if body.contains("<Error>") {
+        if parse::<ErrorReply>(&body).is_some_and(|e| e.code.is_some()) {
             return Err(self.error(key, OP, StatusCode::OK, &body, &Default::default()));
         }
         Ok(())
@@ -181,17 +198,12 @@ impl S3Client {
                 Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(e),
             };
-            for part in xml_elements(&body, "Part") {
-                let number = xml_field(part, "PartNumber").and_then(|n| n.parse().ok());
-                match (number, xml_field(part, "ETag")) {
-                    (Some(n), Some(etag)) => parts.insert(n, etag),
-                    _ => return Err(self.bad_reply(key, OP, "a part without number or ETag")),
-                };
-            }
-            let next = xml_field(&body, "NextPartNumberMarker").and_then(|n| n.parse().ok());
-            match (xml_field(&body, "IsTruncated").as_deref(), next) {
-                (Some("true"), Some(n)) if n > marker => marker = n,
-                (Some("true"), _) => break,
+            let page = parse::<PartsPage>(&body)
+                .ok_or_else(|| self.bad_reply(key, OP, "no part listing"))?;
+            parts.extend(page.parts.into_iter().map(|p| (p.part_number, p.etag)));
+            match (page.is_truncated, page.next_part_number_marker) {
+                (true, Some(n)) if n > marker => marker = n,
+                (true, _) => break,
                 _ => return Ok(Some(parts)),
             }
         }
@@ -264,28 +276,47 @@ impl S3Client {
         key: &str,
         query: &[(&str, &str)],
         body: Bytes,
-    ) -> Result<(StatusCode, String, reqwest::header::HeaderMap)> {
-        let mut backoff = FIRST_BACKOFF;
-        let mut attempt = 1;
-        loop {
-            let outcome = self.attempt(method.clone(), key, query, body.clone()).await;
-            let retry = match &outcome {
-                Ok((status, _, _)) => is_passing(*status),
-                Err(_) => true,
-            };
-            if !retry || attempt >= ATTEMPTS {
-                return outcome.map_err(|e| {
-                    let kind = if e.is_timeout() {
-                        ErrorKind::Timeout
-                    } else {
-                        ErrorKind::Network
-                    };
-                    unreachable(kind, &self.url(key), op, &self.scheme_host, attempt, &e)
-                });
+    ) -> Result<Reply> {
+        use backon::Retryable;
+        use std::sync::atomic::{AtomicU32, Ordering};
+        /// Why an attempt is tried again: no reply, or a reply that may pass.
+        enum Failed {
+            Unreachable(reqwest::Error),
+            Passing(Reply),
+        }
+        let (url, headers) = self.signed(&method, key, query, &body).await?;
+        let attempts = AtomicU32::new(0);
+        let outcome = (|| async {
+            attempts.fetch_add(1, Ordering::Relaxed);
+            match self
+                .attempt(method.clone(), &url, &headers, body.clone())
+                .await
+            {
+                Ok(reply) if is_passing(reply.0) => Err(Failed::Passing(reply)),
+                Ok(reply) => Ok(reply),
+                Err(e) => Err(Failed::Unreachable(e)),
             }
-            tokio::time::sleep(backoff).await;
-            backoff *= 2;
-            attempt += 1;
+        })
+        .retry(retry_policy())
+        .await;
+        match outcome {
+            Ok(reply) | Err(Failed::Passing(reply)) => Ok(reply),
+            Err(Failed::Unreachable(e)) => {
+                let kind = if e.is_timeout() {
+                    ErrorKind::Timeout
+                } else {
+                    ErrorKind::Network
+                };
+                let n = attempts.load(Ordering::Relaxed);
+                Err(unreachable(
+                    kind,
+                    &self.url(key),
+                    op,
+                    &self.scheme_host,
+                    n,
+                    &e,
+                ))
+            }
         }
     }
 
@@ -314,90 +345,99 @@ impl S3Client {
         &self.scheme_host
     }
 
+    /// The URL of a request for `key` with `query`, and the headers that sign it (SigV4 by
+    /// reqsign, the payload's SHA-256 included: the server checks the body on arrival).
+    async fn signed(
+        &self,
+        method: &Method,
+        key: &str,
+        query: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<(String, reqwest::header::HeaderMap)> {
+        let (host_url, path) = self.address(key);
+        let query_string = query
+            .iter()
+            .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+            .collect::<Vec<_>>()
+            .join("&");
+        let url = match query_string.is_empty() {
+            true => format!("{host_url}{path}"),
+            false => format!("{host_url}{path}?{query_string}"),
+        };
+        let failed = |e: &dyn std::fmt::Display| {
+            Error::storage(
+                ErrorKind::InvalidArgument,
+                self.url(key),
+                "sign",
+                format!("cannot sign the request: {e}"),
+            )
+        };
+        let request = http::Request::builder()
+            .method(method.clone())
+            .uri(&url)
+            .header("x-amz-content-sha256", hex(&Sha256::digest(body)))
+            .body(())
+            .map_err(|e| failed(&e))?;
+        let (mut parts, ()) = request.into_parts();
+        let signer = reqsign_aws_v4::RequestSigner::new("s3", &self.region);
+        let context = reqsign_core::Context::new();
+        reqsign_core::SignRequest::sign_request(
+            &signer,
+            &context,
+            &mut parts,
+            Some(&self.credential),
+            None,
+        )
+        .await
+        .map_err(|e| failed(&e))?;
+        Ok((url, parts.headers))
+    }
+
+    /// One attempt of a signed request.
     async fn attempt(
         &self,
         method: Method,
-        key: &str,
-        query: &[(&str, &str)],
+        url: &str,
+        headers: &reqwest::header::HeaderMap,
         body: Bytes,
-    ) -> std::result::Result<(StatusCode, String, reqwest::header::HeaderMap), reqwest::Error> {
-        let (host_url, host, path) = self.address(key);
-        let mut pairs: Vec<(String, String)> =
-            query.iter().map(|(k, v)| (encode(k), encode(v))).collect();
-        pairs.sort();
-        let query_string = pairs
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join("&");
-        let payload_hash = hex(&Sha256::digest(&body));
-        let (date, stamp) = amz_time(SystemTime::now());
-        let mut headers = vec![
-            ("host", host),
-            ("x-amz-content-sha256", payload_hash.clone()),
-            ("x-amz-date", stamp.clone()),
-        ];
-        if let Some(t) = &self.session_token {
-            headers.push(("x-amz-security-token", t.clone()));
-        }
-        let canonical_headers: String = headers
-            .iter()
-            .map(|(k, v)| format!("{k}:{}\n", v.trim()))
-            .collect();
-        let signed_headers = headers.iter().map(|h| h.0).collect::<Vec<_>>().join(";");
-        let canonical_request = format!(
-            "{method}\n{path}\n{query_string}\n{canonical_headers}\n{signed_headers}\n{payload_hash}"
-        );
-        let scope = format!("{date}/{}/s3/aws4_request", self.region);
-        let string_to_sign = format!(
-            "AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{}",
-            hex(&Sha256::digest(canonical_request.as_bytes()))
-        );
-        let mut signing_key = hmac(
-            format!("AWS4{}", self.secret_key).as_bytes(),
-            date.as_bytes(),
-        );
-        for part in [self.region.as_str(), "s3", "aws4_request"] {
-            signing_key = hmac(&signing_key, part.as_bytes());
-        }
-        let signature = hex(&hmac(&signing_key, string_to_sign.as_bytes()));
-        let authorization = format!(
-            "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={signed_headers}, Signature={signature}",
-            self.access_key
-        );
-        let url = if query_string.is_empty() {
-            format!("{host_url}{path}")
-        } else {
-            format!("{host_url}{path}?{query_string}")
-        };
-        let mut request = self
+    ) -> std::result::Result<Reply, reqwest::Error> {
+        let mut response = self
             .http
             .request(method, url)
-            .header("authorization", authorization);
-        for (k, v) in headers.into_iter().skip(1) {
-            request = request.header(k, v);
-        }
-        let response = request.body(body).send().await?;
+            .headers(headers.clone())
+            .body(body)
+            .send()
+            .await?;
         let status = response.status();
         let headers = response.headers().clone();
-        let text = response.text().await?;
-        Ok((status, text, headers))
+        // A reply is a small XML document: a server that sends more is cut off rather than
+        // buffered (what is kept then fails to parse, or lacks what the call needs).
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await? {
+            let room = MAX_REPLY - body.len();
+            body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if chunk.len() >= room {
+                break;
+            }
+        }
+        Ok((status, String::from_utf8_lossy(&body).into_owned(), headers))
     }
 
-    /// Base URL, Host header and canonical path of `key`, path-style or virtual-hosted.
-    fn address(&self, key: &str) -> (String, String, String) {
+    /// Base URL and path of `key`, path-style or virtual-hosted.
+    fn address(&self, key: &str) -> (String, String) {
         let (scheme, host) = self
             .scheme_host
             .split_once("://")
             .unwrap_or(("https", &self.scheme_host));
         let key_path: String = key.split('/').map(encode).collect::<Vec<_>>().join("/");
         if self.virtual_host {
-            let host = format!("{}.{host}", self.bucket);
-            (format!("{scheme}://{host}"), host, format!("/{key_path}"))
+            (
+                format!("{scheme}://{}.{host}", self.bucket),
+                format!("/{key_path}"),
+            )
         } else {
             (
                 self.scheme_host.clone(),
-                host.to_string(),
                 format!("/{}/{key_path}", encode(&self.bucket)),
             )
         }
@@ -416,7 +456,8 @@ impl S3Client {
         body: &str,
         headers: &reqwest::header::HeaderMap,
     ) -> Error {
-        let server_region = xml_field(body, "Region").or_else(|| {
+        let reply = parse::<ErrorReply>(body).unwrap_or_default();
+        let server_region = reply.region.or_else(|| {
             headers
                 .get(BUCKET_REGION_HEADER)
                 .and_then(|v| v.to_str().ok())
@@ -424,8 +465,8 @@ impl S3Client {
         });
         let (kind, what) = explain(
             status,
-            xml_field(body, "Code").as_deref(),
-            &xml_field(body, "Message").unwrap_or_default(),
+            reply.code.as_deref(),
+            &reply.message.unwrap_or_default(),
             server_region.as_deref(),
             &self.region,
         );
@@ -537,43 +578,49 @@ fn encode(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, UNRESERVED).to_string()
 }
 
-fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
-    // HMAC accepts keys of any length.
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
-    mac.update(data);
-    mac.finalize().into_bytes().to_vec()
-}
-
 fn hex(bytes: &[u8]) -> String {
     diskkit_formats::digest::hex(bytes)
 }
 
-/// The text of the first `<name>...</name>` element of `xml`.
-pub fn xml_field(xml: &str, name: &str) -> Option<String> {
-    let open = format!("<{name}>");
-    let start = xml.find(&open)? + open.len();
-    let len = xml[start..].find(&format!("</{name}>"))?;
-    let raw = &xml[start..start + len];
-    // Servers escape with named and numeric entities alike (SeaweedFS quotes ETags as &#34;).
-    quick_xml::escape::unescape(raw)
-        .map(|text| text.into_owned())
-        .ok()
+/// An S3 error reply (`<Error>`).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ErrorReply {
+    code: Option<String>,
+    message: Option<String>,
+    /// The bucket's region (AWS, Garage), when the request was signed for another.
+    region: Option<String>,
 }
 
-/// The contents of every `<name>...</name>` element of `xml`, in order.
-fn xml_elements<'a>(xml: &'a str, name: &str) -> Vec<&'a str> {
-    let (open, close) = (format!("<{name}>"), format!("</{name}>"));
-    let mut out = Vec::new();
-    let mut rest = xml;
-    while let Some(start) = rest.find(&open) {
-        rest = &rest[start + open.len()..];
-        let Some(len) = rest.find(&close) else {
-            break;
-        };
-        out.push(&rest[..len]);
-        rest = &rest[len + close.len()..];
-    }
-    out
+/// The reply to CreateMultipartUpload.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Initiated {
+    upload_id: String,
+}
+
+/// A page of ListParts.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct PartsPage {
+    #[serde(default)]
+    is_truncated: bool,
+    next_part_number_marker: Option<u32>,
+    #[serde(default, rename = "Part")]
+    parts: Vec<ListedPart>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ListedPart {
+    part_number: u32,
+    #[serde(rename = "ETag")]
+    etag: String,
+}
+
+/// `xml` as a `T`, or `None` when it is not one (any root element name).
+fn parse<T: serde::de::DeserializeOwned>(xml: &str) -> Option<T> {
+    quick_xml::de::from_str(xml).ok()
 }
 
 /// All causes of an error, outermost first: reqwest's own message is often just "error sending
@@ -589,57 +636,33 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// `(YYYYMMDD, YYYYMMDDTHHMMSSZ)` of `t` in UTC.
-fn amz_time(t: SystemTime) -> (String, String) {
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = civil_from_days(days as i64);
-    let date = format!("{y:04}{m:02}{d:02}");
-    let stamp = format!(
-        "{date}T{:02}{:02}{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    );
-    (date, stamp)
-}
-
-/// Gregorian (year, month, day) of a count of days since 1970-01-01.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn dates_and_xml() {
-        let t = UNIX_EPOCH + Duration::from_secs(1_440_938_160); // 2015-08-30 12:36:00 UTC
-        assert_eq!(amz_time(t), ("20150830".into(), "20150830T123600Z".into()));
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-        assert_eq!(
-            xml_field("<a><UploadId>x&amp;y</UploadId></a>", "UploadId").as_deref(),
-            Some("x&y")
-        );
-        assert_eq!(xml_field("<a>", "UploadId"), None);
-        assert_eq!(
-            xml_field("<Part><ETag>&#34;e&#x22;</ETag></Part>", "ETag").as_deref(),
-            Some("\"e\"")
-        );
+    fn xml_and_encoding() {
+        let initiated = parse::<Initiated>("<a><UploadId>x&amp;y</UploadId></a>");
+        assert_eq!(initiated.map(|r| r.upload_id).as_deref(), Some("x&y"));
+        assert!(parse::<Initiated>("<a>").is_none());
+        // SeaweedFS quotes ETags with numeric entities.
+        let page = parse::<PartsPage>(
+            "<ListPartsResult><IsTruncated>true</IsTruncated><NextPartNumberMarker>2\
+             </NextPartNumberMarker><Part><ETag>&#34;e&#x22;</ETag><PartNumber>2</PartNumber>\
+             <Size>5</Size></Part><Part><PartNumber>1</PartNumber><ETag>\"d\"</ETag></Part>\
+             </ListPartsResult>",
+        )
+        .unwrap();
+        assert!(page.is_truncated);
+        assert_eq!(page.next_part_number_marker, Some(2));
+        let parts: Vec<_> = page
+            .parts
+            .iter()
+            .map(|p| (p.part_number, p.etag.as_str()))
+            .collect();
+        assert_eq!(parts, [(2, "\"e\""), (1, "\"d\"")]);
+        let empty = parse::<PartsPage>("<ListPartsResult></ListPartsResult>").unwrap();
+        assert!(!empty.is_truncated && empty.parts.is_empty());
         assert_eq!(encode("a b/c~"), "a%20b%2Fc~");
     }
 

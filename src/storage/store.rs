@@ -356,11 +356,11 @@ impl Objects {
     /// I/O or HTTP error under it; the message with what to do.
     fn error(&self, key: &str, op: &str, e: opendal::Error) -> Error {
         let url = self.url(key);
-        if let Some(kind) = transport_kind(&e) {
+        if let Some((kind, cause)) = transport_failure(&e) {
             if self.endpoint.is_empty() {
                 return Error::storage(kind, url, op, s3::error_chain(&e));
             }
-            return s3::unreachable(kind, &url, op, &self.endpoint, s3::ATTEMPTS, &e);
+            return s3::unreachable(kind, &url, op, &self.endpoint, s3::ATTEMPTS, cause);
         }
         use opendal::ErrorKind as Dal;
         let (kind, hint) = match e.kind() {
@@ -590,21 +590,24 @@ impl Objects {
     }
 }
 
-/// The kind of a failure to talk to the server at all (refused, reset, timed out), found in the
-/// causes of `e`; `None` when the server answered.
-fn transport_kind(e: &opendal::Error) -> Option<ErrorKind> {
+/// A failure to talk to the server at all (refused, reset, timed out) or of the local
+/// filesystem, found in the causes of `e`: its kind and that cause (what the user needs to
+/// read, without OpenDAL's context); `None` when the server answered.
+fn transport_failure(
+    e: &opendal::Error,
+) -> Option<(ErrorKind, &(dyn std::error::Error + 'static))> {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(c) = cause {
         if let Some(r) = c.downcast_ref::<reqwest::Error>() {
             if r.is_timeout() {
-                return Some(ErrorKind::Timeout);
+                return Some((ErrorKind::Timeout, c));
             }
             if r.is_connect() || r.is_request() || r.is_body() {
-                return Some(ErrorKind::Network);
+                return Some((ErrorKind::Network, c));
             }
         }
         if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            return Some(ErrorKind::of_io(io));
+            return Some((ErrorKind::of_io(io), c));
         }
         cause = c.source();
     }
@@ -774,15 +777,12 @@ impl Backend for S3Uploads {
     fn explain(&self, objects: &Objects, key: &str, e: Error) -> Error {
         // The server answered but OpenDAL keeps the reply's status and headers to itself: the
         // bucket check gets the server's own reason (no bucket, wrong key or region).
-        if e.kind().is_retryable()
-            || matches!(
-                e.kind(),
-                ErrorKind::NotFound
-                    | ErrorKind::AlreadyExists
-                    | ErrorKind::Unsupported
-                    | ErrorKind::Network
-            )
-        {
+        // Only the kinds OpenDAL gives a refusal it cannot name (no bucket: invalid
+        // configuration; wrong region: other) are worth the extra request.
+        if !matches!(
+            e.kind(),
+            ErrorKind::AccessDenied | ErrorKind::InvalidArgument | ErrorKind::OtherIo
+        ) {
             return e;
         }
         match objects.runtime.block_on(self.0.check_bucket(key)) {
