@@ -2,7 +2,10 @@
 //! allocation table (BAT) and the metadata region, a metadata log replayed in memory, payload
 //! blocks, and for differencing images sector bitmaps and a parent locator.
 
+mod check;
 mod log;
+
+pub use check::check;
 
 use crate::backing::{BackingOpener, Role};
 use crate::error::{Error, Result};
@@ -135,6 +138,8 @@ pub struct VhdxImage {
     chunk_ratio: u64,
     leave_blocks_allocated: bool,
     bat: Vec<u64>,
+    /// A differencing image: unallocated blocks come from the parent.
+    has_parent: bool,
     parent: Option<Box<dyn Image>>,
     parent_name: Option<String>,
     parent_path: Option<PathBuf>,
@@ -149,6 +154,16 @@ struct Header {
     log: LogLocation,
 }
 
+/// Where the structures besides the headers lie, and the parent locator of differencing
+/// images.
+struct Layout {
+    log: LogLocation,
+    bat: Region,
+    metadata: Region,
+    parent_locator: Option<Vec<(String, String)>>,
+}
+
+#[derive(Clone, Copy)]
 struct Region {
     guid: [u8; 16],
     offset: u64,
@@ -168,6 +183,29 @@ struct Metadata {
 
 impl VhdxImage {
     pub fn open(host: HostFile, opener: &mut dyn BackingOpener) -> Result<VhdxImage> {
+        let (mut image, layout) = Self::read_layout(host)?;
+        let path = image.file.host().path().to_path_buf();
+        if let Some((at, reason)) = image.bat_problems(layout.bat.offset, 1).into_iter().next() {
+            return Err(Error::corrupt(&path, "vhdx BAT entry", at, reason));
+        }
+        if let Some(locator) = &layout.parent_locator {
+            let (name, parent_path) = find_parent(&path, locator)?;
+            image.parent = Some(opener.open_backing(
+                &path,
+                &parent_path,
+                Role::Parent,
+                None,
+                &mut image.warnings,
+            )?);
+            image.parent_name = Some(name);
+            image.parent_path = Some(parent_path);
+        }
+        Ok(image)
+    }
+
+    /// Reads headers, log, region table, metadata and BAT, without checking the BAT's entries
+    /// or opening a parent.
+    fn read_layout(host: HostFile) -> Result<(VhdxImage, Layout)> {
         let path = host.path().to_path_buf();
         let mut magic = [0u8; 8];
         host.read_exact_at(&mut magic, 0, "vhdx file type identifier")?;
@@ -180,8 +218,9 @@ impl VhdxImage {
             ));
         }
         let header = current_header(&host)?;
+        let log_location = header.log;
         let (file, log_replayed) = log::replay(host, header.log)?;
-        let regions = region_table(&file, &header.log)?;
+        let regions = region_table(&file, &log_location)?;
         let region = |g: [u8; 16], name: &str| {
             regions.iter().find(|r| r.guid == g).ok_or_else(|| {
                 Error::corrupt(
@@ -216,7 +255,13 @@ impl VhdxImage {
         }
         let bat_bytes = file.read_vec_at(bat_region.offset, bat_entries * 8, "vhdx BAT")?;
         let bat: Vec<u64> = bat_bytes.chunks_exact(8).map(LE::read_u64).collect();
-        let mut image = VhdxImage {
+        let layout = Layout {
+            log: log_location,
+            bat: *bat_region,
+            metadata: *metadata_region,
+            parent_locator: meta.has_parent.then_some(meta.parent_locator),
+        };
+        let image = VhdxImage {
             file,
             virtual_size: meta.virtual_size,
             block_size: meta.block_size,
@@ -225,90 +270,93 @@ impl VhdxImage {
             chunk_ratio,
             leave_blocks_allocated: meta.leave_blocks_allocated,
             bat,
+            has_parent: layout.parent_locator.is_some(),
             parent: None,
             parent_name: None,
             parent_path: None,
             log_replayed,
             warnings: Vec::new(),
         };
-        image.validate_bat(bat_region.offset, meta.has_parent)?;
-        if meta.has_parent {
-            let (name, parent_path) = find_parent(&path, &meta.parent_locator)?;
-            image.parent = Some(opener.open_backing(
-                &path,
-                &parent_path,
-                Role::Parent,
-                None,
-                &mut image.warnings,
-            )?);
-            image.parent_name = Some(name);
-            image.parent_path = Some(parent_path);
-        }
-        Ok(image)
+        Ok((image, layout))
     }
 
-    /// Checks every BAT entry's state, and that present blocks lie inside the file, so that
-    /// `map` can trust the table.
-    fn validate_bat(&self, bat_offset_in_file: u64, has_parent: bool) -> Result<()> {
-        let path = self.file.host().path();
+    /// Problems of BAT entries (at most `limit`): states that are not allowed, and present
+    /// blocks that overlap the headers or lie past the end of the file, with the offset of
+    /// each entry. `map` trusts a table without problems.
+    fn bat_problems(&self, bat_offset_in_file: u64, limit: usize) -> Vec<(u64, String)> {
+        let mut problems = Vec::new();
         for (i, &entry) in self.bat.iter().enumerate() {
+            if problems.len() >= limit {
+                break;
+            }
             let at = bat_offset_in_file + i as u64 * 8;
-            let corrupt = |r: String| Error::corrupt(path, "vhdx BAT entry", at, r);
-            let i = i as u64;
-            let is_bitmap = (i + 1).is_multiple_of(self.chunk_ratio + 1);
-            let state = bat_state(entry);
-            if is_bitmap {
-                // Only differencing images consult sector bitmaps. Elsewhere the entries are
-                // unused, and qemu before 8.0 left garbage in them: ignore them there.
-                match state {
-                    _ if !has_parent => {}
-                    SB_NOT_PRESENT => {}
-                    SB_PRESENT => self.check_block(entry, MIB, &corrupt)?,
-                    s => return Err(corrupt(format!("sector bitmap entry in state {s}"))),
-                }
-                continue;
-            }
-            let block = i - i / (self.chunk_ratio + 1);
-            let block_start = block * self.block_size;
-            if block_start >= self.virtual_size {
-                continue;
-            }
-            let needed = self.block_size.min(self.virtual_size - block_start);
-            match state {
-                PAYLOAD_NOT_PRESENT
-                | PAYLOAD_UNDEFINED
-                | PAYLOAD_ZERO
-                | PAYLOAD_UNMAPPED
-                | PAYLOAD_UNMAPPED_V095 => {}
-                PAYLOAD_FULLY_PRESENT => self.check_block(entry, needed, &corrupt)?,
-                PAYLOAD_PARTIALLY_PRESENT if has_parent => {
-                    self.check_block(entry, needed, &corrupt)?;
-                    let bitmap = self.bitmap_entry(block);
-                    if bat_state(bitmap) != SB_PRESENT {
-                        return Err(corrupt(
-                            "partially present block without a sector bitmap".into(),
-                        ));
-                    }
-                }
-                s => return Err(corrupt(format!("payload block entry in state {s}"))),
+            if let Err(reason) = self.check_entry(i as u64, entry) {
+                problems.push((at, reason));
             }
         }
-        Ok(())
+        problems
     }
 
-    fn check_block(&self, entry: u64, len: u64, corrupt: &dyn Fn(String) -> Error) -> Result<()> {
+    /// Checks BAT entry `i`.
+    fn check_entry(&self, i: u64, entry: u64) -> std::result::Result<(), String> {
+        let state = bat_state(entry);
+        if (i + 1).is_multiple_of(self.chunk_ratio + 1) {
+            // Only differencing images consult sector bitmaps. Elsewhere the entries are
+            // unused, and qemu before 8.0 left garbage in them: ignore them there.
+            return match state {
+                _ if !self.has_parent => Ok(()),
+                SB_NOT_PRESENT => Ok(()),
+                SB_PRESENT => self.check_block(entry, MIB),
+                s => Err(format!("sector bitmap entry in state {s}")),
+            };
+        }
+        let block = i - i / (self.chunk_ratio + 1);
+        let block_start = block * self.block_size;
+        if block_start >= self.virtual_size {
+            return Ok(());
+        }
+        let needed = self.block_size.min(self.virtual_size - block_start);
+        match state {
+            PAYLOAD_NOT_PRESENT
+            | PAYLOAD_UNDEFINED
+            | PAYLOAD_ZERO
+            | PAYLOAD_UNMAPPED
+            | PAYLOAD_UNMAPPED_V095 => Ok(()),
+            PAYLOAD_FULLY_PRESENT => self.check_block(entry, needed),
+            PAYLOAD_PARTIALLY_PRESENT if self.has_parent => {
+                self.check_block(entry, needed)?;
+                if bat_state(self.bitmap_entry(block)) != SB_PRESENT {
+                    return Err("partially present block without a sector bitmap".into());
+                }
+                Ok(())
+            }
+            s => Err(format!("payload block entry in state {s}")),
+        }
+    }
+
+    /// True when BAT entry `i` (valid) points at bytes of the file that this image uses.
+    fn entry_is_stored(&self, i: u64, entry: u64) -> bool {
+        let state = bat_state(entry);
+        if (i + 1).is_multiple_of(self.chunk_ratio + 1) {
+            return self.has_parent && state == SB_PRESENT;
+        }
+        let block = i - i / (self.chunk_ratio + 1);
+        block * self.block_size < self.virtual_size
+            && (state == PAYLOAD_FULLY_PRESENT
+                || (self.has_parent && state == PAYLOAD_PARTIALLY_PRESENT))
+    }
+
+    fn check_block(&self, entry: u64, len: u64) -> std::result::Result<(), String> {
         let offset = bat_offset(entry);
         if offset < MIB {
-            return Err(corrupt(format!(
-                "block at {offset:#x} overlaps the headers"
-            )));
+            return Err(format!("block at {offset:#x} overlaps the headers"));
         }
         match offset.checked_add(len) {
             Some(end) if end <= self.file.len() => Ok(()),
-            _ => Err(corrupt(format!(
+            _ => Err(format!(
                 "block at {offset:#x} runs past the end of the file ({:#x})",
                 self.file.len()
-            ))),
+            )),
         }
     }
 
