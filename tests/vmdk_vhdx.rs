@@ -3,6 +3,7 @@
 
 mod common;
 use common::*;
+use diskkit::formats::vhdx::seal;
 use diskkit::formats::{Extents, Image, ImplicitOpens, OpenOptions, open, open_with};
 use std::path::Path;
 
@@ -257,12 +258,6 @@ fn le64(b: &[u8], at: usize) -> u64 {
 }
 
 /// CRC-32C of `s` with its checksum field (bytes 4..8) taken as zero, stored into that field.
-fn seal(s: &mut [u8]) {
-    s[4..8].fill(0);
-    let crc = crc32c::crc32c(s);
-    s[4..8].copy_from_slice(&crc.to_le_bytes());
-}
-
 /// The file offsets of the log and the BAT of a qemu-made VHDX.
 struct VhdxLayout {
     log_offset: u64,

@@ -75,6 +75,25 @@ pub(super) fn current_header(host: &HostFile) -> Result<Header> {
 }
 
 /// CRC-32C of a structure whose checksum field (bytes 4..8) counts as zero.
+/// The checksummed structures at fixed places, as (offset, length): the two headers, then the
+/// two region tables.
+pub const SEALED: [(u64, usize); 4] = [
+    (HEADER_OFFSETS[0], HEADER_LEN),
+    (HEADER_OFFSETS[1], HEADER_LEN),
+    (REGION_TABLE_OFFSETS[0], REGION_TABLE_LEN),
+    (REGION_TABLE_OFFSETS[1], REGION_TABLE_LEN),
+];
+
+/// Writes the CRC-32C of a header, region table or log entry (`structure`, whole) into its
+/// checksum field, as a writer seals it.
+pub fn seal(structure: &mut [u8]) {
+    if let Some(field) = structure.get_mut(4..8) {
+        field.fill(0);
+        let crc = crc32c::crc32c(structure);
+        structure[4..8].copy_from_slice(&crc.to_le_bytes());
+    }
+}
+
 pub(super) fn checksum_ok(structure: &[u8]) -> bool {
     let Some(stored) = structure.get(4..8).map(LE::read_u32) else {
         return false;

@@ -9,6 +9,7 @@ mod metadata;
 mod read;
 
 pub use check::check;
+pub use header::{SEALED, seal};
 pub use read::VhdxImage;
 
 use byteorder::{ByteOrder, LittleEndian as LE};
