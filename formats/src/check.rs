@@ -12,10 +12,20 @@ use std::path::{Path, PathBuf};
 /// format has no metadata to check (raw, ISO). Files the image names (VMDK extents) are opened
 /// under the default [`ImplicitOpens`] policy.
 pub fn check(format: Format, path: &Path, repair: Option<Repair>) -> Result<Option<CheckReport>> {
+    check_with(format, path, repair, ImplicitOpens::default())
+}
+
+/// [`check`] with the policy for the files that image metadata names.
+pub fn check_with(
+    format: Format,
+    path: &Path,
+    repair: Option<Repair>,
+    policy: ImplicitOpens,
+) -> Result<Option<CheckReport>> {
     let Some(check) = driver(format).check else {
         return Ok(None);
     };
-    let mut opener = ChainOpener::for_image(path, ImplicitOpens::default())?;
+    let mut opener = ChainOpener::for_image(path, policy)?;
     check(path, repair, &mut opener).map(Some)
 }
 

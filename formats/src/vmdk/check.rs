@@ -25,6 +25,10 @@ pub fn check(
         format: "vmdk".into(),
         ..Default::default()
     };
+    // What opening found (extents outside the descriptor's directory) belongs in the report.
+    for w in &image.warnings {
+        report.messages.push(format!("Warning: {w}"));
+    }
     for extent in &image.extents {
         if let Storage::Sparse(sparse) = &extent.storage {
             sparse.check(&mut report);
