@@ -29,6 +29,9 @@ pub fn check_with(
     check(path, repair, &mut opener).map(Some)
 }
 
+/// Problems listed in a report at most (see [`CheckReport::corruption`]).
+const MAX_LISTED: usize = 10_000;
+
 /// Bytes `start..end` of an image file that one structure uses, for [`CheckReport::overlaps`].
 #[derive(Clone, Copy)]
 pub(crate) struct Used {
@@ -102,10 +105,17 @@ fn is_zero(n: &u64) -> bool {
 }
 
 impl CheckReport {
-    /// Records a problem that can lose data.
+    /// Records a problem that can lose data. Past [`MAX_LISTED`] problems, they are counted
+    /// but not listed: a hostile image must not turn into gigabytes of messages.
     pub(crate) fn corruption(&mut self, message: String) {
         self.corruptions += 1;
-        self.messages.push(message);
+        match self.messages.len().cmp(&MAX_LISTED) {
+            std::cmp::Ordering::Less => self.messages.push(message),
+            std::cmp::Ordering::Equal => self
+                .messages
+                .push("further problems are counted, not listed".into()),
+            std::cmp::Ordering::Greater => {}
+        }
     }
 
     /// Records a corruption for every byte range of `used` that overlaps another: two
