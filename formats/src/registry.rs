@@ -1,5 +1,6 @@
-//! The format table: one entry per format saying how to recognise, open, create, check and
-//! resize it. Everything that depends on the format dispatches through [`driver`].
+//! The format table: one entry per format saying how to recognise, open, create, check, resize
+//! and stream it. Everything that depends on the format dispatches through [`driver`] (except
+//! `write::measure`, and the names in `Format`).
 
 use crate::backing::BackingOpener;
 use crate::check::{CheckReport, Repair};
