@@ -3,6 +3,7 @@
 
 mod common;
 use common::*;
+use diskkit::formats::vhdx::seal;
 use diskkit::formats::{Extents, Image, ImplicitOpens, OpenOptions, open, open_with};
 use std::path::Path;
 
@@ -14,6 +15,20 @@ fn pattern_raw(dir: &Path, size: u64) -> std::path::PathBuf {
     qemu_img(&["create", "-f", "raw", path_str(&raw), &size.to_string()]);
     qemu_io("raw", &raw, &as_refs(&mixed_pattern(size)));
     raw
+}
+
+/// An empty VHDX of `size` with 1 MiB blocks, made by qemu-img.
+fn create_vhdx_1m(path: &Path, size: &str) {
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vhdx",
+        "-o",
+        "block_size=1M",
+        path_str(path),
+        size,
+    ]);
 }
 
 fn open_image(path: &Path) -> Box<dyn Image> {
@@ -243,12 +258,6 @@ fn le64(b: &[u8], at: usize) -> u64 {
 }
 
 /// CRC-32C of `s` with its checksum field (bytes 4..8) taken as zero, stored into that field.
-fn seal(s: &mut [u8]) {
-    s[4..8].fill(0);
-    let crc = crc32c::crc32c(s);
-    s[4..8].copy_from_slice(&crc.to_le_bytes());
-}
-
 /// The file offsets of the log and the BAT of a qemu-made VHDX.
 struct VhdxLayout {
     log_offset: u64,
@@ -321,16 +330,7 @@ fn log_entry(
 /// a zeroed range of data, and a BAT update that turns block 1 into a ZERO block.
 fn vhdx_with_log(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
     let img = p(dir, "logged.vhdx");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        path_str(&img),
-        "8M",
-    ]);
+    create_vhdx_1m(&img, "8M");
     qemu_io("vhdx", &img, &["write -P 0x11 0 2M", "write -P 0x22 2M 1M"]);
     let mut bytes = std::fs::read(&img).unwrap();
     let l = layout(&bytes);
@@ -387,16 +387,7 @@ fn qemu_replayed_bytes(img: &Path, dir: &Path) -> Vec<u8> {
 fn vhdx_log_sequence_wrapping_the_circular_log() {
     let dir = tempdir();
     let img = p(dir.path(), "wrap.vhdx");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        path_str(&img),
-        "8M",
-    ]);
+    create_vhdx_1m(&img, "8M");
     qemu_io("vhdx", &img, &["write -P 0x11 0 1M"]);
     let mut bytes = std::fs::read(&img).unwrap();
     let l = layout(&bytes);
@@ -665,16 +656,7 @@ fn damaged_vhdx_fails_cleanly() {
     let dir = tempdir();
     let d = dir.path();
     let img = p(d, "v.vhdx");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        path_str(&img),
-        "8M",
-    ]);
+    create_vhdx_1m(&img, "8M");
     qemu_io("vhdx", &img, &["write -P 0x11 0 2M"]);
     let v = std::fs::read(&img).unwrap();
     let l = layout(&v);
@@ -821,28 +803,10 @@ fn vhdx_differencing_reads_parent_and_sector_bitmap() {
     let dir = tempdir();
     let d = dir.path();
     let parent = p(d, "parent.vhdx");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        path_str(&parent),
-        "8M",
-    ]);
+    create_vhdx_1m(&parent, "8M");
     qemu_io("vhdx", &parent, &["write -P 0x50 0 8M"]);
     let child = p(d, "child.vhdx");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        path_str(&child),
-        "8M",
-    ]);
+    create_vhdx_1m(&child, "8M");
     qemu_io("vhdx", &child, &["write -P 0x63 1M 2M"]);
 
     let mut b = std::fs::read(&child).unwrap();
@@ -1038,4 +1002,83 @@ fn named_fifo_is_refused_without_blocking() {
             assert!(err.contains("is a FIFO, not a regular file"), "{err}");
         }
     }
+}
+
+/// `check` of VMDK and VHDX: clean images made by qemu-img are clean, truncated ones are
+/// corrupt for both (VHDX: the same count), and blocks sharing bytes are found.
+#[test]
+fn check_of_vmdk_and_vhdx_agrees_with_qemu() {
+    let dir = tempdir();
+    let d = dir.path();
+    let status = |args: &[&str]| {
+        let out = std::process::Command::new("qemu-img")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    for (format, options) in [
+        ("vmdk", "subformat=monolithicSparse"),
+        ("vmdk", "subformat=streamOptimized"),
+        ("vmdk", "subformat=twoGbMaxExtentSparse"),
+        ("vmdk", "subformat=monolithicFlat"),
+        ("vhdx", "block_size=1M"),
+    ] {
+        let img = p(
+            d,
+            &format!("clean-{}.{format}", options.replace(['=', ','], "-")),
+        );
+        let raw = pattern_raw(d, 16 * MIB);
+        qemu_img(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            format,
+            "-o",
+            options,
+            path_str(&raw),
+            path_str(&img),
+        ]);
+        let (code, out, err) = diskkit(&["check", path_str(&img)]);
+        assert_eq!(code, 0, "{options}: {out}{err}");
+        assert_eq!(status(&["check", path_str(&img)]).0, 0);
+    }
+    for format in ["vmdk", "vhdx"] {
+        let img = p(d, &format!("cut.{format}"));
+        qemu_img(&["create", "-q", "-f", format, path_str(&img), "64M"]);
+        qemu_io(format, &img, &["write -P 0x11 0 40M"]);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .unwrap()
+            .set_len(20 * MIB)
+            .unwrap();
+        let (qemu_code, qemu) = status(&["check", "--output=json", path_str(&img)]);
+        let (code, out, _) = diskkit(&["check", "--output", "json", path_str(&img)]);
+        assert_eq!(code, 2, "{out}");
+        assert_ne!(qemu_code, 0);
+        let ours: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert!(ours["corruptions"].as_u64().unwrap() > 0, "{ours}");
+        if format == "vhdx" {
+            let qemu: serde_json::Value = serde_json::from_str(&qemu).unwrap();
+            assert_eq!(ours["corruptions"], qemu["corruptions"], "{ours}");
+        }
+    }
+
+    // Two BAT entries naming the same block: reads would alias, check says so.
+    let img = p(d, "shared.vhdx");
+    create_vhdx_1m(&img, "8M");
+    qemu_io("vhdx", &img, &["write -P 0x11 0 2M"]);
+    let mut v = std::fs::read(&img).unwrap();
+    let bat = layout(&v).bat_offset as usize;
+    let first: [u8; 8] = v[bat..bat + 8].try_into().unwrap();
+    v[bat + 8..bat + 16].copy_from_slice(&first);
+    std::fs::write(&img, &v).unwrap();
+    let (code, out, _) = diskkit(&["check", path_str(&img)]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("overlaps"), "{out}");
 }

@@ -1,18 +1,57 @@
 //! Consistency checks of image metadata (`diskkit check`), reported as `qemu-img check` does.
 
+use crate::backing::ImplicitOpens;
 use crate::error::Result;
 use crate::image::Format;
+use crate::open::ChainOpener;
 use crate::registry::driver;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
 /// Checks the metadata of the image at `path` (repairing what `repair` allows). `None` when the
-/// format has no metadata to check (raw, ISO).
+/// format has no metadata to check (raw, ISO). Files the image names (VMDK extents) are opened
+/// under the default [`ImplicitOpens`] policy.
 pub fn check(format: Format, path: &Path, repair: Option<Repair>) -> Result<Option<CheckReport>> {
-    driver(format)
-        .check
-        .map(|check| check(path, repair))
-        .transpose()
+    check_with(format, path, repair, ImplicitOpens::default())
+}
+
+/// [`check`] with the policy for the files that image metadata names.
+pub fn check_with(
+    format: Format,
+    path: &Path,
+    repair: Option<Repair>,
+    policy: ImplicitOpens,
+) -> Result<Option<CheckReport>> {
+    let Some(check) = driver(format).check else {
+        return Ok(None);
+    };
+    let mut opener = ChainOpener::for_image(path, policy)?;
+    check(path, repair, &mut opener).map(Some)
+}
+
+/// Problems listed in a report at most (see [`CheckReport::corruption`]).
+const MAX_LISTED: usize = 10_000;
+
+/// Bytes `start..end` of an image file that one structure uses, for [`CheckReport::overlaps`].
+#[derive(Clone, Copy)]
+pub(crate) struct Used {
+    pub start: u64,
+    pub end: u64,
+    pub what: Structure,
+}
+
+/// A structure of an image file, named in messages: a kind and, for tables and blocks, its
+/// number.
+#[derive(Clone, Copy)]
+pub(crate) struct Structure(pub &'static str, pub Option<u64>);
+
+impl std::fmt::Display for Structure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.1 {
+            Some(n) => write!(f, "{} {n}", self.0),
+            None => f.write_str(self.0),
+        }
+    }
 }
 
 /// What `check -r` may repair.
@@ -66,6 +105,41 @@ fn is_zero(n: &u64) -> bool {
 }
 
 impl CheckReport {
+    /// Records a problem that can lose data. Past [`MAX_LISTED`] problems, they are counted
+    /// but not listed: a hostile image must not turn into gigabytes of messages.
+    pub(crate) fn corruption(&mut self, message: String) {
+        self.corruptions += 1;
+        match self.messages.len().cmp(&MAX_LISTED) {
+            std::cmp::Ordering::Less => self.messages.push(message),
+            std::cmp::Ordering::Equal => self
+                .messages
+                .push("further problems are counted, not listed".into()),
+            std::cmp::Ordering::Greater => {}
+        }
+    }
+
+    /// Records a corruption for every byte range of `used` that overlaps another: two
+    /// structures (or a structure and data) claiming the same bytes of the file.
+    pub(crate) fn overlaps(&mut self, mut used: Vec<Used>) {
+        used.retain(|u| u.start < u.end);
+        used.sort_unstable_by_key(|u| (u.start, u.end));
+        let mut furthest: Option<Used> = None;
+        for u in used {
+            match furthest {
+                Some(f) if u.start < f.end => {
+                    self.corruption(format!(
+                        "ERROR: {} at {:#x} overlaps {} at {:#x}",
+                        u.what, u.start, f.what, f.start
+                    ));
+                    if u.end > f.end {
+                        furthest = Some(u);
+                    }
+                }
+                _ => furthest = Some(u),
+            }
+        }
+    }
+
     /// Exit code as `qemu-img check`: 0 clean, 1 the check could not complete, 2 corruptions
     /// remain, 3 only leaks remain.
     pub fn exit_code(&self) -> i32 {

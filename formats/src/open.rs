@@ -35,11 +35,7 @@ pub fn open_with(path: &Path, opts: &OpenOptions, policy: ImplicitOpens) -> Resu
         Some(f) => f,
         None => detect(&file)?,
     };
-    let mut chain = ChainOpener {
-        policy,
-        visited: Vec::new(),
-    };
-    chain.enter(file.path())?;
+    let mut chain = ChainOpener::for_image(file.path(), policy)?;
     let Some(snapshot) = opts.snapshot.as_deref() else {
         return (driver(format).open)(file, &mut chain);
     };
@@ -53,12 +49,22 @@ pub fn open_with(path: &Path, opts: &OpenOptions, policy: ImplicitOpens) -> Resu
 }
 
 /// The opener of one chain: the policy, and the images already open (to refuse cycles).
-struct ChainOpener {
+pub(crate) struct ChainOpener {
     policy: ImplicitOpens,
     visited: Vec<PathBuf>,
 }
 
 impl ChainOpener {
+    /// The opener for the chain of the image at `top`.
+    pub(crate) fn for_image(top: &Path, policy: ImplicitOpens) -> Result<ChainOpener> {
+        let mut opener = ChainOpener {
+            policy,
+            visited: Vec::new(),
+        };
+        opener.enter(top)?;
+        Ok(opener)
+    }
+
     /// Records that the image at `path` is being opened; refuses loops and endless chains.
     fn enter(&mut self, path: &Path) -> Result<()> {
         let canonical = path

@@ -1,5 +1,6 @@
-//! The format table: one entry per format saying how to recognise, open, create, check and
-//! resize it. Everything that depends on the format dispatches through [`driver`].
+//! The format table: one entry per format saying how to recognise, open, create, check, resize
+//! and stream it. Everything that depends on the format dispatches through [`driver`] (except
+//! `write::measure`, and the names in `Format`).
 
 use crate::backing::BackingOpener;
 use crate::check::{CheckReport, Repair};
@@ -30,7 +31,9 @@ pub type CreateFn =
     fn(path: &Path, virtual_size: u64, opts: &mut CreateOptions) -> Result<Box<dyn ImageWriter>>;
 /// Opens an existing image to overwrite its guest content in place.
 pub type OpenExistingFn = fn(path: &Path) -> Result<Box<dyn ImageWriter>>;
-pub type CheckFn = fn(path: &Path, repair: Option<Repair>) -> Result<CheckReport>;
+/// Checks the image at `path`; files its metadata names are opened through `backing`.
+pub type CheckFn =
+    fn(path: &Path, repair: Option<Repair>, backing: &mut dyn BackingOpener) -> Result<CheckReport>;
 pub type ResizeFn = fn(path: &Path, new_size: u64) -> Result<()>;
 
 /// What diskkit can do with one format; `None` where it cannot.
@@ -75,17 +78,20 @@ static QCOW2: Driver = Driver {
     }),
     create: Some(|path, size, opts| Ok(Box::new(Qcow2Writer::create(path, size, opts)?))),
     open_existing: Some(|path| Ok(Box::new(Qcow2Writer::open_existing(path)?))),
-    check: Some(qcow2::check),
+    check: Some(|path, repair, _| qcow2::check(path, repair)),
     resize: Some(qcow2::resize),
     resized_size: qcow2::sectors_up,
     stream: Some(qcow2::stream::stream),
 };
 
-static VHDX: Driver = read_only(
-    Format::Vhdx,
-    Some(|head, _| Ok(head == vhdx::MAGIC)),
-    |file, backing| Ok(Box::new(VhdxImage::open(file, backing)?)),
-);
+static VHDX: Driver = Driver {
+    check: Some(|path, repair, _| vhdx::check(path, repair)),
+    ..read_only(
+        Format::Vhdx,
+        Some(|head, _| Ok(head == vhdx::MAGIC)),
+        |file, backing| Ok(Box::new(VhdxImage::open(file, backing)?)),
+    )
+};
 
 static VHD: Driver = Driver {
     format: Format::Vhd,
@@ -96,7 +102,7 @@ static VHD: Driver = Driver {
     open_snapshot: None,
     create: Some(|path, size, opts| Ok(Box::new(VhdWriter::create(path, size, opts)?))),
     open_existing: Some(|path| Ok(Box::new(VhdWriter::open_existing(path)?))),
-    check: Some(vhd::check),
+    check: Some(|path, repair, _| vhd::check(path, repair)),
     resize: Some(|path, size| vhd::resize(path, size, true).map(|_| ())),
     resized_size: Ok,
     stream: Some(vhd::stream::stream),
@@ -108,11 +114,14 @@ static ISO: Driver = read_only(
     |file, _| Ok(Box::new(IsoImage::open(file)?)),
 );
 
-static VMDK: Driver = read_only(
-    Format::Vmdk,
-    Some(|_, file| vmdk::detect(file)),
-    |file, backing| Ok(Box::new(VmdkImage::open(file, backing)?)),
-);
+static VMDK: Driver = Driver {
+    check: Some(vmdk::check),
+    ..read_only(
+        Format::Vmdk,
+        Some(|_, file| vmdk::detect(file)),
+        |file, backing| Ok(Box::new(VmdkImage::open(file, backing)?)),
+    )
+};
 
 static RAW: Driver = Driver {
     format: Format::Raw,

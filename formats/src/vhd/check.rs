@@ -1,7 +1,9 @@
 //! Consistency check, repair and resize of VHD images.
 
 use super::layout::*;
-use super::read::{LocatedFooter, SparseLayout, locate_footer, read_sparse, read_sparse_unchecked};
+use super::locate::{
+    LocatedFooter, SparseLayout, locate_footer, read_sparse, read_sparse_unchecked,
+};
 use crate::check::{CheckReport, Repair};
 use crate::error::{Error, Result};
 use crate::host::HostFile;

@@ -5,10 +5,13 @@
 
 mod check;
 pub mod layout;
+mod locate;
+mod parent;
 mod read;
 pub mod stream;
 mod write;
 
 pub use check::{ResizeOutcome, check, resize};
-pub use read::{VhdImage, has_fixed_footer};
+pub use locate::has_fixed_footer;
+pub use read::VhdImage;
 pub use write::{VhdWriter, measure};

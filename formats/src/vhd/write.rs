@@ -1,7 +1,7 @@
 //! Creating VHD images: fixed and dynamic disks, and the Azure profile.
 
 use super::layout::*;
-use super::read::{checked_guest_size, locate_footer};
+use super::locate::{checked_guest_size, locate_footer};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 use crate::image::{Format, GuestRange, check_guest_range, touched_clusters};

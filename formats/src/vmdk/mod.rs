@@ -6,9 +6,11 @@
 //!
 //! Host offsets in the extent map are offsets in the extent's own file, as qemu reports them.
 
+mod check;
 mod descriptor;
 mod sparse;
 
+pub use check::check;
 pub use descriptor::{Descriptor, ExtentLine, ExtentType, MAX_DESCRIPTOR_SIZE};
 use descriptor::{NO_PARENT_CID, looks_like_descriptor};
 use sparse::{Grain, SparseExtent};

@@ -1,6 +1,7 @@
 //! Hosted sparse extents (monolithicSparse, twoGbMaxExtentSparse, streamOptimized): a header, a
 //! grain directory (GD) of grain tables (GT) whose entries give the sector of each grain.
 
+use crate::check::{CheckReport, Structure, Used};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 use byteorder::{ByteOrder, LittleEndian as LE};
@@ -29,6 +30,8 @@ const MAX_GRAIN_SECTORS: u64 = 1 << 17;
 const MAX_GTES_PER_GT: u32 = 4096;
 /// At most 16 Mi grain tables (a 64 MiB grain directory).
 const MAX_GD_ENTRIES: u64 = 1 << 24;
+/// Grain table entries `check` walks at most per extent (1 TiB of 64 KiB grains).
+const MAX_CHECKED_GRAINS: u64 = 1 << 24;
 /// Grain tables kept in memory per extent (512 entries of 4 bytes each, normally).
 const GT_CACHE_TABLES: usize = 256;
 
@@ -253,6 +256,86 @@ impl SparseExtent {
         }
         cache.push_back((gd_index, table.clone()));
         Ok(table)
+    }
+
+    /// Adds to `report` every grain table and grain that lies past the end of the file, and
+    /// every overlap between the header, the descriptor, the grain directory, the grain tables
+    /// and the uncompressed grains.
+    pub fn check(&self, report: &mut CheckReport) {
+        let (len, name) = (self.file.len(), self.file.path().display());
+        let h = &self.header;
+        let at = |sector: u64, bytes: u64, what| Used {
+            start: sector.saturating_mul(SECTOR),
+            end: sector.saturating_mul(SECTOR).saturating_add(bytes),
+            what: Structure(what, None),
+        };
+        let gd_bytes = self.gd.len() as u64 * 4;
+        let mut used = vec![
+            at(0, SECTOR, "the header"),
+            at(
+                h.descriptor_offset,
+                h.descriptor_sectors * SECTOR,
+                "the descriptor",
+            ),
+            at(h.gd_offset, gd_bytes, "the grain directory"),
+        ];
+        if h.flags & FLAG_REDUNDANT_GT != 0 {
+            used.push(at(h.rgd_offset, gd_bytes, "the redundant grain directory"));
+        }
+        let table_bytes = u64::from(h.gtes_per_gt) * 4;
+        let mut walked = 0u64;
+        for (i, &gt) in self.gd.iter().enumerate() {
+            if gt == 0 {
+                continue;
+            }
+            // Grain directory entries may all name one table: time and memory are bounded by
+            // the entries walked, not by the file's size.
+            walked += u64::from(h.gtes_per_gt);
+            if walked > MAX_CHECKED_GRAINS {
+                report.check_errors += 1;
+                report.messages.push(format!(
+                    "{name}: more than {MAX_CHECKED_GRAINS} grain table entries: check stopped"
+                ));
+                return;
+            }
+            let start = u64::from(gt) * SECTOR;
+            let table = match self
+                .file
+                .read_vec_at(start, table_bytes, "vmdk grain table")
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    report.corruption(format!("ERROR: {name}: grain table {i}: {e}"));
+                    continue;
+                }
+            };
+            used.push(Used {
+                start,
+                end: start + table_bytes,
+                what: Structure("grain table", Some(i as u64)),
+            });
+            for (j, gte) in table.chunks_exact(4).map(LE::read_u32).enumerate() {
+                let grain = i as u64 * u64::from(h.gtes_per_gt) + j as u64;
+                let start = match self.classify(gte) {
+                    Grain::Data(start) | Grain::Compressed(start) => start,
+                    Grain::Unallocated | Grain::Zero => continue,
+                };
+                if start >= len {
+                    report.corruption(format!(
+                        "ERROR: {name}: grain {grain} at {start:#x} points after the end of \
+                         the file ({len:#x})"
+                    ));
+                } else if !h.compressed() {
+                    // The last grain may end past the file's end: qemu reads zeros there.
+                    used.push(Used {
+                        start,
+                        end: (start + self.grain_bytes).min(len),
+                        what: Structure("grain", Some(grain)),
+                    });
+                }
+            }
+        }
+        report.overlaps(used);
     }
 
     /// Decompresses the grain starting at extent byte `grain_start` whose data is at `at`.
