@@ -191,3 +191,67 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::NoProgress;
+    use crate::test_image::MemImage;
+
+    const MIB: usize = 1 << 20;
+
+    fn pair(mapped: (bool, bool), a: MemImage, b: MemImage) -> (MemImage, MemImage) {
+        let a = if mapped.0 { a.mapped() } else { a };
+        let b = if mapped.1 { b.mapped() } else { b };
+        (a, b)
+    }
+
+    #[test]
+    fn reports_the_lowest_difference_whatever_the_layout() {
+        let data = vec![0x5a; 6 * MIB];
+        let mut changed = data.clone();
+        changed[5 * MIB + 3] = 0;
+        for mapped in [(false, false), (true, false), (false, true), (true, true)] {
+            // Same content, laid out differently: zeros stored as data against a hole.
+            let (a, b) = pair(
+                mapped,
+                MemImage::new(20 * MIB, &[(MIB as u64, &data), (12 << 20, &[0; 100])]),
+                MemImage::new(20 * MIB, &[(MIB as u64, &data)]),
+            );
+            let r = compare(&a, &b, false, &NoProgress).unwrap();
+            assert_eq!(r, CompareResult::Identical, "{mapped:?}");
+            // Differences in several cells: data against data, data against a hole.
+            let (a, b) = pair(
+                mapped,
+                MemImage::new(20 * MIB, &[(MIB as u64, &data), (13 << 20, &[1; 10])]),
+                MemImage::new(20 * MIB, &[(MIB as u64, &changed), (17 << 20, &[2; 10])]),
+            );
+            let r = compare(&a, &b, false, &NoProgress).unwrap();
+            let offset = 6 * MIB as u64 + 3;
+            assert_eq!(r, CompareResult::ContentDiffers { offset }, "{mapped:?}");
+            let (a, b) = pair(
+                mapped,
+                MemImage::new(20 * MIB, &[(13 << 20, &[0, 1])]),
+                MemImage::new(20 * MIB, &[(17 << 20, &[2; 10])]),
+            );
+            let r = compare(&a, &b, false, &NoProgress).unwrap();
+            let offset = (13 << 20) + 1;
+            assert_eq!(r, CompareResult::ContentDiffers { offset }, "{mapped:?}");
+        }
+    }
+
+    #[test]
+    fn sizes_differ_only_by_a_non_zero_tail_or_in_strict_mode() {
+        let short = MemImage::new(5 * MIB, &[(100, &[7; 100])]);
+        let zero_tail = MemImage::new(9 * MIB, &[(100, &[7; 100]), (7 << 20, &[0; 10])]);
+        let tail = MemImage::new(9 * MIB, &[(100, &[7; 100]), (7 << 20, &[0, 3])]);
+        let r = compare(&short, &zero_tail, false, &NoProgress).unwrap();
+        assert_eq!(r, CompareResult::Identical);
+        let r = compare(&tail, &short, false, &NoProgress).unwrap();
+        let offset = (7 << 20) + 1;
+        assert_eq!(r, CompareResult::ContentDiffers { offset });
+        let r = compare(&short, &zero_tail, true, &NoProgress).unwrap();
+        let (a, b) = (5 * MIB as u64, 9 * MIB as u64);
+        assert_eq!(r, CompareResult::SizeDiffers { a, b });
+    }
+}

@@ -7,6 +7,8 @@ pub mod hash;
 pub mod parallel;
 pub mod progress;
 pub mod storage;
+#[cfg(test)]
+mod test_image;
 
 pub use diskkit_formats as formats;
 pub use diskkit_formats::{Error, Result};
