@@ -267,7 +267,8 @@ impl Iterator for Walk<'_> {
 }
 
 /// Calls `f` on the guest bytes of `range` of `image`: in place where the image has them
-/// mapped in memory, else read into `buf` (resized to fit).
+/// mapped in memory, else read into `buf` (grown to fit, never shrunk: a buffer that shrank for
+/// a short read would be filled again to grow back).
 pub fn with_bytes<T>(
     image: &dyn Image,
     range: GuestRange,
@@ -281,9 +282,12 @@ pub fn with_bytes<T>(
     }
     let len = usize::try_from(range.len())
         .map_err(|_| Error::invalid(format!("guest range {range} is too long to read at once")))?;
-    buf.resize(len, 0);
-    image.read_at(buf, range.start)?;
-    Ok(f(buf))
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    let bytes = &mut buf[..len];
+    image.read_at(bytes, range.start)?;
+    Ok(f(bytes))
 }
 
 /// Calls `f` on the guest bytes of `range` of `image`, in order: all at once where the image
