@@ -1,5 +1,6 @@
-//! Guest-visible comparison of two images in any formats, driven by their extent maps: ranges that
-//! both maps call zero are never read, and the rest is read in parallel chunks.
+//! Guest-visible comparison of two images in any formats, driven by their extent maps walked in
+//! step ([`Walk`]): ranges that both maps call zero are never read, and the rest is compared in
+//! parallel chunks, in place where an image is mapped in memory.
 
 use crate::parallel::read_pool;
 use crate::progress::Progress;
