@@ -241,6 +241,47 @@ mod tests {
         }
     }
 
+    /// An image whose map fails from `from` on.
+    struct BadMap {
+        inner: MemImage,
+        from: u64,
+    }
+
+    impl Image for BadMap {
+        fn format(&self) -> diskkit_formats::Format {
+            self.inner.format()
+        }
+        fn virtual_size(&self) -> u64 {
+            self.inner.virtual_size()
+        }
+        fn map(&self, offset: u64, max_len: u64) -> Result<diskkit_formats::Extent> {
+            if offset >= self.from {
+                return Err(Error::invalid(format!("bad map at {offset:#x}")));
+            }
+            self.inner.map(offset, max_len.min(self.from - offset))
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            self.inner.read_at(buf, offset)
+        }
+        fn info(&self) -> diskkit_formats::ImageInfo {
+            self.inner.info()
+        }
+    }
+
+    #[test]
+    fn a_difference_below_a_map_error_wins_over_it() {
+        let bad = |from| BadMap {
+            inner: MemImage::new(20 * MIB, &[(MIB as u64, &[1; 10])]),
+            from,
+        };
+        let other = MemImage::new(20 * MIB, &[(MIB as u64, &[1; 10]), (5 << 20, &[2; 10])]);
+        let r = compare(&bad(9 << 20), &other, false, &NoProgress).unwrap();
+        let offset = 5 << 20;
+        assert_eq!(r, CompareResult::ContentDiffers { offset });
+        let err = compare(&bad(3 << 20), &other, false, &NoProgress).unwrap_err();
+        assert!(err.to_string().contains("bad map at 0x300000"), "{err}");
+    }
+
     #[test]
     fn sizes_differ_only_by_a_non_zero_tail_or_in_strict_mode() {
         let short = MemImage::new(5 * MIB, &[(100, &[7; 100])]);
