@@ -1,5 +1,6 @@
-//! Guest-visible comparison of two images in any formats, driven by their extent maps: ranges that
-//! both maps call zero are never read, and the rest is read in parallel chunks.
+//! Guest-visible comparison of two images in any formats, driven by their extent maps walked in
+//! step ([`Walk`]): ranges that both maps call zero are never read, and the rest is compared in
+//! parallel chunks, in place where an image is mapped in memory.
 
 use crate::parallel::read_pool;
 use crate::progress::Progress;
@@ -190,4 +191,109 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
         off += ca.len();
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::NoProgress;
+    use crate::test_image::MemImage;
+
+    const MIB: usize = 1 << 20;
+
+    fn pair(mapped: (bool, bool), a: MemImage, b: MemImage) -> (MemImage, MemImage) {
+        let a = if mapped.0 { a.mapped() } else { a };
+        let b = if mapped.1 { b.mapped() } else { b };
+        (a, b)
+    }
+
+    #[test]
+    fn reports_the_lowest_difference_whatever_the_layout() {
+        let data = vec![0x5a; 6 * MIB];
+        let mut changed = data.clone();
+        changed[5 * MIB + 3] = 0;
+        for mapped in [(false, false), (true, false), (false, true), (true, true)] {
+            // Same content, laid out differently: zeros stored as data against a hole.
+            let (a, b) = pair(
+                mapped,
+                MemImage::new(20 * MIB, &[(MIB as u64, &data), (12 << 20, &[0; 100])]),
+                MemImage::new(20 * MIB, &[(MIB as u64, &data)]),
+            );
+            let r = compare(&a, &b, false, &NoProgress).unwrap();
+            assert_eq!(r, CompareResult::Identical, "{mapped:?}");
+            // Differences in several cells: data against data, data against a hole.
+            let (a, b) = pair(
+                mapped,
+                MemImage::new(20 * MIB, &[(MIB as u64, &data), (13 << 20, &[1; 10])]),
+                MemImage::new(20 * MIB, &[(MIB as u64, &changed), (17 << 20, &[2; 10])]),
+            );
+            let r = compare(&a, &b, false, &NoProgress).unwrap();
+            let offset = 6 * MIB as u64 + 3;
+            assert_eq!(r, CompareResult::ContentDiffers { offset }, "{mapped:?}");
+            let (a, b) = pair(
+                mapped,
+                MemImage::new(20 * MIB, &[(13 << 20, &[0, 1])]),
+                MemImage::new(20 * MIB, &[(17 << 20, &[2; 10])]),
+            );
+            let r = compare(&a, &b, false, &NoProgress).unwrap();
+            let offset = (13 << 20) + 1;
+            assert_eq!(r, CompareResult::ContentDiffers { offset }, "{mapped:?}");
+        }
+    }
+
+    /// An image whose map fails from `from` on.
+    struct BadMap {
+        inner: MemImage,
+        from: u64,
+    }
+
+    impl Image for BadMap {
+        fn format(&self) -> diskkit_formats::Format {
+            self.inner.format()
+        }
+        fn virtual_size(&self) -> u64 {
+            self.inner.virtual_size()
+        }
+        fn map(&self, offset: u64, max_len: u64) -> Result<diskkit_formats::Extent> {
+            if offset >= self.from {
+                return Err(Error::invalid(format!("bad map at {offset:#x}")));
+            }
+            self.inner.map(offset, max_len.min(self.from - offset))
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            self.inner.read_at(buf, offset)
+        }
+        fn info(&self) -> diskkit_formats::ImageInfo {
+            self.inner.info()
+        }
+    }
+
+    #[test]
+    fn a_difference_below_a_map_error_wins_over_it() {
+        let bad = |from| BadMap {
+            inner: MemImage::new(20 * MIB, &[(MIB as u64, &[1; 10])]),
+            from,
+        };
+        let other = MemImage::new(20 * MIB, &[(MIB as u64, &[1; 10]), (5 << 20, &[2; 10])]);
+        let r = compare(&bad(9 << 20), &other, false, &NoProgress).unwrap();
+        let offset = 5 << 20;
+        assert_eq!(r, CompareResult::ContentDiffers { offset });
+        let err = compare(&bad(3 << 20), &other, false, &NoProgress).unwrap_err();
+        assert!(err.to_string().contains("bad map at 0x300000"), "{err}");
+    }
+
+    #[test]
+    fn sizes_differ_only_by_a_non_zero_tail_or_in_strict_mode() {
+        let short = MemImage::new(5 * MIB, &[(100, &[7; 100])]);
+        let zero_tail = MemImage::new(9 * MIB, &[(100, &[7; 100]), (7 << 20, &[0; 10])]);
+        let tail = MemImage::new(9 * MIB, &[(100, &[7; 100]), (7 << 20, &[0, 3])]);
+        let r = compare(&short, &zero_tail, false, &NoProgress).unwrap();
+        assert_eq!(r, CompareResult::Identical);
+        let r = compare(&tail, &short, false, &NoProgress).unwrap();
+        let offset = (7 << 20) + 1;
+        assert_eq!(r, CompareResult::ContentDiffers { offset });
+        let r = compare(&short, &zero_tail, true, &NoProgress).unwrap();
+        let (a, b) = (5 * MIB as u64, 9 * MIB as u64);
+        assert_eq!(r, CompareResult::SizeDiffers { a, b });
+    }
 }

@@ -1,11 +1,11 @@
 //! Parallel computation of the diskkit guest digest (defined in `diskkit_formats::digest`) of an
 //! image in any format, or of a raw stream.
 //!
-//! Images: one thread walks the extent map in guest order and cuts it into chunk jobs; chunks the
-//! map calls zero take the precomputed zero digest without a read, the others are read (their zero
-//! parts filled in, not read) and hashed by twice as many threads as cores (see `parallel`), so
-//! that reads overlap with hashing. Jobs go in windows whose results are folded in order, so memory stays bounded
-//! whatever the image size.
+//! Images: one thread walks the extent map in guest order ([`Walk`]) and cuts it into chunk jobs;
+//! chunks the map calls zero take the precomputed zero digest without a read, the others are read
+//! (in place where the image is mapped; their zero parts filled in, not read) and hashed by twice
+//! as many threads as cores (see `parallel`), so that reads overlap with hashing. Jobs go in
+//! windows whose results are folded in order, so memory stays bounded whatever the image size.
 //!
 //! Streams: chunks are read sequentially while the previous batch is hashed in parallel.
 

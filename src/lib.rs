@@ -11,6 +11,8 @@ pub mod parallel;
 pub mod progress;
 pub mod snapshot;
 pub mod storage;
+#[cfg(test)]
+mod test_image;
 
 pub use diskkit_formats as formats;
 pub use diskkit_formats::{Error, Result};

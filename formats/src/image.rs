@@ -296,12 +296,15 @@ pub fn read_backing(backing: Option<&dyn Image>, buf: &mut [u8], offset: u64) ->
 }
 
 /// Iterates over the extents of `image` between `start` and `end`, merging neighbours of the same
-/// kind and depth (and contiguous host offsets) into one extent.
+/// kind and depth (and contiguous host offsets) into one extent. A map error ends the walk; the
+/// extents before it come first.
 pub struct Extents<'a> {
     image: &'a dyn Image,
     pos: u64,
     end: u64,
     pending: Option<Extent>,
+    /// A map error met while `pending` was still being extended: returned right after it.
+    error: Option<Error>,
 }
 
 impl<'a> Extents<'a> {
@@ -311,6 +314,19 @@ impl<'a> Extents<'a> {
             pos: start,
             end: end.min(image.virtual_size()),
             pending: None,
+            error: None,
+        }
+    }
+
+    /// Ends the walk with `err`, after the extent being merged if there is one.
+    fn fail(&mut self, err: Error) -> Option<Result<Extent>> {
+        self.pos = self.end;
+        match self.pending.take() {
+            Some(p) => {
+                self.error = Some(err);
+                Some(Ok(p))
+            }
+            None => Some(Err(err)),
         }
     }
 }
@@ -330,25 +346,25 @@ impl Iterator for Extents<'_> {
     type Item = Result<Extent>;
 
     fn next(&mut self) -> Option<Result<Extent>> {
+        if let Some(err) = self.error.take() {
+            return Some(Err(err));
+        }
         loop {
             if self.pos >= self.end {
                 return self.pending.take().map(Ok);
             }
             let e = match self.image.map(self.pos, self.end - self.pos) {
                 Ok(e) => e,
-                Err(err) => {
-                    self.pos = self.end;
-                    return Some(Err(err));
-                }
+                Err(err) => return self.fail(err),
             };
             if e.start != self.pos || e.length == 0 || e.length > self.end - self.pos {
-                self.pos = self.end;
-                return Some(Err(Error::invalid(format!(
+                let err = Error::invalid(format!(
                     "{} driver returned a bad extent {:?} for offset {:#x}",
                     self.image.format(),
                     e,
                     self.pos
-                ))));
+                ));
+                return self.fail(err);
             }
             self.pos = e.end();
             match self.pending.as_mut() {

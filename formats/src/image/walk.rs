@@ -6,7 +6,6 @@
 use super::{Extents, Image};
 use crate::error::{Error, Result};
 use std::fmt;
-use std::iter::Peekable;
 use std::ops::Range;
 
 /// Guest bytes `[start, end)`. One type for every guest range, so that an end cannot be taken
@@ -70,20 +69,30 @@ fn next_boundary(pos: u64, grid: u64) -> u64 {
 /// The ranges of `image` inside `range` that its map does not call zero: what a copy must read.
 /// Ascending, inside the virtual size; reads metadata only.
 pub fn allocated_ranges(image: &dyn Image, range: GuestRange) -> DataRanges<'_> {
-    DataRanges(Extents::new(image, range.start, range.end))
+    DataRanges {
+        extents: Extents::new(image, range.start, range.end),
+        mapped_to: range.start,
+    }
 }
 
-pub struct DataRanges<'a>(Extents<'a>);
+pub struct DataRanges<'a> {
+    extents: Extents<'a>,
+    /// The map is known up to here: where an error returned lies.
+    mapped_to: u64,
+}
 
 impl Iterator for DataRanges<'_> {
     type Item = Result<GuestRange>;
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
-            match self.0.next()? {
-                Ok(e) if e.is_zero() => continue,
-                Ok(e) => return Some(Ok(e.range())),
+            let e = match self.extents.next()? {
+                Ok(e) => e,
                 Err(err) => return Some(Err(err)),
+            };
+            self.mapped_to = e.end();
+            if !e.is_zero() {
+                return Some(Ok(e.range()));
             }
         }
     }
@@ -162,13 +171,69 @@ impl Step {
 
 /// Walks the extent maps of several images over one guest range in step, in guest order, and
 /// cuts it at the multiples of a grid: see [`Step`]. Sequential and metadata-only; consumers
-/// that read in parallel pull steps as workers become free, so few are ever pending.
+/// that read in parallel pull steps as workers become free, so few are ever pending. A map error
+/// is returned when the walk reaches the cell it lies in: the steps below it come first, as a
+/// walk of each cell on its own would give them.
 pub struct Walk<'a> {
-    layers: Vec<Peekable<DataRanges<'a>>>,
+    layers: Vec<Layer<'a>>,
     /// Start of the next step.
     pos: u64,
     end: u64,
     grid: u64,
+}
+
+/// One image of a walk, looking one data range ahead.
+struct Layer<'a> {
+    ranges: DataRanges<'a>,
+    ahead: Ahead,
+}
+
+enum Ahead {
+    /// Not looked at yet.
+    Unknown,
+    Range(GuestRange),
+    /// A map error, and the offset it lies at.
+    Error(u64, Error),
+    Done,
+}
+
+impl Layer<'_> {
+    /// Where this layer next needs the walk: the start of its next data range or its error.
+    fn next_at(&mut self) -> Option<u64> {
+        if matches!(self.ahead, Ahead::Unknown) {
+            self.ahead = match self.ranges.next() {
+                Some(Ok(r)) => Ahead::Range(r),
+                Some(Err(e)) => Ahead::Error(self.ranges.mapped_to, e),
+                None => Ahead::Done,
+            };
+        }
+        match &self.ahead {
+            Ahead::Range(r) => Some(r.start),
+            Ahead::Error(at, _) => Some(*at),
+            Ahead::Unknown | Ahead::Done => None,
+        }
+    }
+
+    /// Takes the data ranges inside `cell` (the next one starts there or later).
+    fn take_in(&mut self, cell: GuestRange) -> Result<Vec<GuestRange>> {
+        let mut inside = Vec::new();
+        while self.next_at().is_some_and(|at| at < cell.end) {
+            match std::mem::replace(&mut self.ahead, Ahead::Unknown) {
+                Ahead::Range(r) => {
+                    inside.push(GuestRange::new(
+                        r.start.max(cell.start),
+                        r.end.min(cell.end),
+                    ));
+                    if r.end > cell.end {
+                        self.ahead = Ahead::Range(GuestRange::new(cell.end, r.end));
+                    }
+                }
+                Ahead::Error(_, e) => return Err(e),
+                Ahead::Unknown | Ahead::Done => {}
+            }
+        }
+        Ok(inside)
+    }
 }
 
 impl<'a> Walk<'a> {
@@ -181,7 +246,10 @@ impl<'a> Walk<'a> {
         Ok(Walk {
             layers: images
                 .iter()
-                .map(|&image| allocated_ranges(image, range).peekable())
+                .map(|&image| Layer {
+                    ranges: allocated_ranges(image, range),
+                    ahead: Ahead::Unknown,
+                })
                 .collect(),
             pos: range.start,
             end: range.end,
@@ -198,19 +266,11 @@ impl<'a> Walk<'a> {
         if self.pos >= self.end {
             return Ok(None);
         }
-        let mut next_data = self.end;
-        for layer in &mut self.layers {
-            match layer.peek() {
-                Some(Ok(r)) => next_data = next_data.min(r.start),
-                Some(Err(_)) => return Err(take_error(layer)),
-                None => {}
-            }
-        }
-        // Ranges below `pos` were consumed by earlier steps, so `next_data >= pos`.
-        let cell_start = if next_data >= self.end {
-            self.end
-        } else {
-            next_data / self.grid * self.grid
+        let next = self.layers.iter_mut().filter_map(Layer::next_at).min();
+        // Ranges below `pos` were consumed by earlier steps, so `next >= pos`.
+        let cell_start = match next {
+            Some(at) if at < self.end => at / self.grid * self.grid,
+            _ => self.end,
         };
         if cell_start > self.pos {
             let zeros = GuestRange::new(self.pos, cell_start);
@@ -218,37 +278,13 @@ impl<'a> Walk<'a> {
             return Ok(Some(Step::Zeros(zeros)));
         }
         let range = GuestRange::new(self.pos, next_boundary(self.pos, self.grid).min(self.end));
-        let mut data = Vec::with_capacity(self.layers.len());
-        for layer in &mut self.layers {
-            let mut inside = Vec::new();
-            loop {
-                match layer.peek_mut() {
-                    Some(Ok(r)) if r.start < range.end => {
-                        inside.push(GuestRange::new(
-                            r.start.max(range.start),
-                            r.end.min(range.end),
-                        ));
-                        if r.end > range.end {
-                            r.start = range.end;
-                            break;
-                        }
-                        layer.next();
-                    }
-                    Some(Err(_)) => return Err(take_error(layer)),
-                    _ => break,
-                }
-            }
-            data.push(inside);
-        }
+        let data = self
+            .layers
+            .iter_mut()
+            .map(|layer| layer.take_in(range))
+            .collect::<Result<_>>()?;
         self.pos = range.end;
         Ok(Some(Step::Cell { range, data }))
-    }
-}
-
-fn take_error(layer: &mut Peekable<DataRanges>) -> Error {
-    match layer.next() {
-        Some(Err(e)) => e,
-        _ => Error::invalid("extent walk lost its error"),
     }
 }
 
@@ -267,7 +303,8 @@ impl Iterator for Walk<'_> {
 }
 
 /// Calls `f` on the guest bytes of `range` of `image`: in place where the image has them
-/// mapped in memory, else read into `buf` (resized to fit).
+/// mapped in memory, else read into `buf` (grown to fit, never shrunk: a buffer that shrank for
+/// a short read would be filled again to grow back).
 pub fn with_bytes<T>(
     image: &dyn Image,
     range: GuestRange,
@@ -281,9 +318,12 @@ pub fn with_bytes<T>(
     }
     let len = usize::try_from(range.len())
         .map_err(|_| Error::invalid(format!("guest range {range} is too long to read at once")))?;
-    buf.resize(len, 0);
-    image.read_at(buf, range.start)?;
-    Ok(f(buf))
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    let bytes = &mut buf[..len];
+    image.read_at(bytes, range.start)?;
+    Ok(f(bytes))
 }
 
 /// Calls `f` on the guest bytes of `range` of `image`, in order: all at once where the image
@@ -351,12 +391,13 @@ mod tests {
     use crate::image::{Extent, ExtentKind, Format, ImageInfo};
     use std::path::PathBuf;
 
-    /// A guest of `size` bytes whose data ranges are `data` (content: the low byte of the
-    /// offset, plus one), zeros elsewhere; `mapped` serves data in place.
+    /// A guest of `size` bytes whose data ranges are `data` (content: the offset modulo 251,
+    /// plus one), zeros elsewhere; `mapped` serves data in place; its map fails from `fail_from`.
     struct Mem {
         size: u64,
         data: Vec<GuestRange>,
         mapped: bool,
+        fail_from: u64,
     }
 
     fn byte_at(offset: u64) -> u8 {
@@ -371,6 +412,10 @@ mod tests {
             self.size
         }
         fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
+            if offset >= self.fail_from {
+                return Err(Error::invalid(format!("bad map at {offset:#x}")));
+            }
+            let max_len = max_len.min(self.fail_from - offset);
             let next = self.data[self.data.partition_point(|r| r.end <= offset)..].first();
             let inside = next.is_some_and(|r| r.start <= offset);
             let until = next.map_or(u64::MAX, |r| if inside { r.end } else { r.start });
@@ -419,12 +464,14 @@ mod tests {
             size: 100,
             data: vec![r(5, 12), r(45, 47)],
             mapped: false,
+            fail_from: u64::MAX,
         };
         // Shorter than the walk: zeros past its end.
         let b = Mem {
             size: 50,
             data: vec![r(8, 25)],
             mapped: false,
+            fail_from: u64::MAX,
         };
         let steps: Vec<Step> = Walk::new(&[&a, &b], r(0, 100), 10)
             .unwrap()
@@ -449,6 +496,33 @@ mod tests {
             .collect();
         assert_eq!(steps, [r(7, 10), r(10, 20), r(20, 33)]);
         assert!(Walk::new(&[&a], r(0, 100), 0).is_err());
+    }
+
+    #[test]
+    fn walk_returns_a_map_error_at_the_cell_it_lies_in() {
+        let image = Mem {
+            size: 100,
+            data: vec![r(5, 12)],
+            mapped: false,
+            fail_from: 45,
+        };
+        let mut walk = Walk::new(&[&image], r(0, 100), 10).unwrap();
+        let cell = Step::Cell {
+            range: r(0, 10),
+            data: vec![vec![r(5, 10)]],
+        };
+        assert_eq!(walk.next().unwrap().unwrap(), cell);
+        assert_eq!(walk.next().unwrap().unwrap().range(), r(10, 20));
+        assert_eq!(walk.next().unwrap().unwrap(), Step::Zeros(r(20, 40)));
+        assert_eq!(walk.position(), 40);
+        let err = walk.next().unwrap().unwrap_err();
+        assert!(err.to_string().contains("bad map at 0x2d"), "{err}");
+        assert!(walk.next().is_none());
+        // The extent being merged when the map failed comes before the error.
+        let extents: Vec<_> = Extents::new(&image, 0, 100).collect();
+        assert_eq!(extents.len(), 4);
+        assert_eq!(extents[2].as_ref().unwrap().range(), r(12, 45));
+        assert!(extents[3].is_err());
     }
 
     #[test]
@@ -477,6 +551,7 @@ mod tests {
                 size: 64,
                 data: vec![r(3, 9), r(20, 30)],
                 mapped,
+                fail_from: u64::MAX,
             };
             let mut expected = vec![0u8; 64];
             image.read_at(&mut expected, 0).unwrap();
