@@ -1,5 +1,6 @@
 //! `diskkit check`: consistency check of image metadata, like `qemu-img check`.
 
+use super::util::implicit_opens;
 use super::util::{IMAGE_HELP, Out, OutputFormat, parse_format, printable};
 use diskkit::formats::check::{self, CheckReport, Repair};
 use diskkit::formats::{Error, Format, HostFile, Result, detect};
@@ -50,7 +51,7 @@ pub fn run(args: Args) -> Result<i32> {
         RepairArg::Leaks => Repair::Leaks,
         RepairArg::All => Repair::All,
     });
-    let Some(report) = check::check(format, &args.image, repair)? else {
+    let Some(report) = check::check_with(format, &args.image, repair, implicit_opens())? else {
         eprintln!(
             "diskkit: {}: this image format ({format}) does not support checks",
             args.image.display()

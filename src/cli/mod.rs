@@ -44,6 +44,10 @@ Exit codes: 0 success (compare: identical), 1 compare: images differ, 2 error \
     after_help = "Sizes accept suffixes K, M, G, T, P (powers of 1024), e.g. 10G or 512M."
 )]
 pub struct Cli {
+    /// Refuse files that image metadata names (backing files, data files, VMDK extents, VHD and
+    /// VHDX parents) outside the image's directory, instead of warning about them
+    #[arg(long, global = true)]
+    no_external_files: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -72,6 +76,11 @@ enum Command {
 
 pub fn run() -> i32 {
     let cli = Cli::parse();
+    util::set_implicit_opens(if cli.no_external_files {
+        diskkit::formats::ImplicitOpens::RefuseOutsideDir
+    } else {
+        diskkit::formats::ImplicitOpens::WarnOutsideDir
+    });
     let result = match cli.command {
         Command::Info(a) => info::run(a),
         Command::Map(a) => map::run(a),

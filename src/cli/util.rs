@@ -2,7 +2,9 @@
 
 use clap::ValueEnum;
 use diskkit::convert::allocated_ranges;
-use diskkit::formats::{CreateOptions, Format, Image, OpenOptions, Result, open};
+use diskkit::formats::{
+    CreateOptions, Format, Image, ImplicitOpens, OpenOptions, Result, open_with,
+};
 use diskkit::progress::Progress;
 use indicatif::{HumanDuration, ProgressBar, ProgressState, ProgressStyle};
 use std::borrow::Cow;
@@ -99,6 +101,17 @@ pub fn parse_format(s: &str) -> std::result::Result<Format, String> {
     Format::parse(s).map_err(|e| e.to_string())
 }
 
+/// The policy for files that image metadata names, set once from the command line.
+static IMPLICIT_OPENS: std::sync::OnceLock<ImplicitOpens> = std::sync::OnceLock::new();
+
+pub fn set_implicit_opens(policy: ImplicitOpens) {
+    let _ = IMPLICIT_OPENS.set(policy);
+}
+
+pub fn implicit_opens() -> ImplicitOpens {
+    IMPLICIT_OPENS.get().copied().unwrap_or_default()
+}
+
 /// Opens an image source: a file, or `STORE#ID`, a snapshot in a snapshot store (connection
 /// settings and an encrypted store's key from the environment and the default profile). A file whose name contains `#`
 /// is still a file when it exists.
@@ -122,12 +135,13 @@ pub fn open_image(
             store, id, &settings, None, key,
         )?));
     }
-    open(
+    open_with(
         path,
         &OpenOptions {
             format,
             snapshot: snapshot.map(str::to_string),
         },
+        implicit_opens(),
     )
 }
 

@@ -503,13 +503,15 @@ fn free_space(dir: &Path) -> Option<u64> {
     (st.f_bavail as u64).checked_mul(st.f_frsize as u64)
 }
 
+/// Opens a downloaded image: it came from a bucket, so it may name no other file.
 fn open_as(path: &Path, format: Format) -> Result<Box<dyn Image>> {
-    diskkit_formats::open(
+    diskkit_formats::open_with(
         path,
         &diskkit_formats::OpenOptions {
             format: Some(format),
             snapshot: None,
         },
+        diskkit_formats::ImplicitOpens::Refuse,
     )
 }
 
