@@ -181,6 +181,7 @@ impl Extractor<'_> {
 
     fn write_file(&mut self, dir: &Path, name: &str, entry: &Entry) -> Result<()> {
         let tmp = self.temp_name(dir);
+        let _removed_on_signals = crate::output::TempRegistration::new(&tmp);
         let result = self.write_temp(&tmp, entry);
         match result.and_then(|()| rename(&tmp, &dir.join(name))) {
             Ok(()) => Ok(()),

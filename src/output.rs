@@ -26,7 +26,7 @@ pub struct PendingOutput {
     path: PathBuf,
     dir: PathBuf,
     temp: PathBuf,
-    _registered: Registered,
+    _registered: TempRegistration,
     committed: bool,
 }
 
@@ -59,7 +59,7 @@ impl PendingOutput {
         temp_name.push(std::process::id().to_string());
         let temp = dir.join(temp_name);
         Ok(PendingOutput {
-            _registered: Registered::new(&temp),
+            _registered: TempRegistration::new(&temp),
             path,
             dir,
             temp,
@@ -126,6 +126,56 @@ impl Drop for PendingOutput {
         }
     }
 }
+
+/// A scratch file for intermediate data (a download converted after it arrives), made in `dir`
+/// as `.diskkit-scratch-N.diskkit-tmp-PID`: removed when dropped and on SIGINT, SIGTERM and
+/// SIGHUP; leftovers of dead processes in `dir` are removed when the next one is made there.
+pub struct Scratch {
+    path: PathBuf,
+    _registered: TempRegistration,
+}
+
+impl Scratch {
+    pub fn new(dir: &Path) -> Result<Scratch> {
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        remove_dead_leftovers(dir, OsStr::new(SCRATCH_PREFIX));
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(format!(
+            "{SCRATCH_PREFIX}{n}{TEMP_MARK}{}",
+            std::process::id()
+        ));
+        let registered = TempRegistration::new(&path);
+        std::fs::File::create_new(&path).map_err(|e| Error::io(&path, "create", e))?;
+        Ok(Scratch {
+            path,
+            _registered: registered,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Moves the scratch file, complete and synced by its writer, to `dst` (already resolved
+    /// by [`final_target`], in the same directory) and syncs the directory: for a download
+    /// that is itself the output.
+    pub fn keep_as(self, dst: &Path) -> Result<()> {
+        std::fs::rename(&self.path, dst).map_err(|e| Error::io(dst, "rename into place", e))?;
+        let dir = match dst.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        sync_dir(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+const SCRATCH_PREFIX: &str = ".diskkit-scratch-";
 
 /// Writes `bytes` as the whole new content of `path`, safely (manifests, checkpoints).
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -207,21 +257,21 @@ fn temp_prefix(name: &OsStr) -> OsString {
     prefix
 }
 
-/// Removes `dir/PREFIXPID` files whose process no longer exists: what a SIGKILLed or crashed
-/// diskkit left. A file whose PID is alive (another diskkit writing the same name, or an
-/// unrelated process that reused the PID) is kept. Best effort: a leftover that cannot be removed
-/// costs space, not correctness.
+/// Removes the files of `dir` whose names start with `prefix` and end in `.diskkit-tmp-PID`
+/// for a process that no longer exists: what a SIGKILLed or crashed diskkit left. A file whose
+/// PID is alive (another diskkit writing the same name, or an unrelated process that reused the
+/// PID) is kept. Best effort: a leftover that cannot be removed costs space, not correctness.
 pub fn remove_dead_leftovers(dir: &Path, prefix: &OsStr) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(pid) = name
-            .as_bytes()
-            .strip_prefix(prefix.as_bytes())
-            .and_then(|rest| std::str::from_utf8(rest).ok())
-            .and_then(|rest| rest.parse::<i32>().ok())
+        let Some(pid) = std::str::from_utf8(name.as_bytes())
+            .ok()
+            .filter(|n| n.as_bytes().starts_with(prefix.as_bytes()))
+            .and_then(|n| n.rsplit_once(TEMP_MARK))
+            .and_then(|(_, pid)| pid.parse::<i32>().ok())
         else {
             continue;
         };
@@ -245,13 +295,15 @@ const MAX_REGISTERED: usize = 256;
 static REGISTERED: [AtomicPtr<libc::c_char>; MAX_REGISTERED] =
     [const { AtomicPtr::new(std::ptr::null_mut()) }; MAX_REGISTERED];
 
-/// A temporary path's place in [`REGISTERED`] for as long as it lives.
-struct Registered(Option<usize>);
+/// A temporary path's place in the table of files that SIGINT, SIGTERM and SIGHUP remove, for
+/// as long as it lives. For temporary files made outside [`PendingOutput`] and [`Scratch`]
+/// (extraction writes its own, with `O_NOFOLLOW`).
+pub struct TempRegistration(Option<usize>);
 
-impl Registered {
-    fn new(path: &Path) -> Registered {
+impl TempRegistration {
+    pub fn new(path: &Path) -> TempRegistration {
         let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
-            return Registered(None);
+            return TempRegistration(None);
         };
         let ptr = c.into_raw();
         for (i, slot) in REGISTERED.iter().enumerate() {
@@ -264,16 +316,16 @@ impl Registered {
                 )
                 .is_ok()
             {
-                return Registered(Some(i));
+                return TempRegistration(Some(i));
             }
         }
         // SAFETY: `ptr` came from CString::into_raw just above and was stored nowhere.
         drop(unsafe { CString::from_raw(ptr) });
-        Registered(None)
+        TempRegistration(None)
     }
 }
 
-impl Drop for Registered {
+impl Drop for TempRegistration {
     fn drop(&mut self) {
         if let Some(i) = self.0 {
             let ptr = REGISTERED[i].swap(std::ptr::null_mut(), Ordering::SeqCst);
@@ -384,6 +436,25 @@ mod tests {
         assert!(!dead_leftover.exists());
         assert!(live_leftover.exists());
         assert!(other_name.exists(), "only leftovers of the same name go");
+    }
+
+    #[test]
+    fn scratch_files_go_when_dropped_and_dead_ones_on_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let leftover = dir
+            .path()
+            .join(format!(".diskkit-scratch-7.diskkit-tmp-{dead}"));
+        std::fs::write(&leftover, b"x").unwrap();
+        let scratch = Scratch::new(dir.path()).unwrap();
+        assert!(!leftover.exists());
+        assert!(scratch.path().exists());
+        let path = scratch.path().to_path_buf();
+        assert!(registered_paths().contains(&path.to_string_lossy().into_owned()));
+        drop(scratch);
+        assert!(!path.exists());
     }
 
     #[test]

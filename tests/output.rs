@@ -102,3 +102,62 @@ fn errors_name_the_output_not_its_temporary_file() {
         .collect();
     assert_eq!(names, ["src.qcow2"]);
 }
+
+#[test]
+fn an_interrupted_pull_leaves_nothing_behind() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempdir();
+    let bucket = p(dir.path(), "bucket");
+    std::fs::create_dir(&bucket).unwrap();
+    let src = p(dir.path(), "src.raw");
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let data: Vec<u8> = (0..48 * MIB / 8)
+        .flat_map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state.to_le_bytes()
+        })
+        .collect();
+    std::fs::write(&src, data).unwrap();
+    let object = format!("{}/disk.qcow2", path_str(&bucket));
+    let cache = p(dir.path(), "cache");
+    let run = |args: &[&str]| {
+        std::process::Command::new(diskkit_bin())
+            .args(args)
+            .env("XDG_CACHE_HOME", &cache)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    assert!(
+        run(&["push", "-O", "qcow2", path_str(&src), &object])
+            .wait()
+            .unwrap()
+            .success()
+    );
+    let out_dir = p(dir.path(), "out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let dst = p(&out_dir, "pulled.raw");
+    let mut interrupted = false;
+    for delay_ms in [30, 10, 3, 0] {
+        // A qcow2 object is downloaded to a scratch file next to DST, then converted.
+        let mut child = run(&["pull", "-O", "raw", &object, path_str(&dst)]);
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        // SAFETY: signals our own child, which has not been reaped yet.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait().unwrap();
+        let left: Vec<String> = std::fs::read_dir(&out_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        if status.signal() == Some(libc::SIGTERM) {
+            interrupted = true;
+            assert!(left.is_empty(), "an interrupted pull left {left:?}");
+            break;
+        }
+        std::fs::remove_file(&dst).unwrap();
+    }
+    assert!(interrupted, "every pull finished before SIGTERM");
+}

@@ -8,7 +8,7 @@ use diskkit::formats::{Error, Format, Result};
 use diskkit::hash::{ImageHash, hash_image, hash_stream};
 use diskkit::hash_check::{ManifestCheck, check_image, check_stream, parse_digest_line};
 use diskkit::progress::NoProgress;
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 
 /// Hash the guest content of images, the same digest whatever the format (sha256sum-style output)
@@ -82,7 +82,7 @@ pub fn run(args: Args) -> Result<i32> {
         let mut manifest = Manifest::new(chunk_size, chunks)?;
         manifest.format = Some(format);
         manifest.source = Some(image.display().to_string());
-        write_atomically(manifest_path, &manifest.to_json())?;
+        diskkit::output::write_file(manifest_path, manifest.to_json().as_bytes())?;
         let mut out = Out::new();
         writeln!(out, "{}  {}", hex(&hash.digest), image.display())?;
         out.flush()?;
@@ -308,28 +308,4 @@ fn check_list(args: &Args, file: &Path, text: &str) -> Result<i32> {
     } else {
         EXIT_OK
     })
-}
-
-/// Writes `text` to `path` so that readers see the old file or the whole new one, even after a
-/// crash: a temporary file in the same directory, flushed to disk, renamed over `path`.
-fn write_atomically(path: &Path, text: &str) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = &diskkit::output::final_target(path)?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".diskkit-manifest-")
-        .permissions(std::fs::Permissions::from_mode(0o666))
-        .tempfile_in(dir)
-        .map_err(|e| Error::io(dir, "create temporary file", e))?;
-    tmp.write_all(text.as_bytes())
-        .and_then(|()| tmp.as_file().sync_all())
-        .map_err(|e| Error::io(tmp.path(), "write", e))?;
-    tmp.persist(path)
-        .map_err(|e| Error::io(path, "rename into place", e.error))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(dir, "sync directory", e))
 }

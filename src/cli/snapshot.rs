@@ -229,7 +229,6 @@ struct VerifyArgs {
 }
 
 pub fn run(args: Args) -> Result<i32> {
-    diskkit::output::remove_temps_on_signals();
     match args.command {
         Command::Create(a) => create(a),
         Command::Ls(a) => ls(a),

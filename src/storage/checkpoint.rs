@@ -55,21 +55,14 @@ impl Checkpoint {
         }
     }
 
-    /// Writes the checkpoint to `path` atomically (temporary file, sync, rename).
+    /// Writes the checkpoint to `path` atomically (see [`crate::output`]).
     pub fn save(&self, path: &Path) -> Result<()> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "create", e))?;
         }
-        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
         let json = serde_json::to_vec_pretty(self)
             .map_err(|e| Error::invalid(format!("checkpoint: {e}")))?;
-        (|| {
-            let f = std::fs::File::create(&tmp)?;
-            std::io::Write::write_all(&mut &f, &json)?;
-            f.sync_data()?;
-            std::fs::rename(&tmp, path)
-        })()
-        .map_err(|e| Error::io(path, "write checkpoint", e))
+        crate::output::write_file(path, &json)
     }
 
     pub fn remove(path: &Path) -> Result<()> {

@@ -253,7 +253,7 @@ fn pull_foreign(
 ) -> Result<Verified> {
     let threads = opts.threads;
     let check = EtagCheck::new(meta, location, opts.verify)?;
-    let local = Download::new(dir)?;
+    let local = crate::output::Scratch::new(dir)?;
     download(
         store,
         location,
@@ -268,12 +268,13 @@ fn pull_foreign(
         None => Verified::Unchecked,
     };
     match opts.format {
-        None => local
-            .0
-            .persist(dst)
-            .map_err(|e| Error::io(dst, "rename into place", e.error))?,
+        None => local.keep_as(dst)?,
         Some(format) => {
-            let image = diskkit_formats::open(local.path(), &Default::default())?;
+            let image = diskkit_formats::open_with(
+                local.path(),
+                &Default::default(),
+                diskkit_formats::ImplicitOpens::Refuse,
+            )?;
             let convert = ConvertOptions {
                 threads: Some(threads),
                 ..ConvertOptions::default()
@@ -404,7 +405,7 @@ pub fn pull(
         // convert engine's, holes where zeros were).
         Some(_) | None if as_is => {
             create.reject_unknown(format)?;
-            let local = Download::new(dir)?;
+            let local = crate::output::Scratch::new(dir)?;
             // When the object starts with the guest (raw, fixed VHD), its digest is computed
             // from the downloaded bytes as they arrive, instead of reading the file again.
             let in_flight = remote.as_ref().and_then(|_| {
@@ -422,17 +423,14 @@ pub fn pull(
             let verified = in_flight
                 .map(|d| d.check(&manifest, location))
                 .transpose()?;
-            local
-                .0
-                .persist(dst)
-                .map_err(|e| Error::io(dst, "rename into place", e.error))?;
+            local.keep_as(dst)?;
             Ok(verified)
         }
         Some(remote) => {
             convert_to_path(&remote, format, dst, create, &opts, downloading).map(|_| None)
         }
         None => {
-            let local = Download::new(dir)?;
+            let local = crate::output::Scratch::new(dir)?;
             download(
                 store,
                 location,
@@ -698,30 +696,13 @@ pub fn verify(
             Ok(digest)
         }
         None => {
-            let local = Download::new(&std::env::temp_dir())?;
+            let local = crate::output::Scratch::new(&std::env::temp_dir())?;
             download(store, location, local.path(), size, threads, None, reading)?;
             let image = open_as(local.path(), manifest.format()?)?;
             check_digest(image.as_ref(), &manifest, location)
         }
     }?;
     Ok(Verified::Manifest(digest))
-}
-
-/// A temporary file for a download, removed when dropped.
-struct Download(tempfile::TempPath);
-
-impl Download {
-    fn new(dir: &Path) -> Result<Download> {
-        tempfile::Builder::new()
-            .prefix(".diskkit-download-")
-            .tempfile_in(dir)
-            .map(|f| Download(f.into_temp_path()))
-            .map_err(|e| Error::io(dir, "create a temporary file", e))
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
 }
 
 /// Zero detection grain of [`download`]: aligned runs of this many zero bytes become holes.
