@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: takes the sample image shipped in testdata/ through what a
 # cloud import needs: inspect it, convert it to the upload formats, prove the outputs carry the
-# same disk (compare, hash), check their metadata, and take one through object storage (a local
-# directory as the bucket: push, ls, pull back, verify). Builds diskkit first (release).
+# same disk (compare, hash), check their metadata, take one through object storage (a local
+# directory as the bucket: push, ls, pull back, verify) and snapshot it into a local store
+# (create, an incremental, restore, verify). Builds diskkit first (release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Cargo names the binary it built (wherever CARGO_TARGET_DIR or .cargo/config put it).
@@ -39,3 +40,14 @@ $dk ls "$bucket/images/"
 $dk pull -O qcow2 "$bucket/images/disk.qcow2" "$work/pulled.qcow2"
 $dk verify "$bucket/images/disk.qcow2"
 $dk compare "$sample" "$work/pulled.qcow2"
+step "data-disk snapshots in a local directory as the store: a full snapshot, an incremental through a qcow2 overlay, a restore, the snapshot read as an image"
+store="$work/store"
+first=$($dk snapshot create --name data1 "$sample" "$store" | tail -n 1)
+qemu_overlay="$work/overlay.qcow2"
+$dk create -q -f qcow2 -b "$(realpath "$sample")" -F qcow2 "$qemu_overlay"
+$dk snapshot create --parent "$first" "$qemu_overlay" "$store"
+$dk snapshot ls "$store"
+$dk snapshot restore -O vpc "$store" "$first" "$work/restored.vhd"
+$dk compare "$sample" "$work/restored.vhd"
+$dk hash "$sample" "$store#$first"
+$dk snapshot verify --read-data "$store"

@@ -6,7 +6,7 @@ use diskkit::convert::allocated_ranges;
 use diskkit::formats::error::ErrorKind;
 use diskkit::formats::{Error, Format, Result};
 use diskkit::storage::push::{self, Export, PushOptions};
-use diskkit::storage::{Location, Settings, Store, pull};
+use diskkit::storage::{Location, Settings, Store, catalog, pull};
 use std::path::PathBuf;
 
 const URLS: &str = "URLs: s3://BUCKET/KEY, oss://BUCKET/KEY, obs://BUCKET/KEY, or a local \
@@ -440,7 +440,7 @@ enum LsOutput {
 
 pub fn ls(args: LsArgs) -> Result<i32> {
     let (location, store) = args.connection.open(&args.url)?;
-    let items = pull::list(store.as_ref(), &location)?;
+    let items = catalog::list(store.as_ref(), &location)?;
     let time = |t: Option<std::time::SystemTime>| t.and_then(|t| jiff::Timestamp::try_from(t).ok());
     if args.output == LsOutput::Json {
         let json: Vec<_> = items
@@ -497,6 +497,6 @@ pub struct RmArgs {
 
 pub fn rm(args: RmArgs) -> Result<i32> {
     let (location, store) = args.connection.open(&args.url)?;
-    pull::remove(store.as_ref(), &location)?;
+    catalog::remove(store.as_ref(), &location)?;
     Ok(EXIT_OK)
 }

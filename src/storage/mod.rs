@@ -13,10 +13,14 @@
 //! `file://`) is the bucket that needs no server; its uploads go to a temporary file renamed
 //! into place. The `store` module documents what each guarantees.
 
+pub mod catalog;
 mod checkpoint;
+mod download;
+mod etag;
 mod location;
 pub mod pull;
 pub mod push;
+pub mod remote;
 mod s3;
 mod store;
 
