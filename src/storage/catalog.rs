@@ -1,7 +1,7 @@
 //! `ls` and `rm`: the images under a prefix with what their manifests say, and their removal.
 
+use super::local::is_upload_temp;
 use super::push::ObjectManifest;
-use super::store::is_upload_temp;
 use super::{Location, MANIFEST_SUFFIX, Store, manifest_key};
 use diskkit_formats::{Error, Result};
 
