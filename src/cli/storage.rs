@@ -5,7 +5,7 @@ use super::{EXIT_ERROR, EXIT_OK};
 use diskkit::convert::allocated_ranges;
 use diskkit::formats::error::ErrorKind;
 use diskkit::formats::{Error, Format, Result};
-use diskkit::storage::push::{self, Export, PushOptions};
+use diskkit::storage::push::{self, PushOptions};
 use diskkit::storage::{Location, Settings, Store, pull};
 use std::path::PathBuf;
 
@@ -178,7 +178,7 @@ pub fn push(args: PushArgs) -> Result<i32> {
         },
         "compressing",
     );
-    let export = Export::plan(src.as_ref(), out_format, &mut create, &compressing);
+    let export = push::plan(src.as_ref(), out_format, &mut create, &compressing);
     compressing.finish();
     let export = export?;
     let meta = std::fs::metadata(src_path).map_err(|e| Error::io(src_path, "stat", e))?;
@@ -206,15 +206,14 @@ pub fn push(args: PushArgs) -> Result<i32> {
             export.layout_fingerprint()
         ),
     };
-    let guest_size = export.guest_size(src.as_ref());
-    let object_size = export.object_size(src.as_ref());
+    let guest_size = export.guest().virtual_size();
+    let object_size = export.size();
     let hashing = Bar::new(args.progress, guest_size, "hashing");
     let uploading = Bar::new(args.progress, object_size, "uploading");
     let result = push::push(
         store.as_ref(),
         &location,
-        src.as_ref(),
-        &export,
+        export.as_ref(),
         &opts,
         &hashing,
         &uploading,
