@@ -13,7 +13,7 @@
 use crate::parallel::{pool_of, read_pool};
 use crate::progress::Progress;
 use diskkit_formats::host::HostFile;
-use diskkit_formats::image::{self, GuestRange, Step, Walk, first_nonzero_byte, read_filled};
+use diskkit_formats::image::{GuestRange, Step, Walk, first_nonzero_byte, read_filled};
 use diskkit_formats::write::{self, CreateOptions, ImageWriter};
 use diskkit_formats::{Error, Format, Image, Result};
 use rayon::prelude::*;
@@ -197,17 +197,6 @@ fn refuse_input_as_output(src: &dyn Image, backing: Option<&dyn Image>, out: &Pa
         }
     }
     Ok(())
-}
-
-/// The guest ranges `(start, end)` of `image` in `[start, end)` that its map does not call zero.
-// Tuples for the callers outside the engine until they take the `GuestRange`s of
-// [`image::allocated_ranges`].
-pub fn allocated_ranges(
-    image: &dyn Image,
-    start: u64,
-    end: u64,
-) -> impl Iterator<Item = Result<(u64, u64)>> + '_ {
-    image::allocated_ranges(image, GuestRange::new(start, end)).map(|r| r.map(|r| (r.start, r.end)))
 }
 
 /// What to do with one zero-detection unit of a chunk.

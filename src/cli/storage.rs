@@ -2,8 +2,8 @@
 
 use super::util::{Bar, create_options, human_size, open_image, parse_format, parse_size};
 use super::{EXIT_ERROR, EXIT_OK};
-use diskkit::convert::allocated_ranges;
 use diskkit::formats::error::ErrorKind;
+use diskkit::formats::image::{GuestRange, allocated_ranges, touched_clusters};
 use diskkit::formats::{Error, Format, Result};
 use diskkit::storage::push::{self, PushOptions};
 use diskkit::storage::{Location, Settings, Store, pull};
@@ -263,17 +263,11 @@ pub fn push(args: PushArgs) -> Result<i32> {
 /// through.
 fn allocated_cluster_bytes(image: &dyn diskkit::formats::Image) -> u64 {
     use diskkit::formats::qcow2::stream::CLUSTER_SIZE as CLUSTER;
-    let mut last_cluster = None;
-    let mut clusters = 0;
-    for (start, end) in allocated_ranges(image, 0, image.virtual_size()).map_while(Result::ok) {
-        if end <= start {
-            continue;
-        }
-        let first = (start / CLUSTER).max(last_cluster.map_or(0, |c: u64| c + 1));
-        let last = (end - 1) / CLUSTER;
-        clusters += (last + 1).saturating_sub(first);
-        last_cluster = Some(last);
-    }
+    let ranges = allocated_ranges(image, GuestRange::new(0, image.virtual_size()));
+    let clusters: u64 = touched_clusters(ranges, CLUSTER)
+        .map_while(Result::ok)
+        .map(|run| run.end - run.start)
+        .sum();
     clusters * CLUSTER
 }
 

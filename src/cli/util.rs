@@ -1,7 +1,7 @@
 //! Helpers shared by the subcommands: opening images from flags, output modes, human sizes.
 
 use clap::ValueEnum;
-use diskkit::convert::allocated_ranges;
+use diskkit::formats::image::{GuestRange, allocated_ranges};
 use diskkit::formats::{
     CreateOptions, Format, Image, ImplicitOpens, OpenOptions, Result, open_with,
 };
@@ -256,9 +256,9 @@ impl Bar {
         if let Some(c) = &self.counters {
             let mut data = 0;
             for image in images {
-                for range in allocated_ranges(*image, 0, end.min(image.virtual_size())) {
-                    let (start, end) = range?;
-                    data += end - start;
+                let range = GuestRange::new(0, end.min(image.virtual_size()));
+                for data_range in allocated_ranges(*image, range) {
+                    data += data_range?.len();
                 }
             }
             c.data_total.store(data, Ordering::Relaxed);

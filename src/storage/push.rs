@@ -7,12 +7,12 @@
 
 use super::checkpoint::{self, Checkpoint};
 use super::{Location, Store, UploadParts, manifest_key};
-use crate::convert::allocated_ranges;
 use crate::hash::hash_image;
 use crate::progress::Progress;
 use bytes::Bytes;
 use diskkit_formats::digest::{DEFAULT_CHUNK_SIZE, Manifest};
 use diskkit_formats::error::ErrorKind;
+use diskkit_formats::image::{GuestRange, allocated_ranges};
 use diskkit_formats::write::CreateOptions;
 use diskkit_formats::{Error, Format, Image, ImageStream, Result};
 use serde::{Deserialize, Serialize};
@@ -99,7 +99,8 @@ pub fn plan<'a>(
     compressing: &dyn Progress,
 ) -> Result<Box<dyn ImageStream + 'a>> {
     // The layouts of VHD and qcow2 follow from the guest ranges with data.
-    let mut allocated = allocated_ranges(src, 0, src.virtual_size());
+    let mut allocated = allocated_ranges(src, GuestRange::new(0, src.virtual_size()))
+        .map(|r| r.map(|r| (r.start, r.end)));
     diskkit_formats::stream(src, format, create, &mut allocated, &|n| {
         compressing.advance(n)
     })
