@@ -292,6 +292,7 @@ impl Engine<'_> {
             if mapped {
                 written?;
                 self.read.fetch_add(hi - lo, Ordering::Relaxed);
+                self.progress.data_read(hi - lo);
                 self.copy_buffered(GuestRange::new(pos, lo), ranges, bufs)?;
                 pos = hi;
             }
@@ -406,6 +407,7 @@ impl Engine<'_> {
         buf.resize(range.len() as usize, 0);
         let read = read_filled(image, range.start, buf, ranges.iter().copied().map(Ok))?;
         self.read.fetch_add(read, Ordering::Relaxed);
+        self.progress.data_read(read);
         Ok(())
     }
 
@@ -435,7 +437,7 @@ fn units_with_data(ranges: &[GuestRange], range: GuestRange, unit: u64) -> Vec<b
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::progress::NoProgress;
+    use crate::progress::{Counted, NoProgress};
     use crate::test_image::MemImage;
     use std::sync::Mutex;
 
@@ -538,7 +540,8 @@ mod tests {
     fn writes_aligned_runs_and_skips_zeros_from(src: MemImage) {
         for align in [1, 512, 65536, 2 << 20] {
             let dst = RecordingWriter::new(src.virtual_size(), align, true);
-            let stats = convert(&src, &dst, &ConvertOptions::default(), &NoProgress).unwrap();
+            let counted = Counted::default();
+            let stats = convert(&src, &dst, &ConvertOptions::default(), &counted).unwrap();
             let content = dst.content();
             for (i, b) in content.iter().enumerate() {
                 assert_eq!(b.unwrap_or(0), src.bytes[i], "align {align} byte {i}");
@@ -547,6 +550,8 @@ mod tests {
             assert!(dst.written_bytes() < 100_000 + 4 * align, "align {align}");
             assert_eq!(stats.written, dst.written_bytes());
             assert_eq!(stats.read, 3000 + 200_000 + 10_000 + 1000);
+            // Progress counts every guest byte, and the bytes read apart.
+            assert_eq!(counted.totals(), (src.virtual_size(), stats.read));
         }
     }
 

@@ -139,7 +139,8 @@ pub fn run(args: Args) -> Result<i32> {
         backing: backing.as_deref(),
         threads: args.threads,
     };
-    let bar = Bar::new(args.progress, src.virtual_size(), "converting");
+    let bar = Bar::new(args.progress, src.virtual_size(), "converting")
+        .with_data_of(&[src.as_ref()], src.virtual_size())?;
     if args.no_create {
         if args.compress || !args.options.is_empty() || args.backing.is_some() {
             return Err(Error::invalid(

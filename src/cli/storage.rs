@@ -208,7 +208,8 @@ pub fn push(args: PushArgs) -> Result<i32> {
     };
     let guest_size = export.guest().virtual_size();
     let object_size = export.size();
-    let hashing = Bar::new(args.progress, guest_size, "hashing");
+    let hashing = Bar::new(args.progress, guest_size, "hashing")
+        .with_data_of(&[export.guest()], guest_size)?;
     let uploading = Bar::new(args.progress, object_size, "uploading");
     let result = push::push(
         store.as_ref(),
