@@ -5,9 +5,8 @@ use super::util::{
     parse_size, printable,
 };
 use super::{EXIT_ERROR, EXIT_OK};
-use diskkit::formats::error::ErrorKind;
 use diskkit::formats::image::{GuestRange, allocated_ranges, touched_clusters};
-use diskkit::formats::{Error, Format, Result};
+use diskkit::formats::{Error, ErrorKind, Format, Result};
 use diskkit::storage::push::{self, PushOptions};
 use diskkit::storage::{Location, Settings, Store, pull};
 use std::path::PathBuf;
