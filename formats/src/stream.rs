@@ -105,13 +105,14 @@ pub(crate) fn inside_guest(
     ranges: &mut dyn Iterator<Item = Result<GuestRange>>,
 ) -> impl Iterator<Item = Result<GuestRange>> + '_ {
     ranges.map(move |r| {
-        r.and_then(|r| match r.end <= size {
-            true => Ok(r),
-            false => Err(Error::invalid(format!(
+        let r = r?;
+        if r.end > size {
+            return Err(Error::invalid(format!(
                 "allocated range {}..{} past the guest's end {size}",
                 r.start, r.end
-            ))),
-        })
+            )));
+        }
+        Ok(r)
     })
 }
 
