@@ -95,6 +95,8 @@ fn first_difference_in(
                         return;
                     }
                     if let Step::Cell { data, .. } = &step {
+                        // Each image's data in the cell is read (up to a difference found).
+                        progress.data_read(data.iter().flatten().map(GuestRange::len).sum());
                         match compare_cell(a, b, range, data, bufs) {
                             Ok(None) => {}
                             Ok(Some(offset)) => found(offset, Ok(offset)),
@@ -196,7 +198,7 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::progress::NoProgress;
+    use crate::progress::{Counted, NoProgress};
     use crate::test_image::MemImage;
 
     const MIB: usize = 1 << 20;
@@ -219,8 +221,12 @@ mod tests {
                 MemImage::new(20 * MIB, &[(MIB as u64, &data), (12 << 20, &[0; 100])]),
                 MemImage::new(20 * MIB, &[(MIB as u64, &data)]),
             );
-            let r = compare(&a, &b, false, &NoProgress).unwrap();
+            let counted = Counted::default();
+            let r = compare(&a, &b, false, &counted).unwrap();
             assert_eq!(r, CompareResult::Identical, "{mapped:?}");
+            // Every guest byte advanced; the data of both images read, the holes not.
+            let read = 2 * data.len() as u64 + 100;
+            assert_eq!(counted.totals(), (20 * MIB as u64, read), "{mapped:?}");
             // Differences in several cells: data against data, data against a hole.
             let (a, b) = pair(
                 mapped,

@@ -13,7 +13,7 @@
 use crate::parallel::{pool_of, read_pool};
 use crate::progress::Progress;
 use diskkit_formats::host::HostFile;
-use diskkit_formats::image::{self, GuestRange, Step, Walk, first_nonzero_byte, read_filled};
+use diskkit_formats::image::{GuestRange, Step, Walk, first_nonzero_byte, read_filled};
 use diskkit_formats::write::{self, CreateOptions, ImageWriter};
 use diskkit_formats::{Error, Format, Image, Result};
 use rayon::prelude::*;
@@ -199,17 +199,6 @@ fn refuse_input_as_output(src: &dyn Image, backing: Option<&dyn Image>, out: &Pa
     Ok(())
 }
 
-/// The guest ranges `(start, end)` of `image` in `[start, end)` that its map does not call zero.
-// Tuples for the callers outside the engine until they take the `GuestRange`s of
-// [`image::allocated_ranges`].
-pub fn allocated_ranges(
-    image: &dyn Image,
-    start: u64,
-    end: u64,
-) -> impl Iterator<Item = Result<(u64, u64)>> + '_ {
-    image::allocated_ranges(image, GuestRange::new(start, end)).map(|r| r.map(|r| (r.start, r.end)))
-}
-
 /// What to do with one zero-detection unit of a chunk.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Action {
@@ -303,6 +292,7 @@ impl Engine<'_> {
             if mapped {
                 written?;
                 self.read.fetch_add(hi - lo, Ordering::Relaxed);
+                self.progress.data_read(hi - lo);
                 self.copy_buffered(GuestRange::new(pos, lo), ranges, bufs)?;
                 pos = hi;
             }
@@ -417,6 +407,7 @@ impl Engine<'_> {
         buf.resize(range.len() as usize, 0);
         let read = read_filled(image, range.start, buf, ranges.iter().copied().map(Ok))?;
         self.read.fetch_add(read, Ordering::Relaxed);
+        self.progress.data_read(read);
         Ok(())
     }
 
@@ -446,7 +437,7 @@ fn units_with_data(ranges: &[GuestRange], range: GuestRange, unit: u64) -> Vec<b
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::progress::NoProgress;
+    use crate::progress::{Counted, NoProgress};
     use crate::test_image::MemImage;
     use std::sync::Mutex;
 
@@ -549,7 +540,8 @@ mod tests {
     fn writes_aligned_runs_and_skips_zeros_from(src: MemImage) {
         for align in [1, 512, 65536, 2 << 20] {
             let dst = RecordingWriter::new(src.virtual_size(), align, true);
-            let stats = convert(&src, &dst, &ConvertOptions::default(), &NoProgress).unwrap();
+            let counted = Counted::default();
+            let stats = convert(&src, &dst, &ConvertOptions::default(), &counted).unwrap();
             let content = dst.content();
             for (i, b) in content.iter().enumerate() {
                 assert_eq!(b.unwrap_or(0), src.bytes[i], "align {align} byte {i}");
@@ -558,6 +550,8 @@ mod tests {
             assert!(dst.written_bytes() < 100_000 + 4 * align, "align {align}");
             assert_eq!(stats.written, dst.written_bytes());
             assert_eq!(stats.read, 3000 + 200_000 + 10_000 + 1000);
+            // Progress counts every guest byte, and the bytes read apart.
+            assert_eq!(counted.totals(), (src.virtual_size(), stats.read));
         }
     }
 

@@ -90,7 +90,10 @@ pub fn hash_image(
                     let d = match job {
                         Job::Zero(chunk) => hasher.zero(chunk.start, chunk.len()),
                         Job::Read { chunk, data } => {
-                            buffers.with(|buf| hash_chunk(&hasher, image, *chunk, data, buf))?
+                            let d = buffers
+                                .with(|buf| hash_chunk(&hasher, image, *chunk, data, buf))?;
+                            progress.data_read(data.iter().map(GuestRange::len).sum());
+                            d
                         }
                     };
                     progress.advance(d.length);
@@ -288,4 +291,24 @@ fn read_batch(
         }
     }
     Ok(chunks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::Counted;
+    use crate::test_image::MemImage;
+
+    #[test]
+    fn progress_counts_the_data_read_apart() {
+        let data = vec![7u8; 3 << 20];
+        for image in [
+            MemImage::new(64 << 20, &[(1000, &data), (40 << 20, &[1; 10])]),
+            MemImage::new(64 << 20, &[(1000, &data), (40 << 20, &[1; 10])]).mapped(),
+        ] {
+            let counted = Counted::default();
+            hash_image(&image, 1 << 20, &counted, None).unwrap();
+            assert_eq!(counted.totals(), (64 << 20, (3 << 20) + 10));
+        }
+    }
 }

@@ -19,3 +19,33 @@ pub struct NoProgress;
 impl Progress for NoProgress {
     fn advance(&self, _bytes: u64) {}
 }
+
+/// Counts what an engine reports, for tests.
+#[cfg(test)]
+#[derive(Default)]
+pub struct Counted {
+    pub advanced: std::sync::atomic::AtomicU64,
+    pub read: std::sync::atomic::AtomicU64,
+}
+
+#[cfg(test)]
+impl Counted {
+    /// Bytes advanced and bytes read.
+    pub fn totals(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.advanced.load(Relaxed), self.read.load(Relaxed))
+    }
+}
+
+#[cfg(test)]
+impl Progress for Counted {
+    fn advance(&self, bytes: u64) {
+        self.advanced
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn data_read(&self, bytes: u64) {
+        self.read
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+}

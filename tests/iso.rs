@@ -591,8 +591,12 @@ fn damaged_images_fail_cleanly() {
 
 #[test]
 fn published_grub_rescue_iso() {
+    // Where scripts/test.sh downloads it (under cargo's target directory, wherever that is).
+    let downloads = std::env::var_os("DISKKIT_TEST_DOWNLOADS")
+        .map_or_else(|| "target/test-downloads".into(), PathBuf::from);
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target/test-downloads/grub-rescue-pc/usr/lib/grub-rescue");
+        .join(downloads)
+        .join("grub-rescue-pc/usr/lib/grub-rescue");
     let iso = dir.join("grub-rescue-cdrom.iso");
     if !iso.exists() {
         println!(

@@ -3,6 +3,7 @@
 
 mod common;
 use common::*;
+use diskkit::formats::image::{GuestRange, allocated_ranges};
 use diskkit::formats::qcow2::{Qcow2Writer, measure};
 use diskkit::formats::{CreateOptions, Extents, Format, Image, ImageWriter, OpenOptions, open};
 use std::path::Path;
@@ -280,9 +281,8 @@ fn measure_agrees_with_qemu() {
         "cluster_size=2M,refcount_bits=64",
         "extended_l2=on",
     ] {
-        let mut allocated = Extents::new(image.as_ref(), 0, image.virtual_size())
-            .filter(|e| e.as_ref().is_ok_and(|e| !e.is_zero()))
-            .map(|e| e.map(|e| (e.start, e.end())));
+        let size = image.virtual_size();
+        let mut allocated = allocated_ranges(image.as_ref(), GuestRange::new(0, size));
         let ours = measure(
             image.virtual_size(),
             &mut create_opts(spec, false, None),

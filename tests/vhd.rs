@@ -3,6 +3,7 @@
 
 mod common;
 use common::*;
+use diskkit::formats::image::GuestRange;
 use diskkit::formats::vhd::layout::{
     DiskType, DynamicHeader, FOOTER_SIZE, Footer, HEADER_SIZE, PLATFORM_W2RU, ParentLocator,
     UNALLOCATED, bitmap_size,
@@ -215,7 +216,9 @@ fn written_vhds_are_read_by_qemu() {
         let report = vhd::check(&out, None).unwrap();
         assert_eq!(report.exit_code(), 0, "{spec}: {:?}", report.messages);
 
-        let mut ranges = allocated.iter().map(|r| Ok((r.start, r.end)));
+        let mut ranges = allocated
+            .iter()
+            .map(|r| Ok(GuestRange::new(r.start, r.end)));
         let m = vhd::measure(src_size, &mut opts(spec), &mut ranges).unwrap();
         let len = std::fs::metadata(&out).unwrap().len();
         assert_eq!(m.required, len, "{spec}");

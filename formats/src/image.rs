@@ -26,15 +26,6 @@ pub enum Format {
 }
 
 impl Format {
-    pub const ALL: [Format; 6] = [
-        Format::Raw,
-        Format::Qcow2,
-        Format::Vhd,
-        Format::Vhdx,
-        Format::Vmdk,
-        Format::Iso,
-    ];
-
     pub fn name(self) -> &'static str {
         match self {
             Format::Raw => "raw",

@@ -23,7 +23,7 @@ pub mod write;
 
 pub use backing::ImplicitOpens;
 pub use check::{CheckReport, Repair};
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use host::HostFile;
 pub use image::{Extent, ExtentKind, Extents, Format, Image, ImageInfo, SnapshotInfo};
 pub use open::{OpenOptions, detect, open, open_with};

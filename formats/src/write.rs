@@ -79,17 +79,10 @@ pub fn measure(
             let _ = allocated;
             Ok(raw::measure(virtual_size))
         }
-        // The formats' `measure` take `(start, end)` tuples until their tests pass `GuestRange`s.
-        Format::Qcow2 => qcow2::measure(virtual_size, opts, &mut as_tuples(allocated)),
-        Format::Vhd => vhd::measure(virtual_size, opts, &mut as_tuples(allocated)),
+        Format::Qcow2 => qcow2::measure(virtual_size, opts, allocated),
+        Format::Vhd => vhd::measure(virtual_size, opts, allocated),
         other => Err(cannot_write(other)),
     }
-}
-
-fn as_tuples(
-    ranges: &mut dyn Iterator<Item = Result<GuestRange>>,
-) -> impl Iterator<Item = Result<(u64, u64)>> + '_ {
-    ranges.map(|r| r.map(|r| (r.start, r.end)))
 }
 
 /// Changes the virtual size of an image in place. Shrinking drops guest data past the new end;

@@ -1,7 +1,9 @@
 //! `diskkit convert`: copy an image into a new one of any format, like `qemu-img convert`.
 
 use super::EXIT_OK;
-use super::util::{Bar, create_options, open_image, parse_format, parse_size};
+use super::util::{
+    Bar, Target, create_options, open_image, output_format, parse_format, parse_size,
+};
 use diskkit::convert::{ConvertOptions, convert_into_existing, convert_to_path};
 use diskkit::formats::write::CacheMode;
 use diskkit::formats::{Error, Format, Image, Result};
@@ -101,29 +103,10 @@ fn parse_cache_mode(s: &str) -> std::result::Result<CacheMode, String> {
     CacheMode::parse(s).map_err(|e| e.to_string())
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum Target {
-    Azure,
-}
-
 pub fn run(args: Args) -> Result<i32> {
-    diskkit::output::remove_temps_on_signals();
     let src = open_image(&args.src, args.format, args.snapshot.as_deref())?;
     let mut create = create_options(&args.options)?;
-    let out_format = match args.target {
-        Some(Target::Azure) => {
-            if args.out_format.is_some_and(|f| f != Format::Vhd) {
-                return Err(Error::invalid("--target azure writes VHD images (-O vpc)"));
-            }
-            create.options.insert("target".into(), "azure".into());
-            create
-                .options
-                .entry("subformat".into())
-                .or_insert_with(|| "fixed".into());
-            Format::Vhd
-        }
-        None => args.out_format.unwrap_or(Format::Raw),
-    };
+    let out_format = output_format(args.out_format, args.target, &mut create)?;
     create.compress = args.compress;
     create.cache = args.cache;
     let backing = match &args.backing {
@@ -139,7 +122,8 @@ pub fn run(args: Args) -> Result<i32> {
         backing: backing.as_deref(),
         threads: args.threads,
     };
-    let bar = Bar::new(args.progress, src.virtual_size(), "converting");
+    let bar = Bar::new(args.progress, src.virtual_size(), "converting")
+        .with_data_of(&[src.as_ref()], src.virtual_size())?;
     if args.no_create {
         if args.compress || !args.options.is_empty() || args.backing.is_some() {
             return Err(Error::invalid(

@@ -1,7 +1,7 @@
 //! `diskkit measure`: the host space a conversion would need, like `qemu-img measure`.
 
 use super::EXIT_OK;
-use super::util::{OutputFormat, create_options, open_image, parse_format, parse_size};
+use super::util::{Out, OutputFormat, create_options, open_image, parse_format, parse_size};
 use diskkit::formats::image::{GuestRange, allocated_ranges};
 use diskkit::formats::{Format, Result, write};
 use std::path::PathBuf;
@@ -52,16 +52,20 @@ pub fn run(args: Args) -> Result<i32> {
             write::measure(args.out_format, size, &mut opts, &mut std::iter::empty())?
         }
     };
+    let mut out = Out::new();
     match args.output {
-        OutputFormat::Human => println!(
+        OutputFormat::Human => writeln!(
+            out,
             "required size: {}\nfully allocated size: {}",
             measure.required, measure.fully_allocated
-        ),
-        OutputFormat::Json => println!(
+        )?,
+        OutputFormat::Json => writeln!(
+            out,
             "{}",
             serde_json::to_string_pretty(&measure)
                 .map_err(|e| diskkit::Error::invalid(e.to_string()))?
-        ),
+        )?,
     }
+    out.flush()?;
     Ok(EXIT_OK)
 }

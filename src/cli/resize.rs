@@ -2,7 +2,7 @@
 
 use super::EXIT_OK;
 use super::util::{Out, human_size, open_image, parse_format, parse_size};
-use diskkit::convert::allocated_ranges;
+use diskkit::formats::image::{GuestRange, allocated_ranges};
 use diskkit::formats::{Error, Format, Result, write};
 use std::path::PathBuf;
 
@@ -45,8 +45,8 @@ pub fn run(args: Args) -> Result<i32> {
                     args.image.display()
                 )));
             }
-            allocated_ranges(image.as_ref(), new, old)
-                .map(|r| r.map(|(start, end)| end - start))
+            allocated_ranges(image.as_ref(), GuestRange::new(new, old))
+                .map(|r| r.map(|r| r.len()))
                 .sum::<Result<u64>>()?
         } else {
             0

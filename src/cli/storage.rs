@@ -1,11 +1,13 @@
 //! `push`, `pull`, `verify`, `ls`, `rm`: images in object storage.
 
-use super::util::{Bar, create_options, human_size, open_image, parse_format, parse_size};
+use super::util::{
+    Bar, Out, Target, create_options, human_size, open_image, output_format, parse_format,
+    parse_size, printable,
+};
 use super::{EXIT_ERROR, EXIT_OK};
-use diskkit::convert::allocated_ranges;
-use diskkit::formats::error::ErrorKind;
-use diskkit::formats::{Error, Format, Result};
-use diskkit::storage::push::{self, Export, PushOptions};
+use diskkit::formats::image::{GuestRange, allocated_ranges, touched_clusters};
+use diskkit::formats::{Error, ErrorKind, Format, Result};
+use diskkit::storage::push::{self, PushOptions};
 use diskkit::storage::{Location, Settings, Store, catalog, pull};
 use std::path::PathBuf;
 
@@ -124,16 +126,13 @@ pub struct PushArgs {
     dst: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum Target {
-    Azure,
-}
-
 pub fn push(args: PushArgs) -> Result<i32> {
     if let Some(url) = &args.abort {
         let (location, store) = args.connection.open(url)?;
         push::abort(store.as_ref(), &location)?;
-        println!("aborted the unfinished upload to {}", location.url());
+        let mut out = Out::new();
+        writeln!(out, "aborted the unfinished upload to {}", location.url())?;
+        out.flush()?;
         return Ok(EXIT_OK);
     }
     let (Some(src_path), Some(url)) = (&args.src, &args.dst) else {
@@ -142,20 +141,7 @@ pub fn push(args: PushArgs) -> Result<i32> {
     let src = open_image(src_path, args.format, None)?;
     let mut create = create_options(&args.options)?;
     create.compress = args.compress;
-    let out_format = match args.target {
-        Some(Target::Azure) => {
-            if args.out_format.is_some_and(|f| f != Format::Vhd) {
-                return Err(Error::invalid("--target azure writes VHD objects (-O vpc)"));
-            }
-            create.options.insert("target".into(), "azure".into());
-            create
-                .options
-                .entry("subformat".into())
-                .or_insert_with(|| "fixed".into());
-            Format::Vhd
-        }
-        None => args.out_format.unwrap_or(Format::Raw),
-    };
+    let out_format = output_format(args.out_format, args.target, &mut create)?;
     let (mut location, store) = args.connection.open(url)?;
     if location.is_prefix() {
         // Into a "directory": the source's file name, as cp does.
@@ -178,7 +164,7 @@ pub fn push(args: PushArgs) -> Result<i32> {
         },
         "compressing",
     );
-    let export = Export::plan(src.as_ref(), out_format, &mut create, &compressing);
+    let export = push::plan(src.as_ref(), out_format, &mut create, &compressing);
     compressing.finish();
     let export = export?;
     let meta = std::fs::metadata(src_path).map_err(|e| Error::io(src_path, "stat", e))?;
@@ -206,15 +192,15 @@ pub fn push(args: PushArgs) -> Result<i32> {
             export.layout_fingerprint()
         ),
     };
-    let guest_size = export.guest_size(src.as_ref());
-    let object_size = export.object_size(src.as_ref());
-    let hashing = Bar::new(args.progress, guest_size, "hashing");
+    let guest_size = export.guest().virtual_size();
+    let object_size = export.size();
+    let hashing = Bar::new(args.progress, guest_size, "hashing")
+        .with_data_of(&[export.guest()], guest_size)?;
     let uploading = Bar::new(args.progress, object_size, "uploading");
     let result = push::push(
         store.as_ref(),
         &location,
-        src.as_ref(),
-        &export,
+        export.as_ref(),
         &opts,
         &hashing,
         &uploading,
@@ -230,7 +216,9 @@ pub fn push(args: PushArgs) -> Result<i32> {
                     location.url()
                 );
             }
-            println!(
+            let mut out = Out::new();
+            writeln!(
+                out,
                 "pushed {} ({}, {}): {} parts of {}, {} sent now, {} already sent before",
                 location.url(),
                 export.format(),
@@ -239,7 +227,8 @@ pub fn push(args: PushArgs) -> Result<i32> {
                 human_size(r.part_size),
                 r.sent,
                 r.resumed
-            );
+            )?;
+            out.flush()?;
             Ok(EXIT_OK)
         }
         Err(e) => {
@@ -264,17 +253,11 @@ pub fn push(args: PushArgs) -> Result<i32> {
 /// through.
 fn allocated_cluster_bytes(image: &dyn diskkit::formats::Image) -> u64 {
     use diskkit::formats::qcow2::stream::CLUSTER_SIZE as CLUSTER;
-    let mut last_cluster = None;
-    let mut clusters = 0;
-    for (start, end) in allocated_ranges(image, 0, image.virtual_size()).map_while(Result::ok) {
-        if end <= start {
-            continue;
-        }
-        let first = (start / CLUSTER).max(last_cluster.map_or(0, |c: u64| c + 1));
-        let last = (end - 1) / CLUSTER;
-        clusters += (last + 1).saturating_sub(first);
-        last_cluster = Some(last);
-    }
+    let ranges = allocated_ranges(image, GuestRange::new(0, image.virtual_size()));
+    let clusters: u64 = touched_clusters(ranges, CLUSTER)
+        .map_while(Result::ok)
+        .map(|run| run.end - run.start)
+        .sum();
     clusters * CLUSTER
 }
 
@@ -333,12 +316,15 @@ pub fn pull(args: PullArgs) -> Result<i32> {
     };
     let verified = pull::pull(store.as_ref(), &location, &dst, &mut opts, &bar)?;
     bar.finish();
-    println!(
+    let mut out = Out::new();
+    writeln!(
+        out,
         "pulled {} into {}: {}",
         location.url(),
         dst.display(),
         describe(&verified)
-    );
+    )?;
+    out.flush()?;
     Ok(EXIT_OK)
 }
 
@@ -367,11 +353,12 @@ fn pull_target(dst: &std::path::Path, location: &Location) -> Result<PathBuf> {
 fn describe(verified: &pull::Verified) -> String {
     match verified {
         pull::Verified::Manifest(digest) => {
-            format!("digest {digest} verified against the manifest")
+            format!("digest {} verified against the manifest", printable(digest))
         }
-        pull::Verified::Md5(md5) => {
-            format!("MD5 {md5} verified against the store's ETag (no diskkit manifest)")
-        }
+        pull::Verified::Md5(md5) => format!(
+            "MD5 {} verified against the store's ETag (no diskkit manifest)",
+            printable(md5)
+        ),
         pull::Verified::Unchecked => "not verified (--no-verify)".to_string(),
     }
 }
@@ -404,10 +391,14 @@ pub fn verify(args: VerifyArgs) -> Result<i32> {
     let bar = Bar::new(args.progress, size, "verifying");
     let verified = pull::verify(store.as_ref(), &location, args.parallel.max(1), &bar)?;
     bar.finish();
+    let mut out = Out::new();
     match verified {
-        pull::Verified::Manifest(digest) => println!("{}: OK {digest}", location.url()),
-        other => println!("{}: OK, {}", location.url(), describe(&other)),
+        pull::Verified::Manifest(digest) => {
+            writeln!(out, "{}: OK {}", location.url(), printable(&digest))?
+        }
+        other => writeln!(out, "{}: OK, {}", location.url(), describe(&other))?,
     }
+    out.flush()?;
     Ok(EXIT_OK)
 }
 
@@ -460,28 +451,33 @@ pub fn ls(args: LsArgs) -> Result<i32> {
             .collect();
         let text =
             serde_json::to_string_pretty(&json).map_err(|e| Error::invalid(format!("ls: {e}")))?;
-        println!("{text}");
+        let mut out = Out::new();
+        writeln!(out, "{text}")?;
+        out.flush()?;
         return Ok(EXIT_OK);
     }
-    println!("KEY\tSIZE\tMODIFIED\tFORMAT\tGUEST\tDIGEST");
+    let mut out = Out::new();
+    writeln!(out, "KEY\tSIZE\tMODIFIED\tFORMAT\tGUEST\tDIGEST")?;
     for item in &items {
         let modified = time(item.modified).map_or("-".to_string(), |t| {
             t.strftime("%Y-%m-%d %H:%M:%S").to_string()
         });
         let (format, guest, digest) = match &item.manifest {
             Some(m) => (
-                m.format.clone(),
+                printable(&m.format).into_owned(),
                 human_size(m.guest.virtual_size),
                 m.guest.digest_hex(),
             ),
             None => ("-".into(), "-".into(), "-".into()),
         };
-        println!(
+        writeln!(
+            out,
             "{}\t{}\t{modified}\t{format}\t{guest}\t{digest}",
-            item.key,
+            printable(&item.key),
             human_size(item.size),
-        );
+        )?;
     }
+    out.flush()?;
     Ok(EXIT_OK)
 }
 

@@ -1,26 +1,21 @@
 //! `push`: an image into a bucket as a multipart upload, converted on the fly, with a sidecar
 //! manifest and a checkpoint that lets a rerun send only the missing parts.
 //!
-//! The object is a pure function of the source: [`Export::fill`] produces any byte range of it
-//! on demand, so parts can be produced in parallel, in any order, and again after a crash,
+//! The object is a pure function of the source: [`ImageStream::read_at`] produces any byte range
+//! of it on demand, so parts can be produced in parallel, in any order, and again after a crash,
 //! without a local copy. Memory is one part buffer per parallel upload.
 
 use super::checkpoint::{self, Checkpoint};
 use super::{Location, Store, UploadParts, manifest_key};
-use crate::convert::allocated_ranges;
 use crate::hash::hash_image;
 use crate::progress::Progress;
 use bytes::Bytes;
 use diskkit_formats::digest::{DEFAULT_CHUNK_SIZE, Manifest};
-use diskkit_formats::error::ErrorKind;
-use diskkit_formats::image::check_guest_range;
-use diskkit_formats::qcow2::stream::Qcow2Stream;
-use diskkit_formats::vhd::stream::VhdStream;
+use diskkit_formats::image::{GuestRange, allocated_ranges};
 use diskkit_formats::write::CreateOptions;
-use diskkit_formats::{Error, Extent, Extents, Format, Image, ImageInfo, Result};
+use diskkit_formats::{Error, ErrorKind, Format, Image, ImageStream, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Mutex;
 
 /// The smallest part S3 accepts (except for the last part of an object).
@@ -93,169 +88,21 @@ impl ObjectManifest {
     }
 }
 
-/// What is sent: the object's bytes as a function of the source.
-pub enum Export {
-    /// The guest bytes.
-    Raw,
-    /// A VHD, fixed or dynamic, laid out from the source's allocation map.
-    Vhd(Box<VhdStream>),
-    /// A plain qcow2 image, laid out from the source's allocation map.
-    Qcow2(Box<Qcow2Stream>),
-}
-
-impl Export {
-    /// The export of `src` as `format` with the `-o`/`-c` options in `create`. A compressed
-    /// qcow2 export compresses the whole source once here (see `qcow2::stream`), reporting guest
-    /// bytes to `compressing`.
-    pub fn plan(
-        src: &dyn Image,
-        format: Format,
-        create: &mut CreateOptions,
-        compressing: &dyn Progress,
-    ) -> Result<Export> {
-        if create.compress && format != Format::Qcow2 {
-            return Err(Error::invalid(format!(
-                "-c: {format} has no compressed form; use -O qcow2"
-            )));
-        }
-        let size = src.virtual_size();
-        // Guest ranges (start, length) with data: the layout of VHD and qcow2 follows from them.
-        let mut allocated =
-            allocated_ranges(src, 0, size).map(|r| r.map(|(start, end)| (start, end - start)));
-        match format {
-            Format::Raw => {
-                create.reject_unknown(format)?;
-                Ok(Export::Raw)
-            }
-            Format::Vhd => {
-                let stream = VhdStream::plan(size, create, &mut allocated)?;
-                Ok(Export::Vhd(Box::new(stream)))
-            }
-            Format::Qcow2 => {
-                let stream = Qcow2Stream::plan(
-                    size,
-                    create,
-                    &mut allocated,
-                    // The format may round the size up: zeros past the source's end.
-                    &|buf, at| {
-                        let n = size.saturating_sub(at).min(buf.len() as u64) as usize;
-                        src.read_at(&mut buf[..n], at)?;
-                        buf[n..].fill(0);
-                        Ok(())
-                    },
-                    &|n| compressing.advance(n),
-                )?;
-                Ok(Export::Qcow2(Box::new(stream)))
-            }
-            other => Err(Error::invalid(format!(
-                "push writes raw, vpc (VHD) and qcow2 objects, not {other}"
-            ))),
-        }
-    }
-
-    pub fn format(&self) -> Format {
-        match self {
-            Export::Raw => Format::Raw,
-            Export::Vhd(_) => Format::Vhd,
-            Export::Qcow2(_) => Format::Qcow2,
-        }
-    }
-
-    /// Identifies the object's layout beyond its format and size (see
-    /// [`Qcow2Stream::layout_fingerprint`]): part of a push's identity, so that a resumed upload
-    /// continues the same layout.
-    pub fn layout_fingerprint(&self) -> String {
-        match self {
-            Export::Qcow2(s) => s.layout_fingerprint(),
-            Export::Raw | Export::Vhd(_) => String::new(),
-        }
-    }
-
-    /// Guest size of the object.
-    pub fn guest_size(&self, src: &dyn Image) -> u64 {
-        match self {
-            Export::Raw => src.virtual_size(),
-            Export::Vhd(s) => s.guest_size(),
-            Export::Qcow2(s) => s.guest_size(),
-        }
-    }
-
-    pub fn object_size(&self, src: &dyn Image) -> u64 {
-        match self {
-            Export::Raw => src.virtual_size(),
-            Export::Vhd(s) => s.object_size(),
-            Export::Qcow2(s) => s.object_size(),
-        }
-    }
-
-    /// Fills `buf` with the object's bytes at `offset`.
-    pub fn fill(&self, src: &dyn Image, buf: &mut [u8], offset: u64) -> Result<()> {
-        let padded = Padded {
-            inner: src,
-            size: self.guest_size(src),
-        };
-        match self {
-            Export::Raw => padded.read_at(buf, offset),
-            Export::Vhd(s) => s.fill(buf, offset, &mut |b, at| padded.read_at(b, at)),
-            Export::Qcow2(s) => s.fill(buf, offset, &|b, at| padded.read_at(b, at)),
-        }
-    }
-}
-
-/// A source seen with a larger virtual size: the bytes past its end read as zeros.
-struct Padded<'a> {
-    inner: &'a dyn Image,
-    size: u64,
-}
-
-impl Image for Padded<'_> {
-    fn format(&self) -> Format {
-        self.inner.format()
-    }
-
-    fn virtual_size(&self) -> u64 {
-        self.size
-    }
-
-    fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
-        let inner_size = self.inner.virtual_size();
-        if offset < inner_size {
-            return self.inner.map(offset, max_len.min(inner_size - offset));
-        }
-        Ok(Extent {
-            start: offset,
-            length: max_len,
-            kind: diskkit_formats::ExtentKind::Zero,
-            depth: 0,
-        })
-    }
-
-    /// Reads only what the map calls data; the rest is zero-filled without reading.
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_guest_range(self.size, offset, buf.len() as u64)?;
-        for e in Extents::new(self, offset, offset + buf.len() as u64) {
-            let e = e?;
-            let at = (e.start - offset) as usize;
-            let part = &mut buf[at..at + e.length as usize];
-            if e.is_zero() {
-                part.fill(0);
-            } else {
-                self.inner.read_at(part, e.start)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn with_mapped(&self, offset: u64, len: u64, f: &mut dyn FnMut(&[u8])) -> Result<bool> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.inner.virtual_size() => self.inner.with_mapped(offset, len, f),
-            _ => Ok(false),
-        }
-    }
-
-    fn info(&self) -> ImageInfo {
-        ImageInfo::basic(PathBuf::new(), self.format(), self.size, 0)
-    }
+/// The export of `src` as `format` with the `-o`/`-c` options in `create`: the object's bytes
+/// as a function of the source. A compressed qcow2 export compresses the whole source once
+/// here, reporting guest bytes to `compressing`.
+pub fn plan<'a>(
+    src: &'a dyn Image,
+    format: Format,
+    create: &mut CreateOptions,
+    compressing: &dyn Progress,
+) -> Result<Box<dyn ImageStream + 'a>> {
+    // The layouts of VHD and qcow2 follow from the guest ranges with data.
+    let mut allocated = allocated_ranges(src, GuestRange::new(0, src.virtual_size()))
+        .map(|r| r.map(|r| (r.start, r.end)));
+    diskkit_formats::stream(src, format, create, &mut allocated, &|n| {
+        compressing.advance(n)
+    })
 }
 
 pub struct PushOptions {
@@ -293,13 +140,12 @@ fn test_part_delay() -> Option<std::time::Duration> {
         .map(std::time::Duration::from_millis)
 }
 
-/// Pushes `src` to `location` as `export`: hashes it, uploads the parts the checkpoint does not
+/// Pushes `export` to `location`: hashes its guest, uploads the parts the checkpoint does not
 /// already list, completes the upload, checks the object's size and writes the manifest.
 pub fn push(
     store: &dyn Store,
     location: &Location,
-    src: &dyn Image,
-    export: &Export,
+    export: &dyn ImageStream,
     opts: &PushOptions,
     hashing: &dyn Progress,
     uploading: &dyn Progress,
@@ -311,7 +157,7 @@ pub fn push(
             location.url()
         )));
     }
-    let object_size = export.object_size(src);
+    let object_size = export.size();
     let url = location.url();
     let cp_path = checkpoint::path_for(&url)?;
     let mut previous = Checkpoint::load(&cp_path)?;
@@ -369,10 +215,10 @@ pub fn push(
             Some(c) => c,
             None => upload.start()?,
         };
-        let manifest = guest_manifest(src, export, &opts.source_name, hashing)?;
+        let manifest = guest_manifest(export, &opts.source_name, hashing)?;
         let resumed = cp.parts.len() as u32;
         uploading.advance(u64::from(resumed) * part);
-        let fill = |n| export.fill_part(src, n, part, object_size);
+        let fill = |n| fill_part(export, n, part, object_size);
         match upload.finish(cp, opts.parallel, &fill, uploading) {
             // The server dropped the upload after it listed it (expired, or aborted by
             // another process): one fresh upload, so that a rerun always completes.
@@ -384,11 +230,11 @@ pub fn push(
             sent => (sent?, resumed, manifest),
         }
     } else {
-        let manifest = guest_manifest(src, export, &opts.source_name, hashing)?;
+        let manifest = guest_manifest(export, &opts.source_name, hashing)?;
         store.upload_stream(key, object_size, part, opts.parallel, &mut |offset, buf| {
             let len = part.min(object_size - offset);
             buf.resize(len as usize, 0);
-            export.fill(src, buf, offset)?;
+            export.read_at(buf, offset)?;
             uploading.advance(len);
             Ok(())
         })?;
@@ -487,20 +333,15 @@ impl Upload<'_> {
     }
 }
 
-/// The guest digest and chunk manifest of the object `export` makes of `src`.
+/// The guest digest and chunk manifest of the object `export`.
 fn guest_manifest(
-    src: &dyn Image,
-    export: &Export,
+    export: &dyn ImageStream,
     source_name: &str,
     hashing: &dyn Progress,
 ) -> Result<Manifest> {
-    let guest = Padded {
-        inner: src,
-        size: export.guest_size(src),
-    };
     let mut chunks = Vec::new();
     let digest = hash_image(
-        &guest,
+        export.guest(),
         DEFAULT_CHUNK_SIZE,
         hashing,
         Some(&mut |c| chunks.push(c)),
@@ -529,15 +370,13 @@ pub fn abort(store: &dyn Store, location: &Location) -> Result<()> {
     Checkpoint::remove(&cp_path)
 }
 
-impl Export {
-    /// The bytes of part `number` (from 1).
-    fn fill_part(&self, src: &dyn Image, number: u32, part: u64, size: u64) -> Result<Vec<u8>> {
-        let offset = u64::from(number - 1) * part;
-        let len = part.min(size - offset) as usize;
-        let mut buf = vec![0; len];
-        self.fill(src, &mut buf, offset)?;
-        Ok(buf)
-    }
+/// The bytes of part `number` (from 1).
+fn fill_part(export: &dyn ImageStream, number: u32, part: u64, size: u64) -> Result<Vec<u8>> {
+    let offset = u64::from(number - 1) * part;
+    let len = part.min(size - offset) as usize;
+    let mut buf = vec![0; len];
+    export.read_at(&mut buf, offset)?;
+    Ok(buf)
 }
 
 /// Uploads parts `numbers` from `parallel` threads; `produce` makes a part's bytes, `done`

@@ -24,8 +24,10 @@ use super::l2::{COPIED, Geometry, MAX_L1_BYTES};
 use super::refcount::RefcountLayout;
 use super::write::take_compression_type;
 use crate::error::{Error, Result};
-use crate::image::{Format, Image, check_guest_range, first_nonzero_byte};
-use crate::stream::{ImageStream, ZeroPadded};
+use crate::image::{
+    Format, GuestRange, Image, check_guest_range, first_nonzero_byte, touched_clusters,
+};
+use crate::stream::{ImageStream, ZeroPadded, inside_guest};
 use crate::write::CreateOptions;
 use rayon::prelude::*;
 
@@ -251,13 +253,13 @@ pub struct Qcow2Stream {
 
 impl Qcow2Stream {
     /// Plans the image for a guest of `virtual_size` bytes whose data lies in `allocated`
-    /// (guest ranges `(start, length)`, ascending). Options: `-c` (`opts.compress`) with
+    /// (guest ranges, ascending). Options: `-c` (`opts.compress`) with
     /// `compression_type=zlib|zstd` (zlib by default, as qemu); compressing reads every allocated
     /// cluster through `read_guest` once now, reporting guest bytes done to `compressed`.
     pub fn plan(
         virtual_size: u64,
         opts: &mut CreateOptions,
-        allocated: &mut dyn Iterator<Item = Result<(u64, u64)>>,
+        allocated: &mut dyn Iterator<Item = Result<GuestRange>>,
         read_guest: ReadGuest,
         compressed: &(dyn Fn(u64) + Sync),
     ) -> Result<Qcow2Stream> {
@@ -601,37 +603,19 @@ fn guest_of(runs: &[Run], rank: u64) -> Option<u64> {
 /// their number.
 fn allocated_runs(
     virtual_size: u64,
-    allocated: &mut dyn Iterator<Item = Result<(u64, u64)>>,
+    allocated: &mut dyn Iterator<Item = Result<GuestRange>>,
 ) -> Result<(Vec<Run>, u64)> {
     let mut runs: Vec<Run> = Vec::new();
     let mut rank = 0;
-    for range in allocated {
-        let (start, len) = range?;
-        let end = start
-            .checked_add(len)
-            .filter(|&e| e <= virtual_size)
-            .ok_or_else(|| Error::invalid(format!("allocated range {start}+{len} out of range")))?;
-        if len == 0 {
-            continue;
-        }
-        let mut first = start >> CLUSTER_BITS;
-        let last = end.div_ceil(CLUSTER_SIZE);
-        if let Some(r) = runs.last_mut() {
-            first = first.max(r.first + r.count);
-            if first == r.first + r.count && first < last {
-                r.count += last - first;
-                rank += last - first;
-                continue;
-            }
-        }
-        if first < last {
-            runs.push(Run {
-                first,
-                count: last - first,
-                rank,
-            });
-            rank += last - first;
-        }
+    for run in touched_clusters(inside_guest(virtual_size, allocated), CLUSTER_SIZE) {
+        let run = run?;
+        let count = run.end - run.start;
+        runs.push(Run {
+            first: run.start,
+            count,
+            rank,
+        });
+        rank += count;
     }
     Ok((runs, rank))
 }
@@ -640,7 +624,7 @@ fn allocated_runs(
 pub(crate) fn stream<'a>(
     src: &'a dyn Image,
     opts: &mut CreateOptions,
-    allocated: &mut dyn Iterator<Item = Result<(u64, u64)>>,
+    allocated: &mut dyn Iterator<Item = Result<GuestRange>>,
     compressing: &(dyn Fn(u64) + Sync),
 ) -> Result<Box<dyn ImageStream + 'a>> {
     // The guest is rounded up to whole sectors: zeros past the source's end.
@@ -721,7 +705,9 @@ mod tests {
     }
 
     fn plan(size: u64, ranges: Vec<(u64, u64)>, opts: &mut CreateOptions) -> Qcow2Stream {
-        let mut ranges = ranges.into_iter().map(Ok);
+        let mut ranges = ranges
+            .into_iter()
+            .map(|(start, len)| Ok(GuestRange::new(start, start + len)));
         Qcow2Stream::plan(size, opts, &mut ranges, &pattern, &|_| {}).unwrap()
     }
 

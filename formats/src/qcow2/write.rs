@@ -691,7 +691,7 @@ impl ImageWriter for Qcow2Writer {
 pub fn measure(
     virtual_size: u64,
     opts: &mut CreateOptions,
-    allocated: &mut dyn Iterator<Item = Result<(u64, u64)>>,
+    allocated: &mut dyn Iterator<Item = Result<GuestRange>>,
 ) -> Result<Measure> {
     let cfg = Config::from_opts(opts)?;
     cfg.l1_entries(virtual_size)?;
@@ -701,9 +701,8 @@ pub fn measure(
         // The backing file may share nothing with the source: every cluster may be written.
         aligned
     } else {
-        let ranges = allocated.map(|r| r.map(|(start, end)| GuestRange::new(start, end)));
         let mut clusters = 0u64;
-        for run in touched_clusters(ranges, cs) {
+        for run in touched_clusters(allocated, cs) {
             let run = run?;
             clusters += run.end - run.start;
         }

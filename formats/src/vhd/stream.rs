@@ -9,8 +9,8 @@
 use super::layout::{DiskType, DynamicHeader, FOOTER_SIZE, SECTOR, UNALLOCATED, bat_size};
 use super::write::Plan;
 use crate::error::{Error, Result};
-use crate::image::{Format, Image, check_guest_range};
-use crate::stream::{ImageStream, ZeroPadded};
+use crate::image::{Format, GuestRange, Image, check_guest_range, touched_clusters};
+use crate::stream::{ImageStream, ZeroPadded, inside_guest};
 use crate::write::CreateOptions;
 use byteorder::{BigEndian, ByteOrder};
 
@@ -34,12 +34,12 @@ struct Blocks {
 
 impl VhdStream {
     /// Plans the VHD for a guest of `virtual_size` bytes with the `-o` options in `opts`
-    /// (`subformat=dynamic` by default, as for files). `allocated` gives the guest ranges
-    /// `(start, length)` that hold data, ascending; it is read only for dynamic disks.
+    /// (`subformat=dynamic` by default, as for files). `allocated` gives the guest ranges that
+    /// hold data, ascending; it is read only for dynamic disks.
     pub fn plan(
         virtual_size: u64,
         opts: &mut CreateOptions,
-        allocated: &mut dyn Iterator<Item = Result<(u64, u64)>>,
+        allocated: &mut dyn Iterator<Item = Result<GuestRange>>,
     ) -> Result<VhdStream> {
         let plan = Plan::from_options(virtual_size, opts)?;
         let footer = plan.footer()?.to_bytes();
@@ -157,22 +157,13 @@ fn copy_from(dst: &mut [u8], src: &[u8], from: u64) -> usize {
 fn blocks(
     plan: &Plan,
     footer: &[u8; FOOTER_SIZE as usize],
-    allocated: &mut dyn Iterator<Item = Result<(u64, u64)>>,
+    allocated: &mut dyn Iterator<Item = Result<GuestRange>>,
 ) -> Result<Blocks> {
     let block_size = plan.block_size;
     let entries = plan.entries();
     let mut stored: Vec<u64> = Vec::new();
-    for range in allocated {
-        let (start, len) = range?;
-        if len == 0 {
-            continue;
-        }
-        let end = start
-            .checked_add(len)
-            .filter(|&e| e <= plan.virtual_size)
-            .ok_or_else(|| Error::invalid(format!("allocated range {start}+{len} out of range")))?;
-        let first = (start / block_size).max(stored.last().map_or(0, |&b| b + 1));
-        stored.extend(first..end.div_ceil(block_size));
+    for run in touched_clusters(inside_guest(plan.virtual_size, allocated), block_size) {
+        stored.extend(run?);
     }
     let head_len = plan.first_block();
     let mut bat = vec![UNALLOCATED; entries as usize];
@@ -211,7 +202,7 @@ fn blocks(
 pub(crate) fn stream<'a>(
     src: &'a dyn Image,
     opts: &mut CreateOptions,
-    allocated: &mut dyn Iterator<Item = Result<(u64, u64)>>,
+    allocated: &mut dyn Iterator<Item = Result<GuestRange>>,
     _compressing: &(dyn Fn(u64) + Sync),
 ) -> Result<Box<dyn ImageStream + 'a>> {
     let layout = VhdStream::plan(src.virtual_size(), opts, allocated)?;
@@ -281,7 +272,9 @@ mod tests {
     #[test]
     fn dynamic_stores_touched_blocks_only() {
         let size = 8 << 20;
-        let mut ranges = vec![Ok((4096, 100)), Ok((5 << 20, 2 << 20))].into_iter();
+        let mut ranges = [(4096, 100), (5 << 20, 2 << 20)]
+            .into_iter()
+            .map(|(start, len)| Ok(GuestRange::new(start, start + len)));
         let s = VhdStream::plan(size, &mut opts("force_size=on"), &mut ranges).unwrap();
         assert!(!s.is_fixed());
         let b = s.dynamic.as_ref().unwrap();

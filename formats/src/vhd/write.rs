@@ -430,7 +430,7 @@ impl ImageWriter for VhdWriter {
 pub fn measure(
     virtual_size: u64,
     opts: &mut CreateOptions,
-    allocated: &mut dyn Iterator<Item = Result<(u64, u64)>>,
+    allocated: &mut dyn Iterator<Item = Result<GuestRange>>,
 ) -> Result<Measure> {
     let plan = Plan::from_options(virtual_size, opts)?;
     let entries = plan.entries();
@@ -442,7 +442,7 @@ pub fn measure(
         });
     }
     let inside =
-        allocated.map(|r| r.map(|(start, end)| GuestRange::new(start, end.min(plan.virtual_size))));
+        allocated.map(|r| r.map(|r| GuestRange::new(r.start, r.end.min(plan.virtual_size))));
     let mut blocks = 0u64;
     for run in touched_clusters(inside, plan.block_size) {
         let run = run?;
@@ -486,7 +486,9 @@ mod tests {
         let m = measure(
             64 << 20,
             &mut opts("force_size=on"),
-            &mut ranges.into_iter().map(Ok),
+            &mut ranges
+                .into_iter()
+                .map(|(start, end)| Ok(GuestRange::new(start, end))),
         )
         .unwrap();
         let one = bitmap_size(2 << 20) + (2 << 20);
