@@ -104,6 +104,9 @@ pub struct PushArgs {
     /// Part size (at least 5M; default 16M, grown so the object fits in 10,000 parts)
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     part_size: Option<u64>,
+    /// Upload at most RATE bytes per second over all parts (e.g. 50M), as qemu-img's -r
+    #[arg(short = 'r', long, value_name = "RATE", value_parser = parse_size)]
+    rate_limit: Option<u64>,
     /// Show progress bars
     #[arg(short = 'p', long)]
     progress: bool,
@@ -177,6 +180,7 @@ pub fn push(args: PushArgs) -> Result<i32> {
     let source = std::path::absolute(src_path).unwrap_or_else(|_| src_path.clone());
     let opts = PushOptions {
         part_size: args.part_size,
+        rate_limit: args.rate_limit,
         parallel: args.parallel.max(1),
         source_name: src_path
             .file_name()

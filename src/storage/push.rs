@@ -115,6 +115,8 @@ pub struct PushOptions {
     /// What identifies this push's input (source path, size, mtime, format, options): a rerun
     /// resumes only the same input.
     pub identity: String,
+    /// Bytes per second at most, over all parts (`--rate-limit`, qemu-img's `-r`).
+    pub rate_limit: Option<u64>,
 }
 
 /// What a push did.
@@ -131,13 +133,33 @@ pub struct PushReport {
     pub restarted: bool,
 }
 
-/// Milliseconds to wait after each part: lets tests interrupt an upload of a small image at a
-/// known point. Not for users; undocumented on purpose.
-fn test_part_delay() -> Option<std::time::Duration> {
-    std::env::var("DISKKIT_TEST_PART_DELAY_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map(std::time::Duration::from_millis)
+/// Keeps an upload under a rate: after each part, a thread waits until the bytes sent so far
+/// are not ahead of `rate` bytes per second since the start.
+struct RateLimit {
+    rate: u64,
+    start: std::time::Instant,
+    sent: std::sync::atomic::AtomicU64,
+}
+
+impl RateLimit {
+    fn new(rate: Option<u64>) -> Option<RateLimit> {
+        rate.filter(|&r| r > 0).map(|rate| RateLimit {
+            rate,
+            start: std::time::Instant::now(),
+            sent: Default::default(),
+        })
+    }
+
+    fn sent(&self, len: u64) {
+        let total = self
+            .sent
+            .fetch_add(len, std::sync::atomic::Ordering::Relaxed)
+            + len;
+        let due = std::time::Duration::from_secs_f64(total as f64 / self.rate as f64);
+        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
 }
 
 /// Pushes `export` to `location`: hashes its guest, uploads the parts the checkpoint does not
@@ -219,12 +241,17 @@ pub fn push(
         let resumed = cp.parts.len() as u32;
         uploading.advance(u64::from(resumed) * part);
         let fill = |n| fill_part(export, n, part, object_size);
-        match upload.finish(cp, opts.parallel, &fill, uploading) {
+        match upload.finish(cp, (opts.parallel, opts.rate_limit), &fill, uploading) {
             // The server dropped the upload after it listed it (expired, or aborted by
             // another process): one fresh upload, so that a rerun always completes.
             Err(e @ Error::Storage { .. }) if e.kind() == ErrorKind::NotFound => {
                 restarted = true;
-                let sent = upload.finish(upload.start()?, opts.parallel, &fill, uploading)?;
+                let sent = upload.finish(
+                    upload.start()?,
+                    (opts.parallel, opts.rate_limit),
+                    &fill,
+                    uploading,
+                )?;
                 (sent, 0, manifest)
             }
             sent => (sent?, resumed, manifest),
@@ -301,7 +328,7 @@ impl Upload<'_> {
     fn finish(
         &self,
         cp: Checkpoint,
-        parallel: usize,
+        (parallel, rate_limit): (usize, Option<u64>),
         fill: &(dyn Fn(u32) -> Result<Vec<u8>> + Sync),
         uploading: &dyn Progress,
     ) -> Result<u32> {
@@ -316,7 +343,7 @@ impl Upload<'_> {
             &upload_id,
             &missing,
             self.part,
-            parallel,
+            (parallel, rate_limit),
             fill,
             |n, etag, len| {
                 uploading.advance(len);
@@ -388,11 +415,11 @@ fn upload_parts(
     upload_id: &str,
     numbers: &[u32],
     part: u64,
-    parallel: usize,
+    (parallel, rate_limit): (usize, Option<u64>),
     produce: &(dyn Fn(u32) -> Result<Vec<u8>> + Sync),
     done: impl Fn(u32, String, u64) -> Result<()> + Sync,
 ) -> Result<()> {
-    let delay = test_part_delay();
+    let limit = RateLimit::new(rate_limit);
     super::run_parallel(parallel, numbers.len(), |i| {
         let n = numbers[i];
         let data = produce(n)?;
@@ -400,8 +427,8 @@ fn upload_parts(
         let offset = u64::from(n - 1) * part;
         let etag = store.upload_part(key, upload_id, n, offset, Bytes::from(data))?;
         done(n, etag, len)?;
-        if let Some(d) = delay {
-            std::thread::sleep(d);
+        if let Some(limit) = &limit {
+            limit.sent(len);
         }
         Ok(())
     })
