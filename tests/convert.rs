@@ -198,20 +198,6 @@ fn refuses_to_overwrite_its_input() {
     assert_eq!(std::fs::read(&src).unwrap(), before);
 }
 
-/// A cheap pseudo-random stream (xorshift), so the data is not compressible nor zero.
-fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 fn file_hash(path: &Path) -> u64 {
     use std::hash::{DefaultHasher, Hasher};
     use std::io::Read;

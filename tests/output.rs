@@ -110,16 +110,7 @@ fn an_interrupted_pull_leaves_nothing_behind() {
     let bucket = p(dir.path(), "bucket");
     std::fs::create_dir(&bucket).unwrap();
     let src = p(dir.path(), "src.raw");
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let data: Vec<u8> = (0..48 * MIB / 8)
-        .flat_map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state.to_le_bytes()
-        })
-        .collect();
-    std::fs::write(&src, data).unwrap();
+    std::fs::write(&src, pseudo_random(11, 48 * MIB as usize)).unwrap();
     let object = format!("{}/disk.qcow2", path_str(&bucket));
     let cache = p(dir.path(), "cache");
     let run = |args: &[&str]| {

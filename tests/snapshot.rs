@@ -341,16 +341,7 @@ fn killed_create_leaves_no_snapshot_and_a_rerun_completes() {
     let store = path_str(&store_dir);
     // Incompressible data, so the create takes long enough to be killed in the middle.
     let src = p(dir.path(), "big.raw");
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let data: Vec<u8> = (0..96 * MIB / 8)
-        .flat_map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state.to_le_bytes()
-        })
-        .collect();
-    std::fs::write(&src, data).unwrap();
+    std::fs::write(&src, pseudo_random(7, 96 * MIB as usize)).unwrap();
     let mut killed = false;
     for delay_ms in [150, 60, 20, 5] {
         let mut child = Command::new(diskkit_bin())
@@ -493,17 +484,15 @@ fn bitmap_incremental_reads_only_the_marked_chunks() {
     assert!(out.contains("read 8 MiB,"), "{out}");
     restored_equals(store, &child, &img, dir.path(), "raw");
     // Bitmaps that cannot be trusted are refused.
-    let (code, _, err) = dk(&[
-        "snapshot",
-        "create",
-        "--parent",
-        &parent,
-        "--bitmap",
-        "nope",
-        path_str(&img),
-        store,
-    ]);
-    assert_eq!(code, 2);
+    let refused = |bitmap: &str, image: &Path| {
+        let args = [
+            "snapshot", "create", "--parent", &parent, "--bitmap", bitmap,
+        ];
+        let (code, _, err) = dk(&[&args[..], &[path_str(image), store]].concat());
+        assert_eq!(code, 2, "{err}");
+        err
+    };
+    let err = refused("nope", &img);
     assert!(err.contains("since-parent"), "{err}");
     let mut bytes = std::fs::read(&img).unwrap();
     // The in-use flag of the directory entry (stale copies of the directory in freed clusters
@@ -517,31 +506,11 @@ fn bitmap_incremental_reads_only_the_marked_chunks() {
     }
     let in_use = p(dir.path(), "in-use.qcow2");
     std::fs::write(&in_use, &bytes).unwrap();
-    let (code, _, err) = dk(&[
-        "snapshot",
-        "create",
-        "--parent",
-        &parent,
-        "--bitmap",
-        "since-parent",
-        path_str(&in_use),
-        store,
-    ]);
-    assert_eq!(code, 2);
+    let err = refused("since-parent", &in_use);
     assert!(err.contains("in use"), "{err}");
     let mut bytes = std::fs::read(&img).unwrap();
     bytes[95] &= !1; // the "bitmaps consistent" autoclear bit
     std::fs::write(&in_use, &bytes).unwrap();
-    let (code, _, err) = dk(&[
-        "snapshot",
-        "create",
-        "--parent",
-        &parent,
-        "--bitmap",
-        "since-parent",
-        path_str(&in_use),
-        store,
-    ]);
-    assert_eq!(code, 2);
+    let err = refused("since-parent", &in_use);
     assert!(err.contains("inconsistent"), "{err}");
 }
