@@ -284,7 +284,12 @@ fn read_batch(
         if filled == 0 {
             break;
         }
-        buf.truncate(filled);
+        // A raw disk is whole 512-byte sectors, as qemu sees a file of odd length: a stream's
+        // missing tail reads as zeros, the same rule as a raw file's (chunk sizes are multiples
+        // of 512, so the padding stays inside the chunk).
+        let padded = filled.next_multiple_of(512).min(chunk_size);
+        buf[filled..padded].fill(0);
+        buf.truncate(padded);
         chunks.push(buf);
         if filled < chunk_size {
             break;

@@ -514,3 +514,19 @@ fn snapshot_is_hashed_as_it_was() {
     assert_eq!(diskkit_digest(&img, &["-l", "before"]), before);
     assert_ne!(diskkit_digest(&img, &[]), before);
 }
+
+/// One rule for odd-length raw data: a file and the same bytes on stdin are a disk of whole
+/// 512-byte sectors, and hash alike.
+#[test]
+fn odd_length_stdin_hashes_like_the_file() {
+    let dir = tempdir();
+    let raw = p(dir.path(), "odd.raw");
+    std::fs::write(&raw, vec![0x5a; 4 * MIB as usize + 1000]).unwrap();
+    let file = diskkit_digest(&raw, &[]);
+    assert_eq!(diskkit_stdin_digest(&raw), file);
+    let padded = p(dir.path(), "padded.raw");
+    let mut bytes = vec![0x5a; 4 * MIB as usize + 1000];
+    bytes.resize(4 * MIB as usize + 1024, 0);
+    std::fs::write(&padded, bytes).unwrap();
+    assert_eq!(diskkit_stdin_digest(&padded), file);
+}
