@@ -429,15 +429,16 @@ fn restore(args: RestoreArgs) -> Result<i32> {
     Ok(EXIT_OK)
 }
 
+/// The full ids of `ids` (unique prefixes), all resolved before anything is done with them:
+/// a typo stops the command before it removes or checks anything.
+fn resolve_all(store: &SnapshotStore, ids: &[String]) -> Result<Vec<String>> {
+    ids.iter().map(|i| store.resolve(i)).collect()
+}
+
 fn rm(args: RmArgs) -> Result<i32> {
     let mut out = Out::new();
     let store = args.access.open(&args.store, None)?;
-    // Resolve every id first: a typo removes nothing.
-    let ids: Vec<String> = args
-        .ids
-        .iter()
-        .map(|i| store.resolve(i))
-        .collect::<Result<_>>()?;
+    let ids = resolve_all(&store, &args.ids)?;
     for id in ids {
         store.remove(&id)?;
         writeln!(out, "removed {id}")?;
@@ -465,11 +466,7 @@ fn gc(args: StoreArgs) -> Result<i32> {
 fn verify(args: VerifyArgs) -> Result<i32> {
     let mut out = Out::new();
     let store = args.access.open(&args.store, None)?;
-    let ids: Vec<String> = args
-        .ids
-        .iter()
-        .map(|i| store.resolve(i))
-        .collect::<Result<_>>()?;
+    let ids = resolve_all(&store, &args.ids)?;
     let report = snapshot::verify(&store, &ids, args.read_data)?;
     for (id, e) in &report.bad_indexes {
         writeln!(out, "snapshot {id}: {}", printable(e))?;
