@@ -12,12 +12,14 @@
 
 use crate::parallel::{pool_of, read_pool};
 use crate::progress::Progress;
+use crate::storage::push::RateLimit;
 use diskkit_formats::host::HostFile;
 use diskkit_formats::image::{GuestRange, Step, Walk, first_nonzero_byte, read_filled};
 use diskkit_formats::write::{self, CreateOptions, ImageWriter};
 use diskkit_formats::{Error, Format, Image, Result};
 use rayon::prelude::*;
 use std::path::Path;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Guest bytes handled per parallel task (rounded up to the zero-detection unit). Small enough
@@ -42,6 +44,14 @@ pub struct ConvertOptions<'a> {
     /// Worker threads (`-m`); `None` uses the engine's read pool (two per CPU, so that reads
     /// and computation overlap).
     pub threads: Option<usize>,
+    /// The output reads as zeros already (`--target-is-zero`, with `-n`): zero ranges are not
+    /// written.
+    pub target_is_zero: bool,
+    /// Guest bytes per second at most (`-r`), over all workers.
+    pub rate_limit: Option<u64>,
+    /// Read errors become zeros (`--salvage`), reported per range in [`ConvertStats`], instead
+    /// of ending the conversion.
+    pub salvage: bool,
 }
 
 impl Default for ConvertOptions<'_> {
@@ -50,12 +60,15 @@ impl Default for ConvertOptions<'_> {
             sparse_size: DEFAULT_SPARSE_SIZE,
             backing: None,
             threads: None,
+            target_is_zero: false,
+            rate_limit: None,
+            salvage: false,
         }
     }
 }
 
 /// What a conversion did, in guest bytes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConvertStats {
     /// Read from the source (and from the backing image in overlay mode).
     pub read: u64,
@@ -64,6 +77,9 @@ pub struct ConvertStats {
     /// Recorded as zeros with `write_zeroes` (ranges skipped on a zero-initialized output are
     /// not counted).
     pub zeroed: u64,
+    /// `--salvage`: guest ranges that could not be read and were written as zeros, in guest
+    /// order, adjacent ones merged, each with the first error met in it.
+    pub salvaged: Vec<(GuestRange, String)>,
 }
 
 /// Copies the guest content of `src` into `dst`, which must be at least as large.
@@ -104,8 +120,10 @@ pub fn convert(
         backing: opts.backing,
         detect_zeros: opts.sparse_size > 0,
         unit,
-        zero_needed: opts.backing.is_some() || !dst.zero_initialized(),
+        zero_needed: opts.backing.is_some() || !(dst.zero_initialized() || opts.target_is_zero),
         progress,
+        limit: RateLimit::new(opts.rate_limit),
+        salvage: opts.salvage.then(Mutex::default),
         read: AtomicU64::new(0),
         written: AtomicU64::new(0),
         zeroed: AtomicU64::new(0),
@@ -125,10 +143,23 @@ pub fn convert(
         None => read_pool()?.install(run)?,
         Some(n) => pool_of(n)?.install(run)?,
     }
+    let mut failed = engine
+        .salvage
+        .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
+        .unwrap_or_default();
+    failed.sort_by_key(|(r, _)| r.start);
+    let mut salvaged: Vec<(GuestRange, String)> = Vec::new();
+    for (range, why) in failed {
+        match salvaged.last_mut() {
+            Some((last, _)) if last.end == range.start => last.end = range.end,
+            _ => salvaged.push((range, why)),
+        }
+    }
     Ok(ConvertStats {
         read: engine.read.into_inner(),
         written: engine.written.into_inner(),
         zeroed: engine.zeroed.into_inner(),
+        salvaged,
     })
 }
 
@@ -229,6 +260,9 @@ struct Engine<'a> {
     /// Zero ranges must be recorded (output not zero-initialized, or overlay over a backing).
     zero_needed: bool,
     progress: &'a dyn Progress,
+    limit: Option<RateLimit>,
+    /// `--salvage`: the ranges that could not be read.
+    salvage: Option<Mutex<Vec<(GuestRange, String)>>>,
     read: AtomicU64,
     written: AtomicU64,
     zeroed: AtomicU64,
@@ -291,8 +325,7 @@ impl Engine<'_> {
             })?;
             if mapped {
                 written?;
-                self.read.fetch_add(hi - lo, Ordering::Relaxed);
-                self.progress.data_read(hi - lo);
+                self.note_read(hi - lo);
                 self.copy_buffered(GuestRange::new(pos, lo), ranges, bufs)?;
                 pos = hi;
             }
@@ -405,10 +438,60 @@ impl Engine<'_> {
         buf: &mut Vec<u8>,
     ) -> Result<()> {
         buf.resize(range.len() as usize, 0);
-        let read = read_filled(image, range.start, buf, ranges.iter().copied().map(Ok))?;
-        self.read.fetch_add(read, Ordering::Relaxed);
-        self.progress.data_read(read);
+        let read = match read_filled(image, range.start, buf, ranges.iter().copied().map(Ok)) {
+            Ok(n) => n,
+            Err(e) if self.salvage.is_some() && is_read_error(&e) => {
+                self.salvage_fill(image, range, ranges, buf)?
+            }
+            Err(e) => return Err(e),
+        };
+        self.note_read(read);
         Ok(())
+    }
+
+    /// `--salvage`: fills `buf` as [`Engine::fill`] does, reading each data range in sectors
+    /// of [`SALVAGE_UNIT`] so that only what fails becomes zeros (and is recorded).
+    fn salvage_fill(
+        &self,
+        image: &dyn Image,
+        range: GuestRange,
+        ranges: &[GuestRange],
+        buf: &mut [u8],
+    ) -> Result<u64> {
+        buf.fill(0);
+        let mut read = 0;
+        for r in ranges {
+            let mut at = r.start;
+            while at < r.end {
+                let end = (at / SALVAGE_UNIT + 1) * SALVAGE_UNIT;
+                let end = end.min(r.end);
+                let part = &mut buf[(at - range.start) as usize..(end - range.start) as usize];
+                match image.read_at(part, at) {
+                    Ok(()) => read += end - at,
+                    Err(e) if is_read_error(&e) => {
+                        part.fill(0);
+                        if let Some(failed) = &self.salvage {
+                            failed
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push((GuestRange::new(at, end), e.to_string()));
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+                at = end;
+            }
+        }
+        Ok(read)
+    }
+
+    /// Counts bytes read from an image, for the totals, the progress bar and `-r`.
+    fn note_read(&self, n: u64) {
+        self.read.fetch_add(n, Ordering::Relaxed);
+        self.progress.data_read(n);
+        if let Some(limit) = &self.limit {
+            limit.sent(n);
+        }
     }
 
     fn zero(&self, offset: u64, len: u64) -> Result<()> {
@@ -416,6 +499,15 @@ impl Engine<'_> {
         self.zeroed.fetch_add(len, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// `--salvage` retries a failed read in pieces of this many guest bytes.
+const SALVAGE_UNIT: u64 = 4096;
+
+/// Errors `--salvage` turns into zeros: the source could not be read or its data is damaged
+/// (an I/O error, a compressed cluster that does not decompress), not a bad argument.
+fn is_read_error(e: &Error) -> bool {
+    matches!(e, Error::Io { .. } | Error::Corrupt { .. })
 }
 
 /// For each unit-sized piece of `range`, whether any of `ranges` (inside it) touches it.

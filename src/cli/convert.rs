@@ -2,9 +2,10 @@
 
 use super::EXIT_OK;
 use super::util::{
-    Bar, Target, create_options, open_image, output_format, parse_format, parse_size,
+    Bar, Target, create_options, open_image, output_format, parse_format, parse_size, warn,
 };
 use diskkit::convert::{ConvertOptions, convert_into_existing, convert_to_path};
+use diskkit::formats::image::GuestRange;
 use diskkit::formats::write::CacheMode;
 use diskkit::formats::{Error, Format, Image, Result};
 use std::path::{Path, PathBuf};
@@ -92,6 +93,16 @@ pub struct Args {
     /// parallel, in any order
     #[arg(short = 'W')]
     out_of_order: bool,
+    /// With -n: the existing DST reads as zeros already, so zero ranges are not written
+    #[arg(long, requires = "no_create")]
+    target_is_zero: bool,
+    /// Read at most RATE guest bytes per second (10M, 1G...), as qemu-img's -r
+    #[arg(short = 'r', long = "rate-limit", value_name = "RATE", value_parser = parse_size)]
+    rate_limit: Option<u64>,
+    /// Rescue a damaged source: ranges that cannot be read (I/O errors, damaged compressed
+    /// data) are written as zeros and listed on stderr, instead of ending the conversion
+    #[arg(long)]
+    salvage: bool,
     /// Source image: a file or block device in any format diskkit reads (raw, qcow2 with its
     /// backing chain, vpc/vhd, vhdx, vmdk, iso)
     src: PathBuf,
@@ -122,17 +133,20 @@ pub fn run(args: Args) -> Result<i32> {
         sparse_size: args.sparse_size,
         backing: backing.as_deref(),
         threads: args.threads,
+        target_is_zero: args.target_is_zero,
+        rate_limit: args.rate_limit,
+        salvage: args.salvage,
     };
     let bar = Bar::new(args.progress, src.virtual_size(), "converting")
         .with_data_of(&[src.as_ref()], src.virtual_size())?;
-    if args.no_create {
+    let stats = if args.no_create {
         if args.compress || !args.options.is_empty() || args.backing.is_some() {
             return Err(Error::invalid(
                 "-n writes into an existing image: -o, -c and -B need a new one",
             ));
         }
         let format = args.out_format.or(args.target.map(|_| Format::Vhd));
-        convert_into_existing(src.as_ref(), format, &args.dst, &opts, &bar)?;
+        convert_into_existing(src.as_ref(), format, &args.dst, &opts, &bar)?
     } else {
         convert_to_path(
             src.as_ref(),
@@ -141,9 +155,10 @@ pub fn run(args: Args) -> Result<i32> {
             &mut create,
             &opts,
             &bar,
-        )?;
-    }
+        )?
+    };
     bar.finish();
+    report_salvaged(&stats.salvaged);
     Ok(EXIT_OK)
 }
 
@@ -155,4 +170,21 @@ pub fn open_backing(name: &str, format: Option<Format>, image: &Path) -> Result<
         _ => path.to_path_buf(),
     };
     open_image(&path, format, None)
+}
+
+/// `--salvage`: one warning per unreadable range, then the total.
+fn report_salvaged(ranges: &[(GuestRange, String)]) {
+    for (range, why) in ranges {
+        warn(&format!(
+            "could not read guest bytes {range} ({} bytes), written as zeros: {why}",
+            range.len()
+        ));
+    }
+    if !ranges.is_empty() {
+        let total: u64 = ranges.iter().map(|(r, _)| r.len()).sum();
+        warn(&format!(
+            "salvaged: {total} bytes in {} range(s) written as zeros",
+            ranges.len()
+        ));
+    }
 }

@@ -104,21 +104,7 @@ fn human(info: &ImageInfo) -> String {
         line("dirty flag", "yes".into());
     }
     if !info.snapshots.is_empty() {
-        s.push_str("Snapshot list:\n");
-        s.push_str(&format!(
-            "{:<4} {:<20} {:>10} {:<19} {:>15}\n",
-            "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK"
-        ));
-        for sn in &info.snapshots {
-            s.push_str(&format!(
-                "{:<4} {:<20} {:>10} {:<19} {:>15}\n",
-                printable(&sn.id),
-                printable(&sn.name),
-                human_size(sn.vm_state_size),
-                format_date(sn.date_sec),
-                format_clock(sn.vm_clock_sec, sn.vm_clock_nsec),
-            ));
-        }
+        s.push_str(&snapshot_list(&info.snapshots));
     }
     if let Some(serde_json::Value::Object(spec)) = &info.format_specific
         && let Some(serde_json::Value::Object(data)) = spec.get("data")
@@ -215,6 +201,26 @@ fn format_clock(sec: u64, nsec: u32) -> String {
         sec % 60,
         nsec / 1_000_000
     )
+}
+
+/// The internal snapshot table as qemu-img prints it (`info` and `snapshot -l`).
+pub(super) fn snapshot_list(snapshots: &[diskkit::formats::image::SnapshotInfo]) -> String {
+    let mut s = String::from("Snapshot list:\n");
+    s.push_str(&format!(
+        "{:<4} {:<20} {:>10} {:<19} {:>15}\n",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK"
+    ));
+    for sn in snapshots {
+        s.push_str(&format!(
+            "{:<4} {:<20} {:>10} {:<19} {:>15}\n",
+            printable(&sn.id),
+            printable(&sn.name),
+            human_size(sn.vm_state_size),
+            format_date(sn.date_sec),
+            format_clock(sn.vm_clock_sec, sn.vm_clock_nsec),
+        ));
+    }
+    s
 }
 
 #[cfg(test)]

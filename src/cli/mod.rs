@@ -1,15 +1,20 @@
 //! Command-line interface, qemu-img style. Each subcommand lives in its own module.
 
+mod amend;
+mod bitmap;
 mod check;
+mod commit;
 mod compare;
 mod convert;
 mod create;
 mod generate;
 mod hash;
 mod info;
+mod inplace;
 mod iso;
 mod map;
 mod measure;
+mod rebase;
 mod resize;
 mod snapshot;
 mod storage;
@@ -70,6 +75,10 @@ enum Command {
     Ls(storage::LsArgs),
     Rm(storage::RmArgs),
     Snapshot(snapshot::Args),
+    Amend(amend::Args),
+    Bitmap(bitmap::Args),
+    Rebase(rebase::Args),
+    Commit(commit::Args),
     Completions(generate::CompletionsArgs),
     Man(generate::ManArgs),
 }
@@ -98,6 +107,10 @@ pub fn run() -> i32 {
         Command::Ls(a) => storage::ls(a),
         Command::Rm(a) => storage::rm(a),
         Command::Snapshot(a) => snapshot::run(a),
+        Command::Amend(a) => amend::run(a),
+        Command::Bitmap(a) => bitmap::run(a),
+        Command::Rebase(a) => rebase::run(a),
+        Command::Commit(a) => commit::run(a),
         Command::Completions(a) => generate::completions(a),
         Command::Man(a) => generate::man(a),
     };

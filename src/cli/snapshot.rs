@@ -1,5 +1,7 @@
 //! `diskkit snapshot ...`: data-disk snapshots in a content-addressed store.
 
+use super::info::snapshot_list;
+use super::inplace::require_qcow2;
 use super::storage::Connection;
 use super::util::{
     Bar, Out, OutputFormat, create_options, human_size, open_image, parse_format, parse_size,
@@ -7,6 +9,7 @@ use super::util::{
 };
 use super::{EXIT_DIFFERENT, EXIT_OK};
 use diskkit::formats::chunk_store::HOLE;
+use diskkit::formats::qcow2::snapshot_edit;
 use diskkit::formats::write::CacheMode;
 use diskkit::formats::{Error, Format, Image, Result};
 use diskkit::snapshot::{self, Crypto, NewStore, SnapshotImage, SnapshotStore};
@@ -19,17 +22,54 @@ settings as for push: flags, environment, profile). An ID may be any unique pref
 snapshot's id. A snapshot is also an image: STORE#ID works as the source of info, map, compare, \
 hash, convert and push.";
 
-/// Data-disk snapshots in a content-addressed store (a directory or a bucket)
+const INTERNAL: &str = "Internal snapshots (qemu-img's form): diskkit snapshot -l|-c NAME|-a \
+NAME|-d NAME IMAGE lists, creates, applies or deletes the internal snapshots of a qcow2 IMAGE in \
+place; a crash at any moment leaves the image as before or as after.";
+
+/// Snapshots: data-disk snapshots in a store (subcommands), or a qcow2 image's internal ones
+/// (-l, -c, -a, -d)
 #[derive(clap::Args)]
 #[command(
-    long_about = "Snapshots of disk images in a store you own: each chunk of guest data is \
-stored once, named by its SHA-256, so a later snapshot of the same disk costs only what changed. \
-Chunks of zeros are never stored or sent. See README.md for the store's layout.",
-    after_help = STORES
+    long_about = "Two kinds of snapshots share this command.\n\n\
+Store snapshots (subcommands create, ls, info, diff, restore, rm, gc, verify): snapshots of disk \
+images in a store you own: each chunk of guest data is stored once, named by its SHA-256, so a \
+later snapshot of the same disk costs only what changed. Chunks of zeros are never stored or \
+sent. See README.md for the store's layout.\n\n\
+Internal snapshots (flags -l, -c, -a, -d, as qemu-img snapshot): kept inside a qcow2 image, \
+sharing its clusters. Create records the current state under NAME (IDs numbered as qemu does, \
+no VM state); apply makes a snapshot (ID or name) the current state, dropping what only the \
+current state held; delete frees what only that snapshot held. Each change is written to free \
+space and switched on by one header write, so a crash leaves the image as before or as after.",
+    after_help = format!("{STORES}\n\n{INTERNAL}"),
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    group = clap::ArgGroup::new("action").required(true).args(["list", "create", "apply", "delete"])
 )]
 pub struct Args {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    internal: InternalArgs,
+}
+
+/// qemu-img's flag form: one action on one qcow2 image.
+#[derive(clap::Args)]
+struct InternalArgs {
+    /// List the internal snapshots of IMAGE
+    #[arg(short = 'l')]
+    list: bool,
+    /// Create internal snapshot NAME of IMAGE's current state
+    #[arg(short = 'c', value_name = "NAME")]
+    create: Option<String>,
+    /// Apply internal snapshot NAME (ID or name): it becomes IMAGE's current state
+    #[arg(short = 'a', value_name = "NAME")]
+    apply: Option<String>,
+    /// Delete internal snapshot NAME (ID or name)
+    #[arg(short = 'd', value_name = "NAME")]
+    delete: Option<String>,
+    /// The qcow2 image (with -l, -c, -a or -d)
+    #[arg(required = true)]
+    image: Option<PathBuf>,
 }
 
 #[derive(clap::Subcommand)]
@@ -229,7 +269,10 @@ struct VerifyArgs {
 }
 
 pub fn run(args: Args) -> Result<i32> {
-    match args.command {
+    let Some(command) = args.command else {
+        return internal(args.internal);
+    };
+    match command {
         Command::Create(a) => create(a),
         Command::Ls(a) => ls(a),
         Command::Info(a) => info(a),
@@ -239,6 +282,34 @@ pub fn run(args: Args) -> Result<i32> {
         Command::Gc(a) => gc(a),
         Command::Verify(a) => verify(a),
     }
+}
+
+/// `snapshot -l|-c|-a|-d IMAGE`: internal snapshots of a qcow2 image.
+fn internal(args: InternalArgs) -> Result<i32> {
+    let image = args
+        .image
+        .ok_or_else(|| Error::invalid("snapshot -l, -c, -a and -d need an IMAGE"))?;
+    require_qcow2(&image, None, "internal snapshots")?;
+    if args.list {
+        let snapshots = open_image(&image, Some(Format::Qcow2), None)?
+            .info()
+            .snapshots;
+        if !snapshots.is_empty() {
+            let mut out = Out::new();
+            write!(out, "{}", snapshot_list(&snapshots))?;
+            out.flush()?;
+        }
+    } else if let Some(name) = args.create {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        snapshot_edit::create(&image, &name, (now.as_secs(), now.subsec_nanos()))?;
+    } else if let Some(key) = args.apply {
+        snapshot_edit::apply(&image, &key)?;
+    } else if let Some(key) = args.delete {
+        snapshot_edit::delete(&image, &key)?;
+    }
+    Ok(EXIT_OK)
 }
 
 fn json(value: &impl serde::Serialize) -> Result<String> {

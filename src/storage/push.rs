@@ -134,14 +134,14 @@ pub struct PushReport {
 
 /// Keeps an upload under a rate: after each part, a thread waits until the bytes sent so far
 /// are not ahead of `rate` bytes per second since the start.
-struct RateLimit {
+pub(crate) struct RateLimit {
     rate: u64,
     start: std::time::Instant,
     sent: std::sync::atomic::AtomicU64,
 }
 
 impl RateLimit {
-    fn new(rate: Option<u64>) -> Option<RateLimit> {
+    pub(crate) fn new(rate: Option<u64>) -> Option<RateLimit> {
         rate.filter(|&r| r > 0).map(|rate| RateLimit {
             rate,
             start: std::time::Instant::now(),
@@ -149,7 +149,7 @@ impl RateLimit {
         })
     }
 
-    fn sent(&self, len: u64) {
+    pub(crate) fn sent(&self, len: u64) {
         let total = self
             .sent
             .fetch_add(len, std::sync::atomic::Ordering::Relaxed)

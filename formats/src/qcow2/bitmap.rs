@@ -14,16 +14,16 @@ use serde::Serialize;
 use std::path::Path;
 
 /// qemu's limits (block/qcow2-bitmap.c).
-const MAX_BITMAPS: u32 = 65535;
-const MAX_DIRECTORY_SIZE: u64 = 64 << 20;
-const MAX_NAME: usize = 1023;
-const MIN_GRANULARITY_BITS: u8 = 9;
-const MAX_GRANULARITY_BITS: u8 = 31;
-const ENTRY_FIXED: usize = 24;
-const FLAG_IN_USE: u32 = 1 << 0;
-const FLAG_AUTO: u32 = 1 << 1;
+pub(super) const MAX_BITMAPS: u32 = 65535;
+pub(super) const MAX_DIRECTORY_SIZE: u64 = 64 << 20;
+pub(super) const MAX_NAME: usize = 1023;
+pub(super) const MIN_GRANULARITY_BITS: u8 = 9;
+pub(super) const MAX_GRANULARITY_BITS: u8 = 31;
+pub(super) const ENTRY_FIXED: usize = 24;
+pub(super) const FLAG_IN_USE: u32 = 1 << 0;
+pub(super) const FLAG_AUTO: u32 = 1 << 1;
 const FLAG_EXTRA_DATA_COMPATIBLE: u32 = 1 << 2;
-const TYPE_DIRTY_TRACKING: u8 = 1;
+pub(super) const TYPE_DIRTY_TRACKING: u8 = 1;
 /// Bits 9-55 of a bitmap table entry: the cluster offset; bit 0: all ones when no cluster.
 const TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const TABLE_ALL_ONES: u64 = 1;
@@ -53,6 +53,15 @@ impl BitmapsExtension {
             directory_offset: be64(data, 16),
         })
     }
+
+    /// The extension's data as the header stores it.
+    pub fn encode(&self) -> [u8; 24] {
+        let mut b = [0u8; 24];
+        b[0..4].copy_from_slice(&self.nb_bitmaps.to_be_bytes());
+        b[8..16].copy_from_slice(&self.directory_size.to_be_bytes());
+        b[16..24].copy_from_slice(&self.directory_offset.to_be_bytes());
+        b
+    }
 }
 
 /// One persistent bitmap, as `qemu-img info` lists it.
@@ -73,6 +82,9 @@ pub struct Bitmap {
     table_offset: u64,
     #[serde(skip)]
     table_size: u32,
+    /// Length of the directory entry (with padding): entries follow each other.
+    #[serde(skip)]
+    pub(super) entry_len: usize,
 }
 
 /// The bitmaps of an image (none without the extension).
@@ -147,8 +159,40 @@ pub fn list(file: &HostFile, header: &Header) -> Result<Vec<Bitmap>> {
                 .collect(),
             table_offset: be64(e, 0),
             table_size: be32(e, 8),
+            entry_len,
         });
         pos += entry_len;
+    }
+    Ok(out)
+}
+
+/// Every range the bitmaps occupy (directory, bitmap tables, clusters of bits) as (structure,
+/// offset, length), for counting references. Nothing when the image's bitmaps are marked
+/// inconsistent: qemu then ignores the extension and its clusters are leaks.
+pub(super) fn structures(
+    file: &HostFile,
+    header: &Header,
+) -> Result<Vec<(&'static str, u64, u64)>> {
+    let Some(ext) = header
+        .bitmaps
+        .filter(|_| header.autoclear_features & AUTOCLEAR_BITMAPS != 0)
+    else {
+        return Ok(Vec::new());
+    };
+    let mut out = vec![("bitmap directory", ext.directory_offset, ext.directory_size)];
+    for b in list(file, header)? {
+        let table = file.read_vec_at(
+            b.table_offset,
+            u64::from(b.table_size) * 8,
+            "qcow2 bitmap table",
+        )?;
+        out.push(("bitmap table", b.table_offset, table.len() as u64));
+        for entry in table.chunks_exact(8) {
+            let offset = be64(entry, 0) & TABLE_OFFSET_MASK;
+            if offset != 0 {
+                out.push(("bitmap data", offset, header.cluster_size()));
+            }
+        }
     }
     Ok(out)
 }

@@ -16,9 +16,6 @@ use std::path::Path;
 
 /// Above this many host clusters the in-memory count (8 bytes each) is refused.
 const MAX_CHECKED_CLUSTERS: u64 = 1 << 26;
-/// Autoclear bit 0: the image has persistent dirty bitmaps, whose clusters this check does not
-/// count.
-const AUTOCLEAR_BITMAPS: u64 = 1;
 
 /// References counted from the metadata: all of them, and those without the refcount structure
 /// itself (what a rebuilt structure must record besides itself).
@@ -155,12 +152,6 @@ fn walk_table(
 /// header: resize counts its new L1 table this way).
 fn tally(file: &HostFile, h: &Header) -> Result<Tally> {
     let path = file.path();
-    if h.autoclear_features & AUTOCLEAR_BITMAPS != 0 {
-        return Err(Error::unsupported(
-            path,
-            "checking images with persistent bitmaps",
-        ));
-    }
     let geo = h.geometry();
     let cs = geo.cluster_size();
     let cb = geo.cluster_bits;
@@ -209,6 +200,10 @@ fn tally(file: &HostFile, h: &Header) -> Result<Tally> {
             s.l1_size,
             false,
         )?;
+    }
+
+    for (what, offset, len) in super::bitmap::structures(file, h)? {
+        t.metadata(what, offset, len, cb, false);
     }
 
     let rt = refcount_table(file, h)?;

@@ -86,6 +86,9 @@ pub struct Header {
     pub data_file: Option<String>,
     /// Persistent dirty bitmaps extension (see [`super::bitmap`]).
     pub bitmaps: Option<super::bitmap::BitmapsExtension>,
+    /// Extensions diskkit does not interpret (feature names and unknown ones), kept verbatim so
+    /// that rewriting the header in place preserves them: (type, data).
+    pub other_extensions: Vec<(u32, Vec<u8>)>,
 }
 
 /// Big-endian field at `at`; callers have checked that `b` holds it.
@@ -211,6 +214,7 @@ impl Header {
             backing_format: None,
             data_file: None,
             bitmaps: None,
+            other_extensions: Vec::new(),
         };
         let cluster_size = h.cluster_size();
         if version == 3 {
@@ -384,7 +388,7 @@ impl Header {
                 EXT_BITMAPS => {
                     self.bitmaps = Some(super::bitmap::BitmapsExtension::parse(path, pos, &data)?)
                 }
-                _ => {}
+                _ => self.other_extensions.push((kind, data)),
             }
             pos = data_end.next_multiple_of(8);
         }
@@ -422,6 +426,7 @@ impl Header {
             backing_format: None,
             data_file: None,
             bitmaps: None,
+            other_extensions: Vec::new(),
         }
     }
 
@@ -457,11 +462,23 @@ impl Header {
             });
             b.resize(self.header_length as usize, 0);
         }
-        if let Some(fmt) = &self.backing_format {
-            b.extend_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
-            b.extend_from_slice(&(fmt.len() as u32).to_be_bytes());
-            b.extend_from_slice(fmt.as_bytes());
+        let mut extension = |kind: u32, data: &[u8]| {
+            b.extend_from_slice(&kind.to_be_bytes());
+            b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            b.extend_from_slice(data);
             b.resize(b.len().next_multiple_of(8), 0);
+        };
+        if let Some(fmt) = &self.backing_format {
+            extension(EXT_BACKING_FORMAT, fmt.as_bytes());
+        }
+        if let Some(name) = &self.data_file {
+            extension(EXT_DATA_FILE, name.as_bytes());
+        }
+        if let Some(ext) = &self.bitmaps {
+            extension(EXT_BITMAPS, &ext.encode());
+        }
+        for (kind, data) in &self.other_extensions {
+            extension(*kind, data);
         }
         b.extend_from_slice(&[0; 8]); // end of extensions
         if let Some(name) = &self.backing_file {

@@ -8,18 +8,24 @@
 //! Writing ([`Qcow2Writer`]) creates new images; [`measure`] sizes them; [`check`] verifies (and
 //! repairs) refcounts; [`resize`] changes the virtual size in place.
 
+mod amend;
 pub mod bitmap;
+pub mod bitmap_edit;
 mod check;
+pub mod cluster_write;
 mod compress;
+pub mod edit;
 pub mod header;
 mod l2;
 mod read;
 mod refcount;
 mod resize;
 pub mod snapshot;
+pub mod snapshot_edit;
 pub mod stream;
 mod write;
 
+pub use amend::amend;
 pub use check::check;
 pub use read::Qcow2Image;
 pub use resize::resize;

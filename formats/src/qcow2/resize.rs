@@ -5,7 +5,7 @@
 //! refcount table together. Shrinking unmaps the clusters past the new end first (their space
 //! becomes free, the file is not truncated).
 
-use super::check::{append_refcounts, check, counts_for, open_rw, patch};
+use super::check::{append_refcounts, counts_for, open_rw, patch};
 use super::header::{Header, OFF_SIZE};
 use super::l2::{Cluster, Geometry, MAX_L1_BYTES, OFFSET_MASK, be_words, read_table};
 use crate::error::{Error, Result};
@@ -21,21 +21,7 @@ pub fn resize(path: &Path, new_size: u64) -> Result<()> {
     if h.nb_snapshots > 0 {
         return refuse("an image with internal snapshots (as qemu-img)");
     }
-    if h.has_data_file() {
-        return refuse("an image with an external data file");
-    }
-    if h.dirty() || h.corrupt() {
-        return refuse("an image marked dirty or corrupt: run check -r all first");
-    }
-    let report = check(path, None)?;
-    if report.corruptions > 0 {
-        return Err(Error::corrupt(
-            path,
-            "qcow2 metadata",
-            0,
-            format!("{} corruptions: run check first", report.corruptions),
-        ));
-    }
+    super::edit::refuse_unfit(path, &h, "resizing")?;
     let geo = h.geometry();
     let cs = geo.cluster_size();
     let old_size = h.size;

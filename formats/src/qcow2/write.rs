@@ -66,28 +66,37 @@ fn parse_cluster_size(v: &str) -> Result<u32> {
     Ok(size.trailing_zeros())
 }
 
+/// Takes out `compat` (qcow2 version 3 for 1.1, 2 for 0.10).
+pub(super) fn take_version(opts: &mut CreateOptions) -> Result<Option<u32>> {
+    match opts.take("compat").as_deref() {
+        None => Ok(None),
+        Some("1.1") | Some("v3") => Ok(Some(3)),
+        Some("0.10") | Some("v2") => Ok(Some(2)),
+        Some(v) => Err(Error::invalid(format!("compat '{v}': use 1.1 or 0.10"))),
+    }
+}
+
+/// Takes out `refcount_bits` (a power of two up to 64).
+pub(super) fn take_refcount_bits(opts: &mut CreateOptions) -> Result<Option<u32>> {
+    opts.take("refcount_bits")
+        .map(|v| {
+            v.parse()
+                .ok()
+                .filter(|b: &u32| b.is_power_of_two() && *b <= 64)
+                .ok_or_else(|| Error::invalid(format!("refcount_bits '{v}': use 1, 2, 4, ... 64")))
+        })
+        .transpose()
+}
+
 impl Config {
     fn from_opts(opts: &mut CreateOptions) -> Result<Config> {
-        let version = match opts.take("compat").as_deref() {
-            None | Some("1.1") | Some("v3") => 3,
-            Some("0.10") | Some("v2") => 2,
-            Some(v) => return Err(Error::invalid(format!("compat '{v}': use 1.1 or 0.10"))),
-        };
+        let version = take_version(opts)?.unwrap_or(3);
         let cluster_bits = match opts.take("cluster_size") {
             Some(v) => parse_cluster_size(&v)?,
             None => 16,
         };
         let compression = take_compression_type(opts)?;
-        let refcount_bits: u32 = match opts.take("refcount_bits") {
-            Some(v) => v
-                .parse()
-                .ok()
-                .filter(|b: &u32| b.is_power_of_two() && *b <= 64)
-                .ok_or_else(|| {
-                    Error::invalid(format!("refcount_bits '{v}': use 1, 2, 4, ... 64"))
-                })?,
-            None => 16,
-        };
+        let refcount_bits = take_refcount_bits(opts)?.unwrap_or(16);
         let lazy_refcounts = opts.take_bool("lazy_refcounts")?.unwrap_or(false);
         let extended_l2 = opts.take_bool("extended_l2")?.unwrap_or(false);
         let preallocate_metadata = match opts.take("preallocation").as_deref() {
