@@ -12,6 +12,7 @@ pub mod host;
 pub mod image;
 pub mod iso;
 pub mod open;
+pub mod partition;
 pub mod qcow2;
 pub mod raw;
 pub mod registry;

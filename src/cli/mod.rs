@@ -13,6 +13,7 @@ mod measure;
 mod resize;
 mod snapshot;
 mod storage;
+mod targets;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -70,6 +71,7 @@ enum Command {
     Ls(storage::LsArgs),
     Rm(storage::RmArgs),
     Snapshot(snapshot::Args),
+    Targets(targets::Args),
     Completions(generate::CompletionsArgs),
     Man(generate::ManArgs),
 }
@@ -98,6 +100,7 @@ pub fn run() -> i32 {
         Command::Ls(a) => storage::ls(a),
         Command::Rm(a) => storage::rm(a),
         Command::Snapshot(a) => snapshot::run(a),
+        Command::Targets(a) => targets::run(a),
         Command::Completions(a) => generate::completions(a),
         Command::Man(a) => generate::man(a),
     };
