@@ -114,12 +114,23 @@ pub fn implicit_opens() -> ImplicitOpens {
 
 /// Opens an image source: a file, or `STORE#ID`, a snapshot in a snapshot store (connection
 /// settings and an encrypted store's key from the environment and the default profile). A file whose name contains `#`
-/// is still a file when it exists.
+/// is still a file when it exists. A bucket URL (`s3://`, `oss://`, `obs://`, `file://`) is an
+/// object read in place with ranged requests; it must name no other file.
 pub fn open_image(
     path: &Path,
     format: Option<Format>,
     snapshot: Option<&str>,
 ) -> Result<Box<dyn Image>> {
+    if !path.exists()
+        && let Some(url) = path.to_str().filter(|s| diskkit::storage::is_bucket_url(s))
+    {
+        let opts = OpenOptions {
+            format,
+            snapshot: snapshot.map(str::to_string),
+        };
+        let settings = diskkit::storage::Settings::default();
+        return diskkit::storage::open_object_image(url, &settings, &opts);
+    }
     if !path.exists()
         && let Some((store, id)) = path.to_str().and_then(|s| s.rsplit_once('#'))
     {
