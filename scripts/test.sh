@@ -9,6 +9,7 @@ need_pkgs=()
 command -v qemu-img >/dev/null 2>&1 || need_pkgs+=(qemu-utils)
 command -v qemu-io >/dev/null 2>&1 || need_pkgs+=(qemu-utils)
 command -v xorriso >/dev/null 2>&1 || need_pkgs+=(xorriso)
+command -v sgdisk >/dev/null 2>&1 || need_pkgs+=(gdisk)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq

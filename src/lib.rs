@@ -4,14 +4,17 @@
 pub mod chain;
 pub mod compare;
 pub mod convert;
+pub mod gce;
 pub mod hash;
 pub mod hash_check;
 pub mod iso_extract;
 pub mod output;
 pub mod parallel;
+pub mod preflight;
 pub mod progress;
 pub mod snapshot;
 pub mod storage;
+pub mod targets;
 #[cfg(test)]
 mod test_image;
 

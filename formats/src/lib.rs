@@ -13,6 +13,7 @@ pub mod image;
 pub mod iso;
 pub mod nonzero;
 pub mod open;
+pub mod partition;
 pub mod qcow2;
 pub mod raw;
 pub mod registry;

@@ -1,9 +1,11 @@
 //! `diskkit check`: consistency check of image metadata, like `qemu-img check`.
 
+use super::targets::{parse_cloud, parse_role, print_report};
 use super::util::implicit_opens;
 use super::util::{IMAGE_HELP, Out, OutputFormat, parse_format, printable};
 use diskkit::formats::check::{self, CheckReport, Repair};
 use diskkit::formats::{Error, Format, HostFile, Result, detect};
+use diskkit::targets::{Cloud, Role};
 use std::path::PathBuf;
 
 /// `qemu-img check` exits with this when the format has no metadata to check (raw).
@@ -16,7 +18,16 @@ const EXIT_NO_CHECK: i32 = 63;
 header and block table) for corruptions and leaked space, and with -r repair them.\n\n\
 Exit codes, as qemu-img check: 0 no problems, 1 the check could not complete, 2 corruptions \
 remain, 3 only leaks remain, 63 the format has no checks (raw), and 2 for other errors (unreadable \
-file, bad arguments)."
+file, bad arguments).\n\n\
+With --target CLOUD, IMAGE is checked against the cloud's import rules instead (pre-flight; \
+diskkit targets lists them): the format accepted, the virtual size within the vendor's limits \
+and aligned (Azure 1 MiB, GCE 1 GiB; a warning when diskkit rounds it on output), a partition \
+table (MBR or GPT: headers, CRCs, backup header at the end), a boot partition (bootable MBR \
+partition, EFI system partition or BIOS boot partition) on system disks, the qcow2 compat \
+level, the VHD footer (cookie, disk type, checksum) and the image's metadata. Each rule is \
+reported as pass, warn or fail with its reason (--output json: target, filename, role, and \
+checks: rule, status, reason). Exit codes with --target: 0 no rule failed (warnings allowed), \
+4 a rule failed, 2 error."
 )]
 pub struct Args {
     /// Image format (detected from magic bytes when omitted)
@@ -31,6 +42,14 @@ pub struct Args {
     /// Print nothing; only the exit code tells
     #[arg(short = 'q', long)]
     quiet: bool,
+    /// Check IMAGE against CLOUD's import rules instead (aws, azure, gce, alibaba, huawei,
+    /// tencent, ucloud)
+    #[arg(long, value_name = "CLOUD", value_parser = parse_cloud, conflicts_with = "repair")]
+    target: Option<Cloud>,
+    /// With --target: what the disk is for, system or data (partition table, boot partition and
+    /// size limits depend on it; unknown: those rules warn instead of failing)
+    #[arg(long, value_name = "ROLE", value_parser = parse_role, requires = "target")]
+    role: Option<Role>,
     #[arg(help = IMAGE_HELP)]
     image: PathBuf,
 }
@@ -42,6 +61,23 @@ enum RepairArg {
 }
 
 pub fn run(args: Args) -> Result<i32> {
+    if let Some(cloud) = args.target {
+        let report = diskkit::preflight::check_file(
+            cloud,
+            &args.image,
+            args.format,
+            args.role,
+            implicit_opens(),
+        )?;
+        if args.quiet {
+            return Ok(if report.failed() {
+                super::targets::EXIT_PREFLIGHT_FAILED
+            } else {
+                super::EXIT_OK
+            });
+        }
+        return print_report(&report, args.output);
+    }
     // The image is not opened as a whole: a check must work on images too damaged to open.
     let format = match args.format {
         Some(f) => f,

@@ -1,13 +1,13 @@
 //! `diskkit convert`: copy an image into a new one of any format, like `qemu-img convert`.
 
 use super::EXIT_OK;
-use super::util::{
-    Bar, Target, create_options, open_image, output_format, parse_format, parse_size, warn,
-};
+use super::targets::TargetArgs;
+use super::util::{Bar, create_options, open_image, parse_format, parse_size, warn};
 use diskkit::convert::{ConvertOptions, convert_into_existing, convert_to_path};
 use diskkit::formats::image::GuestRange;
 use diskkit::formats::write::CacheMode;
 use diskkit::formats::{Error, Format, Image, Result};
+use diskkit::targets::Output;
 use std::path::{Path, PathBuf};
 
 /// Convert an image to another format (or copy it), reading only its allocated data
@@ -29,7 +29,14 @@ before the rename; unsafe = qemu-img convert's default, never synced). -T, -U an
 accepted for scripts written for qemu-img (see their descriptions).\n\n\
 A SIGKILL (or a crash) can leave the temporary file .DST.diskkit-tmp-PID behind: the next \
 conversion to the same DST removes the leftovers of processes that no longer exist.\n\n\
-Prints nothing on success unless -p. Exit codes: 0 success, 2 error."
+--target CLOUD writes what the cloud's image import accepts (diskkit targets lists them): \
+-O and -o default to the target's, and a choice that breaks one of its rules is refused unless \
+--force. gce writes DST as GCE's tarball: disk.raw, grown to a whole GiB (a GPT's backup header \
+and partition array moved to the new end), alone in a gzip'ed GNU sparse tar. Pre-flight checks \
+(diskkit check --target) run first: a failed one stops the conversion (exit code 4) unless \
+--force or --no-preflight.\n\n\
+Prints nothing on success unless -p. Exit codes: 0 success, 2 error, 4 a pre-flight check of \
+--target failed."
 )]
 pub struct Args {
     /// Source format (detected from magic bytes when omitted)
@@ -71,10 +78,8 @@ pub struct Args {
     /// Convert the image as of this internal snapshot (qcow2; name or ID)
     #[arg(short = 'l', long = "snapshot", value_name = "NAME|ID")]
     snapshot: Option<String>,
-    /// Output profile for a cloud: azure = fixed VHD with the size rounded as Azure requires
-    /// (same as -O vpc -o subformat=fixed,target=azure)
-    #[arg(long, value_enum)]
-    target: Option<Target>,
+    #[command(flatten)]
+    target: TargetArgs,
     /// Cache mode of the output, as qemu's: writeback (default: through the page cache, synced
     /// before the rename), none (written pages flushed and dropped from the page cache as the
     /// conversion goes), writethrough (each write synced), directsync (both), unsafe (never
@@ -118,7 +123,17 @@ fn parse_cache_mode(s: &str) -> std::result::Result<CacheMode, String> {
 pub fn run(args: Args) -> Result<i32> {
     let src = open_image(&args.src, args.format, args.snapshot.as_deref())?;
     let mut create = create_options(&args.options)?;
-    let out_format = output_format(args.out_format, args.target, &mut create)?;
+    let output = args.target.output(args.out_format, &mut create)?;
+    if let Some(code) = args
+        .target
+        .preflight(src.as_ref(), &args.src, &output, &create)?
+    {
+        return Ok(code);
+    }
+    let out_format = match output {
+        Output::Image { format, .. } => format,
+        Output::GceTarball => return convert_gce(&args, src.as_ref()),
+    };
     create.compress = args.compress;
     create.cache = args.cache;
     let backing = match &args.backing {
@@ -145,7 +160,10 @@ pub fn run(args: Args) -> Result<i32> {
                 "-n writes into an existing image: -o, -c and -B need a new one",
             ));
         }
-        let format = args.out_format.or(args.target.map(|_| Format::Vhd));
+        let format = args
+            .target
+            .target
+            .map_or(args.out_format, |_| Some(out_format));
         convert_into_existing(src.as_ref(), format, &args.dst, &opts, &bar)?
     } else {
         convert_to_path(
@@ -159,6 +177,20 @@ pub fn run(args: Args) -> Result<i32> {
     };
     bar.finish();
     report_salvaged(&stats.salvaged);
+    Ok(EXIT_OK)
+}
+
+/// `--target gce`: DST is the tarball of disk.raw.
+fn convert_gce(args: &Args, src: &dyn Image) -> Result<i32> {
+    if args.no_create || args.compress || args.backing.is_some() {
+        return Err(Error::invalid(
+            "--target gce writes a new gzip'ed tarball: -n, -c and -B do not apply",
+        ));
+    }
+    let tar = diskkit::gce::Tarball::of(src, &args.src)?;
+    let bar = Bar::new(args.progress, tar.data_len(), "writing the GCE tarball");
+    diskkit::gce::write_file(&tar, &args.dst, args.threads, args.cache, &bar)?;
+    bar.finish();
     Ok(EXIT_OK)
 }
 

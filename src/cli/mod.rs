@@ -18,6 +18,7 @@ mod rebase;
 mod resize;
 mod snapshot;
 mod storage;
+mod targets;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -79,6 +80,7 @@ enum Command {
     Bitmap(bitmap::Args),
     Rebase(rebase::Args),
     Commit(commit::Args),
+    Targets(targets::Args),
     Completions(generate::CompletionsArgs),
     Man(generate::ManArgs),
 }
@@ -111,6 +113,7 @@ pub fn run() -> i32 {
         Command::Bitmap(a) => bitmap::run(a),
         Command::Rebase(a) => rebase::run(a),
         Command::Commit(a) => commit::run(a),
+        Command::Targets(a) => targets::run(a),
         Command::Completions(a) => generate::completions(a),
         Command::Man(a) => generate::man(a),
     };

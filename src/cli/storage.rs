@@ -1,14 +1,15 @@
 //! `push`, `pull`, `verify`, `ls`, `rm`: images in object storage.
 
+use super::targets::TargetArgs;
 use super::util::{
-    Bar, Out, Target, create_options, human_size, open_image, output_format, parse_format,
-    parse_size, printable,
+    Bar, Out, create_options, human_size, open_image, parse_format, parse_size, printable,
 };
 use super::{EXIT_ERROR, EXIT_OK};
 use diskkit::formats::image::{GuestRange, allocated_ranges, touched_clusters};
 use diskkit::formats::{Error, ErrorKind, Format, Result};
 use diskkit::storage::push::{self, PushOptions};
 use diskkit::storage::{Location, Settings, Store, catalog, pull};
+use diskkit::targets::Output;
 use std::path::PathBuf;
 
 const URLS: &str = "URLs: s3://BUCKET/KEY, oss://BUCKET/KEY, obs://BUCKET/KEY, or a local \
@@ -81,7 +82,11 @@ Resume: completed parts are recorded in a checkpoint (~/.cache/diskkit/uploads/)
 fails or is killed, nothing appears under URL; rerunning the same command sends only the \
 missing parts, or --abort URL abandons the upload. s3:// and local buckets resume; oss:// and \
 obs:// uploads restart from the beginning.\n\n\
-Exit codes: 0 success, 2 error."
+--target CLOUD uploads what the cloud's image import accepts (as convert --target; diskkit \
+targets lists them), after pre-flight checks. gce uploads GCE's tarball (disk.raw in a gzip'ed \
+GNU sparse tar), also without a local copy: its gzip members are compressed once to learn the \
+object's size (a \"compressing\" pass), then again as the parts are sent.\n\n\
+Exit codes: 0 success, 2 error, 4 a pre-flight check of --target failed."
 )]
 #[command(after_help = URLS)]
 pub struct PushArgs {
@@ -116,10 +121,8 @@ pub struct PushArgs {
     abort: Option<String>,
     #[command(flatten)]
     connection: Connection,
-    /// Output profile for a cloud: azure = fixed VHD with the size rounded as Azure requires
-    /// (same as -O vpc -o subformat=fixed,target=azure)
-    #[arg(long, value_enum)]
-    target: Option<Target>,
+    #[command(flatten)]
+    target: TargetArgs,
     /// The image to upload: a local file in any format diskkit reads (raw, qcow2, VHD, VHDX,
     /// VMDK, ISO)
     #[arg(value_name = "SRC", required_unless_present = "abort")]
@@ -145,7 +148,13 @@ pub fn push(args: PushArgs) -> Result<i32> {
     let src = open_image(src_path, args.format, None)?;
     let mut create = create_options(&args.options)?;
     create.compress = args.compress;
-    let out_format = output_format(args.out_format, args.target, &mut create)?;
+    let output = args.target.output(args.out_format, &mut create)?;
+    if let Some(code) = args
+        .target
+        .preflight(src.as_ref(), src_path, &output, &create)?
+    {
+        return Ok(code);
+    }
     let (mut location, store) = args.connection.open(url)?;
     if location.is_prefix() {
         // Into a "directory": the source's file name, as cp does.
@@ -154,23 +163,38 @@ pub fn push(args: PushArgs) -> Result<i32> {
             .ok_or_else(|| Error::invalid(format!("{}: no file name", src_path.display())))?;
         location = location.with_key(&format!("{}{}", location.key, name.to_string_lossy()));
     }
-    if args.compress {
+    if args.compress || output == Output::GceTarball {
         // Planning compresses the whole source: find a wrong URL, endpoint or credentials first.
         store.stat(&location.key)?;
     }
-    let show_compressing = args.progress && args.compress;
-    let compressing = Bar::new(
-        show_compressing,
-        if show_compressing {
-            allocated_cluster_bytes(src.as_ref())
-        } else {
-            0
-        },
-        "compressing",
-    );
-    let export = push::plan(src.as_ref(), out_format, &mut create, &compressing);
-    compressing.finish();
-    let export = export?;
+    let (export, out_format) = match output {
+        Output::Image { format, .. } => {
+            let show_compressing = args.progress && args.compress;
+            let compressing = Bar::new(
+                show_compressing,
+                if show_compressing {
+                    allocated_cluster_bytes(src.as_ref())
+                } else {
+                    0
+                },
+                "compressing",
+            );
+            let export = push::plan(src.as_ref(), format, &mut create, &compressing);
+            compressing.finish();
+            (export?, format)
+        }
+        Output::GceTarball => {
+            if args.compress {
+                return Err(Error::invalid("-c: the GCE tarball is gzip'ed already"));
+            }
+            let tar = diskkit::gce::Tarball::of(src.as_ref(), src_path)?;
+            let compressing = Bar::new(args.progress, tar.data_len(), "compressing");
+            let export = diskkit::gce::GceStream::plan(tar, &compressing);
+            compressing.finish();
+            let export: Box<dyn diskkit::formats::ImageStream> = Box::new(export?);
+            (export, Format::Raw)
+        }
+    };
     let meta = std::fs::metadata(src_path).map_err(|e| Error::io(src_path, "stat", e))?;
     let mtime = meta
         .modified()

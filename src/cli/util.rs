@@ -174,38 +174,6 @@ pub fn create_options(specs: &[String]) -> Result<CreateOptions> {
     Ok(opts)
 }
 
-/// Output profiles for a cloud (`--target`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Target {
-    /// A fixed VHD with the size rounded as Azure requires.
-    Azure,
-}
-
-/// The format a new image is written in, from `-O` and `--target`; a target adds the options it
-/// implies to `create` (azure: `target=azure`, and `subformat=fixed` unless given).
-pub fn output_format(
-    out_format: Option<Format>,
-    target: Option<Target>,
-    create: &mut CreateOptions,
-) -> Result<Format> {
-    match target {
-        Some(Target::Azure) => {
-            if out_format.is_some_and(|f| f != Format::Vhd) {
-                return Err(diskkit::Error::invalid(
-                    "--target azure writes VHD images (-O vpc)",
-                ));
-            }
-            create.options.insert("target".into(), "azure".into());
-            create
-                .options
-                .entry("subformat".into())
-                .or_insert_with(|| "fixed".into());
-            Ok(Format::Vhd)
-        }
-        None => Ok(out_format.unwrap_or(Format::Raw)),
-    }
-}
-
 /// `1 GiB`, `512 KiB`, `3.5 MiB`: sizes as qemu-img prints them.
 pub fn human_size(bytes: u64) -> String {
     const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
