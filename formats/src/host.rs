@@ -48,6 +48,9 @@ fn page_size() -> usize {
 pub struct HostFile {
     path: PathBuf,
     file: File,
+    /// Where the bytes this view shows start in the file: 0, or a member's offset inside an
+    /// archive (a disk inside an OVA is read in place).
+    base: u64,
     len: u64,
     /// The file mapped in memory, made on first use by [`HostFile::mapped`] (`None`: cannot be).
     mapping: OnceLock<Option<memmap2::Mmap>>,
@@ -69,6 +72,24 @@ impl HostFile {
         Ok(HostFile {
             path: path.to_path_buf(),
             file,
+            base: 0,
+            len,
+            mapping: OnceLock::new(),
+        })
+    }
+
+    /// The `len` bytes at `offset` of this file as a file of their own, named `path` in errors:
+    /// a member of an archive read in place. Every read, map and hole query stays inside it.
+    pub fn window(&self, path: &Path, offset: u64, len: u64) -> Result<HostFile> {
+        self.check_range(offset, len, "archive member")?;
+        let file = self
+            .file
+            .try_clone()
+            .map_err(|e| Error::io(&self.path, "open again", e))?;
+        Ok(HostFile {
+            path: path.to_path_buf(),
+            file,
+            base: self.base + offset,
             len,
             mapping: OnceLock::new(),
         })
@@ -118,7 +139,7 @@ impl HostFile {
             // is the documented SIGBUS case.
             unsafe {
                 memmap2::MmapOptions::new()
-                    .len(self.len as usize)
+                    .len((self.base + self.len) as usize)
                     .map(&self.file)
             }
             .ok()
@@ -126,7 +147,7 @@ impl HostFile {
         let Some(map) = map else {
             return false;
         };
-        let (start, end) = (offset as usize, end as usize);
+        let (start, end) = ((self.base + offset) as usize, (self.base + end) as usize);
         f(&map[start..end]);
         // Only pages wholly inside the range. Another thread reading the same bytes (an image
         // may map one host cluster twice) just faults them in again.
@@ -144,6 +165,10 @@ impl HostFile {
 
     /// Bytes the file occupies on the host (allocated blocks), as `qemu-img info` "disk size".
     pub fn allocated_bytes(&self) -> u64 {
+        if self.base > 0 {
+            // A member of an archive: the file's blocks are the archive's.
+            return self.len;
+        }
         self.file
             .metadata()
             .map(|m| m.blocks().saturating_mul(512))
@@ -170,7 +195,7 @@ impl HostFile {
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64, structure: &str) -> Result<()> {
         self.check_range(offset, buf.len() as u64, structure)?;
         self.file
-            .read_exact_at(buf, offset)
+            .read_exact_at(buf, self.base + offset)
             .map_err(|e| Error::io(&self.path, format!("read {structure} at {offset:#x}"), e))
     }
 
@@ -190,7 +215,7 @@ impl HostFile {
         let (head, tail) = buf.split_at_mut(avail);
         if !head.is_empty() {
             self.file
-                .read_exact_at(head, offset)
+                .read_exact_at(head, self.base + offset)
                 .map_err(|e| Error::io(&self.path, format!("read data at {offset:#x}"), e))?;
         }
         tail.fill(0);
@@ -226,14 +251,19 @@ impl HostFile {
         if offset >= self.len {
             return Ok(None);
         }
-        let Ok(off) = libc::off_t::try_from(offset) else {
+        let Ok(off) = libc::off_t::try_from(self.base + offset) else {
             return Ok(None);
         };
         // SAFETY: lseek on a descriptor we own; it only moves the file position, which no other
         // code relies on (all reads are positioned).
         let r = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
         if r >= 0 {
-            return Ok(Some(r as u64));
+            // Back to this view's offsets; data past its end is not its data.
+            let at = (r as u64).saturating_sub(self.base);
+            return Ok(match whence {
+                libc::SEEK_DATA if at >= self.len => None,
+                _ => Some(at.min(self.len)),
+            });
         }
         let err = std::io::Error::last_os_error();
         match err.raw_os_error() {

@@ -1,0 +1,300 @@
+//! OVA and OVF packages: disks read in place (info, compare, convert, hash on `x.ova` and
+//! `x.ova#member`), `bundle import` of an OVA built the way osbuild and open-vmdk build them
+//! (qemu-img streamOptimized VMDKs, a hand-written OVF, sha256sum for the .mf, tar), and
+//! hostile packages refused with the member named.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn sha256sum(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn ovf(disks: &[(&str, u64, u64)]) -> String {
+    let mut refs = String::new();
+    let mut section = String::new();
+    let mut items = String::new();
+    for (i, (href, size, capacity)) in disks.iter().enumerate() {
+        refs += &format!(r#"<File ovf:id="file{i}" ovf:href="{href}" ovf:size="{size}"/>"#);
+        section += &format!(
+            r#"<Disk ovf:diskId="vmdisk{i}" ovf:fileRef="file{i}" ovf:capacity="{capacity}" ovf:format="http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"/>"#
+        );
+        items += &format!(
+            r#"<Item><rasd:AddressOnParent>{i}</rasd:AddressOnParent><rasd:ElementName>disk{i}</rasd:ElementName><rasd:HostResource>ovf:/disk/vmdisk{i}</rasd:HostResource><rasd:InstanceID>{}</rasd:InstanceID><rasd:Parent>3</rasd:Parent><rasd:ResourceType>17</rasd:ResourceType></Item>"#,
+            10 + i
+        );
+    }
+    format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1" xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData" xmlns:vmw="http://www.vmware.com/schema/ovf">
+  <References>{refs}</References>
+  <DiskSection><Info>Virtual disk information</Info>{section}</DiskSection>
+  <VirtualSystem ovf:id="appliance">
+    <Info>A virtual machine</Info>
+    <OperatingSystemSection ovf:id="96" vmw:osType="debian12_64Guest"><Info>OS</Info><Description>Debian 13</Description></OperatingSystemSection>
+    <VirtualHardwareSection>
+      <Info>Virtual hardware</Info>
+      <Item><rasd:Address>0</rasd:Address><rasd:ElementName>SCSI controller 0</rasd:ElementName><rasd:InstanceID>3</rasd:InstanceID><rasd:ResourceSubType>VirtualSCSI</rasd:ResourceSubType><rasd:ResourceType>6</rasd:ResourceType></Item>
+      {items}
+      <vmw:Config ovf:required="false" vmw:key="firmware" vmw:value="efi"/>
+    </VirtualHardwareSection>
+  </VirtualSystem>
+</Envelope>
+"#
+    )
+}
+
+struct Ova {
+    ova: PathBuf,
+    sources: Vec<PathBuf>,
+}
+
+/// Two disks as osbuild and open-vmdk make an OVA: qemu-img streamOptimized VMDKs, the OVF,
+/// `SHA256(name)= hex` lines from sha256sum, tar in that order.
+fn build_ova(dir: &Path) -> Ova {
+    let sys = p(dir, "sys.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&sys), "20M"]);
+    qemu_io(
+        "qcow2",
+        &sys,
+        &["write -P 0x51 0 3M", "write -P 0x52 17M 1M"],
+    );
+    let data = mixed_raw(dir, "data.raw", 10 << 20);
+    let pkg = p(dir, "pkg");
+    std::fs::create_dir_all(&pkg).unwrap();
+    let mut disks = Vec::new();
+    for (src, name) in [
+        (&sys, "appliance-disk1.vmdk"),
+        (&data, "appliance-disk2.vmdk"),
+    ] {
+        let vmdk = p(&pkg, name);
+        qemu_img(&[
+            "convert",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+            path_str(src),
+            path_str(&vmdk),
+        ]);
+        let capacity = if name.ends_with("1.vmdk") {
+            20 << 20
+        } else {
+            10 << 20
+        };
+        disks.push((name, std::fs::metadata(&vmdk).unwrap().len(), capacity));
+    }
+    std::fs::write(p(&pkg, "appliance.ovf"), ovf(&disks)).unwrap();
+    let mut mf = String::new();
+    for f in [
+        "appliance.ovf",
+        "appliance-disk1.vmdk",
+        "appliance-disk2.vmdk",
+    ] {
+        mf += &format!("SHA256({f})= {}\n", sha256sum(&p(&pkg, f)));
+    }
+    std::fs::write(p(&pkg, "appliance.mf"), mf).unwrap();
+    let ova = p(dir, "appliance.ova");
+    let status = Command::new("tar")
+        .args([
+            "--format=ustar",
+            "-C",
+            path_str(&pkg),
+            "-cf",
+            path_str(&ova),
+        ])
+        .args([
+            "appliance.ovf",
+            "appliance.mf",
+            "appliance-disk1.vmdk",
+            "appliance-disk2.vmdk",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    Ova {
+        ova,
+        sources: vec![sys, data],
+    }
+}
+
+#[test]
+fn disks_inside_an_ova_are_read_in_place() {
+    let dir = tempdir();
+    let o = build_ova(dir.path());
+    let ova = path_str(&o.ova);
+    let info = diskkit_ok(&["info", "--output", "json", ova]);
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["virtual-size"], 20 << 20);
+    assert_eq!(info["format"], "vmdk");
+    diskkit_ok(&["compare", ova, path_str(&o.sources[0])]);
+    let second = format!("{ova}#appliance-disk2.vmdk");
+    diskkit_ok(&["compare", &second, path_str(&o.sources[1])]);
+    assert_eq!(
+        diskkit_ok(&["hash", &second]).split_whitespace().next(),
+        diskkit_ok(&["hash", path_str(&o.sources[1])])
+            .split_whitespace()
+            .next()
+    );
+    let out = p(dir.path(), "out.qcow2");
+    diskkit_ok(&["convert", "-O", "qcow2", ova, path_str(&out)]);
+    qemu_img(&["check", path_str(&out)]);
+    qemu_img(&["compare", path_str(&o.sources[0]), path_str(&out)]);
+    let (code, _, err) = diskkit(&["info", &format!("{ova}#nothere.vmdk")]);
+    assert_eq!(code, 2);
+    assert!(err.contains("nothere.vmdk"), "{err}");
+}
+
+#[test]
+fn an_osbuild_style_ova_imports_as_a_bundle() {
+    let dir = tempdir();
+    let o = build_ova(dir.path());
+    let store = p(dir.path(), "store");
+    let store = path_str(&store);
+    let out = diskkit_ok(&["bundle", "import", path_str(&o.ova), store]);
+    assert!(
+        out.contains("full-ecs bundle appliance (3 digests"),
+        "{out}"
+    );
+    assert!(
+        out.contains("firmware: uefi") && out.contains("os: Debian 13"),
+        "{out}"
+    );
+    let restored = p(dir.path(), "restored");
+    diskkit_ok(&[
+        "bundle",
+        "restore",
+        "-O",
+        "qcow2",
+        store,
+        "appliance",
+        path_str(&restored),
+    ]);
+    for (file, src) in [
+        ("appliance-system.qcow2", &o.sources[0]),
+        ("appliance-data-vdb.qcow2", &o.sources[1]),
+    ] {
+        qemu_img(&["compare", path_str(src), path_str(&p(&restored, file))]);
+    }
+    // The same package as an OVF beside its files.
+    let ovf = p(dir.path(), "pkg/appliance.ovf");
+    diskkit_ok(&["bundle", "import", path_str(&ovf), store, "from-ovf"]);
+    diskkit_ok(&[
+        "compare",
+        &format!("{store}#from-ovf/vdb"),
+        path_str(&o.sources[1]),
+    ]);
+}
+
+/// Rebuilds the package's OVA after `change` edits its directory.
+fn retar(dir: &Path, members: &[&str]) -> PathBuf {
+    let ova = p(dir, "bad.ova");
+    let status = Command::new("tar")
+        .args([
+            "--format=ustar",
+            "-C",
+            path_str(&p(dir, "pkg")),
+            "-cf",
+            path_str(&ova),
+        ])
+        .args(members)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    ova
+}
+
+#[test]
+fn hostile_packages_are_refused_with_the_member_named() {
+    let dir = tempdir();
+    let o = build_ova(dir.path());
+    let store = p(dir.path(), "store");
+    let store = path_str(&store);
+    let pkg = p(dir.path(), "pkg");
+    let all = [
+        "appliance.ovf",
+        "appliance.mf",
+        "appliance-disk1.vmdk",
+        "appliance-disk2.vmdk",
+    ];
+    let import_err = |ova: &Path| {
+        let (code, out, err) = diskkit(&["bundle", "import", path_str(ova), store, "bad"]);
+        assert_eq!(code, 2, "{out}");
+        err
+    };
+    // A digest that does not match.
+    let mf = std::fs::read_to_string(p(&pkg, "appliance.mf")).unwrap();
+    let good = sha256sum(&p(&pkg, "appliance-disk2.vmdk"));
+    std::fs::write(p(&pkg, "appliance.mf"), mf.replace(&good, &"0".repeat(64))).unwrap();
+    let err = import_err(&retar(dir.path(), &all));
+    assert!(
+        err.contains("appliance.ova#appliance-disk2.vmdk")
+            || err.contains("bad.ova#appliance-disk2.vmdk"),
+        "{err}"
+    );
+    assert!(err.contains("SHA256"), "{err}");
+    std::fs::write(p(&pkg, "appliance.mf"), &mf).unwrap();
+    // A reference to a file the archive lacks.
+    let err = import_err(&retar(dir.path(), &all[..3]));
+    assert!(
+        err.contains("appliance-disk2.vmdk") && err.contains("not in the archive"),
+        "{err}"
+    );
+    // An entity bomb.
+    let text = std::fs::read_to_string(p(&pkg, "appliance.ovf")).unwrap();
+    let bomb = text.replacen(
+        "<Envelope",
+        "<!DOCTYPE Envelope [<!ENTITY a \"aaaaaaaa\"><!ENTITY b \"&a;&a;&a;&a;\">]><Envelope",
+        1,
+    );
+    std::fs::write(p(&pkg, "appliance.ovf"), bomb).unwrap();
+    let err = import_err(&retar(
+        dir.path(),
+        &[
+            "appliance.ovf",
+            "appliance-disk1.vmdk",
+            "appliance-disk2.vmdk",
+        ],
+    ));
+    assert!(
+        err.contains("DOCTYPE") && err.contains("appliance.ovf"),
+        "{err}"
+    );
+    std::fs::write(p(&pkg, "appliance.ovf"), &text).unwrap();
+    // A member climbing out, and a link (made by Python's tarfile, which writes what it is told).
+    let script = format!(
+        "import tarfile,io\n\
+         t=tarfile.open('{0}/evil.ova','w',format=tarfile.USTAR_FORMAT)\n\
+         t.add('{1}/appliance.ovf',arcname='appliance.ovf')\n\
+         i=tarfile.TarInfo('../escape.vmdk'); i.size=3; t.addfile(i,io.BytesIO(b'abc'))\n\
+         t.close()\n\
+         t=tarfile.open('{0}/link.ova','w',format=tarfile.USTAR_FORMAT)\n\
+         t.add('{1}/appliance.ovf',arcname='appliance.ovf')\n\
+         i=tarfile.TarInfo('appliance-disk1.vmdk'); i.type=tarfile.SYMTYPE; i.linkname='/etc/shadow'; t.addfile(i)\n\
+         t.close()\n",
+        path_str(dir.path()),
+        path_str(&pkg)
+    );
+    let status = Command::new("python3")
+        .args(["-c", &script])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let err = import_err(&p(dir.path(), "evil.ova"));
+    assert!(
+        err.contains("evil.ova") && err.contains("../escape.vmdk"),
+        "{err}"
+    );
+    let err = import_err(&p(dir.path(), "link.ova"));
+    assert!(err.contains("link.ova") && err.contains("Symlink"), "{err}");
+    assert!(!Path::new(store).join("bundles/bad").exists());
+    let _ = o;
+}
