@@ -479,4 +479,11 @@ fn s3_store_bundles_copies_and_share_links() {
     assert_eq!(code, 2);
     assert!(err.contains("expired"), "{err}");
     assert!(!p(dir.path(), "late").join("web-system.raw").exists());
+    // The server refuses it too, not only diskkit's own check of the link's date.
+    if let Ok(out) = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", link])
+        .output()
+    {
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "403");
+    }
 }

@@ -312,4 +312,31 @@ mod tests {
         assert!(!file.with_mapped(12_000, 1000, &mut |_| panic!("called")));
         assert!(!file.with_mapped(u64::MAX, 2, &mut |_| panic!("called")));
     }
+
+    #[test]
+    fn a_window_is_a_file_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("archive");
+        let content: Vec<u8> = (0..3 * 4096 + 100).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &content).unwrap();
+        let file = HostFile::open(&path).unwrap();
+        let w = file.window(Path::new("archive#m"), 1000, 5000).unwrap();
+        assert_eq!(w.len(), 5000);
+        assert_eq!(w.read_vec_at(10, 20, "x").unwrap(), content[1010..1030]);
+        let e = w
+            .read_vec_at(4990, 20, "member header")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("archive#m") && e.contains("member header"),
+            "{e}"
+        );
+        let mut seen = Vec::new();
+        if w.with_mapped(0, 5000, &mut |b| seen.extend_from_slice(b)) {
+            assert_eq!(seen, content[1000..6000]);
+        }
+        assert_eq!(w.next_data(0).unwrap(), Some(0));
+        assert_eq!(w.next_hole(0).unwrap(), 5000);
+        assert!(file.window(Path::new("x"), 10_000, 5000).is_err());
+    }
 }
