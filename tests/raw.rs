@@ -97,6 +97,7 @@ fn missing_file_is_an_error_with_exit_2() {
 /// into a file that qemu reads as the source.
 #[test]
 fn streams_of_a_raw_source_read_like_it_in_qemu() {
+    use diskkit::formats::image::GuestRange;
     use diskkit::formats::write::CreateOptions;
     use diskkit::formats::{Extents, Format, OpenOptions, open, stream};
     let dir = tempdir();
@@ -117,7 +118,7 @@ fn streams_of_a_raw_source_read_like_it_in_qemu() {
         opts.parse_options(options).unwrap();
         let mut allocated = Extents::new(image.as_ref(), 0, size)
             .filter(|e| !e.as_ref().is_ok_and(|e| e.is_zero()))
-            .map(|e| e.map(|e| (e.start, e.end())));
+            .map(|e| e.map(|e| GuestRange::new(e.start, e.end())));
         let s = stream(image.as_ref(), format, &mut opts, &mut allocated, &|_| {}).unwrap();
         assert_eq!(s.format(), format);
         let mut file = vec![0u8; s.size() as usize];

@@ -32,14 +32,14 @@ pub trait ImageStream: Send + Sync {
 }
 
 /// Lays out `src` as an image file of `format` with the `-o`/`-c` options in `opts`.
-/// `allocated` yields the guest ranges `(start, end)` of `src` that hold data, ascending; the
+/// `allocated` yields the guest ranges of `src` that hold data, ascending; the
 /// rest is not read. A compressed qcow2 compresses the whole source once here, reporting guest
 /// bytes done to `compressing`.
 pub fn stream<'a>(
     src: &'a dyn Image,
     format: Format,
     opts: &mut CreateOptions,
-    allocated: &mut dyn Iterator<Item = Result<(u64, u64)>>,
+    allocated: &mut dyn Iterator<Item = Result<GuestRange>>,
     compressing: &(dyn Fn(u64) + Sync),
 ) -> Result<Box<dyn ImageStream + 'a>> {
     let plan = driver(format)
@@ -50,9 +50,7 @@ pub fn stream<'a>(
             "-c: {format} has no compressed form; use -O qcow2"
         )));
     }
-    // Tuples until tests/raw.rs passes `GuestRange`s (the lead's file).
-    let mut ranges = allocated.map(|r| r.map(|(start, end)| GuestRange::new(start, end)));
-    plan(src, opts, &mut ranges, compressing)
+    plan(src, opts, allocated, compressing)
 }
 
 /// How a format lays out a source as a stream: the source, the options, the allocated guest

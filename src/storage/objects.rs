@@ -10,7 +10,7 @@ use diskkit_formats::{Error, Result};
 use opendal::Operator;
 use opendal::layers::{RetryLayer, TimeoutLayer};
 use std::sync::OnceLock;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 /// The OpenDAL half of a store: reads, listings, writes, deletes.
 pub(super) struct Objects {
@@ -32,9 +32,10 @@ impl Objects {
     ) -> Objects {
         let op = op
             .layer(
+                // A whole request (stat, small write) gets two read timeouts.
                 TimeoutLayer::new()
-                    .with_timeout(Duration::from_secs(120))
-                    .with_io_timeout(s3::READ_TIMEOUT),
+                    .with_timeout(2 * s3::read_timeout())
+                    .with_io_timeout(s3::read_timeout()),
             )
             .layer(
                 RetryLayer::new()

@@ -98,8 +98,7 @@ pub fn plan<'a>(
     compressing: &dyn Progress,
 ) -> Result<Box<dyn ImageStream + 'a>> {
     // The layouts of VHD and qcow2 follow from the guest ranges with data.
-    let mut allocated = allocated_ranges(src, GuestRange::new(0, src.virtual_size()))
-        .map(|r| r.map(|r| (r.start, r.end)));
+    let mut allocated = allocated_ranges(src, GuestRange::new(0, src.virtual_size()));
     diskkit_formats::stream(src, format, create, &mut allocated, &|n| {
         compressing.advance(n)
     })

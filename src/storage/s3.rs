@@ -17,8 +17,15 @@ pub const ATTEMPTS: u32 = 4;
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 /// A connection that cannot be opened in this time counts as a failed attempt.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// A response that stalls this long between reads counts as a failed attempt.
-pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// A response that stalls this long between reads counts as a failed attempt: a minute, or the
+/// whole seconds in `DISKKIT_S3_READ_TIMEOUT` (for links where a minute is wrong either way).
+pub fn read_timeout() -> Duration {
+    std::env::var("DISKKIT_S3_READ_TIMEOUT")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|&s| s > 0)
+        .map_or(Duration::from_secs(60), Duration::from_secs)
+}
 
 /// The pauses between attempts of one request, for our calls and OpenDAL's alike: doubling from
 /// [`FIRST_BACKOFF`] with jitter (so that parallel parts do not retry in step).
@@ -90,7 +97,7 @@ impl S3Client {
         };
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
-            .read_timeout(READ_TIMEOUT)
+            .read_timeout(read_timeout())
             .build()
             .map_err(|e| {
                 Error::storage(

@@ -1,6 +1,9 @@
 //! Helpers for integration tests: run qemu-img/qemu-io (the oracle) and diskkit, make fixtures.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod faults;
+pub mod s3;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

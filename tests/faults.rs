@@ -1,0 +1,196 @@
+//! diskkit under network faults: push, verify, pull, snapshot create and restore through a proxy
+//! that drops, stalls, resets and truncates requests and answers 500 and 503 SlowDown, in front
+//! of the suite's S3 server. Every run either completes or fails with a clear error (exit 2, no
+//! panic), a rerun resumes, and nothing corrupt or unverified ever stands under a final name.
+
+mod common;
+
+use common::faults::{ALL_FAULTS, FaultProxy, Plan};
+use common::s3::*;
+use common::*;
+use std::time::Duration;
+
+const MIB: u64 = 1 << 20;
+/// Runs of one command before giving up (a run outlives an outage's first requests, fails when
+/// one request has failed four times, and the next run starts past it).
+const RUNS: usize = 8;
+
+/// Every fourth request faulted, every kind in turn, and all requests from `outage` on, for
+/// twelve requests.
+fn plan(outage: u64) -> Plan {
+    Plan {
+        every: 4,
+        outage: outage..outage + 12,
+        faults: ALL_FAULTS.to_vec(),
+        stall: Duration::from_secs(3),
+    }
+}
+
+/// A test's directory, a faulty proxy to the shared server, an environment through it and a
+/// clean one, a qcow2 source of `mib` MiB of mixed data, and a key prefix of the test's own.
+struct Setup {
+    dir: tempfile::TempDir,
+    proxy: FaultProxy,
+    faulty: Env,
+    clean: Env,
+    src: std::path::PathBuf,
+    prefix: String,
+}
+
+fn setup(mib: u64) -> Option<Setup> {
+    let endpoint = shared_server()?;
+    let dir = tempdir();
+    let proxy = FaultProxy::start(&endpoint, plan(10));
+    let faulty = Env {
+        cache: dir.path().join("cache"),
+        endpoint: Some(proxy.endpoint()),
+    };
+    let clean = Env {
+        cache: dir.path().join("clean-cache"),
+        endpoint: Some(endpoint),
+    };
+    let src = p(dir.path(), "d.qcow2");
+    let size = format!("{mib}M");
+    qemu_img(&["create", "-f", "qcow2", path_str(&src), &size]);
+    qemu_io("qcow2", &src, &as_refs(&mixed_pattern(mib * MIB)));
+    let prefix = format!(
+        "s3://diskkit-test/faults-{}",
+        dir.path().file_name().unwrap().to_string_lossy()
+    );
+    Some(Setup {
+        dir,
+        proxy,
+        faulty,
+        clean,
+        src,
+        prefix,
+    })
+}
+
+/// Runs `args` until it succeeds (at most [`RUNS`] times); after each failed run, `check` is
+/// called. Returns the runs it took.
+fn until_done(env: &Env, args: &[&str], check: &mut dyn FnMut()) -> usize {
+    for run in 1..=RUNS {
+        let out = env
+            .command(args)
+            .env("DISKKIT_S3_READ_TIMEOUT", "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        match out.status.code() {
+            Some(0) => return run,
+            Some(2) => {
+                assert!(
+                    err.contains("diskkit"),
+                    "unclear error for {args:?}:\n{err}"
+                );
+                assert!(!err.contains("panicked"), "{err}");
+                check();
+            }
+            code => panic!("diskkit {args:?} ended with {code:?}:\n{err}"),
+        }
+    }
+    panic!("diskkit {args:?} did not complete in {RUNS} runs");
+}
+
+#[test]
+fn push_verify_pull_complete_or_resume_under_faults() {
+    let Some(t) = setup(30) else {
+        return;
+    };
+    let (env, clean, proxy) = (&t.faulty, &t.clean, &t.proxy);
+    let url = format!("{}/d.raw", t.prefix);
+    // An object under the final key is always whole and verified.
+    let mut object_whole = || {
+        if clean.run(&["ls", &url]).1.contains("d.raw") {
+            clean.ok(&["verify", &url]);
+        }
+    };
+    let runs = until_done(
+        env,
+        &[
+            "push",
+            "--part-size",
+            "5M",
+            "--parallel",
+            "2",
+            path_str(&t.src),
+            &url,
+        ],
+        &mut object_whole,
+    );
+    assert!(
+        runs > 1,
+        "the outage did not stop a push: {:?}",
+        proxy.counts()
+    );
+    proxy.set_plan(plan(proxy.requests() + 3));
+    until_done(env, &["verify", &url], &mut || {});
+    let pulled = p(t.dir.path(), "pulled.raw");
+    proxy.set_plan(plan(proxy.requests() + 3));
+    // A pull that failed leaves nothing under the output's name.
+    let runs = until_done(env, &["pull", &url, path_str(&pulled)], &mut || {
+        assert!(!pulled.exists(), "a failed pull left {}", pulled.display());
+    });
+    assert!(
+        runs > 1,
+        "the outage did not stop a pull: {:?}",
+        proxy.counts()
+    );
+    qemu_img(&["compare", path_str(&t.src), path_str(&pulled)]);
+    let counts = proxy.counts();
+    for f in ALL_FAULTS {
+        assert!(
+            counts.contains_key(&format!("{f:?}")),
+            "{f:?} never injected: {counts:?}"
+        );
+    }
+    clean.ok(&["rm", &url]);
+}
+
+#[test]
+fn snapshot_create_and_restore_complete_or_resume_under_faults() {
+    let Some(t) = setup(24) else {
+        return;
+    };
+    let (env, clean, proxy) = (&t.faulty, &t.clean, &t.proxy);
+    let store = format!("{}/store", t.prefix);
+    // A snapshot that is listed is complete: its chunks are all there.
+    let mut store_sound = || {
+        if clean.run(&["snapshot", "ls", &store]).0 == 0 {
+            clean.ok(&["snapshot", "verify", &store]);
+        }
+    };
+    let runs = until_done(
+        env,
+        &["snapshot", "create", path_str(&t.src), &store],
+        &mut store_sound,
+    );
+    assert!(
+        runs > 1,
+        "the outage did not stop a create: {:?}",
+        proxy.counts()
+    );
+    let id = clean.ok(&["snapshot", "ls", "--output", "json", &store]);
+    let list: serde_json::Value = serde_json::from_str(&id).unwrap();
+    let id = list[0]["id"].as_str().expect("snapshot id").to_string();
+    clean.ok(&["snapshot", "verify", "--read-data", &store]);
+    let restored = p(t.dir.path(), "restored.qcow2");
+    proxy.set_plan(plan(proxy.requests() + 3));
+    until_done(
+        env,
+        &[
+            "snapshot",
+            "restore",
+            "-O",
+            "qcow2",
+            &store,
+            &id,
+            path_str(&restored),
+        ],
+        &mut || assert!(!restored.exists(), "a failed restore left its output"),
+    );
+    qemu_img(&["check", path_str(&restored)]);
+    qemu_img(&["compare", path_str(&t.src), path_str(&restored)]);
+    assert!(proxy.faults_injected() >= 12, "{:?}", proxy.counts());
+}
