@@ -399,12 +399,7 @@ fn iso_bundle_restores_byte_for_byte() {
 
 #[test]
 fn s3_store_bundles_copies_and_share_links() {
-    let Ok(endpoint) = std::env::var("DISKKIT_TEST_S3_ENDPOINT") else {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "DISKKIT_TEST_S3_ENDPOINT is not set"
-        );
-        eprintln!("skipped: no S3 test server (run scripts/test.sh to start one)");
+    let Some(endpoint) = common::s3::shared_server() else {
         return;
     };
     // SAFETY: set before any thread of this test binary reads the environment for S3.
