@@ -1,6 +1,10 @@
 //! Positioned, bounds-checked access to a host file. All format readers go through [`HostFile`] so
 //! that a structure pointing past the end of the file becomes a [`Error::Corrupt`] naming the
 //! structure, and so that no allocation is ever sized by an untrusted field alone.
+//!
+//! The file is a local file, or a [`RemoteFile`] the caller supplies (an object in a bucket,
+//! read with ranged requests): every driver reads either through the same calls. This crate
+//! knows nothing of how a remote file is reached; caching and retries are the implementer's.
 
 use crate::error::{Error, Result};
 use std::fs::File;
@@ -44,13 +48,37 @@ fn page_size() -> usize {
         .unwrap_or(4096)
 }
 
+/// A readable file of known size that is not a local file (an object in a bucket). Reads may
+/// come from several threads at once.
+pub trait RemoteFile: Send + Sync {
+    /// Bytes of the file.
+    fn size(&self) -> u64;
+
+    /// Fills `buf` from `offset`; the range lies inside [`RemoteFile::len`]. `what` names the
+    /// structure read, for the error.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64, what: &str) -> Result<()>;
+}
+
+/// Where the bytes of a [`HostFile`] come from.
+enum Content {
+    Local(File),
+    Remote(Box<dyn RemoteFile>),
+}
+
+impl std::fmt::Debug for Content {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Content::Local(file) => std::fmt::Debug::fmt(file, f),
+            Content::Remote(_) => f.write_str("RemoteFile"),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct HostFile {
+    /// The file's path, or the URL of a remote file: what messages name.
     path: PathBuf,
-    file: File,
-    /// Where the bytes this view shows start in the file: 0, or a member's offset inside an
-    /// archive (a disk inside an OVA is read in place).
-    base: u64,
+    content: Content,
     len: u64,
     /// The file mapped in memory, made on first use by [`HostFile::mapped`] (`None`: cannot be).
     mapping: OnceLock<Option<memmap2::Mmap>>,
@@ -71,28 +99,26 @@ impl HostFile {
         };
         Ok(HostFile {
             path: path.to_path_buf(),
-            file,
-            base: 0,
+            content: Content::Local(file),
             len,
             mapping: OnceLock::new(),
         })
     }
 
-    /// The `len` bytes at `offset` of this file as a file of their own, named `path` in errors:
-    /// a member of an archive read in place. Every read, map and hole query stays inside it.
-    pub fn window(&self, path: &Path, offset: u64, len: u64) -> Result<HostFile> {
-        self.check_range(offset, len, "archive member")?;
-        let file = self
-            .file
-            .try_clone()
-            .map_err(|e| Error::io(&self.path, "open again", e))?;
-        Ok(HostFile {
-            path: path.to_path_buf(),
-            file,
-            base: self.base + offset,
-            len,
+    /// A remote file, named `name` (its URL) in messages. It is never mapped and reads as data
+    /// everywhere (no holes).
+    pub fn from_remote(name: &Path, file: Box<dyn RemoteFile>) -> Self {
+        HostFile {
+            path: name.to_path_buf(),
+            len: file.size(),
+            content: Content::Remote(file),
             mapping: OnceLock::new(),
-        })
+        }
+    }
+
+    /// True for a [`RemoteFile`]: files its metadata names are not local files.
+    pub fn is_remote(&self) -> bool {
+        matches!(self.content, Content::Remote(_))
     }
 
     pub fn path(&self) -> &Path {
@@ -107,13 +133,30 @@ impl HostFile {
         self.len == 0
     }
 
+    /// The open local file, for writers (which open their files locally).
+    ///
+    /// # Panics
+    /// On a file made by [`HostFile::from_remote`]: nothing writes to a remote file.
     pub fn file(&self) -> &File {
-        &self.file
+        match &self.content {
+            Content::Local(file) => file,
+            Content::Remote(_) => {
+                panic!("{}: a remote file has no local file", self.path.display())
+            }
+        }
     }
 
     /// The open file, for a writer that validated the image through this view first.
+    ///
+    /// # Panics
+    /// As [`HostFile::file`].
     pub fn into_file(self) -> File {
-        self.file
+        match self.content {
+            Content::Local(file) => file,
+            Content::Remote(_) => {
+                panic!("{}: a remote file has no local file", self.path.display())
+            }
+        }
     }
 
     /// Calls `f` on bytes `offset..offset + len` of a regular file mapped in memory, and returns
@@ -129,25 +172,23 @@ impl HostFile {
         let Some(end) = offset.checked_add(len).filter(|&e| e <= self.len) else {
             return false;
         };
+        let Content::Local(file) = &self.content else {
+            return false;
+        };
         let map = self.mapping.get_or_init(|| {
-            let regular = self.file.metadata().is_ok_and(|m| m.is_file());
-            if !regular || self.len == 0 || !on_local_filesystem(&self.file) {
+            let regular = file.metadata().is_ok_and(|m| m.is_file());
+            if !regular || self.len == 0 || !on_local_filesystem(file) {
                 return None;
             }
             // SAFETY: the map is read-only and lives as long as the file handle. Another process
             // writing the file changes the bytes seen, as it would for reads; one truncating it
             // is the documented SIGBUS case.
-            unsafe {
-                memmap2::MmapOptions::new()
-                    .len((self.base + self.len) as usize)
-                    .map(&self.file)
-            }
-            .ok()
+            unsafe { memmap2::MmapOptions::new().len(self.len as usize).map(file) }.ok()
         });
         let Some(map) = map else {
             return false;
         };
-        let (start, end) = ((self.base + offset) as usize, (self.base + end) as usize);
+        let (start, end) = (offset as usize, end as usize);
         f(&map[start..end]);
         // Only pages wholly inside the range. Another thread reading the same bytes (an image
         // may map one host cluster twice) just faults them in again.
@@ -163,16 +204,16 @@ impl HostFile {
         true
     }
 
-    /// Bytes the file occupies on the host (allocated blocks), as `qemu-img info` "disk size".
+    /// Bytes the file occupies on the host (allocated blocks), as `qemu-img info` "disk size";
+    /// a remote file, its size.
     pub fn allocated_bytes(&self) -> u64 {
-        if self.base > 0 {
-            // A member of an archive: the file's blocks are the archive's.
-            return self.len;
+        match &self.content {
+            Content::Local(file) => file
+                .metadata()
+                .map(|m| m.blocks().saturating_mul(512))
+                .unwrap_or(0),
+            Content::Remote(_) => self.len,
         }
-        self.file
-            .metadata()
-            .map(|m| m.blocks().saturating_mul(512))
-            .unwrap_or(0)
     }
 
     /// Checks that `len` bytes at `offset` lie inside the file; `structure` names what was sought.
@@ -194,9 +235,17 @@ impl HostFile {
     /// Reads exactly `buf.len()` bytes at `offset`; reading past the end is a corrupt-image error.
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64, structure: &str) -> Result<()> {
         self.check_range(offset, buf.len() as u64, structure)?;
-        self.file
-            .read_exact_at(buf, self.base + offset)
-            .map_err(|e| Error::io(&self.path, format!("read {structure} at {offset:#x}"), e))
+        self.read_inside(buf, offset, structure)
+    }
+
+    /// Reads a range already known to lie inside the file.
+    fn read_inside(&self, buf: &mut [u8], offset: u64, structure: &str) -> Result<()> {
+        match &self.content {
+            Content::Local(file) => file
+                .read_exact_at(buf, offset)
+                .map_err(|e| Error::io(&self.path, format!("read {structure} at {offset:#x}"), e)),
+            Content::Remote(file) => file.read_exact_at(buf, offset, structure),
+        }
     }
 
     /// Reads `len` bytes at `offset` into a new buffer. The range is checked against the file size
@@ -214,9 +263,7 @@ impl HostFile {
         let avail = self.len.saturating_sub(offset).min(buf.len() as u64) as usize;
         let (head, tail) = buf.split_at_mut(avail);
         if !head.is_empty() {
-            self.file
-                .read_exact_at(head, self.base + offset)
-                .map_err(|e| Error::io(&self.path, format!("read data at {offset:#x}"), e))?;
+            self.read_inside(head, offset, "data")?;
         }
         tail.fill(0);
         Ok(())
@@ -251,19 +298,22 @@ impl HostFile {
         if offset >= self.len {
             return Ok(None);
         }
-        let Ok(off) = libc::off_t::try_from(self.base + offset) else {
+        let Content::Local(file) = &self.content else {
+            // A remote file is data everywhere.
+            return Ok(Some(if whence == libc::SEEK_DATA {
+                offset
+            } else {
+                self.len
+            }));
+        };
+        let Ok(off) = libc::off_t::try_from(offset) else {
             return Ok(None);
         };
         // SAFETY: lseek on a descriptor we own; it only moves the file position, which no other
         // code relies on (all reads are positioned).
-        let r = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
+        let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
         if r >= 0 {
-            // Back to this view's offsets; data past its end is not its data.
-            let at = (r as u64).saturating_sub(self.base);
-            return Ok(match whence {
-                libc::SEEK_DATA if at >= self.len => None,
-                _ => Some(at.min(self.len)),
-            });
+            return Ok(Some(r as u64));
         }
         let err = std::io::Error::last_os_error();
         match err.raw_os_error() {
@@ -313,30 +363,40 @@ mod tests {
         assert!(!file.with_mapped(u64::MAX, 2, &mut |_| panic!("called")));
     }
 
-    #[test]
-    fn a_window_is_a_file_of_its_own() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("archive");
-        let content: Vec<u8> = (0..3 * 4096 + 100).map(|i| (i % 251) as u8).collect();
-        std::fs::write(&path, &content).unwrap();
-        let file = HostFile::open(&path).unwrap();
-        let w = file.window(Path::new("archive#m"), 1000, 5000).unwrap();
-        assert_eq!(w.len(), 5000);
-        assert_eq!(w.read_vec_at(10, 20, "x").unwrap(), content[1010..1030]);
-        let e = w
-            .read_vec_at(4990, 20, "member header")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("archive#m") && e.contains("member header"),
-            "{e}"
-        );
-        let mut seen = Vec::new();
-        if w.with_mapped(0, 5000, &mut |b| seen.extend_from_slice(b)) {
-            assert_eq!(seen, content[1000..6000]);
+    struct InMemory(Vec<u8>);
+
+    impl RemoteFile for InMemory {
+        fn size(&self) -> u64 {
+            self.0.len() as u64
         }
-        assert_eq!(w.next_data(0).unwrap(), Some(0));
-        assert_eq!(w.next_hole(0).unwrap(), 5000);
-        assert!(file.window(Path::new("x"), 10_000, 5000).is_err());
+
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64, _what: &str) -> Result<()> {
+            buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn remote_files_read_checked_and_as_data_everywhere() {
+        let content: Vec<u8> = (0..5000).map(|i| (i % 251) as u8).collect();
+        let url = Path::new("s3://bucket/disk.img");
+        let file = HostFile::from_remote(url, Box::new(InMemory(content.clone())));
+        assert!(file.is_remote());
+        assert_eq!(file.len(), 5000);
+        assert_eq!(file.path(), url);
+        assert_eq!(file.read_vec_at(100, 200, "x").unwrap(), content[100..300]);
+        // Past the end: a corrupt-image error naming the URL and the structure, not a read.
+        let err = file.read_vec_at(4900, 200, "qcow2 L2 table").unwrap_err();
+        assert!(err.to_string().contains("s3://bucket/disk.img"), "{err}");
+        assert!(err.to_string().contains("qcow2 L2 table"), "{err}");
+        let mut padded = [1u8; 300];
+        file.read_zero_padded_at(&mut padded, 4800).unwrap();
+        assert_eq!(padded[..200], content[4800..]);
+        assert!(padded[200..].iter().all(|&b| b == 0));
+        assert_eq!(file.data_run(10, 1000).unwrap(), (true, 1000));
+        assert_eq!(file.data_run(10, 10_000).unwrap(), (true, 4990));
+        assert_eq!(file.data_run(5000, 10).unwrap(), (false, 10));
+        assert!(!file.with_mapped(0, 10, &mut |_| panic!("called")));
+        assert_eq!(file.allocated_bytes(), 5000);
     }
 }

@@ -11,6 +11,7 @@ pub mod error;
 pub mod host;
 pub mod image;
 pub mod iso;
+pub mod nonzero;
 pub mod open;
 pub mod qcow2;
 pub mod raw;

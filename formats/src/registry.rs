@@ -116,6 +116,8 @@ static ISO: Driver = read_only(
 
 static VMDK: Driver = Driver {
     check: Some(vmdk::check),
+    create: Some(vmdk::create),
+    stream: Some(vmdk::stream::stream),
     ..read_only(
         Format::Vmdk,
         Some(|_, file| vmdk::detect(file)),

@@ -5,6 +5,7 @@
 use crate::error::{Error, Result};
 use crate::image::{
     Extent, ExtentKind, Extents, Format, GuestRange, Image, ImageInfo, check_guest_range,
+    touched_clusters,
 };
 use crate::registry::driver;
 use crate::write::CreateOptions;
@@ -177,5 +178,100 @@ impl Image for ZeroPadded<'_> {
 
     fn info(&self) -> ImageInfo {
         ImageInfo::basic(PathBuf::new(), self.format(), self.size, 0)
+    }
+}
+
+/// The allocated clusters of a guest as runs, each cluster numbered by its rank among all
+/// allocated ones: stream layouts store the allocated clusters back to back in rank order.
+pub(crate) struct ClusterRuns {
+    /// `(first cluster, count, rank of the first)`, ascending.
+    runs: Vec<(u64, u64, u64)>,
+    count: u64,
+}
+
+impl ClusterRuns {
+    /// The runs of clusters of `cluster_size` bytes that `allocated` (guest ranges, ascending,
+    /// inside a guest of `virtual_size` bytes) touch.
+    pub(crate) fn new(
+        virtual_size: u64,
+        cluster_size: u64,
+        allocated: &mut dyn Iterator<Item = Result<GuestRange>>,
+    ) -> Result<ClusterRuns> {
+        let mut runs = Vec::new();
+        let mut count = 0;
+        for run in touched_clusters(inside_guest(virtual_size, allocated), cluster_size) {
+            let run = run?;
+            runs.push((run.start, run.end - run.start, count));
+            count += run.end - run.start;
+        }
+        Ok(ClusterRuns { runs, count })
+    }
+
+    /// Allocated clusters in all.
+    pub(crate) fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The guest cluster of rank `rank`.
+    pub(crate) fn cluster_of(&self, rank: u64) -> Option<u64> {
+        let i = self.runs.partition_point(|&(_, n, r)| r + n <= rank);
+        let &(first, _, r) = self.runs.get(i)?;
+        Some(first + (rank - r))
+    }
+}
+
+/// `f(rank)` for every rank below `count`, on all cores in groups of `group` ranks, in rank
+/// order: the first pass of layouts whose positions depend on each cluster's compressed size.
+pub(crate) fn per_rank<T: Send>(
+    count: u64,
+    group: u64,
+    f: &(dyn Fn(u64) -> Result<T> + Sync),
+) -> Result<Vec<T>> {
+    use rayon::prelude::*;
+    let groups: Vec<Vec<T>> = (0..count.div_ceil(group))
+        .into_par_iter()
+        .map(|g| (g * group..((g + 1) * group).min(count)).map(f).collect())
+        .collect::<Result<_>>()?;
+    Ok(groups.into_iter().flatten().collect())
+}
+
+/// Reads guest bytes: `read(buf, guest_offset)`, for ranges inside the guest size.
+pub type ReadGuest<'a> = &'a (dyn Fn(&mut [u8], u64) -> Result<()> + Sync);
+
+/// A format's stream layout: every byte of the file as a function of guest reads.
+pub(crate) trait StreamLayout: Send + Sync {
+    fn format(&self) -> Format;
+    fn size(&self) -> u64;
+    fn layout_fingerprint(&self) -> String;
+    /// Fills `buf` with the file's bytes at `offset`; guest data comes from `read_guest`.
+    fn fill(&self, buf: &mut [u8], offset: u64, read_guest: ReadGuest) -> Result<()>;
+}
+
+/// A layout over its source, seen with the guest size the format rounds it up to.
+pub(crate) struct PaddedStream<'a, L> {
+    pub(crate) layout: L,
+    pub(crate) guest: ZeroPadded<'a>,
+}
+
+impl<L: StreamLayout> ImageStream for PaddedStream<'_, L> {
+    fn format(&self) -> Format {
+        self.layout.format()
+    }
+
+    fn size(&self) -> u64 {
+        self.layout.size()
+    }
+
+    fn guest(&self) -> &dyn Image {
+        &self.guest
+    }
+
+    fn layout_fingerprint(&self) -> String {
+        self.layout.layout_fingerprint()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.layout
+            .fill(buf, offset, &|b, at| self.guest.read_at(b, at))
     }
 }

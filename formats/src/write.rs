@@ -8,7 +8,7 @@
 use crate::error::{Error, Result};
 use crate::image::{Format, GuestRange};
 use crate::registry::driver;
-use crate::{qcow2, raw, vhd};
+use crate::{qcow2, raw, vhd, vmdk};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -81,6 +81,7 @@ pub fn measure(
         }
         Format::Qcow2 => qcow2::measure(virtual_size, opts, allocated),
         Format::Vhd => vhd::measure(virtual_size, opts, allocated),
+        Format::Vmdk => vmdk::measure(virtual_size, opts, allocated),
         other => Err(cannot_write(other)),
     }
 }
@@ -360,6 +361,26 @@ impl Writeback {
         }
         Ok(())
     }
+}
+
+/// A new file at `path` for an image (an existing file is truncated; the engine only creates
+/// images under a temporary name).
+pub(crate) fn create_image_file(path: &Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| Error::io(path, "create", e))
+}
+
+/// `-o` options parsed from `spec`, for tests.
+#[cfg(test)]
+pub(crate) fn options(spec: &str) -> CreateOptions {
+    let mut o = CreateOptions::default();
+    o.parse_options(spec).unwrap();
+    o
 }
 
 #[cfg(test)]

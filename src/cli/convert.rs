@@ -34,7 +34,8 @@ pub struct Args {
     /// Source format (detected from magic bytes when omitted)
     #[arg(short = 'f', value_parser = parse_format)]
     format: Option<Format>,
-    /// Output format: raw, qcow2, vpc (or vhd) [default: raw; with -n: DST's own format]
+    /// Output format: raw, qcow2, vpc (or vhd), vmdk (-o subformat=monolithicSparse|streamOptimized)
+    /// [default: raw; with -n: DST's own format]
     #[arg(short = 'O', value_parser = parse_format)]
     out_format: Option<Format>,
     /// Output format options, qemu style: key=value,key2=value2 (repeatable)

@@ -14,11 +14,11 @@ use std::path::PathBuf;
 bytes. With -b the image is an overlay that reads through to BACKING wherever it has no data of \
 its own; SIZE then defaults to BACKING's size. The image is built under a temporary name and \
 renamed into place when complete; an existing FILE is replaced.\n\n\
-Format options (-o): raw: preallocation=off|falloc|full. qcow2 and vpc options as qemu-img.\n\n\
+Format options (-o): raw: preallocation=off|falloc|full. qcow2, vpc and vmdk options as qemu-img.\n\n\
 Exit codes: 0 success, 2 error."
 )]
 pub struct Args {
-    /// Image format: raw, qcow2, vpc (or vhd)
+    /// Image format: raw, qcow2, vpc (or vhd), vmdk
     #[arg(short = 'f', value_parser = parse_format, default_value = "raw")]
     format: Format,
     /// Format options, qemu style: key=value,key2=value2 (repeatable)

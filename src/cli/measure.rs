@@ -16,7 +16,7 @@ byte held data. Raw images always need their full virtual size.\n\n\
 Exit codes: 0 success, 2 error."
 )]
 pub struct Args {
-    /// Output format to measure for: raw, qcow2, vpc (or vhd)
+    /// Output format to measure for: raw, qcow2, vpc (or vhd), vmdk
     #[arg(short = 'O', value_parser = parse_format)]
     out_format: Format,
     /// Output format options as for convert/create (cluster_size, subformat, ...)

@@ -88,11 +88,12 @@ pub struct PushArgs {
     /// Source format (detected from magic bytes when omitted)
     #[arg(short = 'f', value_parser = parse_format)]
     format: Option<Format>,
-    /// Object format: raw, vpc (VHD) or qcow2 [default: raw]
+    /// Object format: raw, vpc (VHD), qcow2 or vmdk (streamOptimized) [default: raw]
     #[arg(short = 'O', value_parser = parse_format)]
     out_format: Option<Format>,
     /// Object format options, qemu style (vpc: subformat=dynamic|fixed, block_size,
-    /// force_size, target=azure; qcow2: compression_type=zlib|zstd)
+    /// force_size, target=azure; qcow2: compression_type=zlib|zstd; vmdk: adapter_type,
+    /// hwversion)
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
     /// Compress the output (qcow2 only)

@@ -116,7 +116,8 @@ pub fn implicit_opens() -> ImplicitOpens {
 /// `STORE#NAME/DEVICE`, a disk of a bundle, or an OVA's first disk (`x.ova`, found by content)
 /// or another of its disks (`x.ova#disk2.vmdk`) read in place (connection
 /// settings and an encrypted store's key from the environment and the default profile). A file whose name contains `#`
-/// is still a file when it exists.
+/// is still a file when it exists. A bucket URL (`s3://`, `oss://`, `obs://`, `file://`) is an
+/// object read in place with ranged requests; it must name no other file.
 pub fn open_image(
     path: &Path,
     format: Option<Format>,
@@ -134,6 +135,16 @@ pub fn open_image(
         {
             return diskkit::bundle::ova::open_disk(Path::new(ova), Some(member));
         }
+    }
+    if !path.exists()
+        && let Some(url) = path.to_str().filter(|s| diskkit::storage::is_bucket_url(s))
+    {
+        let opts = OpenOptions {
+            format,
+            snapshot: snapshot.map(str::to_string),
+        };
+        let settings = diskkit::storage::Settings::default();
+        return diskkit::storage::open_object_image(url, &settings, &opts);
     }
     if !path.exists()
         && let Some((store, id)) = path.to_str().and_then(|s| s.rsplit_once('#'))

@@ -19,6 +19,7 @@ mod download;
 mod etag;
 mod local;
 mod location;
+mod object_file;
 mod objects;
 pub mod pull;
 pub mod push;
@@ -27,6 +28,7 @@ mod s3;
 mod store;
 
 pub use location::{Location, Scheme, Settings};
+pub use object_file::{ObjectFile, is_bucket_url, open_object_image};
 pub use store::{ObjectEntry, ObjectMeta, Store, UploadParts, open};
 
 /// Suffix of the sidecar manifest object written next to every pushed image.

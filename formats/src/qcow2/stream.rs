@@ -7,8 +7,9 @@
 //! when their bytes are asked for: memory grows with the number of allocated runs (plain) or
 //! clusters (2 bytes each, compressed), not with the image size.
 //!
-//! Plain images store each allocated cluster in a host cluster of its own, so every refcount is
-//! 1 and every table entry carries COPIED. Compressed images (`-c`) pack the compressed clusters
+//! Plain images store each allocated cluster that holds a non-zero byte (found by a read pass
+//! before planning) in a host cluster of its own, so every refcount is 1 and every table entry
+//! carries COPIED. Compressed images (`-c`) pack the compressed clusters
 //! back to back, as qemu does; where the packing puts each cluster depends on the compressed size
 //! of every cluster before it, and the tables in front of the data depend on the packing. So a
 //! first pass compresses every cluster once and keeps only its compressed length; with those
@@ -27,6 +28,7 @@ use crate::error::{Error, Result};
 use crate::image::{
     Format, GuestRange, Image, check_guest_range, first_nonzero_byte, touched_clusters,
 };
+use crate::nonzero::nonzero_granules;
 use crate::stream::{ImageStream, ZeroPadded, inside_guest};
 use crate::write::CreateOptions;
 use rayon::prelude::*;
@@ -629,13 +631,24 @@ pub(crate) fn stream<'a>(
 ) -> Result<Box<dyn ImageStream + 'a>> {
     // The guest is rounded up to whole sectors: zeros past the source's end.
     let guest = ZeroPadded::new(src, super::sectors_up(src.virtual_size())?);
-    let layout = Qcow2Stream::plan(
-        src.virtual_size(),
-        opts,
-        allocated,
-        &|buf, at| guest.read_at(buf, at),
-        compressing,
-    )?;
+    // Clusters that hold only zeros are not stored: a plain image finds them in a read pass
+    // first (a compressed one finds them while compressing).
+    let layout = {
+        let mut nonzero;
+        let allocated: &mut dyn Iterator<Item = Result<GuestRange>> = if opts.compress {
+            allocated
+        } else {
+            nonzero = nonzero_granules(&guest, allocated, CLUSTER_SIZE);
+            &mut nonzero
+        };
+        Qcow2Stream::plan(
+            src.virtual_size(),
+            opts,
+            allocated,
+            &|buf, at| guest.read_at(buf, at),
+            compressing,
+        )?
+    };
     Ok(Box::new(Qcow2ImageStream { layout, guest }))
 }
 

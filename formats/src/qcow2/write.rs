@@ -4,10 +4,18 @@
 //! L1/L2 tables are kept in memory and written in `finish`, after the data, followed by a
 //! refcount structure computed from what was actually written, then the header. An interrupted
 //! conversion leaves no valid header, never a half-consistent image.
+//!
+//! Compressed images (`-c`) are byte-reproducible: clusters are compressed on the writing
+//! threads as they arrive, but stored first in an unnamed scratch file next to the image; `finish`
+//! places them in guest order (packed as they come, plain clusters at the next free cluster), so
+//! the file is a function of the guest content and the options, not of thread timing. The price
+//! is one more copy of the stored (compressed) data.
 
 use super::compress::compress;
 use super::header::{COMPAT_LAZY_REFCOUNTS, CompressionType, Header, INCOMPAT_EXTENDED_L2};
-use super::l2::{COMPRESSED, COPIED, Geometry, MAX_L1_BYTES, OFFSET_MASK, ZERO, read_table};
+use super::l2::{
+    COMPRESSED, COPIED, Cluster, Geometry, MAX_L1_BYTES, OFFSET_MASK, ZERO, read_table,
+};
 use super::refcount::{Counts, RefcountLayout, write_structure};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
@@ -180,6 +188,9 @@ pub struct Qcow2Writer {
     virtual_size: u64,
     state: Mutex<State>,
     writeback: Writeback,
+    /// Compressed images: where data goes until `finish` places it (host offsets in the L2
+    /// entries are offsets in this file until then).
+    scratch: Option<File>,
 }
 
 struct State {
@@ -194,6 +205,9 @@ struct State {
     partial: HashMap<u64, (Vec<u8>, u64)>,
     /// Bytes held in `partial`.
     partial_bytes: u64,
+    /// Compressed images: (guest cluster, exact compressed length) of every compressed cluster,
+    /// in arrival order (L2 entries round lengths up to sectors).
+    compressed_lens: Vec<(u64, u32)>,
 }
 
 /// Memory that clusters assembled from pieces may hold; past it, further clusters written in
@@ -208,6 +222,7 @@ impl State {
             tables: HashMap::new(),
             partial: HashMap::new(),
             partial_bytes: 0,
+            compressed_lens: Vec::new(),
         }
     }
 }
@@ -227,6 +242,14 @@ impl Qcow2Writer {
         let geo = cfg.geometry();
         let l1_entries = cfg.l1_entries(virtual_size)?;
         let file = File::create(path).map_err(|e| Error::io(path, "create", e))?;
+        let scratch = if cfg.compress {
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            let dir = dir.unwrap_or(Path::new("."));
+            // Unnamed where the system allows (nothing is left behind, even after SIGKILL).
+            Some(tempfile::tempfile_in(dir).map_err(|e| Error::io(dir, "create scratch file", e))?)
+        } else {
+            None
+        };
         let cs = geo.cluster_size();
         let mut state = State {
             next_cluster: cs,
@@ -258,6 +281,7 @@ impl Qcow2Writer {
             geo,
             virtual_size,
             state: Mutex::new(state),
+            scratch,
         })
     }
 
@@ -319,6 +343,7 @@ impl Qcow2Writer {
                 next_cluster: host.len().next_multiple_of(geo.cluster_size()),
                 ..State::empty()
             }),
+            scratch: None,
         })
     }
 
@@ -332,6 +357,71 @@ impl Qcow2Writer {
             .map_err(|e| Error::io(&self.path, format!("write at {at:#x}"), e))?;
         self.writeback
             .wrote(&self.file, &self.path, buf.len() as u64)
+    }
+
+    /// Writes guest data at host offset `at`: in the scratch file until `finish` when there is
+    /// one.
+    fn write_data(&self, buf: &[u8], at: u64) -> Result<()> {
+        match &self.scratch {
+            Some(scratch) => scratch
+                .write_all_at(buf, at)
+                .map_err(|e| Error::io(&self.path, format!("write scratch data at {at:#x}"), e)),
+            None => self.pwrite(buf, at),
+        }
+    }
+
+    /// Copies the data in the scratch file into the image, in guest order, and points the L2
+    /// entries at it: where each cluster lands depends only on the clusters before it.
+    fn place_in_guest_order(&self, scratch: &File, st: &mut State) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let words = (self.geo.l2_entry_bytes() / 8) as usize;
+        let per_table = self.geo.l2_entries();
+        st.compressed_lens.sort_unstable();
+        let mut lens = st.compressed_lens.iter().copied();
+        let mut placed = State {
+            next_cluster: cs,
+            ..State::empty()
+        };
+        let mut indices: Vec<u64> = st.tables.keys().copied().collect();
+        indices.sort_unstable();
+        let mut buf = vec![0u8; cs as usize];
+        for i in indices {
+            let Some(table) = st.tables.get_mut(&i) else {
+                continue;
+            };
+            for (k, e) in table.chunks_mut(words).enumerate() {
+                let c = i * per_table + k as u64;
+                let bitmap = e.get(1).copied().unwrap_or(0);
+                match self.geo.decode(&self.path, e[0], bitmap, 0)? {
+                    Cluster::Compressed(d) => {
+                        let len = match lens.find(|&(lc, _)| lc >= c) {
+                            Some((lc, len)) if lc == c => u64::from(len),
+                            _ => {
+                                return Err(Error::invalid(format!(
+                                    "{}: compressed cluster {c} has no recorded length",
+                                    self.path.display()
+                                )));
+                            }
+                        };
+                        read_scratch(scratch, &self.path, &mut buf[..len as usize], d.host)?;
+                        let host = alloc_bytes(&mut placed, len, cs);
+                        self.pwrite(&buf[..len as usize], host)?;
+                        e[0] = self.geo.compressed_entry(host, len);
+                    }
+                    Cluster::Data { host: from, .. } => {
+                        let n = self.cluster_len(c) as usize;
+                        read_scratch(scratch, &self.path, &mut buf[..n], from)?;
+                        let host = placed.next_cluster;
+                        placed.next_cluster += cs;
+                        self.pwrite(&buf[..n], host)?;
+                        e[0] = (e[0] & !OFFSET_MASK) | host;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        st.next_cluster = placed.next_cluster;
+        Ok(())
     }
 
     /// Guest bytes cluster `c` holds (the last cluster may be cut by the virtual size).
@@ -389,9 +479,10 @@ impl Qcow2Writer {
                     let host = alloc_bytes(&mut st, len, cs);
                     let entry = self.geo.compressed_entry(host, len);
                     self.set_entry(&mut st, c, entry, 0);
+                    st.compressed_lens.push((c, len as u32));
                     host
                 };
-                return self.pwrite(&z, host);
+                return self.write_data(&z, host);
             }
         }
         self.put_plain(c, data)
@@ -402,7 +493,7 @@ impl Qcow2Writer {
     fn put_plain(&self, first: u64, data: &[u8]) -> Result<()> {
         let cs = self.geo.cluster_size();
         if self.cfg.preallocate_metadata {
-            return self.pwrite(data, cs * (1 + first));
+            return self.write_data(data, cs * (1 + first));
         }
         let count = (data.len() as u64).div_ceil(cs);
         let host = {
@@ -419,7 +510,7 @@ impl Qcow2Writer {
             }
             host
         };
-        self.pwrite(data, host)
+        self.write_data(data, host)
     }
 
     /// Host offset of guest cluster `c` when it is mapped to an uncompressed host cluster.
@@ -483,7 +574,7 @@ impl Qcow2Writer {
             }
         };
         match data {
-            Some(d) if !zero => self.pwrite(d, host + skip),
+            Some(d) if !zero => self.write_data(d, host + skip),
             _ => Ok(()),
         }
     }
@@ -509,6 +600,23 @@ impl Qcow2Writer {
         }
         Ok(())
     }
+}
+
+/// Fills `buf` from the scratch file at `at`; what lies past its end (clusters written in part)
+/// reads as zeros.
+fn read_scratch(scratch: &File, path: &Path, buf: &mut [u8], at: u64) -> Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let pos = at + done as u64;
+        match scratch.read_at(&mut buf[done..], pos) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io(path, format!("read scratch data at {pos:#x}"), e)),
+        }
+    }
+    buf[done..].fill(0);
+    Ok(())
 }
 
 /// The `compression_type` option: zlib (qemu's default) or zstd.
@@ -613,7 +721,10 @@ impl ImageWriter for Qcow2Writer {
         for (c, buf) in partial {
             self.put_cluster(c, Content::Data(&buf))?;
         }
-        let st = std::mem::replace(&mut *self.lock(), State::empty());
+        let mut st = std::mem::replace(&mut *self.lock(), State::empty());
+        if let Some(scratch) = &self.scratch {
+            self.place_in_guest_order(scratch, &mut st)?;
+        }
         let cs = self.geo.cluster_size();
         let mut pos = st.next_cluster;
         let l1_entries = self.cfg.l1_entries(self.virtual_size)?;

@@ -3,13 +3,14 @@
 //!
 //! Fixed disks are the guest bytes followed by the footer. Dynamic disks need to know which
 //! blocks hold data before the first byte is sent (the BAT precedes the blocks): the caller
-//! passes the source's allocated ranges, every block they touch is stored (in guest order,
-//! with every sector marked present) and the others stay unallocated.
+//! passes the source's allocated ranges, every block they touch that holds a non-zero byte is
+//! stored (in guest order, with every sector marked present) and the others stay unallocated.
 
 use super::layout::{DiskType, DynamicHeader, FOOTER_SIZE, SECTOR, UNALLOCATED, bat_size};
 use super::write::Plan;
 use crate::error::{Error, Result};
 use crate::image::{Format, GuestRange, Image, check_guest_range, touched_clusters};
+use crate::nonzero::nonzero_granules;
 use crate::stream::{ImageStream, ZeroPadded, inside_guest};
 use crate::write::CreateOptions;
 use byteorder::{BigEndian, ByteOrder};
@@ -205,7 +206,10 @@ pub(crate) fn stream<'a>(
     allocated: &mut dyn Iterator<Item = Result<GuestRange>>,
     _compressing: &(dyn Fn(u64) + Sync),
 ) -> Result<Box<dyn ImageStream + 'a>> {
-    let layout = VhdStream::plan(src.virtual_size(), opts, allocated)?;
+    // Blocks that hold only zeros stay unallocated (read only for dynamic disks, lazily).
+    let block_size = Plan::from_options(src.virtual_size(), &mut opts.clone())?.block_size;
+    let mut allocated = nonzero_granules(src, allocated, block_size);
+    let layout = VhdStream::plan(src.virtual_size(), opts, &mut allocated)?;
     // The geometry may round the guest up: zeros past the source's end.
     let guest = ZeroPadded::new(src, layout.guest_size());
     Ok(Box::new(VhdImageStream { layout, guest }))

@@ -8,12 +8,17 @@
 
 mod check;
 mod descriptor;
+mod layout;
 mod sparse;
+pub mod stream;
+mod write;
 
 pub use check::check;
 pub use descriptor::{Descriptor, ExtentLine, ExtentType, MAX_DESCRIPTOR_SIZE};
 use descriptor::{NO_PARENT_CID, looks_like_descriptor};
 use sparse::{Grain, SparseExtent};
+pub use stream::stream_optimized;
+pub use write::{create, measure};
 
 use crate::backing::{BackingOpener, Role};
 use crate::error::{Error, Result};

@@ -154,7 +154,7 @@ impl Package {
                         .err()
                         .unwrap_or_else(|| Error::invalid(href))
                 })?;
-                file.window(&member_path(&self.path, href), m.offset, m.size)
+                window(file, &member_path(&self.path, href), m.offset, m.size)
             }
             Files::Directory(dir) => HostFile::open(&dir.join(href)),
         }
@@ -253,6 +253,45 @@ fn file_name(path: &Path) -> String {
     path.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()
+}
+
+/// A member of an archive as a file of its own, read in place: every read stays inside it.
+struct Window {
+    file: std::fs::File,
+    base: u64,
+    len: u64,
+    name: PathBuf,
+}
+
+impl diskkit_formats::host::RemoteFile for Window {
+    fn size(&self) -> u64 {
+        self.len
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64, what: &str) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file
+            .read_exact_at(buf, self.base + offset)
+            .map_err(|e| Error::io(&self.name, format!("read {what} at {offset:#x}"), e))
+    }
+}
+
+/// The `len` bytes at `offset` of the archive `file` as a file named `name`.
+fn window(file: &HostFile, name: &Path, offset: u64, len: u64) -> Result<HostFile> {
+    file.check_range(offset, len, "archive member")?;
+    let clone = file
+        .file()
+        .try_clone()
+        .map_err(|e| Error::io(file.path(), "open again", e))?;
+    Ok(HostFile::from_remote(
+        name,
+        Box::new(Window {
+            file: clone,
+            base: offset,
+            len,
+            name: name.to_path_buf(),
+        }),
+    ))
 }
 
 /// `x.ova#member`, the name of a member in messages.
