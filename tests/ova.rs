@@ -298,3 +298,123 @@ fn hostile_packages_are_refused_with_the_member_named() {
     assert!(!Path::new(store).join("bundles/bad").exists());
     let _ = o;
 }
+
+/// Members of a tar archive in order, by `tar tf`.
+fn tar_list(ova: &Path) -> Vec<String> {
+    let out = Command::new("tar").arg("tf").arg(ova).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Checks an OVA diskkit wrote: member order, .mf digests, VMDKs against their sources, the
+/// OVF's sizes and capacities (read back through import).
+fn check_exported(ova: &Path, name: &str, sources: &[&Path], dir: &Path) {
+    let members = tar_list(ova);
+    let mut expected = vec![format!("{name}.ovf"), format!("{name}.mf")];
+    expected.extend((1..=sources.len()).map(|i| format!("{name}-disk{i}.vmdk")));
+    assert_eq!(members, expected);
+    let x = p(dir, &format!("x-{name}"));
+    std::fs::create_dir_all(&x).unwrap();
+    let status = Command::new("tar")
+        .args(["-C", path_str(&x), "-xf", path_str(ova)])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mf = std::fs::read_to_string(p(&x, &format!("{name}.mf"))).unwrap();
+    let mut lines = String::new();
+    for m in members.iter().filter(|m| !m.ends_with(".mf")) {
+        lines += &format!("SHA256({m})= {}\n", sha256sum(&p(&x, m)));
+    }
+    assert_eq!(mf, lines);
+    let ovf = std::fs::read_to_string(p(&x, &format!("{name}.ovf"))).unwrap();
+    for (i, src) in sources.iter().enumerate() {
+        let vmdk = p(&x, &format!("{name}-disk{}.vmdk", i + 1));
+        qemu_img(&["check", path_str(&vmdk)]);
+        qemu_img(&["compare", path_str(src), path_str(&vmdk)]);
+        let size = std::fs::metadata(&vmdk).unwrap().len();
+        assert!(ovf.contains(&format!("ovf:size=\"{size}\"")), "{ovf}");
+        let info: serde_json::Value =
+            serde_json::from_str(&qemu_img(&["info", "--output", "json", path_str(src)])).unwrap();
+        let capacity = info["virtual-size"].as_u64().unwrap();
+        assert!(
+            ovf.contains(&format!("ovf:capacity=\"{capacity}\"")),
+            "{ovf}"
+        );
+        let head = std::fs::read(&vmdk).unwrap();
+        assert_eq!(&head[..8], b"KDMV\x03\0\0\0", "header version 3");
+        let text = String::from_utf8_lossy(&head[..4096.min(head.len())]);
+        assert!(text.contains("createType=\"streamOptimized\""), "{text}");
+        assert!(text.contains("ddb.adapterType = \"lsilogic\""), "{text}");
+    }
+    assert!(
+        ovf.contains("<rasd:ResourceType>6</rasd:ResourceType>"),
+        "{ovf}"
+    );
+}
+
+#[test]
+fn bundles_and_images_export_as_ovas_that_import_back() {
+    let dir = tempdir();
+    let o = build_ova(dir.path());
+    let store = p(dir.path(), "store");
+    let store = path_str(&store);
+    diskkit_ok(&["bundle", "import", path_str(&o.ova), store, "app"]);
+    let ova = p(dir.path(), "app.ova");
+    diskkit_ok(&["bundle", "export", store, "app", path_str(&ova)]);
+    let sources: Vec<&Path> = o.sources.iter().map(PathBuf::as_path).collect();
+    check_exported(&ova, "app", &sources, dir.path());
+    // A diskkit OVA imports, and reads in place.
+    let out = diskkit_ok(&["bundle", "import", path_str(&ova), store, "again"]);
+    assert!(out.contains("full-ecs bundle again (3 digests"), "{out}");
+    assert!(out.contains("firmware: uefi"), "{out}");
+    diskkit_ok(&[
+        "compare",
+        &format!("{}#app-disk2.vmdk", path_str(&ova)),
+        path_str(&o.sources[1]),
+    ]);
+    // Image files as an OVA, SHA-512 manifest.
+    let packed = p(dir.path(), "one.ova");
+    diskkit_ok(&[
+        "bundle",
+        "pack",
+        "--manifest-alg",
+        "sha512",
+        path_str(&o.sources[1]),
+        path_str(&packed),
+    ]);
+    assert_eq!(tar_list(&packed), ["one.ovf", "one.mf", "one-disk1.vmdk"]);
+    let out = diskkit_ok(&["bundle", "import", path_str(&packed), store, "one"]);
+    assert!(out.contains("data") || out.contains("system-disk"), "{out}");
+    // An OVA into a bucket, in parts, when the suite's S3 server runs.
+    if let Some(endpoint) = common::s3::shared_server() {
+        let url = format!(
+            "s3://diskkit-test/ova-{}-{}/app.ova",
+            std::process::id(),
+            dir.path().file_name().unwrap().to_string_lossy()
+        );
+        let env = |c: &mut Command| {
+            c.env("AWS_ENDPOINT_URL", &endpoint)
+                .env("AWS_ACCESS_KEY_ID", common::s3::ACCESS_KEY)
+                .env("AWS_SECRET_ACCESS_KEY", common::s3::SECRET_KEY)
+                .env("AWS_REGION", "us-east-1");
+        };
+        let mut c = Command::new(diskkit_bin());
+        c.args(["bundle", "export", store, "app", &url]);
+        env(&mut c);
+        assert!(c.status().unwrap().success());
+        let back = p(dir.path(), "back.ova");
+        let mut c = Command::new(diskkit_bin());
+        c.args(["pull", &url, path_str(&back)]);
+        env(&mut c);
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        check_exported(&back, "app", &sources, dir.path());
+    }
+}

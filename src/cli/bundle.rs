@@ -6,6 +6,8 @@ use super::util::{
     Bar, Out, OutputFormat, create_options, human_size, open_image, parse_format, printable,
 };
 use super::{EXIT_DIFFERENT, EXIT_OK};
+use diskkit::bundle::ova::ManifestAlg;
+use diskkit::bundle::ova::export::{ExportDisk, MachineHints, OvaPlan};
 use diskkit::bundle::{self, DiskInput, Firmware, Manifest, Naming, NewBundle, NewDisk, Role};
 use diskkit::formats::write::CacheMode;
 use diskkit::formats::{Error, Format, Image, Result};
@@ -44,6 +46,8 @@ enum Command {
     Copy(CopyArgs),
     Share(ShareArgs),
     Import(ImportArgs),
+    Export(ExportArgs),
+    Pack(PackArgs),
 }
 
 /// Snapshot a machine's disks into a store under one manifest
@@ -271,6 +275,59 @@ struct ImportArgs {
     name: Option<String>,
 }
 
+const OVA_LAYOUT: &str = "The OVA holds the .ovf descriptor first, the .mf manifest second \
+(lines exactly ALG(name)= hex), then one streamOptimized VMDK per disk (LSI Logic adapter, as the \
+OVF's SCSI controller). Every member's size is computed first (each disk is compressed once to lay \
+it out and once more for its digest, which the .mf needs before the disks), then the archive is \
+produced in one pass: into a file (temporary name, synced, renamed) or, for an s3://, oss:// or \
+obs:// DEST, uploaded in parts; no temporary file either way.";
+
+/// Export a bundle as an OVA (VMware, VirtualBox, any OVF importer)
+#[derive(clap::Args)]
+#[command(long_about = OVA_LAYOUT, after_help = STORES)]
+struct ExportArgs {
+    /// Digest algorithm of the .mf: sha256, sha1 or sha512
+    #[arg(long, value_parser = parse_alg, default_value = "sha256")]
+    manifest_alg: ManifestAlg,
+    /// Show a progress bar
+    #[arg(short = 'p', long)]
+    progress: bool,
+    #[command(flatten)]
+    access: Access,
+    store: String,
+    name: String,
+    /// The OVA: a file, or an object URL (s3://BUCKET/KEY.ova)
+    dest: String,
+}
+
+/// Pack image files into an OVA: the first is the system disk, the others data disks
+#[derive(clap::Args)]
+#[command(long_about = OVA_LAYOUT)]
+struct PackArgs {
+    /// The machine's name in the OVF and the members' names [default: DEST's file stem]
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long, value_parser = parse_firmware)]
+    firmware: Option<Firmware>,
+    #[arg(long, value_name = "TEXT")]
+    os: Option<String>,
+    #[arg(long, value_parser = parse_alg, default_value = "sha256")]
+    manifest_alg: ManifestAlg,
+    #[arg(short = 'p', long)]
+    progress: bool,
+    #[command(flatten)]
+    access: Access,
+    /// Images (any source diskkit reads), in the machine's order
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    /// The OVA: a file, or an object URL
+    dest: String,
+}
+
+fn parse_alg(s: &str) -> std::result::Result<ManifestAlg, String> {
+    s.parse()
+}
+
 fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = n
@@ -301,6 +358,8 @@ pub fn run(args: Args) -> Result<i32> {
         Command::Copy(a) => copy(a),
         Command::Share(a) => share(a),
         Command::Import(a) => import(a),
+        Command::Export(a) => export(a),
+        Command::Pack(a) => pack(a),
     }
 }
 
@@ -687,6 +746,109 @@ fn import(args: ImportArgs) -> Result<i32> {
             print_manifest(&mut out, &report.manifest)?;
         }
     }
+    out.flush()?;
+    Ok(EXIT_OK)
+}
+
+/// Writes `plan` to DEST: a file, or an object of a bucket.
+fn write_ova(plan: &OvaPlan<'_>, dest: &str, access: &Access, progress: bool) -> Result<()> {
+    let bar = Bar::new(progress, plan.size(), "writing the OVA");
+    if dest.contains("://") && !dest.starts_with("file://") {
+        let location = diskkit::storage::Location::parse(dest)?;
+        let settings = access
+            .conn
+            .settings()
+            .resolve(location.scheme, access.conn.profile())?;
+        let store = diskkit::storage::open(&location, &settings)?;
+        plan.upload(store.as_ref(), &location.key, &bar)?;
+    } else {
+        plan.write_file(
+            std::path::Path::new(dest.strip_prefix("file://").unwrap_or(dest)),
+            &bar,
+        )?;
+    }
+    bar.finish();
+    Ok(())
+}
+
+fn export(args: ExportArgs) -> Result<i32> {
+    let mut out = Out::new();
+    let (store, name) = open_source(&args.access, &args.store, Some(&args.name))?;
+    let m = bundle::load(&store, &name)?;
+    let store = std::sync::Arc::new(store);
+    let images: Vec<diskkit::snapshot::SnapshotImage> = m
+        .disks
+        .iter()
+        .map(|d| diskkit::snapshot::SnapshotImage::of_shared(store.clone(), &d.snapshot))
+        .collect::<Result<_>>()?;
+    let disks: Vec<ExportDisk<'_>> = images
+        .iter()
+        .zip(&m.disks)
+        .map(|(image, d)| ExportDisk {
+            image,
+            role: d.role,
+            device: d.device.clone(),
+        })
+        .collect();
+    let hints = MachineHints {
+        firmware: m.firmware,
+        os: m.os.clone(),
+    };
+    let bar = Bar::new(args.progress, m.virtual_size(), "laying out the disks");
+    let plan = bundle::ova::export::plan(&name, &disks, &hints, args.manifest_alg, &bar)?;
+    bar.finish();
+    write_ova(&plan, &args.dest, &args.access, args.progress)?;
+    writeln!(
+        out,
+        "{} ({} bytes): {}",
+        args.dest,
+        plan.size(),
+        plan.members.join(", ")
+    )?;
+    out.flush()?;
+    Ok(EXIT_OK)
+}
+
+fn pack(args: PackArgs) -> Result<i32> {
+    let mut out = Out::new();
+    let name = match &args.name {
+        Some(n) => n.clone(),
+        None => std::path::Path::new(&args.dest)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "machine".into()),
+    };
+    bundle::check_name(&name)?;
+    let images: Vec<Box<dyn Image>> = args
+        .images
+        .iter()
+        .map(|p| open_image(p, None, None))
+        .collect::<Result<_>>()?;
+    let disks: Vec<ExportDisk<'_>> = images
+        .iter()
+        .enumerate()
+        .map(|(i, image)| ExportDisk {
+            image: image.as_ref(),
+            role: if i == 0 { Role::System } else { Role::Data },
+            device: format!("disk{}", i + 1),
+        })
+        .collect();
+    let hints = MachineHints {
+        firmware: args.firmware,
+        os: args.os.clone(),
+    };
+    let total = images.iter().map(|i| i.virtual_size()).sum();
+    let bar = Bar::new(args.progress, total, "laying out the disks");
+    let plan = bundle::ova::export::plan(&name, &disks, &hints, args.manifest_alg, &bar)?;
+    bar.finish();
+    write_ova(&plan, &args.dest, &args.access, args.progress)?;
+    writeln!(
+        out,
+        "{} ({} bytes): {}",
+        args.dest,
+        plan.size(),
+        plan.members.join(", ")
+    )?;
     out.flush()?;
     Ok(EXIT_OK)
 }

@@ -137,7 +137,10 @@ pub fn open_image(
         }
     }
     if !path.exists()
-        && let Some(url) = path.to_str().filter(|s| diskkit::storage::is_bucket_url(s))
+        // `s3://BUCKET/STORE#ID` is a snapshot (below), not an object.
+        && let Some(url) = path
+            .to_str()
+            .filter(|s| diskkit::storage::is_bucket_url(s) && !s.contains('#'))
     {
         let opts = OpenOptions {
             format,

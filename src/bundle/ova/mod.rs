@@ -1,6 +1,7 @@
 //! OVA and OVF packages: read in place (a disk inside an OVA is a window of the archive, never
 //! extracted), checked against their `.mf` manifest, imported as bundles.
 
+pub mod export;
 pub mod ovf;
 pub mod tar_index;
 
