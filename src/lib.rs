@@ -2,6 +2,7 @@
 //! Synchronous and free of command-line concerns; the CLI in `main.rs` is a thin layer on top.
 
 pub mod chain;
+pub mod bundle;
 pub mod compare;
 pub mod convert;
 pub mod gce;

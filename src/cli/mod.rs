@@ -2,6 +2,7 @@
 
 mod amend;
 mod bitmap;
+mod bundle;
 mod check;
 mod commit;
 mod compare;
@@ -81,6 +82,7 @@ enum Command {
     Rebase(rebase::Args),
     Commit(commit::Args),
     Targets(targets::Args),
+    Bundle(bundle::Args),
     Completions(generate::CompletionsArgs),
     Man(generate::ManArgs),
 }
@@ -114,6 +116,7 @@ pub fn run() -> i32 {
         Command::Rebase(a) => rebase::run(a),
         Command::Commit(a) => commit::run(a),
         Command::Targets(a) => targets::run(a),
+        Command::Bundle(a) => bundle::run(a),
         Command::Completions(a) => generate::completions(a),
         Command::Man(a) => generate::man(a),
     };

@@ -139,9 +139,9 @@ struct CreateArgs {
 
 /// Where the store is, and its key when it is encrypted.
 #[derive(clap::Args)]
-struct Access {
+pub(super) struct Access {
     #[command(flatten)]
-    conn: Connection,
+    pub(super) conn: Connection,
     /// The key of an encrypted store: a file of 64 hex digits or 32 bytes [default: the
     /// environment variable DISKKIT_SNAPSHOT_KEY]
     #[arg(long, value_name = "FILE")]
@@ -149,13 +149,13 @@ struct Access {
 }
 
 impl Access {
-    fn open(&self, store: &str, new: Option<NewStore>) -> Result<SnapshotStore> {
+    pub(super) fn open(&self, store: &str, new: Option<NewStore>) -> Result<SnapshotStore> {
         let key = Crypto::from_user(self.key_file.as_deref())?;
         SnapshotStore::open(store, &self.conn.settings(), self.conn.profile(), key, new)
     }
 }
 
-fn parse_tag(s: &str) -> std::result::Result<(String, String), String> {
+pub(super) fn parse_tag(s: &str) -> std::result::Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("'{s}': tags are KEY=VALUE")),
@@ -312,7 +312,7 @@ fn internal(args: InternalArgs) -> Result<i32> {
     Ok(EXIT_OK)
 }
 
-fn json(value: &impl serde::Serialize) -> Result<String> {
+pub(super) fn json(value: &impl serde::Serialize) -> Result<String> {
     serde_json::to_string_pretty(value).map_err(|e| Error::invalid(e.to_string()))
 }
 
@@ -568,7 +568,7 @@ fn verify(args: VerifyArgs) -> Result<i32> {
 }
 
 /// Seconds since the epoch as `2026-12-06T02:56:36Z`.
-fn utc(secs: u64) -> String {
+pub(super) fn utc(secs: u64) -> String {
     i64::try_from(secs)
         .ok()
         .and_then(|s| jiff::Timestamp::from_second(s).ok())

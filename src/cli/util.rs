@@ -112,7 +112,9 @@ pub fn implicit_opens() -> ImplicitOpens {
     IMPLICIT_OPENS.get().copied().unwrap_or_default()
 }
 
-/// Opens an image source: a file, or `STORE#ID`, a snapshot in a snapshot store (connection
+/// Opens an image source: a file, `STORE#ID`, a snapshot in a snapshot store, or
+/// `STORE#NAME/DEVICE`, a disk of a bundle, or an OVA's first disk (`x.ova`, found by content)
+/// or another of its disks (`x.ova#disk2.vmdk`) read in place (connection
 /// settings and an encrypted store's key from the environment and the default profile). A file whose name contains `#`
 /// is still a file when it exists. A bucket URL (`s3://`, `oss://`, `obs://`, `file://`) is an
 /// object read in place with ranged requests; it must name no other file.
@@ -121,8 +123,24 @@ pub fn open_image(
     format: Option<Format>,
     snapshot: Option<&str>,
 ) -> Result<Box<dyn Image>> {
+    // An OVA (found by content): its first disk, or `x.ova#MEMBER` for another.
+    if format.is_none() && snapshot.is_none() {
+        if path.is_file() && diskkit::bundle::ova::is_ova(path) {
+            return diskkit::bundle::ova::open_disk(path, None);
+        }
+        if !path.exists()
+            && let Some((ova, member)) = path.to_str().and_then(|s| s.rsplit_once('#'))
+            && Path::new(ova).is_file()
+            && diskkit::bundle::ova::is_ova(Path::new(ova))
+        {
+            return diskkit::bundle::ova::open_disk(Path::new(ova), Some(member));
+        }
+    }
     if !path.exists()
-        && let Some(url) = path.to_str().filter(|s| diskkit::storage::is_bucket_url(s))
+        // `s3://BUCKET/STORE#ID` is a snapshot (below), not an object.
+        && let Some(url) = path
+            .to_str()
+            .filter(|s| diskkit::storage::is_bucket_url(s) && !s.contains('#'))
     {
         let opts = OpenOptions {
             format,
@@ -142,6 +160,11 @@ pub fn open_image(
         }
         let settings = diskkit::storage::Settings::default();
         let key = diskkit::snapshot::Crypto::from_user(None)?;
+        // `STORE#NAME/DEVICE`: a disk of a bundle (snapshot ids never hold a `/`).
+        if let Some((name, device)) = id.split_once('/') {
+            let store = diskkit::snapshot::SnapshotStore::open(store, &settings, None, key, None)?;
+            return Ok(Box::new(diskkit::bundle::disk_image(store, name, device)?));
+        }
         return Ok(Box::new(diskkit::snapshot::SnapshotImage::open(
             store, id, &settings, None, key,
         )?));

@@ -75,6 +75,73 @@ pub fn create(
     progress: &dyn Progress,
 ) -> Result<CreateReport> {
     let _lease = store.take_lease()?;
+    let (index, mut report) =
+        chunk_disk(store, image, source, opts, progress, &SentChunks::default())?;
+    // Every chunk durable before the index that lists it.
+    store.sync_chunks()?;
+    report.id = store.write_index(&index)?;
+    Ok(report)
+}
+
+/// Chunks stored or found by a run, shared by the disks of one run: a disk often repeats a
+/// chunk, and disks of one machine share many.
+#[derive(Default)]
+pub struct SentChunks(Mutex<HashSet<[u8; 32]>>);
+
+/// One disk of [`create_set`].
+pub struct DiskSource<'a> {
+    pub image: &'a dyn Image,
+    pub source: &'a Path,
+    pub opts: CreateOptions,
+}
+
+/// Snapshots several disks at once (one thread per disk, their chunks on the read pool),
+/// deduplicated together; the indexes are written only when every disk's chunks are stored and
+/// synced, so none lists a chunk another disk was still sending.
+pub fn create_set(
+    store: &SnapshotStore,
+    disks: &[DiskSource<'_>],
+    progress: &dyn Progress,
+) -> Result<Vec<CreateReport>> {
+    let _lease = store.take_lease()?;
+    let sent = SentChunks::default();
+    let built: Vec<Result<(SnapshotIndex, CreateReport)>> = std::thread::scope(|s| {
+        let jobs: Vec<_> = disks
+            .iter()
+            .map(|d| {
+                let sent = &sent;
+                s.spawn(move || chunk_disk(store, d.image, d.source, &d.opts, progress, sent))
+            })
+            .collect();
+        jobs.into_iter()
+            .map(|j| {
+                j.join().unwrap_or_else(|_| {
+                    Err(Error::invalid("snapshot create: a disk's thread panicked"))
+                })
+            })
+            .collect()
+    });
+    let built: Vec<(SnapshotIndex, CreateReport)> = built.into_iter().collect::<Result<_>>()?;
+    store.sync_chunks()?;
+    built
+        .into_iter()
+        .map(|(index, mut report)| {
+            report.id = store.write_index(&index)?;
+            Ok(report)
+        })
+        .collect()
+}
+
+/// Stores the chunks of one disk that the store lacks and returns its index, not yet written
+/// (its report's id is empty).
+fn chunk_disk(
+    store: &SnapshotStore,
+    image: &dyn Image,
+    source: &Path,
+    opts: &CreateOptions,
+    progress: &dyn Progress,
+    sent: &SentChunks,
+) -> Result<(SnapshotIndex, CreateReport)> {
     let cs = store.chunk_size;
     let size = image.virtual_size();
     let parent = match &opts.parent {
@@ -117,7 +184,7 @@ pub fn create(
             overlay_parent
         },
         dirty,
-        sent: Mutex::new(HashSet::new()),
+        sent,
         read: AtomicU64::new(0),
         new: AtomicU64::new(0),
         stored: AtomicU64::new(0),
@@ -159,8 +226,6 @@ pub fn create(
         first = last;
     }
     let digest = hex(&builder.finish());
-    // Every chunk durable before the index that lists it.
-    store.sync_chunks()?;
     let name = opts.name.clone().unwrap_or_else(|| {
         source
             .file_name()
@@ -181,12 +246,8 @@ pub fn create(
         },
         chunks,
     };
-    let encoded = index.encode()?;
-    let id = SnapshotIndex::id_of(&encoded);
-    let key = store.index_key(&id);
-    store.put(&key, store.seal(&key, encoded)?)?;
-    Ok(CreateReport {
-        id,
+    let report = CreateReport {
+        id: String::new(),
         digest,
         path,
         bytes_read: work.read.into_inner(),
@@ -195,7 +256,8 @@ pub fn create(
         bytes_reused: work.reused.into_inner(),
         bytes_from_parent: work.from_parent.into_inner(),
         zero_chunks: work.zeros.into_inner(),
-    })
+    };
+    Ok((index, report))
 }
 
 /// The identity of a source file: canonical path, size, modification time.
@@ -220,8 +282,7 @@ struct Work<'a> {
     parent: Option<&'a SnapshotIndex>,
     /// With a bitmap: what changed since the parent (else an overlay's own clusters did).
     dirty: Option<diskkit_formats::qcow2::bitmap::DirtyBitmap>,
-    /// Chunks stored or found by this run: a disk often repeats a chunk.
-    sent: Mutex<HashSet<[u8; 32]>>,
+    sent: &'a SentChunks,
     read: AtomicU64,
     new: AtomicU64,
     stored: AtomicU64,
@@ -276,6 +337,7 @@ impl Work<'_> {
         let digest: [u8; 32] = Sha256::digest(&data).into();
         let first_time = self
             .sent
+            .0
             .lock()
             .map_err(|_| Error::invalid("snapshot create: lock poisoned"))?
             .insert(digest);
@@ -293,10 +355,19 @@ impl Work<'_> {
 }
 
 impl SnapshotStore {
+    /// Writes `index` whole under its id (the hash of its bytes) and returns the id.
+    pub(crate) fn write_index(&self, index: &SnapshotIndex) -> Result<String> {
+        let encoded = index.encode()?;
+        let id = SnapshotIndex::id_of(&encoded);
+        let key = self.index_key(&id);
+        self.put(&key, self.seal(&key, encoded)?)?;
+        Ok(id)
+    }
+
     /// Whether the store has chunk `digest` whole: present with at least its header. A chunk
     /// cut short by a crash of an earlier run (local stores rename complete chunks into place,
     /// so only a damaged store has one) is caught by `verify --read-data` and restore.
-    fn has_chunk(&self, digest: &[u8; 32]) -> Result<bool> {
+    pub(crate) fn has_chunk(&self, digest: &[u8; 32]) -> Result<bool> {
         Ok(self
             .store
             .stat(&self.chunk_key(digest))?
@@ -306,7 +377,7 @@ impl SnapshotStore {
     /// Stores a chunk. Local stores write it under a temporary name renamed into place (not
     /// synced one by one: [`SnapshotStore::sync_chunks`] syncs them all before the index);
     /// object stores never show a partial object.
-    fn put_chunk(&self, digest: &[u8; 32], encoded: Vec<u8>) -> Result<()> {
+    pub(crate) fn put_chunk(&self, digest: &[u8; 32], encoded: Vec<u8>) -> Result<()> {
         let key = self.chunk_key(digest);
         let encoded = self.seal(&key, encoded)?;
         match self.local_path(&key) {
@@ -325,7 +396,7 @@ impl SnapshotStore {
 
     /// Makes every chunk written so far durable (local stores: one `syncfs` of the store's
     /// filesystem instead of one fsync per chunk). Object stores acknowledge durable writes.
-    fn sync_chunks(&self) -> Result<()> {
+    pub(crate) fn sync_chunks(&self) -> Result<()> {
         use std::os::fd::AsRawFd;
         let Some(dir) = self.local_path(&self.prefix) else {
             return Ok(());

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 const CACHED_CHUNKS: usize = 16;
 
 pub struct SnapshotImage {
-    store: SnapshotStore,
+    store: Arc<SnapshotStore>,
     id: String,
     index: SnapshotIndex,
     /// Most recently used last.
@@ -36,6 +36,11 @@ impl SnapshotImage {
     }
 
     pub fn of(store: SnapshotStore, id: &str) -> Result<SnapshotImage> {
+        Self::of_shared(Arc::new(store), id)
+    }
+
+    /// Snapshot `id` of a store that other images read too (the disks of a bundle).
+    pub fn of_shared(store: Arc<SnapshotStore>, id: &str) -> Result<SnapshotImage> {
         let id = store.resolve(id)?;
         let index = store.index(&id)?;
         Ok(SnapshotImage {

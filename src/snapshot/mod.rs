@@ -19,7 +19,9 @@ mod create;
 mod crypto;
 mod image;
 
-pub use create::{CreateOptions, CreateReport, IncrementalPath, create};
+pub use create::{
+    CreateOptions, CreateReport, DiskSource, IncrementalPath, SentChunks, create, create_set,
+};
 pub use crypto::{Crypto, KEY_ENV};
 pub use image::SnapshotImage;
 
@@ -121,6 +123,18 @@ impl SnapshotStore {
         }
         let settings = settings.clone().resolve(location.scheme, profile)?;
         let store = crate::storage::open(&location, &settings)?;
+        Self::with_store(store, location, url, key, new)
+    }
+
+    /// Opens the store of `location` (`url` for messages) through `store`, a bucket or a
+    /// read-only view of one (a share link).
+    pub fn with_store(
+        store: Box<dyn Store>,
+        location: Location,
+        url: &str,
+        key: Option<Crypto>,
+        new: Option<NewStore>,
+    ) -> Result<SnapshotStore> {
         let prefix = match location.key.trim_end_matches('/') {
             "" => String::new(),
             k => format!("{k}/"),
@@ -235,12 +249,12 @@ impl SnapshotStore {
         }
     }
 
-    fn chunk_key(&self, digest: &[u8; 32]) -> String {
+    pub(crate) fn chunk_key(&self, digest: &[u8; 32]) -> String {
         let h = hex(&self.object_digest(digest));
         format!("{}chunks/{}/{}/{h}", self.prefix, &h[..2], &h[2..4])
     }
 
-    fn index_key(&self, id: &str) -> String {
+    pub(crate) fn index_key(&self, id: &str) -> String {
         format!("{}snapshots/{id}", self.prefix)
     }
 
@@ -283,16 +297,101 @@ impl SnapshotStore {
         (self.location.scheme == Scheme::Local).then(|| Path::new(&self.location.bucket).join(key))
     }
 
+    /// The key of the object `relative` (a path under the store's prefix).
+    pub(crate) fn key_of(&self, relative: &str) -> String {
+        format!("{}{relative}", self.prefix)
+    }
+
+    /// The bucket the store lives in.
+    pub(crate) fn bucket(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
+    /// Where the store is.
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+
+    /// The content of the small object `relative` (opened with the key in an encrypted store),
+    /// `None` when it does not exist; objects over `max` bytes are refused before reading.
+    pub(crate) fn read_object(&self, relative: &str, max: u64) -> Result<Option<Vec<u8>>> {
+        let key = self.key_of(relative);
+        let name = self.object_name(&key);
+        match self.store.stat(&key)? {
+            None => return Ok(None),
+            Some(m) if m.size > max => {
+                return Err(Error::corrupt(
+                    &name,
+                    "object",
+                    0,
+                    format!(
+                        "{} bytes, more than the {max} such an object may have",
+                        m.size
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+        let Some(bytes) = self.store.read_small(&key)? else {
+            return Ok(None);
+        };
+        self.unseal(&name, &key, bytes).map(Some)
+    }
+
+    /// Writes the small object `relative` (sealed in an encrypted store) only if none of that
+    /// name exists: exactly one of racing writers wins, the others get `AlreadyExists`.
+    pub(crate) fn create_object(&self, relative: &str, bytes: Vec<u8>) -> Result<()> {
+        let key = self.key_of(relative);
+        let sealed = self.seal(&key, bytes)?;
+        self.store.create_if_absent(&key, sealed)
+    }
+
+    /// Removes the objects `relative` (missing ones are no error).
+    pub(crate) fn delete_objects(&self, relative: &[String]) -> Result<()> {
+        let keys: Vec<String> = relative.iter().map(|r| self.key_of(r)).collect();
+        self.store.delete(&keys)
+    }
+
+    /// The names of the objects directly under `relative_dir` (ending in `/`).
+    pub(crate) fn list_names(&self, relative_dir: &str) -> Result<Vec<String>> {
+        let dir = self.key_of(relative_dir);
+        Ok(self
+            .store
+            .list(&dir)?
+            .into_iter()
+            .filter_map(|o| o.key.strip_prefix(&dir).map(str::to_string))
+            .filter(|n| !n.is_empty() && !n.contains('/'))
+            .collect())
+    }
+
+    /// Copies chunk `digest` into `dst` unless it is there already; returns the bytes sent
+    /// (0 when it was there). The chunk is checked against its name on the way and sent in its
+    /// encoded form (sealed with `dst`'s key when `dst` is encrypted): never compressed again.
+    pub(crate) fn copy_chunk(&self, dst: &SnapshotStore, digest: &[u8; 32]) -> Result<u64> {
+        if dst.has_chunk(digest)? {
+            return Ok(0);
+        }
+        let (encoded, _) = self.fetch_chunk(digest)?;
+        let sent = encoded.len() as u64;
+        dst.put_chunk(digest, encoded)?;
+        Ok(sent)
+    }
+
     /// Reads and checks a chunk: its stored form, then its content against its name.
     pub fn read_chunk(&self, digest: &[u8; 32]) -> Result<Vec<u8>> {
+        self.fetch_chunk(digest).map(|(_, data)| data)
+    }
+
+    /// A chunk's encoded form (unsealed) and its guest bytes, checked against its name.
+    fn fetch_chunk(&self, digest: &[u8; 32]) -> Result<(Vec<u8>, Vec<u8>)> {
         let key = self.chunk_key(digest);
         let name = self.object_name(&key);
         let bytes = self
             .store
             .read_small(&key)?
             .ok_or_else(|| Error::corrupt(&name, "chunk", 0, "missing from the store"))?;
-        let bytes = self.unseal(&name, &key, bytes)?;
-        let data = chunk_store::decode_chunk(&name, &bytes)?;
+        let encoded = self.unseal(&name, &key, bytes)?;
+        let data = chunk_store::decode_chunk(&name, &encoded)?;
         if Sha256::digest(&data).as_slice() != digest {
             return Err(Error::corrupt(
                 &name,
@@ -301,11 +400,11 @@ impl SnapshotStore {
                 "content does not match the chunk's name (damaged)",
             ));
         }
-        Ok(data)
+        Ok((encoded, data))
     }
 
     /// Ids of every snapshot in the store.
-    fn ids(&self) -> Result<Vec<String>> {
+    pub(crate) fn ids(&self) -> Result<Vec<String>> {
         let dir = format!("{}snapshots/", self.prefix);
         let mut ids: Vec<String> = self
             .store
@@ -392,7 +491,7 @@ impl SnapshotStore {
 
     /// Takes a lease for a `snapshot create`, after which [`gc`] deletes nothing: it is
     /// written first, then the gc lock is looked for (see [`gc`]).
-    fn take_lease(&self) -> Result<Lease<'_>> {
+    pub(crate) fn take_lease(&self) -> Result<Lease<'_>> {
         let key = format!(
             "{}leases/{}-{}-{}",
             self.prefix,
@@ -436,7 +535,7 @@ impl SnapshotStore {
 }
 
 /// A `snapshot create` in progress, removed when dropped.
-struct Lease<'a> {
+pub(crate) struct Lease<'a> {
     store: &'a SnapshotStore,
     key: String,
 }
@@ -506,7 +605,7 @@ fn object_leaf(key: &str) -> &str {
 }
 
 /// Snapshot ids are 32 lowercase hex digits: nothing else is taken from a listing.
-fn is_id(s: &str) -> bool {
+pub(crate) fn is_id(s: &str) -> bool {
     s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
