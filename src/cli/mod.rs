@@ -1,5 +1,6 @@
 //! Command-line interface, qemu-img style. Each subcommand lives in its own module.
 
+mod batch;
 mod check;
 mod compare;
 mod convert;
@@ -70,6 +71,7 @@ enum Command {
     Ls(storage::LsArgs),
     Rm(storage::RmArgs),
     Snapshot(snapshot::Args),
+    Batch(batch::Args),
     Completions(generate::CompletionsArgs),
     Man(generate::ManArgs),
 }
@@ -98,6 +100,7 @@ pub fn run() -> i32 {
         Command::Ls(a) => storage::ls(a),
         Command::Rm(a) => storage::rm(a),
         Command::Snapshot(a) => snapshot::run(a),
+        Command::Batch(a) => batch::run(a),
         Command::Completions(a) => generate::completions(a),
         Command::Man(a) => generate::man(a),
     };
