@@ -10,6 +10,11 @@ command -v qemu-img >/dev/null 2>&1 || need_pkgs+=(qemu-utils)
 command -v qemu-io >/dev/null 2>&1 || need_pkgs+=(qemu-utils)
 command -v xorriso >/dev/null 2>&1 || need_pkgs+=(xorriso)
 command -v sgdisk >/dev/null 2>&1 || need_pkgs+=(gdisk)
+# tests/batch.rs runs a Slurm job array on a private single-node cluster (scripts/slurm.sh).
+if [ -z "${DISKKIT_TEST_SLURM:-}" ]; then
+  command -v slurmctld >/dev/null 2>&1 || need_pkgs+=(slurm-wlm)
+  command -v munged >/dev/null 2>&1 || need_pkgs+=(munge)
+fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq
@@ -38,6 +43,14 @@ if ! ls "$downloads"/grub-rescue-pc/usr/lib/grub-rescue/*.iso >/dev/null 2>&1; t
     echo "note: grub-rescue-pc not downloadable; the published-ISO test will be skipped" >&2
 fi
 
+# Whatever the tests need running is stopped when this script ends, also on failure.
+cleanups=()
+on_exit() {
+  local c
+  for c in "${cleanups[@]}"; do eval "$c"; done
+}
+trap on_exit EXIT
+
 # A real S3 server on loopback for tests/storage.rs: SeaweedFS from PyPI, started here unless
 # DISKKIT_TEST_S3_ENDPOINT already names one, and stopped by its PID when the tests end. Like AWS,
 # it refuses uploads to buckets that do not exist (tests check the error).
@@ -57,13 +70,23 @@ if [ -z "${DISKKIT_TEST_S3_ENDPOINT:-}" ]; then
     -admin.ui=false -master.telemetry=false -s3.autoCreateBucket=false -bucket=diskkit-test \
     >"$weed_dir/log" 2>&1 &
   weed_pid=$!
-  trap 'kill "$weed_pid" 2>/dev/null; wait "$weed_pid" 2>/dev/null; rm -rf "$weed_dir"' EXIT
+  cleanups+=('kill "$weed_pid" 2>/dev/null; wait "$weed_pid" 2>/dev/null; rm -rf "$weed_dir"')
   for _ in $(seq 120); do
     curl -s -o /dev/null "http://127.0.0.1:$s3_port/" && break
     kill -0 "$weed_pid" 2>/dev/null || { cat "$weed_dir/log" >&2; echo "weed failed to start" >&2; exit 2; }
     sleep 0.5
   done
   export DISKKIT_TEST_S3_ENDPOINT="http://127.0.0.1:$s3_port"
+fi
+
+# A private single-node Slurm cluster for tests/batch.rs: munged, slurmctld and slurmd with their
+# own key, ports (18736, 18737), state and configuration in a temporary directory, unless
+# DISKKIT_TEST_SLURM already names a cluster's slurm.conf; stopped by the daemons' PIDs at the end.
+if [ -z "${DISKKIT_TEST_SLURM:-}" ]; then
+  slurm_dir=$(mktemp -d)
+  cleanups+=('scripts/slurm.sh stop "$slurm_dir"; rm -rf "$slurm_dir"')
+  scripts/slurm.sh start "$slurm_dir" 18736 18737 >/dev/null
+  export DISKKIT_TEST_SLURM="$slurm_dir/slurm.conf"
 fi
 
 cargo test --workspace --locked "$@"

@@ -3,6 +3,7 @@
 
 pub mod chain;
 pub mod bundle;
+pub mod batch;
 pub mod compare;
 pub mod convert;
 pub mod gce;

