@@ -85,7 +85,9 @@ impl StreamOptimizedLayout {
                 .ok_or_else(|| Error::invalid("vmdk stream: grain rank out of range"))?;
             let record = record_of(grain, guest_size, read_guest)?;
             compressed(GRAIN_BYTES);
-            Ok(record.map_or(0, |r| (r.len() as u64 / SECTOR) as u8))
+            // A grain record is at most 2 grains (grain_record): one byte each in practice.
+            u8::try_from(record.map_or(0, |r| r.len() as u64 / SECTOR))
+                .map_err(|_| Error::invalid("vmdk stream: a grain stored in over 255 sectors"))
         })?;
         let mut spans = Vec::new();
         let mut id = ContentId::default();
