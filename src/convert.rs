@@ -89,6 +89,19 @@ pub fn convert(
     opts: &ConvertOptions,
     progress: &dyn Progress,
 ) -> Result<ConvertStats> {
+    convert_reporting(src, dst, opts, progress, false)
+}
+
+/// [`convert`]; `report_zeros` also records zero ranges on a zero-initialized output, so that
+/// every guest range reaches the writer once (a compressed qcow2 writer places clusters in
+/// guest order as soon as everything before them is known).
+fn convert_reporting(
+    src: &dyn Image,
+    dst: &dyn ImageWriter,
+    opts: &ConvertOptions,
+    progress: &dyn Progress,
+    report_zeros: bool,
+) -> Result<ConvertStats> {
     let size = src.virtual_size();
     if dst.virtual_size() < size {
         return Err(Error::invalid(format!(
@@ -120,7 +133,9 @@ pub fn convert(
         backing: opts.backing,
         detect_zeros: opts.sparse_size > 0,
         unit,
-        zero_needed: opts.backing.is_some() || !(dst.zero_initialized() || opts.target_is_zero),
+        zero_needed: opts.backing.is_some()
+            || !(dst.zero_initialized() || opts.target_is_zero)
+            || report_zeros,
         progress,
         limit: RateLimit::new(opts.rate_limit),
         salvage: opts.salvage.then(Mutex::default),
@@ -174,8 +189,9 @@ pub fn convert_to_path(
     progress: &dyn Progress,
 ) -> Result<ConvertStats> {
     refuse_input_as_output(src, opts.backing, path)?;
+    let report_zeros = create.compress;
     crate::output::write_new_image(format, path, src.virtual_size(), create, |w| {
-        convert(src, w, opts, progress)
+        convert_reporting(src, w, opts, progress, report_zeros)
     })
 }
 

@@ -6,22 +6,22 @@
 //! conversion leaves no valid header, never a half-consistent image.
 //!
 //! Compressed images (`-c`) are byte-reproducible: clusters are compressed on the writing
-//! threads as they arrive, but stored first in an unnamed scratch file next to the image; `finish`
-//! places them in guest order (packed as they come, plain clusters at the next free cluster), so
-//! the file is a function of the guest content and the options, not of thread timing. The price
-//! is one more copy of the stored (compressed) data.
+//! threads as they arrive, but placed in guest order (packed one after the other, plain
+//! clusters at the next free cluster), so the file is a function of the guest content and the
+//! options, not of thread timing. A cluster is placed once every cluster before it has been
+//! written or zeroed (the convert engine reports every cluster, zeros included); until then it
+//! waits in memory, up to [`MAX_PENDING_BYTES`], past which it waits in an unnamed scratch file
+//! next to the image. `finish` places whatever still waits, in guest order.
 
 use super::compress::compress;
 use super::header::{COMPAT_LAZY_REFCOUNTS, CompressionType, Header, INCOMPAT_EXTENDED_L2};
-use super::l2::{
-    COMPRESSED, COPIED, Cluster, Geometry, MAX_L1_BYTES, OFFSET_MASK, ZERO, read_table,
-};
+use super::l2::{COMPRESSED, COPIED, Geometry, MAX_L1_BYTES, OFFSET_MASK, ZERO, read_table};
 use super::refcount::{Counts, RefcountLayout, write_structure};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 use crate::image::{Format, GuestRange, first_nonzero_byte, touched_clusters};
 use crate::write::{CreateOptions, ImageWriter, Measure, Writeback};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -197,8 +197,7 @@ pub struct Qcow2Writer {
     virtual_size: u64,
     state: Mutex<State>,
     writeback: Writeback,
-    /// Compressed images: where data goes until `finish` places it (host offsets in the L2
-    /// entries are offsets in this file until then).
+    /// Compressed images: where clusters wait for their place beyond [`MAX_PENDING_BYTES`].
     scratch: Option<File>,
 }
 
@@ -214,10 +213,41 @@ struct State {
     partial: HashMap<u64, (Vec<u8>, u64)>,
     /// Bytes held in `partial`.
     partial_bytes: u64,
-    /// Compressed images: (guest cluster, exact compressed length) of every compressed cluster,
-    /// in arrival order (L2 entries round lengths up to sectors).
-    compressed_lens: Vec<(u64, u32)>,
+    /// Compressed images: the guest clusters written or zeroed so far, one bit each.
+    reported: Vec<u64>,
+    /// Compressed images: the first guest cluster not written or zeroed yet; every stored
+    /// cluster below it is placed.
+    frontier: u64,
+    /// Compressed images: stored clusters waiting for their place, by guest cluster.
+    pending: BTreeMap<u64, Waiting>,
+    /// Bytes of `pending` held in memory.
+    pending_bytes: u64,
+    /// End of what the scratch file holds.
+    scratch_end: u64,
 }
+
+/// Clusters given their place: bytes and host offset, to be written.
+type Placed = Vec<(Vec<u8>, u64)>;
+
+/// A stored cluster of a compressed image, waiting for its place.
+struct Waiting {
+    /// Stored compressed (else plain, one whole host cluster).
+    compressed: bool,
+    bytes: WaitingBytes,
+}
+
+enum WaitingBytes {
+    Memory(Vec<u8>),
+    /// `len` bytes at `at` in the scratch file.
+    Scratch {
+        at: u64,
+        len: u64,
+    },
+}
+
+/// Memory that compressed clusters waiting for their place may hold; past it, they wait in the
+/// scratch file.
+const MAX_PENDING_BYTES: u64 = 128 << 20;
 
 /// Memory that clusters assembled from pieces may hold; past it, further clusters written in
 /// pieces are stored uncompressed, each piece written in place as it arrives.
@@ -231,7 +261,11 @@ impl State {
             tables: HashMap::new(),
             partial: HashMap::new(),
             partial_bytes: 0,
-            compressed_lens: Vec::new(),
+            reported: Vec::new(),
+            frontier: 0,
+            pending: BTreeMap::new(),
+            pending_bytes: 0,
+            scratch_end: 0,
         }
     }
 }
@@ -368,69 +402,96 @@ impl Qcow2Writer {
             .wrote(&self.file, &self.path, buf.len() as u64)
     }
 
-    /// Writes guest data at host offset `at`: in the scratch file until `finish` when there is
-    /// one.
-    fn write_data(&self, buf: &[u8], at: u64) -> Result<()> {
-        match &self.scratch {
-            Some(scratch) => scratch
-                .write_all_at(buf, at)
-                .map_err(|e| Error::io(&self.path, format!("write scratch data at {at:#x}"), e)),
-            None => self.pwrite(buf, at),
+    /// Compressed images: records that guest cluster `c` was written (`stored`: what it is
+    /// stored as) or zeroed, and places every cluster this completes the guest-order prefix of.
+    /// Returns the bytes to write and where, for the caller to write without the lock.
+    fn report(&self, st: &mut State, c: u64, stored: Option<Waiting>) -> Result<Placed> {
+        if let Some(mut w) = stored {
+            if let WaitingBytes::Memory(bytes) = &w.bytes {
+                let len = bytes.len() as u64;
+                if c != st.frontier && st.pending_bytes + len > MAX_PENDING_BYTES {
+                    let at = st.scratch_end;
+                    self.spill(bytes, at)?;
+                    st.scratch_end += len;
+                    w.bytes = WaitingBytes::Scratch { at, len };
+                } else {
+                    st.pending_bytes += len;
+                }
+            }
+            st.pending.insert(c, w);
+        }
+        mark_reported(st, c);
+        self.advance(st)
+    }
+
+    /// Places the stored clusters below the first cluster not reported yet.
+    fn advance(&self, st: &mut State) -> Result<Placed> {
+        let mut placed = Vec::new();
+        loop {
+            let f = st.frontier;
+            let word = st.reported.get((f / 64) as usize).copied().unwrap_or(0);
+            if word >> (f % 64) & 1 == 0 {
+                return Ok(placed);
+            }
+            if let Some(w) = st.pending.remove(&f) {
+                placed.push(self.place(st, f, w)?);
+            }
+            st.frontier += 1;
         }
     }
 
-    /// Copies the data in the scratch file into the image, in guest order, and points the L2
-    /// entries at it: where each cluster lands depends only on the clusters before it.
-    fn place_in_guest_order(&self, scratch: &File, st: &mut State) -> Result<()> {
-        let cs = self.geo.cluster_size();
-        let words = (self.geo.l2_entry_bytes() / 8) as usize;
-        let per_table = self.geo.l2_entries();
-        st.compressed_lens.sort_unstable();
-        let mut lens = st.compressed_lens.iter().copied();
-        let mut placed = State {
-            next_cluster: cs,
-            ..State::empty()
-        };
-        let mut indices: Vec<u64> = st.tables.keys().copied().collect();
-        indices.sort_unstable();
-        let mut buf = vec![0u8; cs as usize];
-        for i in indices {
-            let Some(table) = st.tables.get_mut(&i) else {
-                continue;
-            };
-            for (k, e) in table.chunks_mut(words).enumerate() {
-                let c = i * per_table + k as u64;
-                let bitmap = e.get(1).copied().unwrap_or(0);
-                match self.geo.decode(&self.path, e[0], bitmap, 0)? {
-                    Cluster::Compressed(d) => {
-                        let len = match lens.find(|&(lc, _)| lc >= c) {
-                            Some((lc, len)) if lc == c => u64::from(len),
-                            _ => {
-                                return Err(Error::invalid(format!(
-                                    "{}: compressed cluster {c} has no recorded length",
-                                    self.path.display()
-                                )));
-                            }
-                        };
-                        read_scratch(scratch, &self.path, &mut buf[..len as usize], d.host)?;
-                        let host = alloc_bytes(&mut placed, len, cs);
-                        self.pwrite(&buf[..len as usize], host)?;
-                        e[0] = self.geo.compressed_entry(host, len);
-                    }
-                    Cluster::Data { host: from, .. } => {
-                        let n = self.cluster_len(c) as usize;
-                        read_scratch(scratch, &self.path, &mut buf[..n], from)?;
-                        let host = placed.next_cluster;
-                        placed.next_cluster += cs;
-                        self.pwrite(&buf[..n], host)?;
-                        e[0] = (e[0] & !OFFSET_MASK) | host;
-                    }
-                    _ => {}
-                }
-            }
+    /// Writes what [`Self::place`] placed.
+    fn write_placed(&self, placed: Placed) -> Result<()> {
+        for (bytes, host) in placed {
+            self.pwrite(&bytes, host)?;
         }
-        st.next_cluster = placed.next_cluster;
         Ok(())
+    }
+
+    /// Gives the waiting cluster `c` the next place (compressed data right after the previous
+    /// compressed cluster, plain data at the next free host cluster) and its L2 entry; returns
+    /// its bytes and host offset, to be written.
+    fn place(&self, st: &mut State, c: u64, w: Waiting) -> Result<(Vec<u8>, u64)> {
+        let cs = self.geo.cluster_size();
+        let bytes = match w.bytes {
+            WaitingBytes::Memory(b) => {
+                st.pending_bytes -= b.len() as u64;
+                b
+            }
+            WaitingBytes::Scratch { at, len } => self.read_spilled(at, len)?,
+        };
+        let len = bytes.len() as u64;
+        let (host, entry, bitmap) = if w.compressed {
+            let host = alloc_bytes(st, len, cs);
+            (host, self.geo.compressed_entry(host, len), 0)
+        } else {
+            let host = st.next_cluster;
+            st.next_cluster += cs;
+            (host, host | COPIED, u64::from(u32::MAX))
+        };
+        self.set_entry(st, c, entry, bitmap);
+        Ok((bytes, host))
+    }
+
+    fn spill(&self, bytes: &[u8], at: u64) -> Result<()> {
+        let scratch = self.scratch_file()?;
+        scratch
+            .write_all_at(bytes, at)
+            .map_err(|e| Error::io(&self.path, format!("write scratch data at {at:#x}"), e))
+    }
+
+    fn read_spilled(&self, at: u64, len: u64) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len as usize];
+        self.scratch_file()?
+            .read_exact_at(&mut buf, at)
+            .map_err(|e| Error::io(&self.path, format!("read scratch data at {at:#x}"), e))?;
+        Ok(buf)
+    }
+
+    fn scratch_file(&self) -> Result<&File> {
+        self.scratch
+            .as_ref()
+            .ok_or_else(|| Error::invalid(format!("{}: no scratch file", self.path.display())))
     }
 
     /// Guest bytes cluster `c` holds (the last cluster may be cut by the virtual size).
@@ -460,7 +521,7 @@ impl Qcow2Writer {
         let data = match content {
             Content::Data(d) if first_nonzero_byte(d).is_some() => d,
             // Zeros: a fresh image (or preallocated sparse cluster) already reads as zeros.
-            _ if self.zero_initialized() => return Ok(()),
+            _ if self.zero_initialized() => return self.report_zero(c),
             _ if self.cfg.version >= 3 => {
                 let (entry, bitmap) = if self.geo.extended_l2 {
                     (0, u64::from(u32::MAX) << 32)
@@ -469,7 +530,8 @@ impl Qcow2Writer {
                 };
                 let mut st = self.lock();
                 self.set_entry(&mut st, c, entry, bitmap);
-                return Ok(());
+                drop(st);
+                return self.report_zero(c);
             }
             // Version 2 has no zero clusters: hiding the backing file takes zero data.
             Content::Data(d) => d,
@@ -481,20 +543,29 @@ impl Qcow2Writer {
                 whole.to_mut().resize(cs as usize, 0);
             }
             // Compression runs outside the lock, on the calling thread.
-            if let Some(z) = compress(self.cfg.compression, &whole) {
-                let len = z.len() as u64;
-                let host = {
-                    let mut st = self.lock();
-                    let host = alloc_bytes(&mut st, len, cs);
-                    let entry = self.geo.compressed_entry(host, len);
-                    self.set_entry(&mut st, c, entry, 0);
-                    st.compressed_lens.push((c, len as u32));
-                    host
-                };
-                return self.write_data(&z, host);
-            }
+            let stored = match compress(self.cfg.compression, &whole) {
+                Some(z) => Waiting {
+                    compressed: true,
+                    bytes: WaitingBytes::Memory(z),
+                },
+                None => Waiting {
+                    compressed: false,
+                    bytes: WaitingBytes::Memory(data.to_vec()),
+                },
+            };
+            let placed = self.report(&mut self.lock(), c, Some(stored))?;
+            return self.write_placed(placed);
         }
         self.put_plain(c, data)
+    }
+
+    /// Compressed images: records that guest cluster `c` reads as zeros.
+    fn report_zero(&self, c: u64) -> Result<()> {
+        if !self.cfg.compress {
+            return Ok(());
+        }
+        let placed = self.report(&mut self.lock(), c, None)?;
+        self.write_placed(placed)
     }
 
     /// Stores `data`, whole guest clusters from `first` on, uncompressed in consecutive host
@@ -502,7 +573,7 @@ impl Qcow2Writer {
     fn put_plain(&self, first: u64, data: &[u8]) -> Result<()> {
         let cs = self.geo.cluster_size();
         if self.cfg.preallocate_metadata {
-            return self.write_data(data, cs * (1 + first));
+            return self.pwrite(data, cs * (1 + first));
         }
         let count = (data.len() as u64).div_ceil(cs);
         let host = {
@@ -519,7 +590,7 @@ impl Qcow2Writer {
             }
             host
         };
-        self.write_data(data, host)
+        self.pwrite(data, host)
     }
 
     /// Host offset of guest cluster `c` when it is mapped to an uncompressed host cluster.
@@ -583,7 +654,7 @@ impl Qcow2Writer {
             }
         };
         match data {
-            Some(d) if !zero => self.write_data(d, host + skip),
+            Some(d) if !zero => self.pwrite(d, host + skip),
             _ => Ok(()),
         }
     }
@@ -611,21 +682,13 @@ impl Qcow2Writer {
     }
 }
 
-/// Fills `buf` from the scratch file at `at`; what lies past its end (clusters written in part)
-/// reads as zeros.
-fn read_scratch(scratch: &File, path: &Path, buf: &mut [u8], at: u64) -> Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let pos = at + done as u64;
-        match scratch.read_at(&mut buf[done..], pos) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::io(path, format!("read scratch data at {pos:#x}"), e)),
-        }
+/// Records that guest cluster `c` of a compressed image was written or zeroed.
+fn mark_reported(st: &mut State, c: u64) {
+    let (word, bit) = ((c / 64) as usize, c % 64);
+    if st.reported.len() <= word {
+        st.reported.resize(word + 1, 0);
     }
-    buf[done..].fill(0);
-    Ok(())
+    st.reported[word] |= 1 << bit;
 }
 
 /// The `compression_type` option: zlib (qemu's default) or zstd.
@@ -702,6 +765,22 @@ impl ImageWriter for Qcow2Writer {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        if self.cfg.compress && self.zero_initialized() {
+            // Whole clusters are only reported, under one lock: the engine reports every zero
+            // range of a compressed output, however large.
+            let mut guard = None;
+            self.for_clusters(offset, len, |c, skip, n, whole, _| {
+                if whole {
+                    mark_reported(guard.get_or_insert_with(|| self.lock()), c);
+                    Ok(())
+                } else {
+                    guard = None;
+                    self.put_partial(c, skip, n, None)
+                }
+            })?;
+            let placed = self.advance(&mut guard.unwrap_or_else(|| self.lock()))?;
+            return self.write_placed(placed);
+        }
         self.for_clusters(offset, len, |c, skip, n, whole, _| {
             if whole {
                 self.put_cluster(c, Content::Zero)
@@ -731,8 +810,11 @@ impl ImageWriter for Qcow2Writer {
             self.put_cluster(c, Content::Data(&buf))?;
         }
         let mut st = std::mem::replace(&mut *self.lock(), State::empty());
-        if let Some(scratch) = &self.scratch {
-            self.place_in_guest_order(scratch, &mut st)?;
+        // Clusters after one never written or zeroed (a caller that skips zeros) wait until
+        // now: placed in guest order all the same.
+        for (c, w) in std::mem::take(&mut st.pending) {
+            let (bytes, host) = self.place(&mut st, c, w)?;
+            self.pwrite(&bytes, host)?;
         }
         let cs = self.geo.cluster_size();
         let mut pos = st.next_cluster;
