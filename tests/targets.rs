@@ -406,3 +406,71 @@ fn images_built_to_fail_each_rule() {
     assert_eq!(code, EXIT_PREFLIGHT);
     assert!(rule(&checks, "vhd-footer").1.contains("differencing"));
 }
+
+#[test]
+fn aws_gets_a_stream_optimized_vmdk() {
+    let dir = tempdir();
+    let disk = gpt_disk(dir.path(), "aws.raw", &["ef00", "8300"]);
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    f.write_all_at(&pseudo_random(5, 3 << 20), 9 * MIB).unwrap();
+    let vmdk = dir.path().join("aws.vmdk");
+    diskkit_ok(&[
+        "convert",
+        "--target",
+        "aws",
+        "--role",
+        "system",
+        path_str(&disk),
+        path_str(&vmdk),
+    ]);
+    let info = qemu_img(&["info", path_str(&vmdk)]);
+    assert!(info.contains("create type: streamOptimized"), "{info}");
+    let cmp = qemu_img(&["compare", path_str(&disk), path_str(&vmdk)]);
+    assert!(cmp.contains("identical"), "{cmp}");
+    let (code, checks) = check("aws", &["--role", "system"], &vmdk);
+    assert_eq!(code, 0, "{checks:?}");
+    let (status, reason) = rule(&checks, "format");
+    assert_eq!(status, "pass");
+    assert!(reason.contains("streamOptimized"), "{reason}");
+    // A monolithicSparse VMDK as it is: not what VM Import takes.
+    let sparse = dir.path().join("sparse.vmdk");
+    qemu_img(&["convert", "-O", "vmdk", path_str(&disk), path_str(&sparse)]);
+    let (_, checks) = check("aws", &["--role", "system"], &sparse);
+    assert_eq!(rule(&checks, "format").0, "warn");
+    // --force writes it anyway.
+    let forced = dir.path().join("forced.vmdk");
+    let (code, _, err) = diskkit(&[
+        "convert",
+        "--target",
+        "aws",
+        "--force",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=monolithicSparse",
+        path_str(&disk),
+        path_str(&forced),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("monolithicSparse VMDK is refused"), "{err}");
+    // push --target aws: the same kind of object, streamed.
+    let bucket = dir.path().join("bucket");
+    std::fs::create_dir(&bucket).unwrap();
+    let cache = dir.path().join("cache");
+    let out = Command::new(diskkit_bin())
+        .args(["push", "--target", "aws", path_str(&disk)])
+        .arg(format!("{}/disk.vmdk", bucket.display()))
+        .env("XDG_CACHE_HOME", &cache)
+        .env("XDG_CONFIG_HOME", &cache)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let object = bucket.join("disk.vmdk");
+    assert!(qemu_img(&["info", path_str(&object)]).contains("create type: streamOptimized"));
+    let cmp = qemu_img(&["compare", path_str(&disk), path_str(&object)]);
+    assert!(cmp.contains("identical"), "{cmp}");
+}

@@ -34,8 +34,11 @@ fn fix_crcs(disk: &mut [u8]) {
     let sectors = disk.len() as u64 / SECTOR;
     let mut lba = 1;
     for _ in 0..2 {
+        if lba >= sectors {
+            return;
+        }
         let at = (lba * SECTOR) as usize;
-        if lba >= sectors || !GptHeader::has_signature(&disk[at..]) {
+        if !GptHeader::has_signature(&disk[at..]) {
             return;
         }
         let h = &mut disk[at..at + SECTOR as usize];
