@@ -481,6 +481,10 @@ impl ImageStream for GceStream<'_> {
         self.tar.disk()
     }
 
+    fn container(&self) -> Option<&'static str> {
+        Some("tar.gz")
+    }
+
     fn layout_fingerprint(&self) -> String {
         format!("gce-tar-gz members={}", self.member_at.len() - 1)
     }

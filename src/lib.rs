@@ -1,9 +1,9 @@
 //! diskkit engine: operations on disk images built on the image model of `diskkit-formats`.
 //! Synchronous and free of command-line concerns; the CLI in `main.rs` is a thin layer on top.
 
-pub mod chain;
-pub mod bundle;
 pub mod batch;
+pub mod bundle;
+pub mod chain;
 pub mod compare;
 pub mod convert;
 pub mod gce;

@@ -28,6 +28,12 @@ pub trait ImageStream: Send + Sync {
         String::new()
     }
 
+    /// The container the image file is wrapped in (`"tar.gz"`: GCE's tarball of disk.raw);
+    /// `None` for a bare image file. Pull and verify read bare image files only.
+    fn container(&self) -> Option<&'static str> {
+        None
+    }
+
     /// Fills `buf` with the file's bytes at `offset`; the range must lie inside [`Self::size`].
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
 }
@@ -210,6 +216,23 @@ impl ClusterRuns {
     /// Allocated clusters in all.
     pub(crate) fn count(&self) -> u64 {
         self.count
+    }
+
+    /// The runs: `(first cluster, count)`, ascending.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.runs.iter().map(|&(first, n, _)| (first, n))
+    }
+
+    /// The rank of guest cluster `cluster`, if allocated.
+    pub(crate) fn rank_of(&self, cluster: u64) -> Option<u64> {
+        let i = self
+            .runs
+            .partition_point(|&(first, n, _)| first + n <= cluster);
+        let &(first, _, r) = self
+            .runs
+            .get(i)
+            .filter(|&&(first, _, _)| first <= cluster)?;
+        Some(r + (cluster - first))
     }
 
     /// The guest cluster of rank `rank`.

@@ -1,9 +1,9 @@
 //! Command-line interface, qemu-img style. Each subcommand lives in its own module.
 
 mod amend;
+mod batch;
 mod bitmap;
 mod bundle;
-mod batch;
 mod check;
 mod commit;
 mod compare;

@@ -61,6 +61,17 @@ fn open_manifest(
         return Ok((meta, None));
     };
     let manifest = ObjectManifest::from_json(&bytes)?;
+    if let Some(container) = &manifest.container {
+        return Err(Error::storage(
+            ErrorKind::Unsupported,
+            location.url(),
+            "verify",
+            format!(
+                "the object is a {container} holding the image (push --target gce): pull and \
+                 verify read bare images; download it and extract it (tar -xSzf)"
+            ),
+        ));
+    }
     if manifest.object_size != meta.size {
         return Err(Error::storage(
             ErrorKind::DigestMismatch,

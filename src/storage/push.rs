@@ -72,6 +72,10 @@ pub struct ObjectManifest {
     /// Guest content of the object (its virtual size may exceed the source's where the
     /// format rounds sizes up; the extra bytes are zeros).
     pub guest: Manifest,
+    /// The container the image is wrapped in (`tar.gz` for GCE's tarball); absent for a bare
+    /// image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
 }
 
 impl ObjectManifest {
@@ -268,6 +272,7 @@ pub fn push(
     };
     let object = ObjectManifest {
         format: export.format().name().to_string(),
+        container: export.container().map(str::to_string),
         object_size,
         source: opts.source_name.clone(),
         created: std::time::SystemTime::now()

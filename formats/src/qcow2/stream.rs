@@ -25,13 +25,12 @@ use super::l2::{COPIED, Geometry, MAX_L1_BYTES};
 use super::refcount::RefcountLayout;
 use super::write::take_compression_type;
 use crate::error::{Error, Result};
-use crate::image::{
-    Format, GuestRange, Image, check_guest_range, first_nonzero_byte, touched_clusters,
-};
+use crate::image::{Format, GuestRange, Image, check_guest_range, first_nonzero_byte};
 use crate::nonzero::nonzero_granules;
-use crate::stream::{ImageStream, ZeroPadded, inside_guest};
+use crate::stream::{
+    ClusterRuns, ImageStream, PaddedStream, ReadGuest, StreamLayout, ZeroPadded, per_rank,
+};
 use crate::write::CreateOptions;
-use rayon::prelude::*;
 
 const CLUSTER_BITS: u32 = 16;
 /// Cluster size of streamed images.
@@ -48,17 +47,6 @@ const GEOMETRY: Geometry = Geometry {
     extended_l2: false,
     has_data_file: false,
 };
-
-/// Reads guest bytes: `read(buf, guest_offset)`, for ranges inside the virtual size.
-pub type ReadGuest<'a> = &'a (dyn Fn(&mut [u8], u64) -> Result<()> + Sync);
-
-/// A run of allocated guest clusters and the rank of its first one among all allocated ones.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Run {
-    first: u64,
-    count: u64,
-    rank: u64,
-}
 
 /// How the allocated clusters, by rank, lie in the data region.
 enum DataLayout {
@@ -126,23 +114,13 @@ impl Packed {
         read_guest: ReadGuest,
         compressed: &(dyn Fn(u64) + Sync),
     ) -> Result<Packed> {
-        let groups: Vec<Vec<u16>> = (0..ranks.div_ceil(GROUP))
-            .into_par_iter()
-            .map(|g| {
-                let mut cluster = vec![0u8; CLUSTER_SIZE as usize];
-                let ranks = g * GROUP..((g + 1) * GROUP).min(ranks);
-                let codes = ranks
-                    .map(|rank| {
-                        let guest = guest_cluster(guest_of, rank)?;
-                        read_cluster(&mut cluster, guest, virtual_size, read_guest)?;
-                        compressed(CLUSTER_SIZE);
-                        Ok(code_of(compression, &cluster))
-                    })
-                    .collect::<Result<Vec<u16>>>()?;
-                Ok(codes)
-            })
-            .collect::<Result<_>>()?;
-        let codes: Vec<u16> = groups.into_iter().flatten().collect();
+        let codes = per_rank(ranks, GROUP, &|rank| {
+            let mut cluster = vec![0u8; CLUSTER_SIZE as usize];
+            let guest = guest_cluster(guest_of, rank)?;
+            read_cluster(&mut cluster, guest, virtual_size, read_guest)?;
+            compressed(CLUSTER_SIZE);
+            Ok(code_of(compression, &cluster))
+        })?;
         let mut group_starts = Vec::with_capacity(codes.len().div_ceil(GROUP as usize));
         let mut pos = 0;
         for (rank, &code) in codes.iter().enumerate() {
@@ -244,7 +222,7 @@ pub struct Qcow2Stream {
     l1: Vec<u64>,
     /// L1 indices that have an L2 table, ascending: table `k` is the `k`-th cluster of L2s.
     tables: Vec<u64>,
-    runs: Vec<Run>,
+    runs: ClusterRuns,
     data: DataLayout,
     /// Host clusters of the data region.
     data_clusters: u64,
@@ -281,15 +259,16 @@ impl Qcow2Stream {
                 "qcow2: {virtual_size} bytes needs an L1 table above 32 MiB"
             )));
         }
-        let (runs, ranks) = allocated_runs(virtual_size, allocated)?;
+        let runs = ClusterRuns::new(virtual_size, CLUSTER_SIZE, allocated)?;
+        let ranks = runs.count();
         let per_l2 = GEOMETRY.l2_entries();
         let mut tables: Vec<u64> = Vec::new();
-        for r in &runs {
-            let from = (r.first / per_l2).max(tables.last().map_or(0, |&t| t + 1));
-            tables.extend(from..=(r.first + r.count - 1) / per_l2);
+        for (first, count) in runs.iter() {
+            let from = (first / per_l2).max(tables.last().map_or(0, |&t| t + 1));
+            tables.extend(from..=(first + count - 1) / per_l2);
         }
         let (data, data_clusters) = if opts.compress {
-            let guest_of = |rank| guest_of(&runs, rank);
+            let guest_of = |rank| runs.cluster_of(rank);
             let packed = Packed::plan(
                 compression,
                 ranks,
@@ -374,9 +353,7 @@ impl Qcow2Stream {
 
     /// Rank of guest cluster `c` among the allocated ones, if allocated.
     fn rank_of(&self, c: u64) -> Option<u64> {
-        let i = self.runs.partition_point(|r| r.first + r.count <= c);
-        let r = self.runs.get(i).filter(|r| r.first <= c)?;
-        Some(r.rank + (c - r.first))
+        self.runs.rank_of(c)
     }
 
     /// The L2 entry of guest cluster `c`.
@@ -426,7 +403,7 @@ impl Qcow2Stream {
     /// Fills `out` with the data region's bytes from `at` (relative to its start).
     fn fill_data(&self, out: &mut [u8], at: u64, read_guest: ReadGuest) -> Result<()> {
         let cs = CLUSTER_SIZE;
-        let guest_of = |rank| guest_cluster(&|r| guest_of(&self.runs, r), rank);
+        let guest_of = |rank| guest_cluster(&|r| self.runs.cluster_of(r), rank);
         let packed = match &self.data {
             DataLayout::Plain => {
                 let mut done = 0;
@@ -594,34 +571,6 @@ impl Qcow2Stream {
     }
 }
 
-/// Guest cluster of rank `rank` in `runs`.
-fn guest_of(runs: &[Run], rank: u64) -> Option<u64> {
-    let i = runs.partition_point(|r| r.rank + r.count <= rank);
-    let r = runs.get(i)?;
-    Some(r.first + (rank - r.rank))
-}
-
-/// The runs of allocated guest clusters that `allocated` (guest ranges, ascending) touch, and
-/// their number.
-fn allocated_runs(
-    virtual_size: u64,
-    allocated: &mut dyn Iterator<Item = Result<GuestRange>>,
-) -> Result<(Vec<Run>, u64)> {
-    let mut runs: Vec<Run> = Vec::new();
-    let mut rank = 0;
-    for run in touched_clusters(inside_guest(virtual_size, allocated), CLUSTER_SIZE) {
-        let run = run?;
-        let count = run.end - run.start;
-        runs.push(Run {
-            first: run.start,
-            count,
-            rank,
-        });
-        rank += count;
-    }
-    Ok((runs, rank))
-}
-
 /// `src` laid out as a plain or compressed (`-c`) qcow2 image (see [`crate::stream`]).
 pub(crate) fn stream<'a>(
     src: &'a dyn Image,
@@ -649,34 +598,24 @@ pub(crate) fn stream<'a>(
             compressing,
         )?
     };
-    Ok(Box::new(Qcow2ImageStream { layout, guest }))
+    Ok(Box::new(PaddedStream { layout, guest }))
 }
 
-struct Qcow2ImageStream<'a> {
-    layout: Qcow2Stream,
-    guest: ZeroPadded<'a>,
-}
-
-impl ImageStream for Qcow2ImageStream<'_> {
+impl StreamLayout for Qcow2Stream {
     fn format(&self) -> Format {
         Format::Qcow2
     }
 
     fn size(&self) -> u64 {
-        self.layout.object_size()
-    }
-
-    fn guest(&self) -> &dyn Image {
-        &self.guest
+        self.object_size()
     }
 
     fn layout_fingerprint(&self) -> String {
-        self.layout.layout_fingerprint()
+        Qcow2Stream::layout_fingerprint(self)
     }
 
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.layout
-            .fill(buf, offset, &|b, at| self.guest.read_at(b, at))
+    fn fill(&self, buf: &mut [u8], offset: u64, read_guest: ReadGuest) -> Result<()> {
+        Qcow2Stream::fill(self, buf, offset, read_guest)
     }
 }
 
@@ -757,7 +696,7 @@ mod tests {
         assert_eq!(s.tables, vec![0, 1]);
         assert_eq!(s.l2_entry(3), ((s.data_start() + 1) << 16) | COPIED);
         assert_eq!(s.l2_entry(2), 0);
-        assert_eq!(guest_of(&s.runs, 3), Some((600 << 20) >> 16));
+        assert_eq!(s.runs.cluster_of(3), Some((600 << 20) >> 16));
         let all = bytes_of(&s);
         assert_eq!(&all[..4], b"QFI\xfb");
         assert_image(&all, 1 << 30, &ranges);
