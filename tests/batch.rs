@@ -14,8 +14,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
-const ACCESS_KEY: &str = "diskkittest";
-const SECRET_KEY: &str = "diskkittestsecret";
+use common::s3::{ACCESS_KEY, SECRET_KEY};
 
 /// A diskkit command with its own checkpoint and profile directories and the S3 test keys.
 fn diskkit_cmd(cache: &Path, endpoint: Option<&str>, args: &[&str]) -> Command {
@@ -465,95 +464,9 @@ fn corrupt_source_fails_permanently_while_the_others_complete() {
     assert_eq!((&s["done"], &s["failed"]), (&5.into(), &0.into()), "{s}");
 }
 
-/// True when an S3 server is expected: scripts/test.sh starts one and installs weed.
-fn s3_expected() -> Option<String> {
-    match std::env::var("DISKKIT_TEST_S3_ENDPOINT") {
-        Ok(e) if !e.is_empty() => Some(e),
-        _ => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "DISKKIT_TEST_S3_ENDPOINT is not set: run the tests through scripts/test.sh"
-            );
-            eprintln!("skipped: no S3 test server (run scripts/test.sh to start one)");
-            None
-        }
-    }
-}
-
-/// A SeaweedFS server of this test's own, stopped and started again on the same data.
-struct Weed {
-    dir: PathBuf,
-    base: u16,
-    child: Option<Child>,
-}
-
-impl Weed {
-    fn start(dir: &Path, base: u16) -> Weed {
-        let mut w = Weed {
-            dir: dir.to_path_buf(),
-            base,
-            child: None,
-        };
-        w.restart();
-        w
-    }
-
-    fn restart(&mut self) {
-        let b = self.base;
-        let child = Command::new("weed")
-            .args([
-                "mini".to_string(),
-                format!("-dir={}", self.dir.display()),
-                "-ip=127.0.0.1".into(),
-                "-ip.bind=127.0.0.1".into(),
-                format!("-master.port={b}"),
-                format!("-volume.port={}", b + 1),
-                format!("-filer.port={}", b + 2),
-                format!("-s3.port={}", b + 3),
-                format!("-webdav.port={}", b + 4),
-                format!("-admin.port={}", b + 5),
-                "-admin.ui=false".into(),
-                "-master.telemetry=false".into(),
-                "-bucket=diskkit-test".into(),
-            ])
-            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start weed");
-        self.child = Some(child);
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", b + 3)).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(90),
-                "weed did not start"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.base + 3)
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().ok();
-            c.wait().ok();
-        }
-    }
-}
-
-impl Drop for Weed {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 #[test]
 fn s3_server_restarted_during_a_run_is_recovered_by_retries() {
-    if s3_expected().is_none() {
+    if s3::shared_server().is_none() {
         return;
     }
     let dir = tempdir();
@@ -561,7 +474,7 @@ fn s3_server_restarted_during_a_run_is_recovered_by_retries() {
     std::fs::create_dir(&data).unwrap();
     // Ports of our own (gRPC twins at +10000), away from the shared server and tests/storage.rs.
     let base = 26000 + (std::process::id() % 300) as u16 * 10;
-    let mut weed = Weed::start(&data, base);
+    let mut weed = s3::Server::start(&data, base);
     let endpoint = weed.endpoint();
     let srcs = sources(dir.path(), 6, 4 * MIB);
     let mut text = String::from("source,destination,operation,format\n");
@@ -599,7 +512,7 @@ fn s3_server_restarted_during_a_run_is_recovered_by_retries() {
     // Longer than the storage layer's own retries ride out: the worker's retries must.
     weed.stop();
     std::thread::sleep(Duration::from_secs(15));
-    weed.restart();
+    let _weed = s3::Server::start(&data, base);
     let status = worker.wait().unwrap();
     let rest: Vec<serde_json::Value> = rx.try_iter().collect();
     assert_eq!(status.code(), Some(0), "{rest:?}");
@@ -778,7 +691,7 @@ fn slurm_array_cancelled_task_requeued_does_every_item_once() {
     let Some(conf) = slurm_cluster() else {
         return;
     };
-    let Some(endpoint) = s3_expected() else {
+    let Some(endpoint) = s3::shared_server() else {
         return;
     };
     let dir = tempdir();

@@ -273,7 +273,8 @@ fn run_worker(args: RunArgs) -> Result<i32> {
         Err(e) => return Ok(worker_failed(&e)),
     };
     let part = diskkit::storage::push::DEFAULT_PART_SIZE;
-    let parallel = (args.memory / (args.jobs_at_once as u64 * part))
+    // A part in flight is held twice (the buffer being filled and the request body).
+    let parallel = (args.memory / (2 * args.jobs_at_once as u64 * part))
         .clamp(1, diskkit::storage::push::DEFAULT_PARALLEL as u64) as usize;
     let ctx = Context::new(
         args.connection.settings(),
