@@ -199,17 +199,11 @@ fn push_streams_the_same_tarball_into_a_bucket() {
     std::fs::create_dir(&bucket).unwrap();
     let cache = dir.path().join("cache");
     let url = format!("{}/image.tar.gz", bucket.display());
-    let out = Command::new(diskkit_bin())
-        .args(["push", "--target", "gce", path_str(&src), &url])
-        .env("XDG_CACHE_HOME", &cache)
-        .env("XDG_CONFIG_HOME", &cache)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let env = s3::Env {
+        cache: cache.clone(),
+        endpoint: None,
+    };
+    env.ok(&["push", "--target", "gce", path_str(&src), &url]);
     let object = bucket.join("image.tar.gz");
     let disk = extract(&object, dir.path());
     let verify = run("sgdisk", &["-v", path_str(&disk)]);

@@ -457,18 +457,12 @@ fn aws_gets_a_stream_optimized_vmdk() {
     let bucket = dir.path().join("bucket");
     std::fs::create_dir(&bucket).unwrap();
     let cache = dir.path().join("cache");
-    let out = Command::new(diskkit_bin())
-        .args(["push", "--target", "aws", path_str(&disk)])
-        .arg(format!("{}/disk.vmdk", bucket.display()))
-        .env("XDG_CACHE_HOME", &cache)
-        .env("XDG_CONFIG_HOME", &cache)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let object_url = format!("{}/disk.vmdk", bucket.display());
+    let env = s3::Env {
+        cache: cache.clone(),
+        endpoint: None,
+    };
+    env.ok(&["push", "--target", "aws", path_str(&disk), &object_url]);
     let object = bucket.join("disk.vmdk");
     assert!(qemu_img(&["info", path_str(&object)]).contains("create type: streamOptimized"));
     let cmp = qemu_img(&["compare", path_str(&disk), path_str(&object)]);

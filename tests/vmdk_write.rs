@@ -199,28 +199,21 @@ fn push_streams_the_same_file_convert_writes() {
     std::fs::create_dir(&bucket).unwrap();
     let src = mixed_raw(dir.path(), "src.raw", 40 * MIB + 1000);
     let url = format!("{}/src.vmdk", bucket.display());
-    let cache = dir.path().join("cache");
-    let out = std::process::Command::new(diskkit_bin())
-        .args([
-            "push",
-            "--part-size",
-            "5M",
-            "-O",
-            "vmdk",
-            "-o",
-            "subformat=streamOptimized",
-            path_str(&src),
-            &url,
-        ])
-        .env("XDG_CACHE_HOME", &cache)
-        .env("XDG_CONFIG_HOME", &cache)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let env = s3::Env {
+        cache: dir.path().join("cache"),
+        endpoint: None,
+    };
+    env.ok(&[
+        "push",
+        "--part-size",
+        "5M",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        path_str(&src),
+        &url,
+    ]);
     let object = bucket.join("src.vmdk");
     assert_same(&src, &object);
     // convert writes the same bytes (the descriptor names src.vmdk in both).

@@ -750,8 +750,8 @@ fn import(args: ImportArgs) -> Result<i32> {
     Ok(EXIT_OK)
 }
 
-/// Writes `plan` to DEST: a file, or an object of a bucket.
-fn write_ova(plan: &OvaPlan<'_>, dest: &str, access: &Access, progress: bool) -> Result<()> {
+/// Writes `plan` to DEST (a file, or an object of a bucket), then names what it holds.
+fn write_ova(plan: &OvaPlan<'_>, dest: &str, access: &Access, progress: bool) -> Result<i32> {
     let bar = Bar::new(progress, plan.size(), "writing the OVA");
     if dest.contains("://") && !dest.starts_with("file://") {
         let location = diskkit::storage::Location::parse(dest)?;
@@ -768,11 +768,18 @@ fn write_ova(plan: &OvaPlan<'_>, dest: &str, access: &Access, progress: bool) ->
         )?;
     }
     bar.finish();
-    Ok(())
+    let mut out = Out::new();
+    writeln!(
+        out,
+        "{dest} ({} bytes): {}",
+        plan.size(),
+        plan.members.join(", ")
+    )?;
+    out.flush()?;
+    Ok(EXIT_OK)
 }
 
 fn export(args: ExportArgs) -> Result<i32> {
-    let mut out = Out::new();
     let (store, name) = open_source(&args.access, &args.store, Some(&args.name))?;
     let m = bundle::load(&store, &name)?;
     let store = std::sync::Arc::new(store);
@@ -797,20 +804,10 @@ fn export(args: ExportArgs) -> Result<i32> {
     let bar = Bar::new(args.progress, m.virtual_size(), "laying out the disks");
     let plan = bundle::ova::export::plan(&name, &disks, &hints, args.manifest_alg, &bar)?;
     bar.finish();
-    write_ova(&plan, &args.dest, &args.access, args.progress)?;
-    writeln!(
-        out,
-        "{} ({} bytes): {}",
-        args.dest,
-        plan.size(),
-        plan.members.join(", ")
-    )?;
-    out.flush()?;
-    Ok(EXIT_OK)
+    write_ova(&plan, &args.dest, &args.access, args.progress)
 }
 
 fn pack(args: PackArgs) -> Result<i32> {
-    let mut out = Out::new();
     let name = match &args.name {
         Some(n) => n.clone(),
         None => std::path::Path::new(&args.dest)
@@ -841,14 +838,5 @@ fn pack(args: PackArgs) -> Result<i32> {
     let bar = Bar::new(args.progress, total, "laying out the disks");
     let plan = bundle::ova::export::plan(&name, &disks, &hints, args.manifest_alg, &bar)?;
     bar.finish();
-    write_ova(&plan, &args.dest, &args.access, args.progress)?;
-    writeln!(
-        out,
-        "{} ({} bytes): {}",
-        args.dest,
-        plan.size(),
-        plan.members.join(", ")
-    )?;
-    out.flush()?;
-    Ok(EXIT_OK)
+    write_ova(&plan, &args.dest, &args.access, args.progress)
 }
