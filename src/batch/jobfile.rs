@@ -1,11 +1,15 @@
 //! The job file: one item per line, as CSV with a header line or as JSON Lines. Every field is
 //! checked before anything runs; errors name the file, the line and the field.
 
+use crate::targets::{self, Cloud, Output};
 use diskkit_formats::write::CreateOptions;
 use diskkit_formats::{Error, Format, Result};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+
+/// GCE's tarball is a file of `convert --target gce` and `push --target gce`, not yet of a job.
+const GCE_IN_BATCH: &str = "gce writes a disk.raw tarball, which batch items do not make yet: use convert or push --target gce";
 
 /// Largest job file read: ~1 million items of a few hundred bytes.
 pub const MAX_JOB_FILE: u64 = 256 << 20;
@@ -73,13 +77,6 @@ impl Operation {
     }
 }
 
-/// Output profiles for a cloud, as `--target` of convert and push.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Target {
-    /// A fixed VHD with the size rounded as Azure requires.
-    Azure,
-}
-
 /// One checked line of a job file. Local paths are absolute (relative ones are taken from the
 /// job file's directory, so every worker finds the same files whatever its working directory).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,7 +90,8 @@ pub struct Item {
     pub format: Option<Format>,
     /// Output options as `-o` takes them; empty for none.
     pub options: String,
-    pub target: Option<Target>,
+    /// A cloud profile of the target table, as `--target` of convert and push.
+    pub target: Option<Cloud>,
 }
 
 impl Item {
@@ -104,18 +102,17 @@ impl Item {
         if !self.options.is_empty() {
             create.parse_options(&self.options)?;
         }
-        let format = match self.target {
-            Some(Target::Azure) => {
-                create.options.insert("target".into(), "azure".into());
-                create
-                    .options
-                    .entry("subformat".into())
-                    .or_insert_with(|| "fixed".into());
-                Format::Vhd
-            }
-            None => self.format.unwrap_or(default),
+        let Some(cloud) = self.target else {
+            return Ok((self.format.unwrap_or(default), create));
         };
-        Ok((format, create))
+        let resolved = targets::resolve(cloud, self.format, &mut create);
+        if !resolved.broken.is_empty() {
+            return Err(targets::refusal(cloud, &resolved.broken));
+        }
+        match resolved.output {
+            Output::Image { format, .. } => Ok((format, create)),
+            Output::GceTarball => Err(Error::invalid(GCE_IN_BATCH)),
+        }
     }
 
     /// The fields that define the item, as written in a job file: its identity in the job.
@@ -126,7 +123,7 @@ impl Item {
             self.operation.name(),
             self.format.map(|f| f.name()),
             self.options,
-            self.target.map(|_| "azure"),
+            self.target.map(Cloud::name),
         ])
         .to_string()
     }
@@ -427,14 +424,9 @@ fn check_item(line: usize, r: RawItem, base: &Path, problems: &mut Problems) -> 
     }
     let target = match r.target.as_str() {
         "" => None,
-        "azure" => Some(Target::Azure),
-        other => {
-            problems.add(
-                line,
-                format!("field target: unknown target '{other}' (azure)"),
-            );
-            None
-        }
+        name => targets::parse(name)
+            .map_err(|e| problems.add(line, format!("field target: {e}")))
+            .ok(),
     };
     let operation = operation?;
     if problems.count > before {
@@ -474,8 +466,16 @@ fn check_item(line: usize, r: RawItem, base: &Path, problems: &mut Problems) -> 
         Operation::Pull if target.is_some() => problems.add(line, "field target: pull has none"),
         _ => {}
     }
-    if target.is_some() && format.is_some_and(|f| f != Format::Vhd) {
-        problems.add(line, "field target: azure writes VHD images (format vpc)");
+    if let Some(cloud) = target {
+        let mut create = CreateOptions::default();
+        create.parse_options(&r.options).ok();
+        let resolved = targets::resolve(cloud, format, &mut create);
+        for rule in &resolved.broken {
+            problems.add(line, format!("field target: {}: {rule}", cloud.name()));
+        }
+        if matches!(resolved.output, Output::GceTarball) {
+            problems.add(line, format!("field target: {GCE_IN_BATCH}"));
+        }
     }
     if problems.count > before {
         return None;
@@ -523,6 +523,40 @@ mod tests {
         assert_eq!((a[0].line, a[1].line), (2, 4));
         let canon = |v: &[Item]| v.iter().map(Item::canonical).collect::<Vec<_>>();
         assert_eq!(canon(&a), canon(&b));
+    }
+
+    #[test]
+    fn targets_come_from_the_cloud_table() {
+        let items = parse_str(
+            "source,destination,operation,target\n\
+             a.raw,s3://b/a.vhd,push,azure\n\
+             b.raw,s3://b/b.vmdk,push,aws\n\
+             c.raw,c.qcow2,convert,alibaba\n",
+        )
+        .unwrap();
+        let outputs: Vec<_> = items
+            .iter()
+            .map(|i| i.output(Format::Raw).unwrap())
+            .collect();
+        assert_eq!(outputs[0].0, Format::Vhd);
+        assert_eq!(outputs[0].1.options["subformat"], "fixed");
+        assert_eq!(outputs[1].0, Format::Vmdk);
+        assert_eq!(outputs[1].1.options["subformat"], "streamOptimized");
+        assert_eq!(outputs[2].0, Format::Qcow2);
+        let e = parse_str(
+            "source,destination,format,target\n\
+             a.raw,a.qcow2,qcow2,azure\n\
+             b.raw,b.tar.gz,,gce\n\
+             c.raw,c.raw,,moon\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("line 2: field target: azure: format"), "{e}");
+        assert!(
+            e.contains("line 3: field target: gce writes a disk.raw tarball"),
+            "{e}"
+        );
+        assert!(e.contains("line 4: field target:"), "{e}");
     }
 
     #[test]
