@@ -272,14 +272,7 @@ struct Presigner {
 
 impl Presigner {
     fn new(settings: &Settings, bucket: &str, expires: Duration) -> Result<Presigner> {
-        let region = settings
-            .region
-            .clone()
-            .unwrap_or_else(|| "us-east-1".into());
-        let endpoint = settings
-            .endpoint
-            .clone()
-            .unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
+        let (region, endpoint) = crate::storage::region_and_endpoint(settings);
         let endpoint = endpoint.trim_end_matches('/');
         let (scheme, host) = endpoint.split_once("://").ok_or_else(|| {
             Error::invalid(format!(

@@ -59,16 +59,23 @@ pub struct S3Client {
     virtual_host: bool,
 }
 
+/// The region of `settings` (`us-east-1` when not set) and its endpoint (AWS's for the region
+/// when not set).
+pub fn region_and_endpoint(settings: &Settings) -> (String, String) {
+    let region = settings
+        .region
+        .clone()
+        .unwrap_or_else(|| "us-east-1".into());
+    let endpoint = settings
+        .endpoint
+        .clone()
+        .unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
+    (region, endpoint)
+}
+
 impl S3Client {
     pub fn new(settings: &Settings, bucket: &str) -> Result<S3Client> {
-        let region = settings
-            .region
-            .clone()
-            .unwrap_or_else(|| "us-east-1".into());
-        let endpoint = settings
-            .endpoint
-            .clone()
-            .unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
+        let (region, endpoint) = region_and_endpoint(settings);
         let scheme_host = endpoint.trim_end_matches('/').to_string();
         if !(scheme_host.starts_with("http://") || scheme_host.starts_with("https://"))
             || scheme_host
