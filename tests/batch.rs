@@ -536,7 +536,7 @@ fn repo_file(rel: &str) -> PathBuf {
 #[test]
 fn kubernetes_manifest_is_an_indexed_job_that_fails_indexes_on_permanent_failures() {
     let text = std::fs::read_to_string(repo_file("deploy/kubernetes/batch-job.yaml")).unwrap();
-    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text)
+    let docs: Vec<serde_norway::Value> = serde_norway::Deserializer::from_str(&text)
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
         .collect();
     let job = docs.iter().find(|d| d["kind"] == "Job").expect("a Job");
