@@ -163,13 +163,13 @@ pub fn push(args: PushArgs) -> Result<i32> {
             .ok_or_else(|| Error::invalid(format!("{}: no file name", src_path.display())))?;
         location = location.with_key(&format!("{}{}", location.key, name.to_string_lossy()));
     }
-    if args.compress || output == Output::GceTarball {
-        // Planning compresses the whole source: find a wrong URL, endpoint or credentials first.
-        store.stat(&location.key)?;
-    }
+    // Planning may read or compress the whole source (zero detection, compressed layouts): find a
+    // wrong URL, endpoint or credentials first.
+    store.stat(&location.key)?;
     let (export, out_format) = match output {
         Output::Image { format, .. } => {
-            let show_compressing = args.progress && args.compress;
+            // Compressed qcow2 and streamOptimized VMDK compress every cluster once to plan.
+            let show_compressing = args.progress && (args.compress || format == Format::Vmdk);
             let compressing = Bar::new(
                 show_compressing,
                 if show_compressing {
