@@ -80,7 +80,7 @@ enum Command {
     Diff(DiffArgs),
     Restore(RestoreArgs),
     Rm(RmArgs),
-    Gc(StoreArgs),
+    Gc(GcArgs),
     Verify(VerifyArgs),
 }
 
@@ -162,8 +162,10 @@ pub(super) fn parse_tag(s: &str) -> std::result::Result<(String, String), String
     }
 }
 
+/// Free the chunks no snapshot of the store references any more (after snapshot rm)
 #[derive(clap::Args)]
-struct StoreArgs {
+#[command(after_help = STORES)]
+struct GcArgs {
     #[command(flatten)]
     access: Access,
     store: String,
@@ -518,7 +520,7 @@ fn rm(args: RmArgs) -> Result<i32> {
     Ok(EXIT_OK)
 }
 
-fn gc(args: StoreArgs) -> Result<i32> {
+fn gc(args: GcArgs) -> Result<i32> {
     let mut out = Out::new();
     let store = args.access.open(&args.store, None)?;
     let r = snapshot::gc(&store)?;
