@@ -133,30 +133,28 @@ impl HostFile {
         self.len == 0
     }
 
-    /// The open local file, for writers (which open their files locally).
-    ///
-    /// # Panics
-    /// On a file made by [`HostFile::from_remote`]: nothing writes to a remote file.
-    pub fn file(&self) -> &File {
+    /// The open local file, for writers (which open their files locally) and windows on it; an
+    /// error for a file made by [`HostFile::from_remote`].
+    pub fn file(&self) -> Result<&File> {
         match &self.content {
-            Content::Local(file) => file,
-            Content::Remote(_) => {
-                panic!("{}: a remote file has no local file", self.path.display())
-            }
+            Content::Local(file) => Ok(file),
+            Content::Remote(_) => Err(self.not_local()),
         }
     }
 
     /// The open file, for a writer that validated the image through this view first.
-    ///
-    /// # Panics
-    /// As [`HostFile::file`].
-    pub fn into_file(self) -> File {
+    pub fn into_file(self) -> Result<File> {
         match self.content {
-            Content::Local(file) => file,
-            Content::Remote(_) => {
-                panic!("{}: a remote file has no local file", self.path.display())
-            }
+            Content::Local(file) => Ok(file),
+            Content::Remote(_) => Err(self.not_local()),
         }
+    }
+
+    fn not_local(&self) -> Error {
+        Error::unsupported(
+            &self.path,
+            "not a local file (an object read remotely cannot be written or windowed)",
+        )
     }
 
     /// Calls `f` on bytes `offset..offset + len` of a regular file mapped in memory, and returns
@@ -347,7 +345,7 @@ mod tests {
         let content: Vec<u8> = (0..3 * 4096 + 100).map(|i| (i % 253) as u8).collect();
         std::fs::write(&path, &content).unwrap();
         let file = HostFile::open(&path).unwrap();
-        let local = on_local_filesystem(file.file());
+        let local = on_local_filesystem(file.file().unwrap());
         let mut seen = Vec::new();
         let mapped = file.with_mapped(4000, 8000, &mut |b| seen.extend_from_slice(b));
         assert_eq!(mapped, local);

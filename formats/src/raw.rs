@@ -179,11 +179,11 @@ impl ImageWriter for RawWriter {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         check_guest_range(self.file.len(), offset, buf.len() as u64)?;
         self.file
-            .file()
+            .file()?
             .write_all_at(buf, offset)
             .map_err(|e| Error::io(self.path(), format!("write at {offset:#x}"), e))?;
         self.writeback
-            .wrote(self.file.file(), self.path(), buf.len() as u64)
+            .wrote(self.file.file()?, self.path(), buf.len() as u64)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
@@ -191,7 +191,7 @@ impl ImageWriter for RawWriter {
         if self.fresh {
             return Ok(());
         }
-        zero_range(self.file.file(), self.path(), offset, len)
+        zero_range(self.file.file()?, self.path(), offset, len)
     }
 
     fn zero_initialized(&self) -> bool {
@@ -199,7 +199,7 @@ impl ImageWriter for RawWriter {
     }
 
     fn finish(self: Box<Self>) -> Result<()> {
-        self.writeback.sync_all(self.file.file(), self.path())
+        self.writeback.sync_all(self.file.file()?, self.path())
     }
 }
 

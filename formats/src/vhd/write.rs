@@ -304,7 +304,7 @@ impl VhdWriter {
         }
         Ok(VhdWriter {
             writeback: crate::write::Writeback::default(),
-            file: host.into_file(),
+            file: host.into_file()?,
             path: path.to_path_buf(),
             plan: Plan {
                 disk_type: DiskType::Fixed,

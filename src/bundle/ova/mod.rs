@@ -281,7 +281,7 @@ impl diskkit_formats::host::RemoteFile for Window {
 fn window(file: &HostFile, name: &Path, offset: u64, len: u64) -> Result<HostFile> {
     file.check_range(offset, len, "archive member")?;
     let clone = file
-        .file()
+        .file()?
         .try_clone()
         .map_err(|e| Error::io(file.path(), "open again", e))?;
     Ok(HostFile::from_remote(
