@@ -482,3 +482,59 @@ fn s3_store_bundles_copies_and_share_links() {
         assert_eq!(String::from_utf8_lossy(&out.stdout), "403");
     }
 }
+
+/// `bundle info --target` checks the machine's disk count against the cloud's import limit:
+/// 18 disks pass AWS's 21 and fail Alibaba's system disk + 16 data disks (exit 4).
+#[test]
+fn info_checks_the_disk_count_against_a_target() {
+    let dir = tempdir();
+    let disk = mixed_raw(dir.path(), "disk.raw", 8 << 20);
+    let store = p(dir.path(), "store");
+    let disk_arg = path_str(&disk);
+    let data: Vec<String> = (0..17)
+        .map(|i| format!("vd{}={disk_arg}", (b'b' + i) as char))
+        .collect();
+    let mut args = vec!["bundle", "create", "--system", disk_arg];
+    for d in &data {
+        args.extend(["--data", d]);
+    }
+    args.extend([path_str(&store), "many"]);
+    dk_ok(&args);
+    let out = dk_ok(&[
+        "bundle",
+        "info",
+        "--target",
+        "aws",
+        path_str(&store),
+        "many",
+    ]);
+    assert!(
+        out.contains("target aws: disks pass: 18 disks, at most 21"),
+        "{out}"
+    );
+    let (code, out, err) = dk(&[
+        "bundle",
+        "info",
+        "--target",
+        "alibaba",
+        "--output",
+        "json",
+        path_str(&store),
+        "many",
+    ]);
+    assert_eq!(code, 4, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["checks"][0]["status"], "fail", "{v}");
+    assert_eq!(v["bundle"]["disks"].as_array().unwrap().len(), 18);
+    assert!(
+        dk_err(&[
+            "bundle",
+            "info",
+            "--target",
+            "moon",
+            path_str(&store),
+            "many"
+        ])
+        .contains("moon")
+    );
+}

@@ -2,6 +2,7 @@
 //! manifest) in a snapshot store; OVA import and export.
 
 use super::snapshot::{Access, json, parse_tag, utc};
+use super::targets::EXIT_PREFLIGHT_FAILED;
 use super::util::{
     Bar, Out, OutputFormat, create_options, human_size, open_image, parse_format, printable,
 };
@@ -11,7 +12,9 @@ use diskkit::bundle::ova::export::{ExportDisk, MachineHints, OvaPlan};
 use diskkit::bundle::{self, DiskInput, Firmware, Manifest, Naming, NewBundle, NewDisk, Role};
 use diskkit::formats::write::CacheMode;
 use diskkit::formats::{Error, Format, Image, Result};
+use diskkit::preflight::Status;
 use diskkit::snapshot::{self, NewStore, SnapshotStore};
+use diskkit::targets::Cloud;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -135,11 +138,20 @@ struct LsArgs {
 struct InfoArgs {
     #[arg(long, value_enum, default_value = "human")]
     output: OutputFormat,
+    /// Also check the bundle against CLOUD's rule for machine imports (the number of disks,
+    /// see diskkit targets); exit code 4 when it fails. Each disk's own rules run when it is
+    /// written for the cloud (push --target CLOUD STORE#NAME/DEVICE URL)
+    #[arg(long, value_name = "CLOUD", value_parser = parse_cloud)]
+    target: Option<Cloud>,
     #[command(flatten)]
     access: Access,
     store: String,
     /// The bundle (may be omitted with a share link)
     name: Option<String>,
+}
+
+fn parse_cloud(name: &str) -> std::result::Result<Cloud, String> {
+    diskkit::targets::parse(name).map_err(|e| e.to_string())
 }
 
 /// Check a bundle: manifest, snapshots, chunks (and their content with --read-data)
@@ -555,12 +567,35 @@ fn info(args: InfoArgs) -> Result<i32> {
     let mut out = Out::new();
     let (store, name) = open_source(&args.access, &args.store, args.name.as_deref())?;
     let m = bundle::load(&store, &name)?;
-    match args.output {
-        OutputFormat::Json => writeln!(out, "{}", json(&m)?)?,
-        OutputFormat::Human => print_manifest(&mut out, &m)?,
+    let check = args
+        .target
+        .map(|cloud| (cloud, diskkit::preflight::disk_count(cloud, m.disks.len())));
+    match (args.output, &check) {
+        (OutputFormat::Json, None) => writeln!(out, "{}", json(&m)?)?,
+        (OutputFormat::Json, Some((cloud, finding))) => {
+            let both =
+                serde_json::json!({"bundle": m, "target": cloud.name(), "checks": [finding]});
+            writeln!(out, "{}", json(&both)?)?
+        }
+        (OutputFormat::Human, _) => {
+            print_manifest(&mut out, &m)?;
+            if let Some((cloud, f)) = &check {
+                writeln!(
+                    out,
+                    "target {}: {} {}: {}",
+                    cloud.name(),
+                    f.rule,
+                    f.status.name(),
+                    f.reason
+                )?;
+            }
+        }
     }
     out.flush()?;
-    Ok(EXIT_OK)
+    Ok(match check {
+        Some((_, f)) if f.status == Status::Fail => EXIT_PREFLIGHT_FAILED,
+        _ => EXIT_OK,
+    })
 }
 
 fn verify(args: VerifyArgs) -> Result<i32> {
