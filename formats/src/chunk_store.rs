@@ -77,28 +77,108 @@ pub fn check_chunk_size(size: u64) -> Result<()> {
 /// The stored object for guest bytes `data`: compressed with zstd when that saves space, as is
 /// otherwise.
 pub fn encode_chunk(data: &[u8]) -> Result<Vec<u8>> {
-    if data.len() as u64 > MAX_CHUNK_SIZE {
-        return Err(Error::invalid(format!(
-            "chunk of {} bytes is larger than {MAX_CHUNK_SIZE}",
-            data.len()
-        )));
+    Ok(ChunkEncoder::new()?.encode(data)?.to_vec())
+}
+
+/// Pieces of a chunk compressed first, spread evenly over it, and their length: when none of
+/// them shrinks, the chunk is stored as is without compressing it whole. Random and
+/// already-compressed data (a third of a typical disk's data) then costs 3% of a compression
+/// instead of a whole one; any stretch of compressible data of 528 KiB or more in a 4 MiB chunk
+/// covers a piece and gets the chunk compressed.
+const SAMPLES: usize = 8;
+const SAMPLE_LEN: usize = 16 << 10;
+
+/// Encodes chunk after chunk with one zstd context and one output buffer. A fresh context and
+/// fresh buffers for every 4 MiB chunk (allocated, faulted in and zeroed each time) cost a
+/// sixth of `snapshot create`'s CPU time, as much as the compression of text.
+pub struct ChunkEncoder {
+    zstd: zstd::bulk::Compressor<'static>,
+    out: Vec<u8>,
+}
+
+/// One encoded chunk object: its header, then its stored bytes (borrowed from the guest bytes
+/// when they are stored as is, so they are not copied).
+pub struct EncodedChunk<'a> {
+    pub header: [u8; CHUNK_HEADER],
+    pub stored: &'a [u8],
+}
+
+impl EncodedChunk<'_> {
+    /// Bytes of the whole object.
+    pub fn size(&self) -> usize {
+        CHUNK_HEADER + self.stored.len()
     }
-    let compressed =
-        zstd::bulk::compress(data, ZSTD_LEVEL).map_err(|e| Error::invalid(format!("zstd: {e}")))?;
-    let (encoding, stored) = if compressed.len() < data.len() {
-        (ChunkEncoding::Zstd, compressed.as_slice())
-    } else {
-        (ChunkEncoding::Plain, data)
-    };
-    let mut out = Vec::with_capacity(CHUNK_HEADER + stored.len());
-    out.extend_from_slice(CHUNK_MAGIC);
-    out.push(encoding as u8);
-    out.extend_from_slice(&[0; 3]);
-    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    out.extend_from_slice(&(stored.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(stored).to_le_bytes());
-    out.extend_from_slice(stored);
-    Ok(out)
+
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.size());
+        v.extend_from_slice(&self.header);
+        v.extend_from_slice(self.stored);
+        v
+    }
+}
+
+impl ChunkEncoder {
+    pub fn new() -> Result<ChunkEncoder> {
+        let zstd = zstd::bulk::Compressor::new(ZSTD_LEVEL)
+            .map_err(|e| Error::invalid(format!("zstd: {e}")))?;
+        Ok(ChunkEncoder {
+            zstd,
+            out: Vec::new(),
+        })
+    }
+
+    /// The stored object for guest bytes `data` (see [`encode_chunk`]).
+    pub fn encode<'a>(&'a mut self, data: &'a [u8]) -> Result<EncodedChunk<'a>> {
+        if data.len() as u64 > MAX_CHUNK_SIZE {
+            return Err(Error::invalid(format!(
+                "chunk of {} bytes is larger than {MAX_CHUNK_SIZE}",
+                data.len()
+            )));
+        }
+        let room = zstd::compress_bound(data.len());
+        if self.out.len() < room {
+            self.out.resize(room, 0);
+        }
+        let (encoding, stored) = if self.looks_incompressible(data)? {
+            (ChunkEncoding::Plain, data)
+        } else {
+            let n = self
+                .zstd
+                .compress_to_buffer(data, &mut self.out[..])
+                .map_err(|e| Error::invalid(format!("zstd: {e}")))?;
+            if n < data.len() {
+                (ChunkEncoding::Zstd, &self.out[..n])
+            } else {
+                (ChunkEncoding::Plain, data)
+            }
+        };
+        let mut header = [0; CHUNK_HEADER];
+        header[..8].copy_from_slice(CHUNK_MAGIC);
+        header[8] = encoding as u8;
+        header[12..16].copy_from_slice(&(data.len() as u32).to_le_bytes());
+        header[16..20].copy_from_slice(&(stored.len() as u32).to_le_bytes());
+        header[20..24].copy_from_slice(&crc32c::crc32c(stored).to_le_bytes());
+        Ok(EncodedChunk { header, stored })
+    }
+
+    /// True when no sampled piece of `data` shrinks under compression.
+    fn looks_incompressible(&mut self, data: &[u8]) -> Result<bool> {
+        if data.len() < SAMPLES * SAMPLE_LEN * 4 {
+            return Ok(false);
+        }
+        let step = data.len() / SAMPLES;
+        for i in 0..SAMPLES {
+            let piece = &data[i * step..i * step + SAMPLE_LEN];
+            let n = self
+                .zstd
+                .compress_to_buffer(piece, &mut self.out[..])
+                .map_err(|e| Error::invalid(format!("zstd: {e}")))?;
+            if n < piece.len() - piece.len() / 32 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
 }
 
 /// The guest bytes of a stored chunk object (`name` says which, in errors). Checks the header,
@@ -387,5 +467,31 @@ mod tests {
         assert!(check_chunk_size(256 << 10).is_err());
         assert!(check_chunk_size(16 << 20).is_err());
         assert!(check_chunk_size(3 << 20).is_err());
+    }
+
+    #[test]
+    fn sampled_chunks_are_stored_as_is_only_when_no_piece_shrinks() {
+        // xorshift: bytes no compressor shrinks, without a dependency.
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut noise = vec![0u8; 4 << 20];
+        for b in noise.iter_mut() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *b = state as u8;
+        }
+        let mut encoder = ChunkEncoder::new().unwrap();
+        let name = Path::new("x");
+        let plain = encoder.encode(&noise).unwrap();
+        assert_eq!(plain.header[8], ChunkEncoding::Plain as u8);
+        assert_eq!(decode_chunk(name, &plain.to_vec()).unwrap(), noise);
+        // One stretch of 512 KiB of zeros anywhere in the chunk gets it compressed.
+        for start in [0usize, 1 << 20, (4 << 20) - (512 << 10)] {
+            let mut mixed = noise.clone();
+            mixed[start..start + (512 << 10)].fill(0);
+            let encoded = encoder.encode(&mixed).unwrap();
+            assert_eq!(encoded.header[8], ChunkEncoding::Zstd as u8, "zeros at {start}");
+            assert_eq!(decode_chunk(name, &encoded.to_vec()).unwrap(), mixed);
+        }
     }
 }

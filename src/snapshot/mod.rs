@@ -32,6 +32,7 @@ use diskkit_formats::error::ErrorKind;
 use diskkit_formats::{Error, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -286,10 +287,10 @@ impl SnapshotStore {
     }
 
     /// The object to store for content `bytes` at `key` (sealed in an encrypted store).
-    fn seal(&self, key: &str, bytes: Vec<u8>) -> Result<Vec<u8>> {
+    fn seal<'a>(&self, key: &str, bytes: &'a [u8]) -> Result<Cow<'a, [u8]>> {
         match &self.crypto {
-            Some(c) => c.seal(object_leaf(key), &bytes),
-            None => Ok(bytes),
+            Some(c) => c.seal(object_leaf(key), bytes).map(Cow::Owned),
+            None => Ok(Cow::Borrowed(bytes)),
         }
     }
 
@@ -342,7 +343,7 @@ impl SnapshotStore {
     /// name exists: exactly one of racing writers wins, the others get `AlreadyExists`.
     pub(crate) fn create_object(&self, relative: &str, bytes: Vec<u8>) -> Result<()> {
         let key = self.key_of(relative);
-        let sealed = self.seal(&key, bytes)?;
+        let sealed = self.seal(&key, &bytes)?.into_owned();
         self.store.create_if_absent(&key, sealed)
     }
 
@@ -373,7 +374,7 @@ impl SnapshotStore {
         }
         let (encoded, _) = self.fetch_chunk(digest)?;
         let sent = encoded.len() as u64;
-        dst.put_chunk(digest, encoded)?;
+        dst.put_chunk_parts(digest, &[&encoded])?;
         Ok(sent)
     }
 
