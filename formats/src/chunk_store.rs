@@ -490,7 +490,11 @@ mod tests {
             let mut mixed = noise.clone();
             mixed[start..start + (512 << 10)].fill(0);
             let encoded = encoder.encode(&mixed).unwrap();
-            assert_eq!(encoded.header[8], ChunkEncoding::Zstd as u8, "zeros at {start}");
+            assert_eq!(
+                encoded.header[8],
+                ChunkEncoding::Zstd as u8,
+                "zeros at {start}"
+            );
             assert_eq!(decode_chunk(name, &encoded.to_vec()).unwrap(), mixed);
         }
     }

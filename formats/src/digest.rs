@@ -79,6 +79,34 @@ pub fn check_chunk_size(chunk_size: u64) -> Result<()> {
 /// Zero bytes to hash from, without allocating.
 static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
+/// Bytes copied at a time into the buffer [`sha256_update`] hashes from.
+const HASH_PIECE: usize = 32 << 10;
+
+/// Feeds `data` to `sha` through a small buffer that stays in the core's cache. The SHA
+/// instructions hashing straight out of a multi-megabyte buffer wait on memory: measured on
+/// this project's 2-core VM, 512 MiB hashed from RAM took 0.43 s of CPU directly and 0.32 s
+/// copied piece by piece first (the copy streams memory faster than the hash's loads do), as
+/// fast as `openssl dgst` reading the same bytes through its own small buffer.
+pub fn sha256_update(sha: &mut Sha256, data: &[u8]) {
+    if data.len() <= HASH_PIECE {
+        sha.update(data);
+        return;
+    }
+    let mut piece = [0u8; HASH_PIECE];
+    for part in data.chunks(HASH_PIECE) {
+        let piece = &mut piece[..part.len()];
+        piece.copy_from_slice(part);
+        sha.update(piece);
+    }
+}
+
+/// SHA-256 of `data` (see [`sha256_update`]).
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    let mut sha = Sha256::new();
+    sha256_update(&mut sha, data);
+    sha.finalize().into()
+}
+
 /// The digests of one chunk of guest content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkDigest {
@@ -98,7 +126,7 @@ impl ChunkDigest {
         ChunkDigest {
             offset,
             length: data.len() as u64,
-            sha256: Sha256::digest(data).into(),
+            sha256: sha256(data),
             crc32: crc32fast::hash(data),
         }
     }
@@ -201,7 +229,7 @@ impl PiecewiseChunk<'_> {
     /// Appends `data`.
     pub fn feed(&mut self, data: &[u8]) {
         if let Some((sha, crc, length)) = &mut self.started {
-            sha.update(data);
+            sha256_update(sha, data);
             if let Some(c) = crc {
                 c.update(data);
             }
@@ -549,5 +577,14 @@ mod tests {
         tamper(&|v| v["chunk_size"] = 3000.into());
         tamper(&|v| v["definition"] = "other".into());
         assert!(Manifest::from_json(&b"{\"chunks\": 5"[..]).is_err());
+    }
+
+    #[test]
+    fn piecewise_sha256_is_sha256() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        for len in [0, 1, HASH_PIECE - 1, HASH_PIECE, HASH_PIECE + 1, 3 * HASH_PIECE, 100_000] {
+            let expected: [u8; 32] = Sha256::digest(&data[..len]).into();
+            assert_eq!(sha256(&data[..len]), expected, "{len} bytes");
+        }
     }
 }

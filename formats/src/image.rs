@@ -199,7 +199,8 @@ pub trait Image: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
 
     /// Calls `f` on guest bytes `offset..offset + len` where they lie, uncompressed and
-    /// contiguous, in a host file mapped in memory, and returns true; returns false without
+    /// contiguous, in memory already (a host file mapped in memory, a decoded chunk held in a
+    /// cache), and returns true; returns false without
     /// calling it when they do not (or the format does not say), and `read_at` must be used.
     /// Lets hashing work on data without copying it.
     fn with_mapped(&self, offset: u64, len: u64, f: &mut dyn FnMut(&[u8])) -> Result<bool> {

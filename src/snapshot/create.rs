@@ -12,7 +12,6 @@ use diskkit_formats::write::CacheMode;
 use diskkit_formats::{Error, Extents, Image, Result};
 use rayon::prelude::*;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -355,7 +354,7 @@ impl Work<'_> {
             self.zeros.fetch_add(1, Ordering::Relaxed);
             return Ok(HOLE);
         }
-        let digest: [u8; 32] = Sha256::digest(data).into();
+        let digest = diskkit_formats::digest::sha256(data);
         let first_time = self
             .sent
             .0

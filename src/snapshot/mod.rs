@@ -31,7 +31,6 @@ use diskkit_formats::digest::hex;
 use diskkit_formats::error::ErrorKind;
 use diskkit_formats::{Error, Result};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -393,7 +392,7 @@ impl SnapshotStore {
             .ok_or_else(|| Error::corrupt(&name, "chunk", 0, "missing from the store"))?;
         let encoded = self.unseal(&name, &key, bytes)?;
         let data = chunk_store::decode_chunk(&name, &encoded)?;
-        if Sha256::digest(&data).as_slice() != digest {
+        if &diskkit_formats::digest::sha256(&data) != digest {
             return Err(Error::corrupt(
                 &name,
                 "chunk data",
