@@ -582,7 +582,15 @@ mod tests {
     #[test]
     fn piecewise_sha256_is_sha256() {
         let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
-        for len in [0, 1, HASH_PIECE - 1, HASH_PIECE, HASH_PIECE + 1, 3 * HASH_PIECE, 100_000] {
+        for len in [
+            0,
+            1,
+            HASH_PIECE - 1,
+            HASH_PIECE,
+            HASH_PIECE + 1,
+            3 * HASH_PIECE,
+            100_000,
+        ] {
             let expected: [u8; 32] = Sha256::digest(&data[..len]).into();
             assert_eq!(sha256(&data[..len]), expected, "{len} bytes");
         }

@@ -7,6 +7,7 @@ pub mod backing;
 pub mod check;
 pub mod chunk_store;
 pub mod digest;
+pub mod entropy;
 pub mod error;
 pub mod host;
 pub mod image;
