@@ -243,7 +243,7 @@ pub(super) fn fetch(
     let range = download_range(len, threads, digest.map_or(0, |d| d.chunk_size));
     let count =
         usize::try_from(len.div_ceil(range)).map_err(|_| Error::invalid("object too large"))?;
-    super::run_parallel(threads, count, |i| {
+    crate::parallel::run_indexed(threads, count, |i| {
         // One staging buffer per download thread, reused: a fresh one per range would fault its
         // pages in every time.
         thread_local! {

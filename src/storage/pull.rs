@@ -393,27 +393,23 @@ pub fn verify(
 
 /// A fixed VHD object ends with a valid footer that gives the guest size.
 fn check_vhd_footer(store: &dyn Store, location: &Location, guest: u64) -> Result<()> {
-    use diskkit_formats::vhd::layout::{FOOTER_SIZE, Footer};
+    use diskkit_formats::vhd::{layout::FOOTER_SIZE, trailing_footer_size};
     let mut bytes = [0u8; FOOTER_SIZE as usize];
     store.read_at(&location.key, &mut bytes, guest)?;
-    if !Footer::has_cookie(&bytes) || !Footer::checksum_ok(&bytes) {
+    let Some(size) = trailing_footer_size(&bytes) else {
         return Err(Error::storage(
             ErrorKind::CorruptImage,
             location.url(),
             "verify",
             format!("no valid VHD footer at offset {guest}"),
         ));
-    }
-    let footer = Footer::parse(&bytes);
-    if footer.current_size != guest {
+    };
+    if size != guest {
         return Err(Error::storage(
             ErrorKind::DigestMismatch,
             location.url(),
             "verify",
-            format!(
-                "VHD footer says {} guest bytes, the manifest {guest}",
-                footer.current_size
-            ),
+            format!("VHD footer says {size} guest bytes, the manifest {guest}"),
         ));
     }
     Ok(())

@@ -1,5 +1,5 @@
 //! [`Store`]: one bucket (a local directory, S3, OSS or OBS) behind one object-safe interface of
-//! blocking calls. A store owns its tokio runtime; every call blocks the calling thread until
+//! blocking calls on the process's one tokio runtime ([`io_runtime`]); every call blocks the calling thread until
 //! done, and may be made from several threads at once.
 //!
 //! What the backends guarantee:
@@ -25,6 +25,7 @@ use diskkit_formats::{Error, Result};
 use opendal::{Operator, services};
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::SystemTime;
 
 /// Largest object read whole into memory (manifests).
@@ -170,23 +171,37 @@ pub trait Store: Send + Sync {
     }
 }
 
+/// The process's one async runtime, shared by every store: its two threads only drive
+/// requests (the engine's work stays on the read pool and the callers' threads), and a batch
+/// worker with a store per bucket would otherwise start two threads per bucket. Started on first
+/// use, never dropped (a runtime dropped inside another's context panics).
+pub(crate) fn io_runtime() -> std::io::Result<&'static tokio::runtime::Runtime> {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    if let Some(runtime) = RUNTIME.get() {
+        return Ok(runtime);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("diskkit-io")
+        .enable_all()
+        .build()?;
+    // One started meanwhile by another thread wins; this one is dropped (outside any runtime).
+    Ok(RUNTIME.get_or_init(|| runtime))
+}
+
 /// Connects to the bucket of `location` (no request is made yet).
 pub fn open(location: &Location, settings: &Settings) -> Result<Box<dyn Store>> {
     // OpenDAL's HTTP transport is process-wide; installing it again is a no-op.
     opendal::install_default();
     let url = location.with_key("").url();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| {
-            Error::storage(
-                ErrorKind::of_io(&e),
-                &url,
-                "start the I/O runtime",
-                e.to_string(),
-            )
-        })?;
+    let runtime = io_runtime().map_err(|e| {
+        Error::storage(
+            ErrorKind::of_io(&e),
+            &url,
+            "start the I/O runtime",
+            e.to_string(),
+        )
+    })?;
     let config = |e: opendal::Error| {
         Error::storage(
             ErrorKind::InvalidArgument,
@@ -624,9 +639,7 @@ mod tests {
 
     #[test]
     fn opendal_errors_have_kinds() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
+        let runtime = io_runtime().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let op =
             Operator::new(services::Fs::default().root(&dir.path().to_string_lossy())).unwrap();
