@@ -30,7 +30,7 @@ mod store;
 pub use location::{Location, Scheme, Settings};
 pub use object_file::{ObjectFile, is_bucket_url, open_object_image};
 pub use s3::region_and_endpoint;
-pub use store::{ObjectEntry, ObjectMeta, Store, UploadParts, open};
+pub use store::{ObjectEntry, ObjectMeta, Store, UploadParts, io_runtime, open};
 
 /// Suffix of the sidecar manifest object written next to every pushed image.
 pub const MANIFEST_SUFFIX: &str = ".diskkit.json";

@@ -98,16 +98,7 @@ fn pull_foreign(
 ) -> Result<Verified> {
     let threads = opts.threads;
     let check = EtagCheck::new(meta, location, opts.verify)?;
-    let local = crate::output::Scratch::new(dir)?;
-    download(
-        store,
-        location,
-        local.path(),
-        meta.size,
-        threads,
-        None,
-        downloading,
-    )?;
+    let local = download(store, location, dir, meta.size, threads, None, downloading)?;
     let verified = match check {
         Some(check) => check.check_file(local.path(), location)?,
         None => Verified::Unchecked,
@@ -137,12 +128,12 @@ fn pull_foreign(
     Ok(verified)
 }
 
-/// straight from ranged reads; others (dynamic VHD, qcow2) are first downloaded next to `dst`
-/// and converted from there. Other objects are checked against the store's MD5 ETag, or not at
-/// all when `verify` is off.
 /// Downloads the image at `location` into `dst` (sparse where the guest has zeros): byte for
 /// byte when `format` is `None`, else converted to `format`. An object pushed by diskkit is
 /// checked against its manifest's guest digest: raw and fixed VHD objects are converted
+/// straight from ranged reads; others (dynamic VHD, qcow2) are first downloaded next to `dst`
+/// and converted from there. Other objects are checked against the store's MD5 ETag, or not at
+/// all when `verify` is off.
 pub fn pull(
     store: &dyn Store,
     location: &Location,
@@ -182,16 +173,15 @@ pub fn pull(
         // convert engine's, holes where zeros were).
         Some(_) | None if as_is => {
             create.reject_unknown(format)?;
-            let local = crate::output::Scratch::new(dir)?;
             // When the object starts with the guest (raw, fixed VHD), its digest is computed
             // from the downloaded bytes as they arrive, instead of reading the file again.
             let in_flight = remote.as_ref().and_then(|_| {
                 InFlightDigest::new(manifest.guest.chunk_size, manifest.guest.virtual_size)
             });
-            download(
+            let local = download(
                 store,
                 location,
-                local.path(),
+                dir,
                 size,
                 threads,
                 in_flight.as_ref(),
@@ -207,16 +197,7 @@ pub fn pull(
             convert_to_path(&remote, format, dst, create, &opts, downloading).map(|_| None)
         }
         None => {
-            let local = crate::output::Scratch::new(dir)?;
-            download(
-                store,
-                location,
-                local.path(),
-                size,
-                threads,
-                None,
-                downloading,
-            )?;
+            let local = download(store, location, dir, size, threads, None, downloading)?;
             let image = open_as(local.path(), manifest.format()?)?;
             convert_to_path(image.as_ref(), format, dst, create, &opts, &NoProgress).map(|_| None)
         }
@@ -382,8 +363,8 @@ pub fn verify(
             Ok(digest)
         }
         None => {
-            let local = crate::output::Scratch::new(&std::env::temp_dir())?;
-            download(store, location, local.path(), size, threads, None, reading)?;
+            let temp = std::env::temp_dir();
+            let local = download(store, location, &temp, size, threads, None, reading)?;
             let image = open_as(local.path(), manifest.format()?)?;
             check_digest(image.as_ref(), &manifest, location)
         }

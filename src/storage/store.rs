@@ -171,11 +171,11 @@ pub trait Store: Send + Sync {
     }
 }
 
-/// The process's one async runtime, shared by every store: its two threads only drive
-/// requests (the engine's work stays on the read pool and the callers' threads), and a batch
+/// The process's one async runtime, shared by every store (and any other HTTP client at the
+/// storage edge, like share links): its two threads only drive requests (the engine's work stays on the read pool and the callers' threads), and a batch
 /// worker with a store per bucket would otherwise start two threads per bucket. Started on first
 /// use, never dropped (a runtime dropped inside another's context panics).
-pub(crate) fn io_runtime() -> std::io::Result<&'static tokio::runtime::Runtime> {
+pub fn io_runtime() -> std::io::Result<&'static tokio::runtime::Runtime> {
     static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     if let Some(runtime) = RUNTIME.get() {
         return Ok(runtime);
