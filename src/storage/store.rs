@@ -366,14 +366,20 @@ pub(super) trait Backend: Send + Sync {
     fn abort_upload(&self, objects: &Objects, key: &str, upload_id: &str) -> Result<()>;
 }
 
+impl<B: Backend> Bucket<B> {
+    /// `result` with its error explained by the backend (what to do about it, for `key`).
+    fn explained<T>(&self, key: &str, result: Result<T>) -> Result<T> {
+        result.map_err(|e| self.backend.explain(&self.objects, key, e))
+    }
+}
+
 impl<B: Backend> Store for Bucket<B> {
     fn url(&self, key: &str) -> String {
         self.objects.url(key)
     }
 
     fn stat(&self, key: &str) -> Result<Option<ObjectMeta>> {
-        let o = &self.objects;
-        o.stat(key).map_err(|e| self.backend.explain(o, key, e))
+        self.explained(key, self.objects.stat(key))
     }
 
     fn read_pieces(
@@ -384,35 +390,26 @@ impl<B: Backend> Store for Bucket<B> {
         piece: &mut [u8],
         f: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
     ) -> Result<()> {
-        let o = &self.objects;
-        o.read_pieces(key, offset, len, piece, f)
-            .map_err(|e| self.backend.explain(o, key, e))
+        let read = self.objects.read_pieces(key, offset, len, piece, f);
+        self.explained(key, read)
     }
 
     fn write(&self, key: &str, data: Vec<u8>) -> Result<()> {
-        let o = &self.objects;
-        o.write(key, data)
-            .map_err(|e| self.backend.explain(o, key, e))
+        self.explained(key, self.objects.write(key, data))
     }
 
     fn create_if_absent(&self, key: &str, data: Vec<u8>) -> Result<()> {
-        let o = &self.objects;
-        self.backend
-            .create_if_absent(o, key, data)
-            .map_err(|e| self.backend.explain(o, key, e))
+        let created = self.backend.create_if_absent(&self.objects, key, data);
+        self.explained(key, created)
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectEntry>> {
-        let o = &self.objects;
-        o.list(prefix)
-            .map_err(|e| self.backend.explain(o, prefix, e))
+        self.explained(prefix, self.objects.list(prefix))
     }
 
     fn delete(&self, keys: &[String]) -> Result<()> {
-        let o = &self.objects;
         let first = keys.first().map_or("", String::as_str);
-        o.delete(keys)
-            .map_err(|e| self.backend.explain(o, first, e))
+        self.explained(first, self.objects.delete(keys))
     }
 
     fn no_such_object(&self, key: &str) -> Error {
@@ -467,9 +464,10 @@ impl<B: Backend> Store for Bucket<B> {
         parallel: usize,
         next_part: &mut dyn FnMut(u64, &mut Vec<u8>) -> Result<()>,
     ) -> Result<()> {
-        let o = &self.objects;
-        o.upload_stream(key, size, part_size, parallel, next_part)
-            .map_err(|e| self.backend.explain(o, key, e))
+        let uploaded = self
+            .objects
+            .upload_stream(key, size, part_size, parallel, next_part);
+        self.explained(key, uploaded)
     }
 }
 
