@@ -349,3 +349,31 @@ fn local_bucket_full_disk_has_its_kind() {
     assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
     store.abort_upload("big", &id).unwrap();
 }
+
+/// A manifest that is not one (damaged, or written by something else): pull and verify fail
+/// naming the manifest object, and pull writes nothing.
+#[test]
+fn local_bucket_damaged_manifest_is_named() {
+    let (dir, bucket, env) = local_bucket_env();
+    let src = mixed_raw(dir.path(), "src.raw", 8 * MIB);
+    let url = format!("{}/disk.raw", bucket.display());
+    env.ok(&["push", path_str(&src), &url]);
+    let manifest = bucket.join("disk.raw.diskkit.json");
+    std::fs::write(&manifest, "{").unwrap();
+    let pulled = dir.path().join("pulled.raw");
+    for args in [
+        vec!["verify", url.as_str()],
+        vec!["pull", url.as_str(), path_str(&pulled)],
+    ] {
+        let (code, _, err) = env.run(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(
+            err.contains(&format!(
+                "{}: not a diskkit object manifest",
+                manifest.display()
+            )),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(!pulled.exists());
+}

@@ -57,10 +57,19 @@ fn open_manifest(
     let Some(meta) = store.stat(&location.key)? else {
         return Err(store.no_such_object(&location.key));
     };
-    let Some(bytes) = store.read_small(&manifest_key(&location.key))? else {
+    let manifest_key = manifest_key(&location.key);
+    let Some(bytes) = store.read_small(&manifest_key)? else {
         return Ok((meta, None));
     };
-    let manifest = ObjectManifest::from_json(&bytes)?;
+    // The manifest came from the server: its errors name it.
+    let manifest = ObjectManifest::from_json(&bytes).map_err(|e| {
+        Error::storage(
+            e.kind(),
+            store.url(&manifest_key),
+            "read manifest",
+            e.to_string(),
+        )
+    })?;
     if let Some(container) = &manifest.container {
         return Err(Error::storage(
             ErrorKind::Unsupported,
