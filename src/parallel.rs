@@ -1,4 +1,5 @@
-//! Thread pools for the engine's parallel passes over image content.
+//! The engine's threads: the read pool for parallel passes over image content, and
+//! [`run_indexed`] for jobs that wait on requests.
 
 use diskkit_formats::{Error, Result};
 use rayon::ThreadPool;
@@ -41,4 +42,47 @@ pub fn cores() -> usize {
         .and_then(|n| n.parse().ok())
         .filter(|&n| n > 0)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Runs `job(0)`, `job(1)`, ... `job(count - 1)` from up to `threads` threads, each taking the
+/// next index when done; stops handing out work at the first error and returns it.
+///
+/// For jobs that mostly wait on a request (the parts of an upload, the ranges of a download):
+/// `threads` is how many requests are in flight (`--parallel`), which has nothing to do with
+/// the cores, so these threads are not the read pool's (four on two cores would cap eight
+/// requests at four, and a batch worker's items would take the pool threads their own
+/// compute needs). Threads are scoped: none outlives the call.
+pub fn run_indexed(
+    threads: usize,
+    count: usize,
+    job: impl Fn(usize) -> Result<()> + Sync,
+) -> Result<()> {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let first_error = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..threads.clamp(1, count.max(1)) {
+            s.spawn(|| {
+                while !failed.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= count {
+                        break;
+                    }
+                    if let Err(e) = job(i) {
+                        failed.store(true, Ordering::Relaxed);
+                        first_error
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                    }
+                }
+            });
+        }
+    });
+    match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }

@@ -29,6 +29,6 @@ pub use check::{CheckReport, Repair};
 pub use error::{Error, ErrorKind, Result};
 pub use host::HostFile;
 pub use image::{Extent, ExtentKind, Extents, Format, Image, ImageInfo, SnapshotInfo};
-pub use open::{OpenOptions, detect, open, open_with};
+pub use open::{OpenOptions, detect, open, open_file, open_with};
 pub use stream::{ImageStream, stream};
 pub use write::{CreateOptions, ImageWriter, Measure};

@@ -31,21 +31,31 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn Image>> {
 /// [`open`] with the policy for the files that image metadata names.
 pub fn open_with(path: &Path, opts: &OpenOptions, policy: ImplicitOpens) -> Result<Box<dyn Image>> {
     let file = HostFile::open(path)?;
+    let mut chain = ChainOpener::for_image(file.path(), policy)?;
+    open_file(file, opts, &mut chain)
+}
+
+/// Opens the image in `file` (local or remote) as `opts` say (format named or detected, an
+/// internal snapshot), the files its metadata names through `backing`.
+pub fn open_file(
+    file: HostFile,
+    opts: &OpenOptions,
+    backing: &mut dyn BackingOpener,
+) -> Result<Box<dyn Image>> {
     let format = match opts.format {
         Some(f) => f,
         None => detect(&file)?,
     };
-    let mut chain = ChainOpener::for_image(file.path(), policy)?;
     let Some(snapshot) = opts.snapshot.as_deref() else {
-        return (driver(format).open)(file, &mut chain);
+        return (driver(format).open)(file, backing);
     };
     let Some(open_snapshot) = driver(format).open_snapshot else {
         return Err(Error::invalid(format!(
             "{}: --snapshot needs a qcow2 image, this is {format}",
-            path.display()
+            file.path().display()
         )));
     };
-    open_snapshot(file, &mut chain, snapshot)
+    open_snapshot(file, backing, snapshot)
 }
 
 /// The opener of one chain: the policy, and the images already open (to refuse cycles).

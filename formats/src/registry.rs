@@ -51,6 +51,11 @@ pub struct Driver {
     pub resized_size: fn(new_size: u64) -> Result<u64>,
     /// Lays out a source as an image file computed on demand.
     pub stream: Option<StreamFn>,
+    /// The size of a file of this format that holds a guest of `virtual_size` bytes first and
+    /// whole, followed by a trailer at most (raw; a fixed VHD): a file of that size can be read
+    /// as the guest straight (a bucket object by ranged reads, no driver).
+    /// `None` from the function: no such file can exist (the size overflows).
+    pub plain_file_size: Option<fn(virtual_size: u64) -> Option<u64>>,
 }
 
 /// A format diskkit only reads.
@@ -66,6 +71,7 @@ const fn read_only(format: Format, detect: Option<DetectFn>, open: OpenFn) -> Dr
         resize: None,
         resized_size: Ok,
         stream: None,
+        plain_file_size: None,
     }
 }
 
@@ -82,6 +88,7 @@ static QCOW2: Driver = Driver {
     resize: Some(qcow2::resize),
     resized_size: qcow2::sectors_up,
     stream: Some(qcow2::stream::stream),
+    plain_file_size: None,
 };
 
 static VHDX: Driver = Driver {
@@ -106,6 +113,7 @@ static VHD: Driver = Driver {
     resize: Some(|path, size| vhd::resize(path, size, true).map(|_| ())),
     resized_size: Ok,
     stream: Some(vhd::stream::stream),
+    plain_file_size: Some(|size| size.checked_add(vhd::layout::FOOTER_SIZE)),
 };
 
 static ISO: Driver = read_only(
@@ -136,6 +144,7 @@ static RAW: Driver = Driver {
     resize: Some(raw::resize),
     resized_size: Ok,
     stream: Some(crate::stream::raw),
+    plain_file_size: Some(Some),
 };
 
 /// The table, in detection order.
@@ -178,5 +187,17 @@ mod tests {
             assert_eq!(driver(d.format).format, d.format);
             assert_eq!(DRIVERS.iter().filter(|o| o.format == d.format).count(), 1);
         }
+    }
+
+    #[test]
+    fn plain_files_are_raw_and_fixed_vhd() {
+        let plain = |format| driver(format).plain_file_size.map(|f| f(1 << 20));
+        assert_eq!(plain(Format::Raw), Some(Some(1 << 20)));
+        assert_eq!(plain(Format::Vhd), Some(Some((1 << 20) + 512)));
+        for format in [Format::Qcow2, Format::Vhdx, Format::Vmdk, Format::Iso] {
+            assert_eq!(plain(format), None);
+        }
+        let vhd = driver(Format::Vhd).plain_file_size.unwrap();
+        assert_eq!(vhd(u64::MAX), None);
     }
 }

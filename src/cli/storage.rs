@@ -195,14 +195,6 @@ pub fn push(args: PushArgs) -> Result<i32> {
             (export, Format::Raw)
         }
     };
-    let meta = std::fs::metadata(src_path).map_err(|e| Error::io(src_path, "stat", e))?;
-    let mtime = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let source = std::path::absolute(src_path).unwrap_or_else(|_| src_path.clone());
     let opts = PushOptions {
         part_size: args.part_size,
         rate_limit: args.rate_limit,
@@ -211,15 +203,13 @@ pub fn push(args: PushArgs) -> Result<i32> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
-        identity: format!(
-            "{} size={} mtime={mtime} format={} options={:?} compress={} layout={}",
-            source.display(),
-            meta.len(),
-            out_format.name(),
-            create.options,
+        identity: push::local_push_identity(
+            src_path,
+            out_format,
+            &create,
             args.compress,
-            export.layout_fingerprint()
-        ),
+            export.as_ref(),
+        )?,
     };
     let guest_size = export.guest().virtual_size();
     let object_size = export.size();

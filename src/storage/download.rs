@@ -4,6 +4,7 @@
 use super::pull::same_digest;
 use super::push::ObjectManifest;
 use super::{Location, Store};
+use crate::output::Scratch;
 use crate::progress::Progress;
 use diskkit_formats::digest::{ChunkDigest, ChunkHasher, DigestBuilder, PiecewiseChunk};
 use diskkit_formats::write::Writeback;
@@ -131,8 +132,8 @@ pub(super) const PIECE: usize = 1 << 20;
 /// largest logical block size disks ask for.
 const DIRECT_ALIGN: usize = 4096;
 
-/// Copies the object at `location` (`size` bytes) into the file `path` with `threads` ranged
-/// reads at once; blocks of zeros are left as holes. `digest` hashes the bytes on the way; then
+/// Copies the object at `location` (`size` bytes) into a new scratch file in `dir` with
+/// `threads` ranged reads at once; blocks of zeros are left as holes. `digest` hashes the bytes on the way; then
 /// nothing reads the file right after, and it is written with direct I/O where the filesystem
 /// allows: it neither evicts what the machine had cached nor pays for finding fresh pages (on
 /// this VM, 1-2 s of system time per 2 GiB, varying from run to run). Without `digest` the file
@@ -140,12 +141,14 @@ const DIRECT_ALIGN: usize = 4096;
 pub(super) fn download(
     store: &dyn Store,
     location: &Location,
-    path: &Path,
+    dir: &Path,
     size: u64,
     threads: usize,
     digest: Option<&InFlightDigest>,
     progress: &dyn Progress,
-) -> Result<()> {
+) -> Result<Scratch> {
+    let scratch = Scratch::new(dir)?;
+    let path = scratch.path();
     let out = Output::open(path, size, digest.is_some())?;
     fetch(
         store,
@@ -162,7 +165,10 @@ pub(super) fn download(
             })
         },
     )?;
-    out.file.sync_all().map_err(|e| Error::io(path, "sync", e))
+    out.file
+        .sync_all()
+        .map_err(|e| Error::io(path, "sync", e))?;
+    Ok(scratch)
 }
 
 /// The file [`download`] writes: through the page cache, or with direct I/O where asked and
@@ -243,7 +249,7 @@ pub(super) fn fetch(
     let range = download_range(len, threads, digest.map_or(0, |d| d.chunk_size));
     let count =
         usize::try_from(len.div_ceil(range)).map_err(|_| Error::invalid("object too large"))?;
-    super::run_parallel(threads, count, |i| {
+    crate::parallel::run_indexed(threads, count, |i| {
         // One staging buffer per download thread, reused: a fresh one per range would fault its
         // pages in every time.
         thread_local! {

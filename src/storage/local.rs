@@ -100,12 +100,12 @@ fn link_into_place(objects: &Objects, key: &str, tmp: &Path, path: &Path) -> Res
         Ok(()) => {}
     }
     removed.map_err(|e| Error::io(tmp, "remove", e))?;
-    if let Some(dir) = path.parent() {
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Error::io(dir, "sync", e))?;
-    }
-    Ok(())
+    sync_parent(path)
+}
+
+/// Syncs the directory of `path`, so that what was renamed or linked there survives a crash.
+fn sync_parent(path: &Path) -> Result<()> {
+    path.parent().map_or(Ok(()), crate::output::sync_dir)
 }
 
 /// Bytes of zeros a local part leaves as a hole instead of writing them.
@@ -118,6 +118,8 @@ impl Backend for Local {
 
     fn create_if_absent(&self, objects: &Objects, key: &str, data: Vec<u8>) -> Result<()> {
         let (_, tmp, path) = self.new_temp(objects, key)?;
+        // Unlike an upload's file (kept to resume), this one goes with an interrupted run.
+        let _removed_on_signals = crate::output::TempRegistration::new(&tmp);
         let written = (|| {
             let f = OpenOptions::new().write(true).open(&tmp)?;
             f.write_all_at(&data, 0)?;
@@ -186,12 +188,7 @@ impl Backend for Local {
             .map_err(|e| Error::io(&tmp, "set length", e))?;
         f.sync_all().map_err(|e| Error::io(&tmp, "sync", e))?;
         std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, "rename into place", e))?;
-        if let Some(dir) = path.parent() {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| Error::io(dir, "sync", e))?;
-        }
-        Ok(())
+        sync_parent(&path)
     }
 
     fn abort_upload(&self, objects: &Objects, key: &str, upload_id: &str) -> Result<()> {

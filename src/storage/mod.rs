@@ -1,7 +1,7 @@
 //! Images in object storage: buckets addressed by URL, multipart uploads that resume, sidecar
 //! manifests that prove content, ranged reads that feed the convert engine.
 //!
-//! Async stays inside this module: a [`Store`] (from [`open`]) owns a tokio runtime and exposes
+//! Async stays inside this module: a [`Store`] (from [`open`]) drives its requests on the process's one tokio runtime and exposes
 //! blocking calls, so the engine (convert, hash) keeps driving sources and writers synchronously
 //! from its threads. Every failure is an [`Error::Storage`](diskkit_formats::Error::Storage) or
 //! I/O error whose [`kind`](diskkit_formats::Error::kind) says what a program can do about it.
@@ -30,7 +30,7 @@ mod store;
 pub use location::{Location, Scheme, Settings};
 pub use object_file::{ObjectFile, is_bucket_url, open_object_image};
 pub use s3::region_and_endpoint;
-pub use store::{ObjectEntry, ObjectMeta, Store, UploadParts, open};
+pub use store::{ObjectEntry, ObjectMeta, Store, UploadParts, io_runtime, open};
 
 /// Suffix of the sidecar manifest object written next to every pushed image.
 pub const MANIFEST_SUFFIX: &str = ".diskkit.json";
@@ -38,43 +38,6 @@ pub const MANIFEST_SUFFIX: &str = ".diskkit.json";
 /// Name of the sidecar manifest of the image object `key`.
 pub fn manifest_key(key: &str) -> String {
     format!("{key}{MANIFEST_SUFFIX}")
-}
-
-/// Runs `job(0)`, `job(1)`, ... `job(count - 1)` from up to `threads` threads, each taking the
-/// next index when done; stops handing out work at the first error and returns it.
-fn run_parallel(
-    threads: usize,
-    count: usize,
-    job: impl Fn(usize) -> diskkit_formats::Result<()> + Sync,
-) -> diskkit_formats::Result<()> {
-    use std::sync::Mutex;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    let next = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
-    let first_error = Mutex::new(None);
-    std::thread::scope(|s| {
-        for _ in 0..threads.clamp(1, count.max(1)) {
-            s.spawn(|| {
-                while !failed.load(Ordering::Relaxed) {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= count {
-                        break;
-                    }
-                    if let Err(e) = job(i) {
-                        failed.store(true, Ordering::Relaxed);
-                        first_error
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get_or_insert(e);
-                    }
-                }
-            });
-        }
-    });
-    match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
 }
 
 /// Splits `data` into maximal runs of `grain`-sized blocks (the last may be shorter) that are all

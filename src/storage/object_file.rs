@@ -14,8 +14,7 @@
 use super::{Location, Settings, Store};
 use diskkit_formats::backing::{BackingOpener, Role};
 use diskkit_formats::host::{HostFile, RemoteFile};
-use diskkit_formats::registry::driver;
-use diskkit_formats::{Error, Format, Image, OpenOptions, Result, detect};
+use diskkit_formats::{Error, Format, Image, OpenOptions, Result};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -174,18 +173,5 @@ pub fn open_object_image(
     let store = super::open(&location, &settings)?;
     let object = ObjectFile::open(store, &location)?;
     let file = HostFile::from_remote(Path::new(&location.url()), Box::new(object));
-    let format = match opts.format {
-        Some(f) => f,
-        None => detect(&file)?,
-    };
-    let mut opener = StandAlone;
-    match opts.snapshot.as_deref() {
-        None => (driver(format).open)(file, &mut opener),
-        Some(snapshot) => match driver(format).open_snapshot {
-            Some(open_snapshot) => open_snapshot(file, &mut opener, snapshot),
-            None => Err(Error::invalid(format!(
-                "{url}: --snapshot needs a qcow2 image, this is {format}"
-            ))),
-        },
-    }
+    diskkit_formats::open_file(file, opts, &mut StandAlone)
 }

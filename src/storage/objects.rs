@@ -14,7 +14,7 @@ use std::time::SystemTime;
 
 /// The OpenDAL half of a store: reads, listings, writes, deletes.
 pub(super) struct Objects {
-    pub(super) runtime: tokio::runtime::Runtime,
+    pub(super) runtime: &'static tokio::runtime::Runtime,
     pub(super) op: Operator,
     pub(super) location: Location,
     /// The server, for messages (empty for a local bucket).
@@ -25,7 +25,7 @@ pub(super) struct Objects {
 
 impl Objects {
     pub(super) fn new(
-        runtime: tokio::runtime::Runtime,
+        runtime: &'static tokio::runtime::Runtime,
         op: Operator,
         location: &Location,
         endpoint: String,

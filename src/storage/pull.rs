@@ -57,10 +57,19 @@ fn open_manifest(
     let Some(meta) = store.stat(&location.key)? else {
         return Err(store.no_such_object(&location.key));
     };
-    let Some(bytes) = store.read_small(&manifest_key(&location.key))? else {
+    let manifest_key = manifest_key(&location.key);
+    let Some(bytes) = store.read_small(&manifest_key)? else {
         return Ok((meta, None));
     };
-    let manifest = ObjectManifest::from_json(&bytes)?;
+    // The manifest came from the server: its errors name it.
+    let manifest = ObjectManifest::from_json(&bytes).map_err(|e| {
+        Error::storage(
+            e.kind(),
+            store.url(&manifest_key),
+            "read manifest",
+            e.to_string(),
+        )
+    })?;
     if let Some(container) = &manifest.container {
         return Err(Error::storage(
             ErrorKind::Unsupported,
@@ -98,16 +107,7 @@ fn pull_foreign(
 ) -> Result<Verified> {
     let threads = opts.threads;
     let check = EtagCheck::new(meta, location, opts.verify)?;
-    let local = crate::output::Scratch::new(dir)?;
-    download(
-        store,
-        location,
-        local.path(),
-        meta.size,
-        threads,
-        None,
-        downloading,
-    )?;
+    let local = download(store, location, dir, meta.size, threads, None, downloading)?;
     let verified = match check {
         Some(check) => check.check_file(local.path(), location)?,
         None => Verified::Unchecked,
@@ -137,12 +137,12 @@ fn pull_foreign(
     Ok(verified)
 }
 
-/// straight from ranged reads; others (dynamic VHD, qcow2) are first downloaded next to `dst`
-/// and converted from there. Other objects are checked against the store's MD5 ETag, or not at
-/// all when `verify` is off.
 /// Downloads the image at `location` into `dst` (sparse where the guest has zeros): byte for
 /// byte when `format` is `None`, else converted to `format`. An object pushed by diskkit is
 /// checked against its manifest's guest digest: raw and fixed VHD objects are converted
+/// straight from ranged reads; others (dynamic VHD, qcow2) are first downloaded next to `dst`
+/// and converted from there. Other objects are checked against the store's MD5 ETag, or not at
+/// all when `verify` is off.
 pub fn pull(
     store: &dyn Store,
     location: &Location,
@@ -182,16 +182,15 @@ pub fn pull(
         // convert engine's, holes where zeros were).
         Some(_) | None if as_is => {
             create.reject_unknown(format)?;
-            let local = crate::output::Scratch::new(dir)?;
             // When the object starts with the guest (raw, fixed VHD), its digest is computed
             // from the downloaded bytes as they arrive, instead of reading the file again.
             let in_flight = remote.as_ref().and_then(|_| {
                 InFlightDigest::new(manifest.guest.chunk_size, manifest.guest.virtual_size)
             });
-            download(
+            let local = download(
                 store,
                 location,
-                local.path(),
+                dir,
                 size,
                 threads,
                 in_flight.as_ref(),
@@ -207,16 +206,7 @@ pub fn pull(
             convert_to_path(&remote, format, dst, create, &opts, downloading).map(|_| None)
         }
         None => {
-            let local = crate::output::Scratch::new(dir)?;
-            download(
-                store,
-                location,
-                local.path(),
-                size,
-                threads,
-                None,
-                downloading,
-            )?;
+            let local = download(store, location, dir, size, threads, None, downloading)?;
             let image = open_as(local.path(), manifest.format()?)?;
             convert_to_path(image.as_ref(), format, dst, create, &opts, &NoProgress).map(|_| None)
         }
@@ -382,8 +372,8 @@ pub fn verify(
             Ok(digest)
         }
         None => {
-            let local = crate::output::Scratch::new(&std::env::temp_dir())?;
-            download(store, location, local.path(), size, threads, None, reading)?;
+            let temp = std::env::temp_dir();
+            let local = download(store, location, &temp, size, threads, None, reading)?;
             let image = open_as(local.path(), manifest.format()?)?;
             check_digest(image.as_ref(), &manifest, location)
         }
@@ -393,27 +383,23 @@ pub fn verify(
 
 /// A fixed VHD object ends with a valid footer that gives the guest size.
 fn check_vhd_footer(store: &dyn Store, location: &Location, guest: u64) -> Result<()> {
-    use diskkit_formats::vhd::layout::{FOOTER_SIZE, Footer};
+    use diskkit_formats::vhd::{layout::FOOTER_SIZE, trailing_footer_size};
     let mut bytes = [0u8; FOOTER_SIZE as usize];
     store.read_at(&location.key, &mut bytes, guest)?;
-    if !Footer::has_cookie(&bytes) || !Footer::checksum_ok(&bytes) {
+    let Some(size) = trailing_footer_size(&bytes) else {
         return Err(Error::storage(
             ErrorKind::CorruptImage,
             location.url(),
             "verify",
             format!("no valid VHD footer at offset {guest}"),
         ));
-    }
-    let footer = Footer::parse(&bytes);
-    if footer.current_size != guest {
+    };
+    if size != guest {
         return Err(Error::storage(
             ErrorKind::DigestMismatch,
             location.url(),
             "verify",
-            format!(
-                "VHD footer says {} guest bytes, the manifest {guest}",
-                footer.current_size
-            ),
+            format!("VHD footer says {size} guest bytes, the manifest {guest}"),
         ));
     }
     Ok(())

@@ -16,6 +16,7 @@ use diskkit_formats::write::CreateOptions;
 use diskkit_formats::{Error, ErrorKind, Format, Image, ImageStream, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Mutex;
 
 /// The smallest part S3 accepts (except for the last part of an object).
@@ -106,6 +107,36 @@ pub fn plan<'a>(
     diskkit_formats::stream(src, format, create, &mut allocated, &|n| {
         compressing.advance(n)
     })
+}
+
+/// The [`PushOptions::identity`] of a push of the local file `source` as the object `export`
+/// (of `format`, written with `create`'s options as planning left them, `compress` as asked):
+/// the file (absolute path, size, modification time) and everything that shapes the object. A
+/// rerun of another identity starts anew.
+pub fn local_push_identity(
+    source: &Path,
+    format: Format,
+    create: &CreateOptions,
+    compress: bool,
+    export: &dyn ImageStream,
+) -> Result<String> {
+    let meta = std::fs::metadata(source).map_err(|e| Error::io(source, "stat", e))?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let path = std::path::absolute(source).unwrap_or_else(|_| source.to_path_buf());
+    Ok(format!(
+        "{} size={} mtime={mtime} format={} options={:?} compress={} layout={}",
+        path.display(),
+        meta.len(),
+        format.name(),
+        create.options,
+        compress,
+        export.layout_fingerprint()
+    ))
 }
 
 pub struct PushOptions {
@@ -424,7 +455,7 @@ fn upload_parts(
     done: impl Fn(u32, String, u64) -> Result<()> + Sync,
 ) -> Result<()> {
     let limit = RateLimit::new(rate_limit);
-    super::run_parallel(parallel, numbers.len(), |i| {
+    crate::parallel::run_indexed(parallel, numbers.len(), |i| {
         let n = numbers[i];
         let data = produce(n)?;
         let len = data.len() as u64;

@@ -5,6 +5,7 @@
 use super::push::ObjectManifest;
 use super::{Location, Store};
 use diskkit_formats::image::check_guest_range;
+use diskkit_formats::registry::driver;
 use diskkit_formats::{Extent, ExtentKind, Format, Image, ImageInfo, Result};
 use std::path::PathBuf;
 
@@ -26,13 +27,9 @@ impl<'a> RemoteImage<'a> {
     ) -> Result<Option<RemoteImage<'a>>> {
         let format = manifest.format()?;
         let guest = manifest.guest.virtual_size;
-        let direct = match format {
-            Format::Raw => manifest.object_size == guest,
-            Format::Vhd => {
-                manifest.object_size == guest + diskkit_formats::vhd::layout::FOOTER_SIZE
-            }
-            _ => false,
-        };
+        let direct = driver(format)
+            .plain_file_size
+            .is_some_and(|plain| plain(guest) == Some(manifest.object_size));
         Ok(direct.then(|| RemoteImage {
             store,
             location: location.clone(),

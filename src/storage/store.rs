@@ -1,5 +1,5 @@
 //! [`Store`]: one bucket (a local directory, S3, OSS or OBS) behind one object-safe interface of
-//! blocking calls. A store owns its tokio runtime; every call blocks the calling thread until
+//! blocking calls on the process's one tokio runtime ([`io_runtime`]); every call blocks the calling thread until
 //! done, and may be made from several threads at once.
 //!
 //! What the backends guarantee:
@@ -25,6 +25,7 @@ use diskkit_formats::{Error, Result};
 use opendal::{Operator, services};
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::SystemTime;
 
 /// Largest object read whole into memory (manifests).
@@ -170,23 +171,37 @@ pub trait Store: Send + Sync {
     }
 }
 
+/// The process's one async runtime, shared by every store (and any other HTTP client at the
+/// storage edge, like share links): its two threads only drive requests (the engine's work stays on the read pool and the callers' threads), and a batch
+/// worker with a store per bucket would otherwise start two threads per bucket. Started on first
+/// use, never dropped (a runtime dropped inside another's context panics).
+pub fn io_runtime() -> std::io::Result<&'static tokio::runtime::Runtime> {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    if let Some(runtime) = RUNTIME.get() {
+        return Ok(runtime);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("diskkit-io")
+        .enable_all()
+        .build()?;
+    // One started meanwhile by another thread wins; this one is dropped (outside any runtime).
+    Ok(RUNTIME.get_or_init(|| runtime))
+}
+
 /// Connects to the bucket of `location` (no request is made yet).
 pub fn open(location: &Location, settings: &Settings) -> Result<Box<dyn Store>> {
     // OpenDAL's HTTP transport is process-wide; installing it again is a no-op.
     opendal::install_default();
     let url = location.with_key("").url();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| {
-            Error::storage(
-                ErrorKind::of_io(&e),
-                &url,
-                "start the I/O runtime",
-                e.to_string(),
-            )
-        })?;
+    let runtime = io_runtime().map_err(|e| {
+        Error::storage(
+            ErrorKind::of_io(&e),
+            &url,
+            "start the I/O runtime",
+            e.to_string(),
+        )
+    })?;
     let config = |e: opendal::Error| {
         Error::storage(
             ErrorKind::InvalidArgument,
@@ -351,14 +366,20 @@ pub(super) trait Backend: Send + Sync {
     fn abort_upload(&self, objects: &Objects, key: &str, upload_id: &str) -> Result<()>;
 }
 
+impl<B: Backend> Bucket<B> {
+    /// `result` with its error explained by the backend (what to do about it, for `key`).
+    fn explained<T>(&self, key: &str, result: Result<T>) -> Result<T> {
+        result.map_err(|e| self.backend.explain(&self.objects, key, e))
+    }
+}
+
 impl<B: Backend> Store for Bucket<B> {
     fn url(&self, key: &str) -> String {
         self.objects.url(key)
     }
 
     fn stat(&self, key: &str) -> Result<Option<ObjectMeta>> {
-        let o = &self.objects;
-        o.stat(key).map_err(|e| self.backend.explain(o, key, e))
+        self.explained(key, self.objects.stat(key))
     }
 
     fn read_pieces(
@@ -369,35 +390,26 @@ impl<B: Backend> Store for Bucket<B> {
         piece: &mut [u8],
         f: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
     ) -> Result<()> {
-        let o = &self.objects;
-        o.read_pieces(key, offset, len, piece, f)
-            .map_err(|e| self.backend.explain(o, key, e))
+        let read = self.objects.read_pieces(key, offset, len, piece, f);
+        self.explained(key, read)
     }
 
     fn write(&self, key: &str, data: Vec<u8>) -> Result<()> {
-        let o = &self.objects;
-        o.write(key, data)
-            .map_err(|e| self.backend.explain(o, key, e))
+        self.explained(key, self.objects.write(key, data))
     }
 
     fn create_if_absent(&self, key: &str, data: Vec<u8>) -> Result<()> {
-        let o = &self.objects;
-        self.backend
-            .create_if_absent(o, key, data)
-            .map_err(|e| self.backend.explain(o, key, e))
+        let created = self.backend.create_if_absent(&self.objects, key, data);
+        self.explained(key, created)
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectEntry>> {
-        let o = &self.objects;
-        o.list(prefix)
-            .map_err(|e| self.backend.explain(o, prefix, e))
+        self.explained(prefix, self.objects.list(prefix))
     }
 
     fn delete(&self, keys: &[String]) -> Result<()> {
-        let o = &self.objects;
         let first = keys.first().map_or("", String::as_str);
-        o.delete(keys)
-            .map_err(|e| self.backend.explain(o, first, e))
+        self.explained(first, self.objects.delete(keys))
     }
 
     fn no_such_object(&self, key: &str) -> Error {
@@ -452,9 +464,10 @@ impl<B: Backend> Store for Bucket<B> {
         parallel: usize,
         next_part: &mut dyn FnMut(u64, &mut Vec<u8>) -> Result<()>,
     ) -> Result<()> {
-        let o = &self.objects;
-        o.upload_stream(key, size, part_size, parallel, next_part)
-            .map_err(|e| self.backend.explain(o, key, e))
+        let uploaded = self
+            .objects
+            .upload_stream(key, size, part_size, parallel, next_part);
+        self.explained(key, uploaded)
     }
 }
 
@@ -624,9 +637,7 @@ mod tests {
 
     #[test]
     fn opendal_errors_have_kinds() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
+        let runtime = io_runtime().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let op =
             Operator::new(services::Fs::default().root(&dir.path().to_string_lossy())).unwrap();

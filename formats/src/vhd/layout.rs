@@ -495,6 +495,9 @@ mod tests {
         let mut bad = b;
         bad[100] ^= 1;
         assert!(!Footer::checksum_ok(&bad));
+        assert_eq!(super::super::trailing_footer_size(&b), Some(1 << 20));
+        assert_eq!(super::super::trailing_footer_size(&bad), None);
+        assert_eq!(super::super::trailing_footer_size(&[0; 512]), None);
 
         let mut h = DynamicHeader::new(1536, 8, 2 << 20);
         h.set_parent_name("parent.vhd");

@@ -180,6 +180,14 @@ pub fn has_fixed_footer(file: &HostFile) -> Result<bool> {
     Ok(false)
 }
 
+/// The `current_size` of the footer `bytes` (a file's last [`FOOTER_SIZE`] bytes), or `None`
+/// when they are no valid footer (cookie and checksum): the check of a fixed disk's trailer for
+/// a reader that has the guest bytes already (a pulled or verified object).
+pub fn trailing_footer_size(bytes: &[u8; FOOTER_SIZE as usize]) -> Option<u64> {
+    (Footer::has_cookie(bytes) && Footer::checksum_ok(bytes))
+        .then(|| Footer::parse(bytes).current_size)
+}
+
 /// The dynamic header and BAT of a dynamic or differencing disk, validated against the file.
 pub(crate) struct SparseLayout {
     pub header: DynamicHeader,

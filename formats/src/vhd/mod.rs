@@ -12,6 +12,6 @@ pub mod stream;
 mod write;
 
 pub use check::{ResizeOutcome, check, resize};
-pub use locate::has_fixed_footer;
+pub use locate::{has_fixed_footer, trailing_footer_size};
 pub use read::VhdImage;
 pub use write::{VhdWriter, measure};

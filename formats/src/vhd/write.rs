@@ -424,9 +424,8 @@ impl ImageWriter for VhdWriter {
     }
 }
 
-/// Bytes a new VHD needs: `required` for the allocated guest ranges `(start, end)` (ascending;
-/// a dynamic disk stores every block they touch), `fully_allocated` for every block.
-// The tuples stay until tests/vhd.rs passes `GuestRange`s.
+/// Bytes a new VHD needs: `required` for the allocated guest ranges (ascending; a dynamic disk
+/// stores every block they touch), `fully_allocated` for every block.
 pub fn measure(
     virtual_size: u64,
     opts: &mut CreateOptions,
