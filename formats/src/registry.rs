@@ -1,12 +1,12 @@
-//! The format table: one entry per format saying how to recognise, open, create, check, resize
-//! and stream it. Everything that depends on the format dispatches through [`driver`] (except
-//! `write::measure`, and the names in `Format`).
+//! The format table: one entry per format saying how to recognise, open, create, check, resize,
+//! measure and stream it. Everything that depends on the format dispatches through [`driver`]
+//! (except the names in `Format`).
 
 use crate::backing::BackingOpener;
 use crate::check::{CheckReport, Repair};
 use crate::error::Result;
 use crate::host::HostFile;
-use crate::image::{Format, Image};
+use crate::image::{Format, GuestRange, Image};
 use crate::iso::IsoImage;
 use crate::qcow2::{self, Qcow2Image, Qcow2Writer};
 use crate::raw::{self, RawImage, RawWriter};
@@ -14,7 +14,7 @@ use crate::stream::StreamFn;
 use crate::vhd::{self, VhdImage, VhdWriter};
 use crate::vhdx::{self, VhdxImage};
 use crate::vmdk::{self, VmdkImage};
-use crate::write::{CreateOptions, ImageWriter};
+use crate::write::{CreateOptions, ImageWriter, Measure};
 use std::path::Path;
 
 /// Bytes of a file's start that [`Driver::detect`] is shown.
@@ -35,6 +35,12 @@ pub type OpenExistingFn = fn(path: &Path) -> Result<Box<dyn ImageWriter>>;
 pub type CheckFn =
     fn(path: &Path, repair: Option<Repair>, backing: &mut dyn BackingOpener) -> Result<CheckReport>;
 pub type ResizeFn = fn(path: &Path, new_size: u64) -> Result<()>;
+/// Host bytes a new image needs for a guest of `virtual_size` bytes with data in `allocated`.
+pub type MeasureFn = fn(
+    virtual_size: u64,
+    opts: &mut CreateOptions,
+    allocated: &mut dyn Iterator<Item = Result<GuestRange>>,
+) -> Result<Measure>;
 
 /// What diskkit can do with one format; `None` where it cannot.
 pub struct Driver {
@@ -44,6 +50,7 @@ pub struct Driver {
     pub open: OpenFn,
     pub open_snapshot: Option<OpenSnapshotFn>,
     pub create: Option<CreateFn>,
+    pub measure: Option<MeasureFn>,
     pub open_existing: Option<OpenExistingFn>,
     pub check: Option<CheckFn>,
     pub resize: Option<ResizeFn>,
@@ -66,6 +73,7 @@ const fn read_only(format: Format, detect: Option<DetectFn>, open: OpenFn) -> Dr
         open,
         open_snapshot: None,
         create: None,
+        measure: None,
         open_existing: None,
         check: None,
         resize: None,
@@ -83,6 +91,7 @@ static QCOW2: Driver = Driver {
         Ok(Box::new(Qcow2Image::open(file, backing, Some(name))?))
     }),
     create: Some(|path, size, opts| Ok(Box::new(Qcow2Writer::create(path, size, opts)?))),
+    measure: Some(qcow2::measure),
     open_existing: Some(|path| Ok(Box::new(Qcow2Writer::open_existing(path)?))),
     check: Some(|path, repair, _| qcow2::check(path, repair)),
     resize: Some(qcow2::resize),
@@ -108,6 +117,7 @@ static VHD: Driver = Driver {
     open: |file, backing| Ok(Box::new(VhdImage::open(file, backing)?)),
     open_snapshot: None,
     create: Some(|path, size, opts| Ok(Box::new(VhdWriter::create(path, size, opts)?))),
+    measure: Some(vhd::measure),
     open_existing: Some(|path| Ok(Box::new(VhdWriter::open_existing(path)?))),
     check: Some(|path, repair, _| vhd::check(path, repair)),
     resize: Some(|path, size| vhd::resize(path, size, true).map(|_| ())),
@@ -125,6 +135,7 @@ static ISO: Driver = read_only(
 static VMDK: Driver = Driver {
     check: Some(vmdk::check),
     create: Some(vmdk::create),
+    measure: Some(vmdk::measure),
     stream: Some(vmdk::stream::stream),
     ..read_only(
         Format::Vmdk,
@@ -139,6 +150,11 @@ static RAW: Driver = Driver {
     open: |file, _| Ok(Box::new(RawImage::open(file))),
     open_snapshot: None,
     create: Some(|path, size, opts| Ok(Box::new(RawWriter::create(path, size, opts)?))),
+    // A raw image needs every byte whatever the data; `allocated` is not consulted.
+    measure: Some(|size, opts, _| {
+        opts.reject_unknown(Format::Raw)?;
+        Ok(raw::measure(size))
+    }),
     open_existing: Some(|path| Ok(Box::new(RawWriter::open_existing(path)?))),
     check: None,
     resize: Some(raw::resize),

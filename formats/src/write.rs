@@ -8,7 +8,6 @@
 use crate::error::{Error, Result};
 use crate::image::{Format, GuestRange};
 use crate::registry::driver;
-use crate::{qcow2, raw, vhd, vmdk};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -72,18 +71,8 @@ pub fn measure(
     opts: &mut CreateOptions,
     allocated: &mut dyn Iterator<Item = Result<GuestRange>>,
 ) -> Result<Measure> {
-    match format {
-        Format::Raw => {
-            opts.reject_unknown(format)?;
-            // A raw image needs every byte whatever the data; `allocated` is not consulted.
-            let _ = allocated;
-            Ok(raw::measure(virtual_size))
-        }
-        Format::Qcow2 => qcow2::measure(virtual_size, opts, allocated),
-        Format::Vhd => vhd::measure(virtual_size, opts, allocated),
-        Format::Vmdk => vmdk::measure(virtual_size, opts, allocated),
-        other => Err(cannot_write(other)),
-    }
+    let measure = driver(format).measure.ok_or_else(|| cannot_write(format))?;
+    measure(virtual_size, opts, allocated)
 }
 
 /// Changes the virtual size of an image in place. Shrinking drops guest data past the new end;
