@@ -127,6 +127,18 @@ fn same_as_local(dir: &Path, endpoint: Option<&str>, local: &Path, url: &str) {
     );
     ok(dir, e, &["compare", l, url]);
     ok(dir, e, &["compare", url, l]);
+    // check reads the object in place and reports what it reports for the file (exit 63 for
+    // formats without checks).
+    let (local_code, local_report, _) = run(dir, e, &["check", "--output", "json", l]);
+    let (remote_code, remote_report, _) = run(dir, e, &["check", "--output", "json", url]);
+    assert_eq!(remote_code, local_code, "{url}");
+    if local_code == 0 {
+        assert_eq!(
+            info_fields(&remote_report),
+            info_fields(&local_report),
+            "{url}"
+        );
+    }
     let out = dir.join("converted.qcow2");
     let _ = std::fs::remove_file(&out);
     ok(dir, e, &["convert", "-O", "qcow2", url, path_str(&out)]);
@@ -161,6 +173,11 @@ fn local_bucket_objects_read_in_place() {
     for local in dense_copies(&fixtures(d), &bucket) {
         let url = format!("file://{}", local.display());
         same_as_local(d, None, &local, &url);
+        if local.extension().is_some_and(|e| e == "qcow2") {
+            let (code, _, err) = run(d, None, &["check", "-r", "leaks", &url]);
+            assert_eq!(code, 2, "{err}");
+            assert!(err.contains("repairs local files only"), "{err}");
+        }
     }
 }
 

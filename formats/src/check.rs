@@ -1,7 +1,8 @@
 //! Consistency checks of image metadata (`diskkit check`), reported as `qemu-img check` does.
 
-use crate::backing::ImplicitOpens;
+use crate::backing::{BackingOpener, ImplicitOpens};
 use crate::error::Result;
+use crate::host::HostFile;
 use crate::image::Format;
 use crate::open::ChainOpener;
 use crate::registry::driver;
@@ -22,11 +23,25 @@ pub fn check_with(
     repair: Option<Repair>,
     policy: ImplicitOpens,
 ) -> Result<Option<CheckReport>> {
+    if driver(format).check.is_none() {
+        return Ok(None);
+    }
+    let mut opener = ChainOpener::for_image(path, policy)?;
+    check_file(format, HostFile::open(path)?, repair, &mut opener)
+}
+
+/// [`check`] of an opened file (a local file, or an object read in place: repairs need a local
+/// file), opening the files it names through `opener`.
+pub fn check_file(
+    format: Format,
+    file: HostFile,
+    repair: Option<Repair>,
+    opener: &mut dyn BackingOpener,
+) -> Result<Option<CheckReport>> {
     let Some(check) = driver(format).check else {
         return Ok(None);
     };
-    let mut opener = ChainOpener::for_image(path, policy)?;
-    check(path, repair, &mut opener).map(Some)
+    check(file, repair, opener).map(Some)
 }
 
 /// Problems listed in a report at most (see [`CheckReport::corruption`]).

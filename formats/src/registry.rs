@@ -32,8 +32,11 @@ pub type CreateFn =
 /// Opens an existing image to overwrite its guest content in place.
 pub type OpenExistingFn = fn(path: &Path) -> Result<Box<dyn ImageWriter>>;
 /// Checks the image at `path`; files its metadata names are opened through `backing`.
-pub type CheckFn =
-    fn(path: &Path, repair: Option<Repair>, backing: &mut dyn BackingOpener) -> Result<CheckReport>;
+pub type CheckFn = fn(
+    file: HostFile,
+    repair: Option<Repair>,
+    backing: &mut dyn BackingOpener,
+) -> Result<CheckReport>;
 pub type ResizeFn = fn(path: &Path, new_size: u64) -> Result<()>;
 /// Host bytes a new image needs for a guest of `virtual_size` bytes with data in `allocated`.
 pub type MeasureFn = fn(
@@ -93,7 +96,7 @@ static QCOW2: Driver = Driver {
     create: Some(|path, size, opts| Ok(Box::new(Qcow2Writer::create(path, size, opts)?))),
     measure: Some(qcow2::measure),
     open_existing: Some(|path| Ok(Box::new(Qcow2Writer::open_existing(path)?))),
-    check: Some(|path, repair, _| qcow2::check(path, repair)),
+    check: Some(|file, repair, _| qcow2::check_file(file, repair)),
     resize: Some(qcow2::resize),
     resized_size: qcow2::sectors_up,
     stream: Some(qcow2::stream::stream),
@@ -101,7 +104,7 @@ static QCOW2: Driver = Driver {
 };
 
 static VHDX: Driver = Driver {
-    check: Some(|path, repair, _| vhdx::check(path, repair)),
+    check: Some(|file, repair, _| vhdx::check_file(file, repair)),
     ..read_only(
         Format::Vhdx,
         Some(|head, _| Ok(head == vhdx::MAGIC)),
@@ -119,7 +122,7 @@ static VHD: Driver = Driver {
     create: Some(|path, size, opts| Ok(Box::new(VhdWriter::create(path, size, opts)?))),
     measure: Some(vhd::measure),
     open_existing: Some(|path| Ok(Box::new(VhdWriter::open_existing(path)?))),
-    check: Some(|path, repair, _| vhd::check(path, repair)),
+    check: Some(|file, repair, _| vhd::check_file(file, repair)),
     resize: Some(|path, size| vhd::resize(path, size, true).map(|_| ())),
     resized_size: Ok,
     stream: Some(vhd::stream::stream),

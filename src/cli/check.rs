@@ -78,19 +78,39 @@ pub fn run(args: Args) -> Result<i32> {
         }
         return print_report(&report, args.output);
     }
-    // The image is not opened as a whole: a check must work on images too damaged to open.
-    let format = match args.format {
-        Some(f) => f,
-        None => detect(&HostFile::open(&args.image)?)?,
-    };
     let repair = args.repair.map(|r| match r {
         RepairArg::Leaks => Repair::Leaks,
         RepairArg::All => Repair::All,
     });
-    let Some(report) = check::check_with(format, &args.image, repair, implicit_opens())? else {
+    // The image is not opened as a whole: a check must work on images too damaged to open.
+    let checked = match args
+        .image
+        .to_str()
+        .filter(|s| !args.image.exists() && diskkit::storage::is_bucket_url(s))
+    {
+        Some(url) => {
+            if repair.is_some() {
+                return Err(Error::invalid(format!(
+                    "{url}: -r repairs local files only: pull the object, repair it, push it back"
+                )));
+            }
+            let settings = diskkit::storage::Settings::default();
+            diskkit::storage::check_object(url, &settings, args.format)?
+        }
+        None => {
+            let format = match args.format {
+                Some(f) => f,
+                None => detect(&HostFile::open(&args.image)?)?,
+            };
+            let report = check::check_with(format, &args.image, repair, implicit_opens())?;
+            (format, report)
+        }
+    };
+    let (_, Some(report)) = checked else {
         eprintln!(
-            "diskkit: {}: this image format ({format}) does not support checks",
-            args.image.display()
+            "diskkit: {}: this image format ({}) does not support checks",
+            args.image.display(),
+            checked.0
         );
         return Ok(EXIT_NO_CHECK);
     };

@@ -28,7 +28,9 @@ mod s3;
 mod store;
 
 pub use location::{Location, Scheme, Settings};
-pub use object_file::{ObjectFile, is_bucket_url, open_object_image};
+pub use object_file::{
+    ObjectFile, check_object, is_bucket_url, open_object_file, open_object_image,
+};
 pub use s3::region_and_endpoint;
 pub use store::{ObjectEntry, ObjectMeta, Store, UploadParts, io_runtime, open};
 

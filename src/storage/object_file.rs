@@ -168,10 +168,34 @@ pub fn open_object_image(
     settings: &Settings,
     opts: &OpenOptions,
 ) -> Result<Box<dyn Image>> {
+    diskkit_formats::open_file(open_object_file(url, settings)?, opts, &mut StandAlone)
+}
+
+/// The object `url` as a file read in place with ranged requests.
+pub fn open_object_file(url: &str, settings: &Settings) -> Result<HostFile> {
     let location = Location::parse(url)?;
     let settings = settings.clone().resolve(location.scheme, None)?;
     let store = super::open(&location, &settings)?;
     let object = ObjectFile::open(store, &location)?;
-    let file = HostFile::from_remote(Path::new(&location.url()), Box::new(object));
-    diskkit_formats::open_file(file, opts, &mut StandAlone)
+    Ok(HostFile::from_remote(
+        Path::new(&location.url()),
+        Box::new(object),
+    ))
+}
+
+/// Checks the metadata of the image in the object `url` (format `format`, or detected), read
+/// in place: `check` of a bucket object without downloading it. Returns the format and the
+/// report (`None` when the format has no checks). Nothing is repaired in a bucket.
+pub fn check_object(
+    url: &str,
+    settings: &Settings,
+    format: Option<Format>,
+) -> Result<(Format, Option<diskkit_formats::CheckReport>)> {
+    let file = open_object_file(url, settings)?;
+    let format = match format {
+        Some(f) => f,
+        None => diskkit_formats::detect(&file)?,
+    };
+    let report = diskkit_formats::check::check_file(format, file, None, &mut StandAlone)?;
+    Ok((format, report))
 }

@@ -236,7 +236,13 @@ fn refcount_table(file: &HostFile, h: &Header) -> Result<Vec<u64>> {
 /// Checks the qcow2 image at `path`; with `repair`, fixes leaks (and with [`Repair::All`] also
 /// refcounts that are too low) and reports the result after the repair.
 pub fn check(path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
-    let file = HostFile::open(path)?;
+    check_file(HostFile::open(path)?, repair)
+}
+
+/// [`check`] of an opened file: a local file, or an object read in place (repairs need a local
+/// file).
+pub fn check_file(file: HostFile, repair: Option<Repair>) -> Result<CheckReport> {
+    let path = &file.path().to_path_buf();
     let h = Header::read(&file)?;
     // What open refuses, check refuses too: the rest of the check trusts the L1 size.
     check_l1_size(

@@ -26,7 +26,7 @@ pub mod stream;
 mod write;
 
 pub use amend::amend;
-pub use check::check;
+pub use check::{check, check_file};
 pub use read::Qcow2Image;
 pub use resize::resize;
 pub use write::{Qcow2Writer, measure};

@@ -35,7 +35,13 @@ fn bat_bytes(entries: &[u32]) -> Vec<u8> {
 /// stale footer copy is rewritten from the good one, and (`Repair::All`) BAT entries pointing
 /// past the end of the file are cleared (their blocks read as zeros afterwards).
 pub fn check(path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
-    let file = HostFile::open(path)?;
+    check_file(HostFile::open(path)?, repair)
+}
+
+/// [`check`] of an opened file: a local file, or an object read in place (repairs need a local
+/// file).
+pub fn check_file(file: HostFile, repair: Option<Repair>) -> Result<CheckReport> {
+    let path = &file.path().to_path_buf();
     let mut report = CheckReport {
         filename: path.to_path_buf(),
         format: Format::Vhd.name().to_string(),

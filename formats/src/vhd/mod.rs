@@ -11,7 +11,7 @@ mod read;
 pub mod stream;
 mod write;
 
-pub use check::{ResizeOutcome, check, resize};
+pub use check::{ResizeOutcome, check, check_file, resize};
 pub use locate::{has_fixed_footer, trailing_footer_size};
 pub use read::VhdImage;
 pub use write::{VhdWriter, measure};

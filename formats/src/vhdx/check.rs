@@ -10,10 +10,17 @@ use std::path::Path;
 
 /// Checks the VHDX image at `path`. Nothing is repaired: `repair` is refused.
 pub fn check(path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
+    check_file(HostFile::open(path)?, repair)
+}
+
+/// [`check`] of an opened file: a local file, or an object read in place (repairs need a local
+/// file).
+pub fn check_file(file: HostFile, repair: Option<Repair>) -> Result<CheckReport> {
+    let path = &file.path().to_path_buf();
     if repair.is_some() {
         return Err(Error::unsupported(path, "repairing vhdx images"));
     }
-    let (image, layout) = VhdxImage::read_layout(HostFile::open(path)?)?;
+    let (image, layout) = VhdxImage::read_layout(file)?;
     let mut report = CheckReport {
         filename: path.to_path_buf(),
         format: "vhdx".into(),

@@ -8,7 +8,7 @@ mod log;
 mod metadata;
 mod read;
 
-pub use check::check;
+pub use check::{check, check_file};
 pub use header::{SEALED, seal};
 pub use read::VhdxImage;
 

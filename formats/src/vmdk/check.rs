@@ -7,19 +7,19 @@ use crate::backing::BackingOpener;
 use crate::check::{CheckReport, Repair};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
-use std::path::Path;
 
-/// Checks the VMDK image at `path`, whose extents `opener` opens. Nothing is repaired:
+/// Checks the VMDK image in `file`, whose extents `opener` opens. Nothing is repaired:
 /// `repair` is refused.
 pub fn check(
-    path: &Path,
+    file: HostFile,
     repair: Option<Repair>,
     opener: &mut dyn BackingOpener,
 ) -> Result<CheckReport> {
+    let path = &file.path().to_path_buf();
     if repair.is_some() {
         return Err(Error::unsupported(path, "repairing vmdk images"));
     }
-    let image = VmdkImage::open(HostFile::open(path)?, opener)?;
+    let image = VmdkImage::open(file, opener)?;
     let mut report = CheckReport {
         filename: path.to_path_buf(),
         format: "vmdk".into(),
