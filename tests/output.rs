@@ -62,6 +62,38 @@ fn every_cache_mode_writes_the_same_image() {
     assert!(err.contains("sometimes"), "{err}");
 }
 
+/// `-t none` writes the data with direct I/O: the output does not stay in the page cache.
+#[test]
+fn cache_mode_none_leaves_the_output_out_of_the_page_cache() {
+    let dir = tempdir();
+    let src = source(dir.path());
+    for fmt in ["raw", "qcow2", "vpc"] {
+        let out = p(dir.path(), &format!("direct.{fmt}"));
+        diskkit_ok(&[
+            "convert",
+            "-t",
+            "none",
+            "-O",
+            fmt,
+            path_str(&src),
+            path_str(&out),
+        ]);
+        let fincore = std::process::Command::new("fincore")
+            .args(["--bytes", "--noheadings", "--output", "RES", path_str(&out)])
+            .output()
+            .unwrap();
+        let resident: u64 = String::from_utf8_lossy(&fincore.stdout)
+            .trim()
+            .parse()
+            .unwrap();
+        // The source holds 8 MiB of data; only metadata pages may stay cached.
+        assert!(
+            resident < MIB,
+            "{fmt}: {resident} bytes of the output cached"
+        );
+    }
+}
+
 #[test]
 fn a_rerun_removes_leftovers_of_killed_runs() {
     let dir = tempdir();

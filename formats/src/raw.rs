@@ -147,7 +147,7 @@ impl RawWriter {
         Ok(RawWriter {
             file: HostFile::from_file(path, file)?,
             fresh: true,
-            writeback: crate::write::Writeback::new(opts.cache),
+            writeback: crate::write::Writeback::for_file(opts.cache, path),
         })
     }
 
@@ -178,12 +178,8 @@ impl ImageWriter for RawWriter {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         check_guest_range(self.file.len(), offset, buf.len() as u64)?;
-        self.file
-            .file()?
-            .write_all_at(buf, offset)
-            .map_err(|e| Error::io(self.path(), format!("write at {offset:#x}"), e))?;
         self.writeback
-            .wrote(self.file.file()?, self.path(), buf.len() as u64)
+            .write_at(self.file.file()?, self.path(), buf, offset, "image data")
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {

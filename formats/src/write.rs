@@ -226,9 +226,10 @@ pub enum CacheMode {
     /// Through the page cache, synced once at the end (diskkit's default).
     #[default]
     Writeback,
-    /// Through the page cache, with each written batch flushed and dropped from it: keeps a large
-    /// conversion from evicting the machine's page cache, as qemu's O_DIRECT mode is used for,
-    /// without O_DIRECT's alignment rules for buffers and metadata writes.
+    /// Data written with `O_DIRECT` (as qemu's `cache=none`): a large conversion neither evicts
+    /// the machine's page cache nor pays for filling it. Writes that direct I/O cannot take
+    /// (metadata, pieces not aligned to 4 KiB, filesystems such as tmpfs that refuse it) go
+    /// through the page cache, flushed and dropped from it batch by batch.
     None,
     /// Each data write is on stable storage before the next (`O_DSYNC` semantics).
     WriteThrough,
@@ -266,11 +267,43 @@ impl CacheMode {
 /// the kernel is asked to start writeback of all its dirty pages, without waiting for it. Large
 /// batches keep disk requests large. A hint only: a write error is reported by the final sync.
 /// It also carries the output's [`CacheMode`], which decides what happens per write and at the
-/// end.
+/// end, and in the direct modes the output opened a second time with `O_DIRECT`.
 #[derive(Default)]
 pub struct Writeback {
     written: std::sync::atomic::AtomicU64,
     mode: CacheMode,
+    /// The output opened with `O_DIRECT` (modes `None` and `DirectSync`), while the filesystem
+    /// takes direct writes.
+    direct: Option<std::fs::File>,
+    direct_works: std::sync::atomic::AtomicBool,
+}
+
+/// Alignment of the offsets, lengths and buffers of direct writes: the largest logical block
+/// size disks ask for.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// A buffer aligned for direct I/O, which unaligned data is copied through.
+struct AlignedBuffer {
+    bytes: Vec<u8>,
+    start: usize,
+}
+
+impl AlignedBuffer {
+    const LEN: usize = 1 << 20;
+
+    fn new() -> Self {
+        let bytes = vec![0u8; Self::LEN + DIRECT_ALIGN];
+        let start = bytes.as_ptr().align_offset(DIRECT_ALIGN);
+        AlignedBuffer { bytes, start }
+    }
+
+    fn get(&mut self, len: usize) -> &mut [u8] {
+        &mut self.bytes[self.start..self.start + len]
+    }
+}
+
+thread_local! {
+    static BOUNCE: std::cell::RefCell<Option<AlignedBuffer>> = const { std::cell::RefCell::new(None) };
 }
 
 impl Writeback {
@@ -278,9 +311,67 @@ impl Writeback {
 
     pub fn new(mode: CacheMode) -> Self {
         Writeback {
-            written: Default::default(),
             mode,
+            ..Default::default()
         }
+    }
+
+    /// For the output file at `path`: in the direct modes its data writes go through a second
+    /// descriptor opened with `O_DIRECT` (when the filesystem refuses it, through the cache).
+    pub fn for_file(mode: CacheMode, path: &Path) -> Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        let direct = matches!(mode, CacheMode::None | CacheMode::DirectSync)
+            .then(|| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(path)
+                    .ok()
+            })
+            .flatten();
+        Writeback {
+            mode,
+            direct_works: std::sync::atomic::AtomicBool::new(direct.is_some()),
+            direct,
+            ..Default::default()
+        }
+    }
+
+    /// Writes `data` at `offset` of `file` (at `path`; `what` names it in errors): with direct
+    /// I/O when this output has it and `offset` and the length are aligned (data in a buffer
+    /// that is not is copied through an aligned one), through the page cache otherwise.
+    pub fn write_at(
+        &self,
+        file: &std::fs::File,
+        path: &Path,
+        data: &[u8],
+        offset: u64,
+        what: &str,
+    ) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        use std::sync::atomic::Ordering;
+        let failed = |e| Error::io(path, format!("write {what} at {offset:#x}"), e);
+        if let Some(direct) = &self.direct
+            && self.direct_works.load(Ordering::Relaxed)
+            && offset.is_multiple_of(DIRECT_ALIGN as u64)
+            && data.len().is_multiple_of(DIRECT_ALIGN)
+        {
+            match write_direct(direct, data, offset) {
+                Ok(()) => {
+                    if self.mode == CacheMode::DirectSync {
+                        direct.sync_data().map_err(failed)?;
+                    }
+                    return Ok(());
+                }
+                // The filesystem wants another alignment, or none: the cache from now on.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.direct_works.store(false, Ordering::Relaxed)
+                }
+                Err(e) => return Err(failed(e)),
+            }
+        }
+        file.write_all_at(data, offset).map_err(failed)?;
+        self.wrote(file, path, data.len() as u64)
     }
 
     /// Records `len` bytes just written to `file` (at `path`, for errors).
@@ -350,6 +441,26 @@ impl Writeback {
         }
         Ok(())
     }
+}
+
+/// Writes aligned `data` at aligned `offset` through `direct` (opened with `O_DIRECT`), copying
+/// it through an aligned buffer when `data` itself is not aligned in memory.
+fn write_direct(direct: &std::fs::File, data: &[u8], offset: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    if (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN) {
+        return direct.write_all_at(data, offset);
+    }
+    BOUNCE.with_borrow_mut(|bounce| {
+        let bounce = bounce.get_or_insert_with(AlignedBuffer::new);
+        let mut at = offset;
+        for piece in data.chunks(AlignedBuffer::LEN) {
+            let buf = bounce.get(piece.len());
+            buf.copy_from_slice(piece);
+            direct.write_all_at(buf, at)?;
+            at += piece.len() as u64;
+        }
+        Ok(())
+    })
 }
 
 /// A new file at `path` for an image (an existing file is truncated; the engine only creates

@@ -317,7 +317,7 @@ impl Qcow2Writer {
             state.next_cluster = cs * (1 + clusters);
         }
         Ok(Qcow2Writer {
-            writeback: Writeback::new(opts.cache),
+            writeback: Writeback::for_file(opts.cache, path),
             path: path.to_path_buf(),
             file,
             cfg,
@@ -395,11 +395,8 @@ impl Qcow2Writer {
     }
 
     fn pwrite(&self, buf: &[u8], at: u64) -> Result<()> {
-        self.file
-            .write_all_at(buf, at)
-            .map_err(|e| Error::io(&self.path, format!("write at {at:#x}"), e))?;
         self.writeback
-            .wrote(&self.file, &self.path, buf.len() as u64)
+            .write_at(&self.file, &self.path, buf, at, "image data")
     }
 
     /// Compressed images: records that guest cluster `c` was written (`stored`: what it is

@@ -271,7 +271,7 @@ impl VhdWriter {
             }
         };
         Ok(VhdWriter {
-            writeback: crate::write::Writeback::new(opts.cache),
+            writeback: crate::write::Writeback::for_file(opts.cache, path),
             file,
             path: path.to_path_buf(),
             plan,
@@ -318,11 +318,8 @@ impl VhdWriter {
     }
 
     fn write_file(&self, buf: &[u8], at: u64, what: &str) -> Result<()> {
-        self.file
-            .write_all_at(buf, at)
-            .map_err(|e| Error::io(&self.path, format!("write {what} at {at:#x}"), e))?;
         self.writeback
-            .wrote(&self.file, &self.path, buf.len() as u64)
+            .write_at(&self.file, &self.path, buf, at, what)
     }
 
     /// File offset of block `index`'s data, allocating the block on first use.
