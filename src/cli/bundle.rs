@@ -8,7 +8,7 @@ use super::util::{
 };
 use super::{EXIT_DIFFERENT, EXIT_OK};
 use diskkit::bundle::ova::ManifestAlg;
-use diskkit::bundle::ova::export::{ExportDisk, MachineHints, OvaPlan};
+use diskkit::bundle::ova::export::{ExportDisk, MachineHints, Ova, OvaSummary};
 use diskkit::bundle::{self, DiskInput, Firmware, Manifest, Naming, NewBundle, NewDisk, Role};
 use diskkit::formats::write::CacheMode;
 use diskkit::formats::{Error, Format, Image, Result};
@@ -786,29 +786,42 @@ fn import(args: ImportArgs) -> Result<i32> {
 }
 
 /// Writes `plan` to DEST (a file, or an object of a bucket), then names what it holds.
-fn write_ova(plan: &OvaPlan<'_>, dest: &str, access: &Access, progress: bool) -> Result<i32> {
-    let bar = Bar::new(progress, plan.size(), "writing the OVA");
-    if dest.contains("://") && !dest.starts_with("file://") {
+/// Writes `ova` to `dest`, a file (one compression pass) or a bucket URL (a layout pass, then
+/// the upload), and prints its size and members.
+fn write_ova(ova: &Ova<'_, '_>, dest: &str, access: &Access, progress: bool) -> Result<i32> {
+    let guest = ova.disks.iter().map(|d| d.image.virtual_size()).sum();
+    let summary = if dest.contains("://") && !dest.starts_with("file://") {
         let location = diskkit::storage::Location::parse(dest)?;
         let settings = access
             .conn
             .settings()
             .resolve(location.scheme, access.conn.profile())?;
         let store = diskkit::storage::open(&location, &settings)?;
+        let bar = Bar::new(progress, guest, "laying out the disks");
+        let plan = ova.plan(&bar)?;
+        bar.finish();
+        let bar = Bar::new(progress, plan.size(), "uploading the OVA");
         plan.upload(store.as_ref(), &location.key, &bar)?;
+        bar.finish();
+        OvaSummary {
+            size: plan.size(),
+            members: plan.members,
+        }
     } else {
-        plan.write_file(
+        let bar = Bar::new(progress, guest, "writing the OVA");
+        let summary = ova.write_file(
             std::path::Path::new(dest.strip_prefix("file://").unwrap_or(dest)),
             &bar,
         )?;
-    }
-    bar.finish();
+        bar.finish();
+        summary
+    };
     let mut out = Out::new();
     writeln!(
         out,
         "{dest} ({} bytes): {}",
-        plan.size(),
-        plan.members.join(", ")
+        summary.size,
+        summary.members.join(", ")
     )?;
     out.flush()?;
     Ok(EXIT_OK)
@@ -836,10 +849,14 @@ fn export(args: ExportArgs) -> Result<i32> {
         firmware: m.firmware,
         os: m.os.clone(),
     };
-    let bar = Bar::new(args.progress, m.virtual_size(), "laying out the disks");
-    let plan = bundle::ova::export::plan(&name, &disks, &hints, args.manifest_alg, &bar)?;
-    bar.finish();
-    write_ova(&plan, &args.dest, &args.access, args.progress)
+    let ova = Ova {
+        name: &name,
+        disks: &disks,
+        hints: &hints,
+        alg: args.manifest_alg,
+        mtime: m.created,
+    };
+    write_ova(&ova, &args.dest, &args.access, args.progress)
 }
 
 fn pack(args: PackArgs) -> Result<i32> {
@@ -869,9 +886,21 @@ fn pack(args: PackArgs) -> Result<i32> {
         firmware: args.firmware,
         os: args.os.clone(),
     };
-    let total = images.iter().map(|i| i.virtual_size()).sum();
-    let bar = Bar::new(args.progress, total, "laying out the disks");
-    let plan = bundle::ova::export::plan(&name, &disks, &hints, args.manifest_alg, &bar)?;
-    bar.finish();
-    write_ova(&plan, &args.dest, &args.access, args.progress)
+    // The newest source's time: a rerun produces the same archive (a resumable upload).
+    let mtime = args
+        .images
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .max()
+        .unwrap_or_else(std::time::SystemTime::now)
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let ova = Ova {
+        name: &name,
+        disks: &disks,
+        hints: &hints,
+        alg: args.manifest_alg,
+        mtime,
+    };
+    write_ova(&ova, &args.dest, &args.access, args.progress)
 }
