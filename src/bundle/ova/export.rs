@@ -73,23 +73,29 @@ struct DiskFacts {
     cid: u32,
 }
 
-enum Content<'a> {
+enum Content {
     Bytes(Vec<u8>),
-    Stream(Box<dyn ImageStream + 'a>),
+    /// The VMDK of disk N.
+    Disk(usize),
 }
 
 /// A member: its header at `start`, its content after it, zeros to the next block.
-struct Segment<'a> {
+struct Segment {
     start: u64,
     header: [u8; 512],
     len: u64,
-    content: Content<'a>,
+    content: Content,
 }
 
 /// An OVA laid out: any byte range of it on demand.
 pub struct OvaPlan<'a> {
-    segments: Vec<Segment<'a>>,
+    segments: Vec<Segment>,
+    /// The VMDKs, at least one.
+    disks: Vec<Box<dyn ImageStream + 'a>>,
     size: u64,
+    /// The `.ovf` and `.mf` (which hold every member's size and digest) and the time: the same
+    /// fingerprint is the same archive, so an interrupted upload resumes.
+    fingerprint: String,
     /// Member names in order, for messages and tests.
     pub members: Vec<String>,
 }
@@ -188,6 +194,9 @@ impl<'a> Ova<'_, 'a> {
     /// Plans the archive for a bucket: each disk compressed once to know its size and digest
     /// (`progress` counts guest bytes); the parts are produced on demand by [`OvaPlan`].
     pub fn plan(&self, progress: &dyn Progress) -> Result<OvaPlan<'a>> {
+        if self.disks.is_empty() {
+            return Err(Error::invalid("an OVA needs at least one disk"));
+        }
         let facts = self.facts()?;
         let mut streams = Vec::with_capacity(facts.len());
         let mut digests = Vec::with_capacity(facts.len());
@@ -202,15 +211,19 @@ impl<'a> Ova<'_, 'a> {
         let sizes: Vec<u64> = streams.iter().map(|s| s.size()).collect();
         let ovf = self.descriptor(&facts, &sizes).into_bytes();
         let mf = self.manifest(&ovf, &facts, &digests);
+        let mut fingerprint = sha2::Sha256::new();
+        fingerprint.update(self.mtime.to_le_bytes());
+        fingerprint.update(&ovf);
+        fingerprint.update(&mf);
         let members = self.members(&facts);
         let mut contents = vec![Content::Bytes(ovf), Content::Bytes(mf)];
-        contents.extend(streams.into_iter().map(Content::Stream));
+        contents.extend((0..streams.len()).map(Content::Disk));
         let mut segments = Vec::with_capacity(contents.len());
         let mut at = 0;
         for (member, content) in members.iter().zip(contents) {
             let len = match &content {
                 Content::Bytes(b) => b.len() as u64,
-                Content::Stream(s) => s.size(),
+                Content::Disk(i) => streams[*i].size(),
             };
             segments.push(Segment {
                 start: at,
@@ -222,8 +235,13 @@ impl<'a> Ova<'_, 'a> {
         }
         Ok(OvaPlan {
             segments,
+            disks: streams,
             // Two zero blocks end the archive.
             size: at + 2 * BLOCK,
+            fingerprint: format!(
+                "ova-{}",
+                diskkit_formats::digest::hex(&fingerprint.finalize())
+            ),
             members,
         })
     }
@@ -426,13 +444,32 @@ fn descriptor(
     )
 }
 
-impl OvaPlan<'_> {
-    pub fn size(&self) -> u64 {
+/// The archive as a stream push uploads in parts with its checkpoint (resumable): the object
+/// is recorded as a container (`ova`) whose guest is the first (system) disk's, the one push
+/// hashes for its manifest.
+impl ImageStream for OvaPlan<'_> {
+    fn format(&self) -> diskkit_formats::Format {
+        diskkit_formats::Format::Vmdk
+    }
+
+    fn size(&self) -> u64 {
         self.size
     }
 
+    fn guest(&self) -> &dyn Image {
+        self.disks[0].guest()
+    }
+
+    fn layout_fingerprint(&self) -> String {
+        self.fingerprint.clone()
+    }
+
+    fn container(&self) -> Option<&'static str> {
+        Some("ova")
+    }
+
     /// Fills `buf` with the archive's bytes at `offset` (inside [`Self::size`]).
-    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let end = offset
             .checked_add(buf.len() as u64)
             .filter(|&e| e <= self.size)
@@ -459,33 +496,10 @@ impl OvaPlan<'_> {
                     Content::Bytes(b) => {
                         out.copy_from_slice(&b[from as usize..(ce - data_start) as usize])
                     }
-                    Content::Stream(st) => st.read_at(out, from)?,
+                    Content::Disk(i) => self.disks[*i].read_at(out, from)?,
                 }
             }
         }
         Ok(())
-    }
-
-    /// Uploads the archive to `key` of `store` in parts produced on demand.
-    pub fn upload(
-        &self,
-        store: &dyn crate::storage::Store,
-        key: &str,
-        progress: &dyn Progress,
-    ) -> Result<()> {
-        let part = crate::storage::push::part_size(self.size, None)?;
-        store.upload_stream(
-            key,
-            self.size,
-            part,
-            crate::storage::push::DEFAULT_PARALLEL,
-            &mut |offset, buf| {
-                let len = part.min(self.size - offset);
-                buf.resize(len as usize, 0);
-                self.read_at(buf, offset)?;
-                progress.advance(len);
-                Ok(())
-            },
-        )
     }
 }
