@@ -17,8 +17,8 @@
 //! Memory: one byte per allocated grain (16 KiB per GiB of data) and one entry per grain table.
 
 use super::layout::{
-    ContentId, GRAIN_BYTES, GRAIN_SECTORS, GT_BLOCK_SECTORS, GTES_PER_GT, SECTOR,
-    STREAM_DATA_START, Subformat, VmdkOptions, grain_record, gt_block,
+    ContentId, GRAIN_BYTES, GRAIN_MARKER_BYTES, GRAIN_SECTORS, GT_BLOCK_SECTORS, GTES_PER_GT,
+    SECTOR, STREAM_DATA_START, Subformat, VmdkOptions, grain_record, gt_block,
 };
 use crate::error::{Error, Result};
 use crate::image::{Format, GuestRange, Image, check_guest_range};
@@ -364,7 +364,69 @@ fn record_of(grain: u64, guest_size: u64, read_guest: ReadGuest) -> Result<Optio
     let at = grain * GRAIN_BYTES;
     let n = guest_size.saturating_sub(at).min(GRAIN_BYTES) as usize;
     read_guest(&mut buf[..n], at)?;
-    grain_record(&buf, grain * GRAIN_SECTORS)
+    stored_grain(&buf, grain * GRAIN_SECTORS)
+}
+
+/// Bits per byte above which a grain's sampled bytes say it is random-looking (compressed or
+/// encrypted data): deflating such a grain costs about 300 times storing it and saves nothing
+/// (deflate then emits stored blocks anyway, in the same whole sectors).
+const INCOMPRESSIBLE_BITS: f64 = 7.9;
+
+/// Shannon entropy of every 4th byte of `grain` (16 Ki samples of a grain: a tenth of the
+/// cost of deflating a text grain), in bits per byte.
+fn sampled_entropy(grain: &[u8]) -> f64 {
+    let mut counts = [0u32; 256];
+    let mut n = 0u32;
+    for b in grain.iter().step_by(4) {
+        counts[usize::from(*b)] += 1;
+        n += 1;
+    }
+    let n = f64::from(n.max(1));
+    counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = f64::from(c) / n;
+            -p * p.log2()
+        })
+        .sum()
+}
+
+thread_local! {
+    // A level-0 (stored blocks) zlib compressor per thread, reset for each grain.
+    static STORED: std::cell::RefCell<Option<flate2::Compress>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A grain's record as both streamOptimized writers store it: [`grain_record`] (deflate), or for
+/// a random-looking grain (see [`INCOMPRESSIBLE_BITS`]) the same record holding a zlib stream
+/// of stored blocks, which every inflater reads. `None`: all zeros.
+pub(super) fn stored_grain(grain: &[u8], lba: u64) -> Result<Option<Vec<u8>>> {
+    if sampled_entropy(grain) <= INCOMPRESSIBLE_BITS {
+        return grain_record(grain, lba);
+    }
+    STORED.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let z =
+            slot.get_or_insert_with(|| flate2::Compress::new(flate2::Compression::none(), true));
+        z.reset();
+        // Stored blocks: 5 bytes per 64 KiB block, 6 of zlib wrapper.
+        let mut out =
+            Vec::with_capacity(GRAIN_MARKER_BYTES + grain.len() + grain.len() / 1024 + 64);
+        out.resize(GRAIN_MARKER_BYTES, 0);
+        match z.compress_vec(grain, &mut out, flate2::FlushCompress::Finish) {
+            Ok(flate2::Status::StreamEnd) => {}
+            other => {
+                return Err(Error::invalid(format!(
+                    "zlib stored blocks of the grain at sector {lba}: {other:?}"
+                )));
+            }
+        }
+        let size = (out.len() - GRAIN_MARKER_BYTES) as u32;
+        out[..8].copy_from_slice(&lba.to_le_bytes());
+        out[8..GRAIN_MARKER_BYTES].copy_from_slice(&size.to_le_bytes());
+        out.resize((out.len() as u64).next_multiple_of(SECTOR) as usize, 0);
+        Ok(Some(out))
+    })
 }
 
 /// Copies `src[from..]` into the start of `dst`; returns the number of bytes copied.
@@ -502,5 +564,41 @@ mod tests {
             pattern(&mut want[g as usize..e as usize], g).unwrap();
         }
         assert!(guest == want);
+    }
+
+    #[test]
+    fn random_grains_are_stored_and_inflate_back() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let random: Vec<u8> = (0..GRAIN_BYTES)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let text: Vec<u8> = (0..GRAIN_BYTES)
+            .map(|i| b"disk image "[i as usize % 11])
+            .collect();
+        assert!(sampled_entropy(&random) > INCOMPRESSIBLE_BITS);
+        assert!(sampled_entropy(&text) < INCOMPRESSIBLE_BITS);
+        for grain in [&random, &text] {
+            let r = stored_grain(grain, 128).unwrap().unwrap();
+            assert!(r.len().is_multiple_of(SECTOR as usize));
+            assert_eq!(u64::from_le_bytes(r[..8].try_into().unwrap()), 128);
+            let size = u32::from_le_bytes(r[8..12].try_into().unwrap()) as usize;
+            let mut out = vec![0u8; grain.len()];
+            let mut z = flate2::Decompress::new(true);
+            let status = z
+                .decompress(&r[12..12 + size], &mut out, flate2::FlushDecompress::Finish)
+                .unwrap();
+            assert_eq!(status, flate2::Status::StreamEnd);
+            assert!(&out == grain);
+        }
+        assert!(
+            stored_grain(&[0; GRAIN_BYTES as usize], 0)
+                .unwrap()
+                .is_none()
+        );
     }
 }
