@@ -252,9 +252,10 @@ struct CopyArgs {
 #[derive(clap::Args)]
 #[command(
     long_about = "Prints a link (a presigned URL) that bundle restore, info, verify and copy \
-accept in place of STORE, with no credentials, until it expires (at most 7 days). Only bundles \
-of S3 stores can be shared; a local directory has no server to serve the link, and bundles of \
-encrypted stores cannot be shared (as clouds refuse to share encrypted images).",
+accept in place of STORE, with no credentials, until it expires (at most 7 days). Bundles of \
+S3, OSS and OBS stores can be shared (each provider's query signature); a local directory has no \
+server to serve the link, and bundles of encrypted stores cannot be shared (as clouds refuse to \
+share encrypted images).",
     after_help = STORES
 )]
 struct ShareArgs {
