@@ -109,8 +109,12 @@ impl<'a> Ova<'_, 'a> {
         format!("{}.mf", self.name)
     }
 
-    /// Member name, populated bytes and CID of each disk (a walk of the maps, no data read).
+    /// Member name, populated bytes and CID of each disk (a walk of the maps, no data read);
+    /// at least one disk.
     fn facts(&self) -> Result<Vec<DiskFacts>> {
+        if self.disks.is_empty() {
+            return Err(Error::invalid("an OVA needs at least one disk"));
+        }
         self.disks
             .iter()
             .enumerate()
@@ -194,9 +198,6 @@ impl<'a> Ova<'_, 'a> {
     /// Plans the archive for a bucket: each disk compressed once to know its size and digest
     /// (`progress` counts guest bytes); the parts are produced on demand by [`OvaPlan`].
     pub fn plan(&self, progress: &dyn Progress) -> Result<OvaPlan<'a>> {
-        if self.disks.is_empty() {
-            return Err(Error::invalid("an OVA needs at least one disk"));
-        }
         let facts = self.facts()?;
         let mut streams = Vec::with_capacity(facts.len());
         let mut digests = Vec::with_capacity(facts.len());
