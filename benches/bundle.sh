@@ -19,7 +19,7 @@ python3 benches/gen_image.py "$B/d1.raw" "$HALF" --seed 2
 python3 benches/gen_image.py "$B/d2.raw" "$HALF" --seed 3
 "$DISKKIT" bundle create --system "$SYS" --data "vdb=$B/d1.raw" --data "vdc=$B/d2.raw" "$B/a" m >/dev/null
 
-echo "== OVA export of a 3-disk machine ($SIZE + 2 x $HALF bytes) =="
+echo "== OVA export of a 3-disk machine ($SIZE + 2 x $HALF bytes); $(uptime | sed 's/.*load/load/') =="
 cat > "$B/pipeline.sh" <<PIPE
 set -e
 cd "$B"
@@ -36,6 +36,11 @@ side_by_side "bundle export STORE m x.ova vs qemu-img convert x3 + sha256sum + t
 side_by_side "bundle pack 3 raw files vs qemu-img convert x3 + sha256sum + tar" \
   "$DISKKIT bundle pack --name m $SYS $B/d1.raw $B/d2.raw $B/packed.ova" "bash $B/pipeline.sh" 0.4
 ls -l "$B/ours.ova" "$B/theirs.ova" | awk '{print "    " $5 " bytes  " $9}'
+python3 -c "
+import os
+r = os.path.getsize('$B/ours.ova') / os.path.getsize('$B/theirs.ova')
+print('    OVA size %.3fx the pipeline\'s  goal <= 1.05 (the VMDK writer\'s): %s' % (r, 'met' if r <= 1.05 else 'NOT met'))"
+echo "    load: $(uptime | sed 's/.*load/load/')"
 
 echo "== bundle copy after 2% of the data changed =="
 "$DISKKIT" bundle copy "$B/a" m "$B/b" >/dev/null

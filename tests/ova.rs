@@ -418,3 +418,75 @@ fn bundles_and_images_export_as_ovas_that_import_back() {
         check_exported(&back, "app", &sources, dir.path());
     }
 }
+
+/// Parts of a bucket export in its output: "N parts of SIZE, S sent now, R already sent
+/// before" → (N, S, R).
+fn part_counts(out: &str) -> (usize, usize, usize) {
+    let counts = out
+        .rsplit_once("; ")
+        .map(|(_, c)| c)
+        .unwrap_or_else(|| panic!("no part counts in {out}"));
+    let nums: Vec<usize> = counts
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    // "N parts of 5 MiB, S sent now, R already ...": the size is the second number.
+    assert_eq!(nums.len(), 4, "{out}");
+    (nums[0], nums[2], nums[3])
+}
+
+#[test]
+fn an_ova_export_to_a_bucket_resumes_after_a_kill() {
+    let Some((dir, env)) = common::s3::shared_server_env() else {
+        return;
+    };
+    // Incompressible data: the OVA needs several 5 MiB parts.
+    let src = p(dir.path(), "sys.raw");
+    std::fs::write(&src, pseudo_random(14, 24 << 20)).unwrap();
+    let store = p(dir.path(), "store");
+    let store = path_str(&store);
+    diskkit_ok(&["bundle", "create", "--system", path_str(&src), store, "m"]);
+    let url = format!(
+        "s3://diskkit-test/ova-kill-{}-{}/m.ova",
+        std::process::id(),
+        dir.path().file_name().unwrap().to_string_lossy()
+    );
+    let export = ["bundle", "export", "--part-size", "5M", "--parallel", "1"];
+    // One 5 MiB part about every 0.3 s; killed (SIGKILL) once two parts are recorded.
+    let mut slow = export.to_vec();
+    slow.extend(["-r", "16M", store, "m", &url]);
+    let mut child = env
+        .command(&slow)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while env.checkpoint_parts() < 2 {
+        assert!(start.elapsed().as_secs() < 120, "export made no progress");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "export ended before the kill"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let done = env.checkpoint_parts();
+    let (code, _, err) = env.run(&["verify", &url]);
+    assert_eq!(
+        code, 2,
+        "a killed export left an object under the final key"
+    );
+    assert!(err.contains("no such object"), "{err}");
+    let mut rerun = export.to_vec();
+    rerun.extend([store, "m", &url]);
+    let out = env.ok(&rerun);
+    let (total, sent, resumed) = part_counts(&out);
+    assert!(total >= 5, "{out}");
+    assert_eq!(resumed, done, "{out}");
+    assert_eq!(sent, total - done, "{out}");
+    let back = p(dir.path(), "back.ova");
+    env.ok(&["pull", &url, path_str(&back)]);
+    check_exported(&back, "m", &[&src], dir.path());
+}

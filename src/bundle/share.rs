@@ -1,4 +1,6 @@
-//! `bundle share`: a read-only link to a bundle in an S3 store, made of presigned URLs, that
+//! `bundle share`: a read-only link to a bundle in an S3, OSS or OBS store, made of presigned
+//! URLs (each provider's documented query signature: SigV4, OSS's and OBS's `Expires` and
+//! `Signature` parameters), that
 //! `bundle restore`, `info` and `copy` accept as a store without credentials until it expires.
 //!
 //! The link is a presigned URL of a share document written to `shares/<NAME>-<nanos>.json` in
@@ -22,7 +24,7 @@ use std::time::Duration;
 
 const SHARE_FORMAT: &str = "diskkit-bundle-share";
 const SHARE_VERSION: u32 = 1;
-/// The longest a SigV4 presigned URL may live.
+/// The longest a SigV4 presigned URL may live (kept for OSS and OBS links too).
 pub const MAX_EXPIRY: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Bytes a share document may have.
 const MAX_DOCUMENT: u64 = 256 << 20;
@@ -71,19 +73,13 @@ pub fn share(
 ) -> Result<ShareLink> {
     let location = store.location();
     match location.scheme {
-        Scheme::S3 => {}
+        Scheme::S3 | Scheme::Oss | Scheme::Obs => {}
         Scheme::Local => {
             return Err(Error::invalid(format!(
                 "{}: a local-directory store cannot be shared: a link needs a server to serve \
                  it (bundle copy it to an s3:// store, then share it there)",
                 store.url()
             )));
-        }
-        Scheme::Oss | Scheme::Obs => {
-            return Err(Error::unsupported(
-                std::path::Path::new(&store.url()),
-                "share links for OSS and OBS stores (S3 stores only)",
-            ));
         }
     }
     if store.encrypted() {
@@ -122,7 +118,12 @@ pub fn share(
     if let Some(meta) = bucket.stat(&config_key)? {
         sizes.insert(config_key, meta.size);
     }
-    let signer = Presigner::new(settings, &location.bucket, expires)?;
+    let signer = Presigner::new(
+        (location.scheme, &store.url()),
+        settings,
+        &location.bucket,
+        expires,
+    )?;
     let expires_at = now_secs() + expires.as_secs();
     let mut doc = ShareDocument {
         format: SHARE_FORMAT.into(),
@@ -137,20 +138,20 @@ pub fn share(
     for key in keys {
         let size = *sizes.get(&key).ok_or_else(|| bucket.no_such_object(&key))?;
         let url = signer.presign(&key)?;
-        let (query, signature) = split_signature(&url).ok_or_else(|| {
+        let (query, signature) = split_signature(&url, location.scheme).ok_or_else(|| {
             Error::invalid(format!(
                 "{}: a presigned URL without a signature",
                 bucket.url(&key)
             ))
         })?;
-        let q = match doc.queries.iter().position(|q| q == query) {
+        let q = match doc.queries.iter().position(|q| *q == query) {
             Some(q) => q,
             None => {
-                doc.queries.push(query.to_string());
+                doc.queries.push(query);
                 doc.queries.len() - 1
             }
         };
-        doc.objects.insert(key, (q, signature.to_string(), size));
+        doc.objects.insert(key, (q, signature, size));
     }
     let doc_key = store.key_of(&format!("shares/{name}-{}.json", now_nanos()));
     let bytes = serde_json::to_vec(&doc).map_err(|e| Error::invalid(e.to_string()))?;
@@ -225,7 +226,8 @@ fn redact(link: &str) -> String {
     link.split('?').next().unwrap_or(link).to_string()
 }
 
-/// When a presigned URL expires: its `X-Amz-Date` plus `X-Amz-Expires`.
+/// When a presigned URL expires: its `X-Amz-Date` plus `X-Amz-Expires` (S3), or its
+/// `Expires` (OSS, OBS: seconds since 1970).
 fn link_expiry(link: &str) -> Option<u64> {
     let query = link.split_once('?')?.1;
     let param = |name: &str| {
@@ -233,17 +235,41 @@ fn link_expiry(link: &str) -> Option<u64> {
             .split('&')
             .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
     };
+    if let Some(at) = param("Expires") {
+        return at.parse().ok();
+    }
     let date = jiff::civil::DateTime::strptime("%Y%m%dT%H%M%SZ", param("X-Amz-Date")?).ok()?;
     let start = date.to_zoned(jiff::tz::TimeZone::UTC).ok()?.timestamp();
     let secs: u64 = param("X-Amz-Expires")?.parse().ok()?;
     u64::try_from(start.as_second()).ok()?.checked_add(secs)
 }
 
+/// The query parameter that holds a presigned URL's signature, by provider.
+fn signature_param(scheme: Scheme) -> &'static str {
+    match scheme {
+        Scheme::Oss | Scheme::Obs => "Signature",
+        Scheme::S3 | Scheme::Local => "X-Amz-Signature",
+    }
+}
+
 /// The query of a presigned URL without its signature, and the signature.
-fn split_signature(url: &str) -> Option<(&str, &str)> {
+fn split_signature(url: &str, scheme: Scheme) -> Option<(String, String)> {
     let query = url.split_once('?')?.1;
-    let (rest, signature) = query.rsplit_once("&X-Amz-Signature=")?;
-    Some((rest, signature))
+    let name = signature_param(scheme);
+    let mut signature = None;
+    let rest: Vec<&str> = query
+        .split('&')
+        .filter(
+            |kv| match kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')) {
+                Some(v) => {
+                    signature = Some(v.to_string());
+                    false
+                }
+                None => true,
+            },
+        )
+        .collect();
+    Some((rest.join("&"), signature?))
 }
 
 fn now_secs() -> u64 {
@@ -260,28 +286,61 @@ fn now_nanos() -> u128 {
         .unwrap_or(0)
 }
 
-/// Presigns GETs of one bucket's objects (SigV4 query signing by reqsign).
+/// A provider's query signer and credential, from reqsign.
+enum Signer {
+    S3(reqsign_aws_v4::RequestSigner, reqsign_aws_v4::Credential),
+    Oss(
+        reqsign_aliyun_oss::RequestSigner,
+        reqsign_aliyun_oss::Credential,
+    ),
+    Obs(
+        reqsign_huaweicloud_obs::RequestSigner,
+        reqsign_huaweicloud_obs::Credential,
+    ),
+}
+
+/// Presigns GETs of one bucket's objects (each provider's query signing, by reqsign).
 struct Presigner {
     runtime: tokio::runtime::Runtime,
-    signer: reqsign_aws_v4::RequestSigner,
-    credential: reqsign_aws_v4::Credential,
-    /// `http(s)://host[:port]/BUCKET/` or, virtual-hosted, `http(s)://BUCKET.host[:port]/`.
+    signer: Signer,
+    /// `http(s)://host[:port]/BUCKET/` or, virtual-hosted (always for OSS and OBS),
+    /// `http(s)://BUCKET.host[:port]/`.
     base: String,
     expires: Duration,
 }
 
 impl Presigner {
-    fn new(settings: &Settings, bucket: &str, expires: Duration) -> Result<Presigner> {
-        let (region, endpoint) = crate::storage::region_and_endpoint(settings);
+    /// `url`: the store's, for messages.
+    fn new(
+        (scheme, url): (Scheme, &str),
+        settings: &Settings,
+        bucket: &str,
+        expires: Duration,
+    ) -> Result<Presigner> {
+        let (region, endpoint) = match scheme {
+            Scheme::Oss | Scheme::Obs => {
+                let endpoint = settings.endpoint.clone().ok_or_else(|| {
+                    Error::storage(
+                        ErrorKind::InvalidArgument,
+                        url,
+                        "sign",
+                        "no endpoint: a share link names the bucket's endpoint (--endpoint, \
+                         OSS_ENDPOINT or OBS_ENDPOINT)",
+                    )
+                })?;
+                (String::new(), endpoint)
+            }
+            Scheme::S3 | Scheme::Local => crate::storage::region_and_endpoint(settings),
+        };
         let endpoint = endpoint.trim_end_matches('/');
-        let (scheme, host) = endpoint.split_once("://").ok_or_else(|| {
+        let (web, host) = endpoint.split_once("://").ok_or_else(|| {
             Error::invalid(format!(
                 "endpoint '{endpoint}' is not http(s)://HOST[:PORT]"
             ))
         })?;
         let bucket_segment = percent_encoding::utf8_percent_encode(bucket, UNRESERVED);
-        let base = if settings.virtual_host {
-            format!("{scheme}://{bucket}.{host}/")
+        let base = if settings.virtual_host || matches!(scheme, Scheme::Oss | Scheme::Obs) {
+            format!("{web}://{bucket}.{host}/")
         } else {
             format!("{endpoint}/{bucket_segment}/")
         };
@@ -289,11 +348,37 @@ impl Presigner {
         else {
             return Err(Error::storage(
                 ErrorKind::AccessDenied,
-                format!("s3://{bucket}/"),
+                url,
                 "sign",
-                "a share link is signed with the store's credentials: set AWS_ACCESS_KEY_ID \
-                 and AWS_SECRET_ACCESS_KEY, or a profile",
+                "a share link is signed with the store's credentials: set the access key and \
+                 secret (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, OSS_ACCESS_KEY_ID and \
+                 OSS_ACCESS_KEY_SECRET, OBS_ACCESS_KEY_ID and OBS_SECRET_ACCESS_KEY), or a profile",
             ));
+        };
+        let token = settings.session_token.clone();
+        let signer = match scheme {
+            Scheme::Oss => Signer::Oss(
+                reqsign_aliyun_oss::RequestSigner::new(bucket),
+                reqsign_aliyun_oss::Credential {
+                    access_key_id: key.clone(),
+                    access_key_secret: secret.clone(),
+                    security_token: token,
+                    expires_in: None,
+                },
+            ),
+            Scheme::Obs => Signer::Obs(
+                reqsign_huaweicloud_obs::RequestSigner::new(bucket),
+                reqsign_huaweicloud_obs::Credential::new(key.clone(), secret.clone(), token),
+            ),
+            Scheme::S3 | Scheme::Local => Signer::S3(
+                reqsign_aws_v4::RequestSigner::new("s3", &region),
+                reqsign_aws_v4::Credential {
+                    access_key_id: key.clone(),
+                    secret_access_key: secret.clone(),
+                    session_token: token,
+                    expires_in: None,
+                },
+            ),
         };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -301,13 +386,7 @@ impl Presigner {
             .map_err(|e| Error::invalid(format!("cannot start the signer: {e}")))?;
         Ok(Presigner {
             runtime,
-            signer: reqsign_aws_v4::RequestSigner::new("s3", &region),
-            credential: reqsign_aws_v4::Credential {
-                access_key_id: key.clone(),
-                secret_access_key: secret.clone(),
-                session_token: settings.session_token.clone(),
-                expires_in: None,
-            },
+            signer,
             base,
             expires,
         })
@@ -315,6 +394,7 @@ impl Presigner {
 
     /// A presigned GET URL of `key`.
     fn presign(&self, key: &str) -> Result<String> {
+        use reqsign_core::SignRequest;
         let url = format!("{}{}", self.base, encode_key(key));
         let failed =
             |e: &dyn std::fmt::Display| Error::invalid(format!("{url}: cannot presign: {e}"));
@@ -325,15 +405,15 @@ impl Presigner {
             .map_err(|e| failed(&e))?;
         let (mut parts, ()) = request.into_parts();
         let context = reqsign_core::Context::new();
-        self.runtime
-            .block_on(reqsign_core::SignRequest::sign_request(
-                &self.signer,
-                &context,
-                &mut parts,
-                Some(&self.credential),
-                Some(self.expires),
-            ))
-            .map_err(|e| failed(&e))?;
+        let expires = Some(self.expires);
+        let signed = self.runtime.block_on(async {
+            match &self.signer {
+                Signer::S3(s, c) => s.sign_request(&context, &mut parts, Some(c), expires).await,
+                Signer::Oss(s, c) => s.sign_request(&context, &mut parts, Some(c), expires).await,
+                Signer::Obs(s, c) => s.sign_request(&context, &mut parts, Some(c), expires).await,
+            }
+        });
+        signed.map_err(|e| failed(&e))?;
         Ok(parts.uri.to_string())
     }
 }
@@ -445,9 +525,10 @@ impl SharedStore {
     fn signed_url(&self, key: &str) -> Option<(String, u64)> {
         let (q, signature, size) = self.doc.objects.get(key)?;
         let query = self.doc.queries.get(*q)?;
+        let name = signature_param(Location::parse(&self.doc.store).ok()?.scheme);
         Some((
             format!(
-                "{}{}?{query}&X-Amz-Signature={signature}",
+                "{}{}?{query}&{name}={signature}",
                 self.doc.base,
                 encode_key(key)
             ),
@@ -601,7 +682,7 @@ mod tests {
     fn presigned_urls_split_and_expire() {
         let url = "http://h:1/b/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Date=20261206T050000Z\
                    &X-Amz-Expires=60&X-Amz-SignedHeaders=host&X-Amz-Signature=abc";
-        let (q, s) = split_signature(url).unwrap();
+        let (q, s) = split_signature(url, Scheme::S3).unwrap();
         assert_eq!(s, "abc");
         assert!(q.ends_with("SignedHeaders=host"));
         let start = jiff::civil::date(2026, 12, 6)
@@ -613,5 +694,111 @@ mod tests {
         assert_eq!(link_expiry(url), Some(start + 60));
         assert_eq!(link_expiry("http://h/b/k"), None);
         assert_eq!(redact(url), "http://h:1/b/k");
+    }
+
+    /// HMAC-SHA1 then base64, written here from RFC 2104 and RFC 4648 (independent of the
+    /// signer's code).
+    fn base64_hmac_sha1(key: &[u8], message: &[u8]) -> String {
+        use sha1::Digest;
+        let mut k = [0u8; 64];
+        k[..key.len()].copy_from_slice(key);
+        let pad = |b: u8| k.iter().map(|x| x ^ b).collect::<Vec<u8>>();
+        let inner = sha1::Sha1::new()
+            .chain_update(pad(0x36))
+            .chain_update(message)
+            .finalize();
+        let mac = sha1::Sha1::new()
+            .chain_update(pad(0x5c))
+            .chain_update(inner)
+            .finalize();
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for c in mac.chunks(3) {
+            let n = c
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+            for i in 0..=c.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            }
+        }
+        while !out.len().is_multiple_of(4) {
+            out.push('=');
+        }
+        out
+    }
+
+    fn query_param<'u>(url: &'u str, name: &str) -> &'u str {
+        let query = url.split_once('?').unwrap().1;
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("no {name} in {url}"))
+    }
+
+    /// OSS (V1 query signature) and OBS sign a GET as their documentation says: Signature =
+    /// base64(HMAC-SHA1(secret, "GET\n\n\n" + Expires + "\n/" + bucket + "/" + key)), with
+    /// `Expires` (seconds since 1970) and the key id in the query; the link's expiry is read back.
+    #[test]
+    fn oss_and_obs_links_carry_the_documented_query_signature() {
+        for (scheme, endpoint, id_param) in [
+            (
+                Scheme::Oss,
+                "https://oss-cn-hangzhou.aliyuncs.com",
+                "OSSAccessKeyId",
+            ),
+            (
+                Scheme::Obs,
+                "https://obs.cn-north-4.myhuaweicloud.com",
+                "AccessKeyId",
+            ),
+        ] {
+            let settings = Settings {
+                endpoint: Some(endpoint.into()),
+                access_key_id: Some("AKIDEXAMPLE".into()),
+                secret_access_key: Some("wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY".into()),
+                ..Settings::default()
+            };
+            let before = now_secs();
+            let signer = Presigner::new(
+                (scheme, "test://"),
+                &settings,
+                "images",
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+            let url = signer.presign("store/chunks/ab.cd").unwrap();
+            let host = endpoint.strip_prefix("https://").unwrap();
+            assert!(
+                url.starts_with(&format!("https://images.{host}/store/chunks/ab.cd?")),
+                "{url}"
+            );
+            assert_eq!(query_param(&url, id_param), "AKIDEXAMPLE", "{url}");
+            let expires: u64 = query_param(&url, "Expires").parse().unwrap();
+            assert!(
+                (before + 3600..=now_secs() + 3600).contains(&expires),
+                "{url}"
+            );
+            assert_eq!(link_expiry(&url), Some(expires));
+            let signature = percent_encoding::percent_decode_str(query_param(&url, "Signature"))
+                .decode_utf8()
+                .unwrap()
+                .into_owned();
+            let string_to_sign = format!("GET\n\n\n{expires}\n/images/store/chunks/ab.cd");
+            let want = base64_hmac_sha1(
+                settings.secret_access_key.as_deref().unwrap().as_bytes(),
+                string_to_sign.as_bytes(),
+            );
+            assert_eq!(signature, want, "{url}");
+            // The share document keeps the query without the signature, and puts it back.
+            let (query, sig) = split_signature(&url, scheme).unwrap();
+            assert!(!query.contains("Signature="), "{query}");
+            assert_eq!(
+                percent_encoding::percent_decode_str(&sig)
+                    .decode_utf8()
+                    .unwrap(),
+                want
+            );
+        }
     }
 }

@@ -8,10 +8,10 @@ use super::util::{
 };
 use super::{EXIT_DIFFERENT, EXIT_OK};
 use diskkit::bundle::ova::ManifestAlg;
-use diskkit::bundle::ova::export::{ExportDisk, MachineHints, OvaPlan};
+use diskkit::bundle::ova::export::{ExportDisk, MachineHints, Ova};
 use diskkit::bundle::{self, DiskInput, Firmware, Manifest, Naming, NewBundle, NewDisk, Role};
 use diskkit::formats::write::CacheMode;
-use diskkit::formats::{Error, Format, Image, Result};
+use diskkit::formats::{Error, Format, Image, ImageStream, Result};
 use diskkit::preflight::Status;
 use diskkit::snapshot::{self, NewStore, SnapshotStore};
 use diskkit::targets::Cloud;
@@ -252,9 +252,10 @@ struct CopyArgs {
 #[derive(clap::Args)]
 #[command(
     long_about = "Prints a link (a presigned URL) that bundle restore, info, verify and copy \
-accept in place of STORE, with no credentials, until it expires (at most 7 days). Only bundles \
-of S3 stores can be shared; a local directory has no server to serve the link, and bundles of \
-encrypted stores cannot be shared (as clouds refuse to share encrypted images).",
+accept in place of STORE, with no credentials, until it expires (at most 7 days). Bundles of \
+S3, OSS and OBS stores can be shared (each provider's query signature); a local directory has no \
+server to serve the link, and bundles of encrypted stores cannot be shared (as clouds refuse to \
+share encrypted images).",
     after_help = STORES
 )]
 struct ShareArgs {
@@ -289,10 +290,26 @@ struct ImportArgs {
 
 const OVA_LAYOUT: &str = "The OVA holds the .ovf descriptor first, the .mf manifest second \
 (lines exactly ALG(name)= hex), then one streamOptimized VMDK per disk (LSI Logic adapter, as the \
-OVF's SCSI controller). Every member's size is computed first (each disk is compressed once to lay \
-it out and once more for its digest, which the .mf needs before the disks), then the archive is \
-produced in one pass: into a file (temporary name, synced, renamed) or, for an s3://, oss:// or \
-obs:// DEST, uploaded in parts; no temporary file either way.";
+OVF's SCSI controller). No temporary file either way. A file DEST is written in one compression \
+pass (the .ovf's and .mf's space reserved, the disks streamed and hashed, the .ovf and .mf written \
+last; temporary name, synced, renamed). For an s3://, oss:// or obs:// DEST, each disk is \
+compressed once to know its size and digest, then the archive is uploaded in parts produced on \
+demand, with push's checkpoint: an interrupted export resumes where it stopped when rerun (diskkit \
+push --abort URL forgets it).";
+
+/// How an OVA goes into a bucket (push's flags).
+#[derive(clap::Args)]
+struct UploadArgs {
+    /// Parts uploaded at once (bucket DEST)
+    #[arg(long, value_name = "N", default_value_t = diskkit::storage::push::DEFAULT_PARALLEL)]
+    parallel: usize,
+    /// Part size (bucket DEST; at least 5M; default 16M, grown to fit 10,000 parts)
+    #[arg(long, value_name = "SIZE", value_parser = super::util::parse_size)]
+    part_size: Option<u64>,
+    /// Upload at most RATE bytes per second (bucket DEST), as qemu-img's -r
+    #[arg(short = 'r', long, value_name = "RATE", value_parser = super::util::parse_size)]
+    rate_limit: Option<u64>,
+}
 
 /// Export a bundle as an OVA (VMware, VirtualBox, any OVF importer)
 #[derive(clap::Args)]
@@ -306,6 +323,8 @@ struct ExportArgs {
     progress: bool,
     #[command(flatten)]
     access: Access,
+    #[command(flatten)]
+    upload: UploadArgs,
     store: String,
     name: String,
     /// The OVA: a file, or an object URL (s3://BUCKET/KEY.ova)
@@ -329,6 +348,8 @@ struct PackArgs {
     progress: bool,
     #[command(flatten)]
     access: Access,
+    #[command(flatten)]
+    upload: UploadArgs,
     /// Images (any source diskkit reads), in the machine's order
     #[arg(required = true)]
     images: Vec<PathBuf>,
@@ -786,30 +807,87 @@ fn import(args: ImportArgs) -> Result<i32> {
 }
 
 /// Writes `plan` to DEST (a file, or an object of a bucket), then names what it holds.
-fn write_ova(plan: &OvaPlan<'_>, dest: &str, access: &Access, progress: bool) -> Result<i32> {
-    let bar = Bar::new(progress, plan.size(), "writing the OVA");
-    if dest.contains("://") && !dest.starts_with("file://") {
-        let location = diskkit::storage::Location::parse(dest)?;
-        let settings = access
+/// Where an OVA goes and what it is made of.
+struct OvaDest<'d> {
+    dest: &'d str,
+    access: &'d Access,
+    upload: &'d UploadArgs,
+    /// What the OVA is made of (the store and bundle, or the image files): a rerun resumes an
+    /// upload of the same source only.
+    source: String,
+    progress: bool,
+}
+
+/// Writes `ova` to a file (one compression pass) or uploads it to a bucket (a layout pass, then
+/// push's resumable upload), and prints its size and members.
+fn write_ova(ova: &Ova<'_, '_>, to: &OvaDest<'_>) -> Result<i32> {
+    let guest = ova.disks.iter().map(|d| d.image.virtual_size()).sum();
+    let mut out = Out::new();
+    if to.dest.contains("://") && !to.dest.starts_with("file://") {
+        let location = diskkit::storage::Location::parse(to.dest)?;
+        let settings = to
+            .access
             .conn
             .settings()
-            .resolve(location.scheme, access.conn.profile())?;
+            .resolve(location.scheme, to.access.conn.profile())?;
         let store = diskkit::storage::open(&location, &settings)?;
-        plan.upload(store.as_ref(), &location.key, &bar)?;
+        let bar = Bar::new(to.progress, guest, "laying out the disks");
+        let plan = ova.plan(&bar)?;
+        bar.finish();
+        let opts = diskkit::storage::push::PushOptions {
+            part_size: to.upload.part_size,
+            parallel: to.upload.parallel.max(1),
+            rate_limit: to.upload.rate_limit,
+            source_name: format!("{}.ova", ova.name),
+            identity: format!("ova {} layout={}", to.source, plan.layout_fingerprint()),
+        };
+        let system = plan.guest().virtual_size();
+        let hashing = Bar::new(to.progress, system, "hashing the system disk");
+        let uploading = Bar::new(to.progress, plan.size(), "uploading the OVA");
+        let r = diskkit::storage::push::push(
+            store.as_ref(),
+            &location,
+            &plan,
+            &opts,
+            &hashing,
+            &uploading,
+        )?;
+        hashing.finish();
+        uploading.finish();
+        // Push's sidecar describes a bare image (pull and verify refuse a container): an OVA is
+        // read by bundle import and pulled byte for byte, checked against its ETag.
+        store.delete(&[diskkit::storage::manifest_key(&location.key)])?;
+        writeln!(
+            out,
+            "{} ({} bytes): {}; {} parts of {}, {} sent now, {} already sent before{}",
+            to.dest,
+            plan.size(),
+            plan.members.join(", "),
+            r.parts,
+            human_size(r.part_size),
+            r.sent,
+            r.resumed,
+            if r.restarted {
+                " (the earlier upload was gone on the server)"
+            } else {
+                ""
+            }
+        )?;
     } else {
-        plan.write_file(
-            std::path::Path::new(dest.strip_prefix("file://").unwrap_or(dest)),
+        let bar = Bar::new(to.progress, guest, "writing the OVA");
+        let summary = ova.write_file(
+            std::path::Path::new(to.dest.strip_prefix("file://").unwrap_or(to.dest)),
             &bar,
         )?;
+        bar.finish();
+        writeln!(
+            out,
+            "{} ({} bytes): {}",
+            to.dest,
+            summary.size,
+            summary.members.join(", ")
+        )?;
     }
-    bar.finish();
-    let mut out = Out::new();
-    writeln!(
-        out,
-        "{dest} ({} bytes): {}",
-        plan.size(),
-        plan.members.join(", ")
-    )?;
     out.flush()?;
     Ok(EXIT_OK)
 }
@@ -836,10 +914,21 @@ fn export(args: ExportArgs) -> Result<i32> {
         firmware: m.firmware,
         os: m.os.clone(),
     };
-    let bar = Bar::new(args.progress, m.virtual_size(), "laying out the disks");
-    let plan = bundle::ova::export::plan(&name, &disks, &hints, args.manifest_alg, &bar)?;
-    bar.finish();
-    write_ova(&plan, &args.dest, &args.access, args.progress)
+    let ova = Ova {
+        name: &name,
+        disks: &disks,
+        hints: &hints,
+        alg: args.manifest_alg,
+        mtime: m.created,
+    };
+    let to = OvaDest {
+        dest: &args.dest,
+        access: &args.access,
+        upload: &args.upload,
+        source: format!("{}#{name} digest={}", store.url(), m.digest),
+        progress: args.progress,
+    };
+    write_ova(&ova, &to)
 }
 
 fn pack(args: PackArgs) -> Result<i32> {
@@ -869,9 +958,28 @@ fn pack(args: PackArgs) -> Result<i32> {
         firmware: args.firmware,
         os: args.os.clone(),
     };
-    let total = images.iter().map(|i| i.virtual_size()).sum();
-    let bar = Bar::new(args.progress, total, "laying out the disks");
-    let plan = bundle::ova::export::plan(&name, &disks, &hints, args.manifest_alg, &bar)?;
-    bar.finish();
-    write_ova(&plan, &args.dest, &args.access, args.progress)
+    // The newest source's time: a rerun produces the same archive (a resumable upload).
+    let mtime = args
+        .images
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .max()
+        .unwrap_or_else(std::time::SystemTime::now)
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let ova = Ova {
+        name: &name,
+        disks: &disks,
+        hints: &hints,
+        alg: args.manifest_alg,
+        mtime,
+    };
+    let to = OvaDest {
+        dest: &args.dest,
+        access: &args.access,
+        upload: &args.upload,
+        source: format!("{:?} mtime={mtime}", args.images),
+        progress: args.progress,
+    };
+    write_ova(&ova, &to)
 }

@@ -17,14 +17,12 @@
 //! Memory: one byte per allocated grain (16 KiB per GiB of data) and one entry per grain table.
 
 use super::layout::{
-    ContentId, GRAIN_BYTES, GRAIN_SECTORS, GT_BLOCK_SECTORS, GTES_PER_GT, SECTOR,
-    STREAM_DATA_START, Subformat, VmdkOptions, grain_record, gt_block,
+    ContentId, GRAIN_BYTES, GRAIN_MARKER_BYTES, GRAIN_SECTORS, GT_BLOCK_SECTORS, GTES_PER_GT,
+    SECTOR, STREAM_DATA_START, Subformat, VmdkOptions, grain_record, gt_block,
 };
 use crate::error::{Error, Result};
 use crate::image::{Format, GuestRange, Image, check_guest_range};
-use crate::stream::{
-    ClusterRuns, ImageStream, PaddedStream, ReadGuest, StreamLayout, ZeroPadded, per_rank,
-};
+use crate::stream::{ClusterRuns, ImageStream, PaddedStream, ReadGuest, StreamLayout, ZeroPadded};
 use crate::write::CreateOptions;
 
 /// A grain table span that stores at least one grain.
@@ -36,6 +34,82 @@ struct Span {
     /// Sector of its first grain; the grain table's marker follows the last one at `end`.
     start: u64,
     end: u64,
+}
+
+/// Grains compressed together in the planning pass (8 MiB of guest): memory is two windows of
+/// compressed grains.
+const WINDOW_GRAINS: u64 = 128;
+
+/// Where a planning pass sends the file's bytes, in order, as it lays them out: so one
+/// compression pass writes (or hashes) the whole file. The header comes first, so its CID is
+/// the caller's (a function of what the caller knows beforehand), not the stored grains'.
+pub struct Emit<'e> {
+    pub cid: u32,
+    pub bytes: &'e mut (dyn FnMut(&[u8]) -> Result<()> + Send),
+}
+
+/// The planning pass's state: grains placed in guest order, grain tables closed as their span
+/// ends.
+struct Placer<'e> {
+    sectors: Vec<u8>,
+    spans: Vec<Span>,
+    id: ContentId,
+    /// Sector where the next grain or grain table goes.
+    pos: u64,
+    /// The span being filled and its grain table entries.
+    open: Option<(Span, Vec<u32>)>,
+    emit: Option<Emit<'e>>,
+}
+
+impl Placer<'_> {
+    fn emit(&mut self, bytes: &[u8]) -> Result<()> {
+        match &mut self.emit {
+            Some(e) => (e.bytes)(bytes),
+            None => Ok(()),
+        }
+    }
+
+    /// Places guest grain `grain` of rank `rank`, stored as `record` (`None`: all zeros).
+    fn grain(&mut self, rank: u64, grain: u64, record: Option<Vec<u8>>) -> Result<()> {
+        let table = grain / GTES_PER_GT;
+        if self.open.as_ref().is_none_or(|(s, _)| s.table != table) {
+            self.close_span()?;
+            let span = Span {
+                table,
+                first_rank: rank,
+                start: self.pos,
+                end: self.pos,
+            };
+            self.open = Some((span, vec![0; GTES_PER_GT as usize]));
+        }
+        // A grain record is at most 2 grains (grain_record): one byte each in practice.
+        let n = u8::try_from(record.as_ref().map_or(0, |r| r.len() as u64 / SECTOR))
+            .map_err(|_| Error::invalid("vmdk stream: a grain stored in over 255 sectors"))?;
+        self.sectors.push(n);
+        if let Some(r) = record {
+            self.id.add(grain * GRAIN_SECTORS, u64::from(n));
+            if let Some((_, entries)) = &mut self.open {
+                // Past 2 TiB the plan fails at its end: the truncated entry is never used.
+                entries[(grain % GTES_PER_GT) as usize] = self.pos as u32;
+            }
+            self.emit(&r)?;
+            self.pos += u64::from(n);
+        }
+        Ok(())
+    }
+
+    /// Ends the open span: its grain table follows its grains if it stores any.
+    fn close_span(&mut self) -> Result<()> {
+        if let Some((mut span, entries)) = self.open.take()
+            && self.pos > span.start
+        {
+            span.end = self.pos;
+            self.emit(&gt_block(&entries))?;
+            self.spans.push(span);
+            self.pos += GT_BLOCK_SECTORS;
+        }
+        Ok(())
+    }
 }
 
 /// The byte layout of a stream-optimized VMDK of a guest whose allocated grains are known.
@@ -65,6 +139,7 @@ impl StreamOptimizedLayout {
         name: &str,
         read_guest: ReadGuest,
         compressed: &(dyn Fn(u64) + Sync),
+        emit: Option<Emit<'_>>,
     ) -> Result<StreamOptimizedLayout> {
         opts.options
             .entry("subformat".into())
@@ -79,42 +154,59 @@ impl StreamOptimizedLayout {
         }
         let guest_size = vmdk.guest_size();
         let runs = ClusterRuns::new(guest_size, GRAIN_BYTES, allocated)?;
-        let sectors = per_rank(runs.count(), GTES_PER_GT, &|rank| {
-            let grain = runs
-                .cluster_of(rank)
-                .ok_or_else(|| Error::invalid("vmdk stream: grain rank out of range"))?;
-            let record = record_of(grain, guest_size, read_guest)?;
-            compressed(GRAIN_BYTES);
-            // A grain record is at most 2 grains (grain_record): one byte each in practice.
-            u8::try_from(record.map_or(0, |r| r.len() as u64 / SECTOR))
-                .map_err(|_| Error::invalid("vmdk stream: a grain stored in over 255 sectors"))
-        })?;
-        let mut spans = Vec::new();
-        let mut id = ContentId::default();
-        let mut pos = STREAM_DATA_START;
-        let mut rank = 0;
-        while rank < runs.count() {
-            let table = cluster(&runs, rank)? / GTES_PER_GT;
-            let first_rank = rank;
-            let start = pos;
-            while rank < runs.count() && cluster(&runs, rank)? / GTES_PER_GT == table {
-                let n = u64::from(sectors[rank as usize]);
-                if n > 0 {
-                    id.add(cluster(&runs, rank)? * GRAIN_SECTORS, n);
-                }
-                pos += n;
-                rank += 1;
-            }
-            if pos > start {
-                spans.push(Span {
-                    table,
-                    first_rank,
-                    start,
-                    end: pos,
-                });
-                pos += GT_BLOCK_SECTORS;
-            }
+        let given_cid = emit.as_ref().map(|e| e.cid);
+        let mut placer = Placer {
+            sectors: Vec::with_capacity(runs.count() as usize),
+            spans: Vec::new(),
+            id: ContentId::default(),
+            pos: STREAM_DATA_START,
+            open: None,
+            emit,
+        };
+        if let Some(cid) = given_cid {
+            placer.emit(&vmdk.stream_head(name, cid)?)?;
         }
+        // Windows of grains compressed on all cores while the previous window is placed (and
+        // its bytes emitted) on this thread.
+        let compress = |w: u64| -> Result<Vec<Option<Vec<u8>>>> {
+            use rayon::prelude::*;
+            (w * WINDOW_GRAINS..((w + 1) * WINDOW_GRAINS).min(runs.count()))
+                .into_par_iter()
+                .map(|rank| {
+                    let record = record_of(cluster(&runs, rank)?, guest_size, read_guest)?;
+                    compressed(GRAIN_BYTES);
+                    Ok(record)
+                })
+                .collect()
+        };
+        let windows = runs.count().div_ceil(WINDOW_GRAINS);
+        let mut ready = if windows > 0 {
+            compress(0)?
+        } else {
+            Vec::new()
+        };
+        for w in 0..windows {
+            let records = std::mem::take(&mut ready);
+            let (placed, next) = rayon::join(
+                || -> Result<()> {
+                    for (rank, record) in (w * WINDOW_GRAINS..).zip(records) {
+                        placer.grain(rank, cluster(&runs, rank)?, record)?;
+                    }
+                    Ok(())
+                },
+                || {
+                    if w + 1 < windows {
+                        compress(w + 1)
+                    } else {
+                        Ok(Vec::new())
+                    }
+                },
+            );
+            placed?;
+            ready = next?;
+        }
+        placer.close_span()?;
+        let pos = placer.pos;
         // Grain table entries and the directory hold 32-bit sector numbers.
         if pos + vmdk.stream_tail_sectors() > u64::from(u32::MAX) {
             return Err(Error::invalid(
@@ -122,21 +214,28 @@ impl StreamOptimizedLayout {
             ));
         }
         let mut gd = vec![0u32; vmdk.gd_entries() as usize];
-        for s in &spans {
+        for s in &placer.spans {
             if let Some(e) = gd.get_mut(s.table as usize) {
                 *e = (s.end + 1) as u32;
             }
         }
-        let (digest, cid) = id.finish(vmdk.capacity);
+        let tail = vmdk.stream_tail(&gd, pos);
+        placer.emit(&tail)?;
+        let (digest, content_cid) = placer.id.finish(vmdk.capacity);
+        let mut fingerprint = format!("stream-optimized-{}", crate::digest::hex(&digest[..16]));
+        if let Some(cid) = given_cid {
+            fingerprint += &format!("-cid-{cid:08x}");
+        }
+        let cid = given_cid.unwrap_or(content_cid);
         Ok(StreamOptimizedLayout {
             head: vmdk.stream_head(name, cid)?,
-            tail: vmdk.stream_tail(&gd, pos),
+            tail,
             opts: vmdk,
             runs,
-            sectors,
-            spans,
+            sectors: placer.sectors,
+            spans: placer.spans,
             tail_at: pos,
-            fingerprint: format!("stream-optimized-{}", crate::digest::hex(&digest[..16])),
+            fingerprint,
         })
     }
 
@@ -265,7 +364,69 @@ fn record_of(grain: u64, guest_size: u64, read_guest: ReadGuest) -> Result<Optio
     let at = grain * GRAIN_BYTES;
     let n = guest_size.saturating_sub(at).min(GRAIN_BYTES) as usize;
     read_guest(&mut buf[..n], at)?;
-    grain_record(&buf, grain * GRAIN_SECTORS)
+    stored_grain(&buf, grain * GRAIN_SECTORS)
+}
+
+/// Bits per byte above which a grain's sampled bytes say it is random-looking (compressed or
+/// encrypted data): deflating such a grain costs about 300 times storing it and saves nothing
+/// (deflate then emits stored blocks anyway, in the same whole sectors).
+const INCOMPRESSIBLE_BITS: f64 = 7.9;
+
+/// Shannon entropy of every 4th byte of `grain` (16 Ki samples of a grain: a tenth of the
+/// cost of deflating a text grain), in bits per byte.
+fn sampled_entropy(grain: &[u8]) -> f64 {
+    let mut counts = [0u32; 256];
+    let mut n = 0u32;
+    for b in grain.iter().step_by(4) {
+        counts[usize::from(*b)] += 1;
+        n += 1;
+    }
+    let n = f64::from(n.max(1));
+    counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = f64::from(c) / n;
+            -p * p.log2()
+        })
+        .sum()
+}
+
+thread_local! {
+    // A level-0 (stored blocks) zlib compressor per thread, reset for each grain.
+    static STORED: std::cell::RefCell<Option<flate2::Compress>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A grain's record as both streamOptimized writers store it: [`grain_record`] (deflate), or for
+/// a random-looking grain (see [`INCOMPRESSIBLE_BITS`]) the same record holding a zlib stream
+/// of stored blocks, which every inflater reads. `None`: all zeros.
+pub(super) fn stored_grain(grain: &[u8], lba: u64) -> Result<Option<Vec<u8>>> {
+    if sampled_entropy(grain) <= INCOMPRESSIBLE_BITS {
+        return grain_record(grain, lba);
+    }
+    STORED.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let z =
+            slot.get_or_insert_with(|| flate2::Compress::new(flate2::Compression::none(), true));
+        z.reset();
+        // Stored blocks: 5 bytes per 64 KiB block, 6 of zlib wrapper.
+        let mut out =
+            Vec::with_capacity(GRAIN_MARKER_BYTES + grain.len() + grain.len() / 1024 + 64);
+        out.resize(GRAIN_MARKER_BYTES, 0);
+        match z.compress_vec(grain, &mut out, flate2::FlushCompress::Finish) {
+            Ok(flate2::Status::StreamEnd) => {}
+            other => {
+                return Err(Error::invalid(format!(
+                    "zlib stored blocks of the grain at sector {lba}: {other:?}"
+                )));
+            }
+        }
+        let size = (out.len() - GRAIN_MARKER_BYTES) as u32;
+        out[..8].copy_from_slice(&lba.to_le_bytes());
+        out[8..GRAIN_MARKER_BYTES].copy_from_slice(&size.to_le_bytes());
+        out.resize((out.len() as u64).next_multiple_of(SECTOR) as usize, 0);
+        Ok(Some(out))
+    })
 }
 
 /// Copies `src[from..]` into the start of `dst`; returns the number of bytes copied.
@@ -280,13 +441,14 @@ fn copy_from(dst: &mut [u8], src: &[u8], from: u64) -> u64 {
 /// the API for callers that know the file's name (an OVA's disk). `opts` takes the VMDK `-o`
 /// options (`adapter_type`, `hwversion`); `allocated` yields the guest ranges of `src` that
 /// hold data, ascending; planning compresses every allocated grain once, reporting guest bytes
-/// done to `compressing`.
+/// done to `compressing`, and hands the file's bytes in order to `emit` if given.
 pub fn stream_optimized<'a>(
     src: &'a dyn Image,
     name: &str,
     opts: &mut CreateOptions,
     allocated: &mut dyn Iterator<Item = Result<GuestRange>>,
     compressing: &(dyn Fn(u64) + Sync),
+    emit: Option<Emit<'_>>,
 ) -> Result<Box<dyn ImageStream + 'a>> {
     let guest = ZeroPadded::new(src, src.virtual_size().next_multiple_of(SECTOR));
     let layout = StreamOptimizedLayout::plan(
@@ -296,6 +458,7 @@ pub fn stream_optimized<'a>(
         name,
         &|buf, at| guest.read_at(buf, at),
         compressing,
+        emit,
     )?;
     Ok(Box::new(PaddedStream { layout, guest }))
 }
@@ -313,7 +476,7 @@ pub(crate) fn stream<'a>(
         .file_stem()
         .map(|s| format!("{}.vmdk", s.to_string_lossy()))
         .unwrap_or_else(|| "disk.vmdk".into());
-    stream_optimized(src, &name, opts, allocated, compressing)
+    stream_optimized(src, &name, opts, allocated, compressing, None)
 }
 
 #[cfg(test)]
@@ -343,18 +506,22 @@ mod tests {
             ((40 << 20) + (1 << 16), 100),
             (100 << 20, 1000),
         ];
-        let mut allocated = ranges.iter().map(|&(s, n)| Ok(GuestRange::new(s, s + n)));
-        let mut opts = CreateOptions::default();
-        opts.parse_options("adapter_type=lsilogic").unwrap();
-        let s = StreamOptimizedLayout::plan(
-            size,
-            &mut opts,
-            &mut allocated,
-            "t.vmdk",
-            &pattern,
-            &|_| {},
-        )
-        .unwrap();
+        let plan = |emit| {
+            let mut allocated = ranges.iter().map(|&(s, n)| Ok(GuestRange::new(s, s + n)));
+            let mut opts = CreateOptions::default();
+            opts.parse_options("adapter_type=lsilogic").unwrap();
+            StreamOptimizedLayout::plan(
+                size,
+                &mut opts,
+                &mut allocated,
+                "t.vmdk",
+                &pattern,
+                &|_| {},
+                emit,
+            )
+            .unwrap()
+        };
+        let s = plan(None);
         assert_eq!(s.spans.len(), 2);
         let mut all = vec![0u8; s.size() as usize];
         s.fill(&mut all, 0, &pattern).unwrap();
@@ -364,6 +531,24 @@ mod tests {
         }
         assert!(all == pieces);
         assert_eq!(&all[..4], b"KDMV");
+        // Planned with an emitter: the same file, handed over in order during the plan.
+        let mut emitted = Vec::new();
+        let cid = 0x1234_5678;
+        let e = plan(Some(Emit {
+            cid,
+            bytes: &mut |b| {
+                emitted.extend_from_slice(b);
+                Ok(())
+            },
+        }));
+        let mut refilled = vec![0u8; e.size() as usize];
+        e.fill(&mut refilled, 0, &pattern).unwrap();
+        assert!(emitted == refilled);
+        assert_eq!(emitted.len(), all.len());
+        assert!(String::from_utf8_lossy(&emitted[512..1024]).contains("CID=12345678"));
+        assert!(
+            emitted[STREAM_DATA_START as usize * 512..] == all[STREAM_DATA_START as usize * 512..]
+        );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.vmdk");
         std::fs::write(&path, &all).unwrap();
@@ -379,5 +564,41 @@ mod tests {
             pattern(&mut want[g as usize..e as usize], g).unwrap();
         }
         assert!(guest == want);
+    }
+
+    #[test]
+    fn random_grains_are_stored_and_inflate_back() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let random: Vec<u8> = (0..GRAIN_BYTES)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let text: Vec<u8> = (0..GRAIN_BYTES)
+            .map(|i| b"disk image "[i as usize % 11])
+            .collect();
+        assert!(sampled_entropy(&random) > INCOMPRESSIBLE_BITS);
+        assert!(sampled_entropy(&text) < INCOMPRESSIBLE_BITS);
+        for grain in [&random, &text] {
+            let r = stored_grain(grain, 128).unwrap().unwrap();
+            assert!(r.len().is_multiple_of(SECTOR as usize));
+            assert_eq!(u64::from_le_bytes(r[..8].try_into().unwrap()), 128);
+            let size = u32::from_le_bytes(r[8..12].try_into().unwrap()) as usize;
+            let mut out = vec![0u8; grain.len()];
+            let mut z = flate2::Decompress::new(true);
+            let status = z
+                .decompress(&r[12..12 + size], &mut out, flate2::FlushDecompress::Finish)
+                .unwrap();
+            assert_eq!(status, flate2::Status::StreamEnd);
+            assert!(&out == grain);
+        }
+        assert!(
+            stored_grain(&[0; GRAIN_BYTES as usize], 0)
+                .unwrap()
+                .is_none()
+        );
     }
 }

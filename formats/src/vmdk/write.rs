@@ -17,8 +17,7 @@
 
 use super::layout::{
     ContentId, DESCRIPTOR_SECTORS, GRAIN_BYTES, GRAIN_SECTORS, GT_BLOCK_SECTORS, GT_SECTORS,
-    GT_SPAN, GTES_PER_GT, SECTOR, STREAM_DATA_START, Subformat, VmdkOptions, grain_record,
-    gt_block, table_bytes,
+    GT_SPAN, GTES_PER_GT, SECTOR, STREAM_DATA_START, Subformat, VmdkOptions, gt_block, table_bytes,
 };
 use crate::error::{Error, Result};
 use crate::image::{GuestRange, check_guest_range, first_nonzero_byte, touched_clusters};
@@ -445,7 +444,7 @@ impl ImageWriter for StreamOptimizedWriter {
                 whole.resize(GRAIN_BYTES as usize, 0);
                 &whole
             };
-            if let Some(r) = grain_record(grain, g * GRAIN_SECTORS)? {
+            if let Some(r) = super::stream::stored_grain(grain, g * GRAIN_SECTORS)? {
                 records.push((g, r));
             }
         }
