@@ -309,13 +309,6 @@ thread_local! {
 impl Writeback {
     const BATCH: u64 = 16 << 20;
 
-    pub fn new(mode: CacheMode) -> Self {
-        Writeback {
-            mode,
-            ..Default::default()
-        }
-    }
-
     /// For the output file at `path`: in the direct modes its data writes go through a second
     /// descriptor opened with `O_DIRECT` (when the filesystem refuses it, through the cache).
     pub fn for_file(mode: CacheMode, path: &Path) -> Self {

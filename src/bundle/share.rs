@@ -301,7 +301,7 @@ enum Signer {
 
 /// Presigns GETs of one bucket's objects (each provider's query signing, by reqsign).
 struct Presigner {
-    runtime: tokio::runtime::Runtime,
+    runtime: &'static tokio::runtime::Runtime,
     signer: Signer,
     /// `http(s)://host[:port]/BUCKET/` or, virtual-hosted (always for OSS and OBS),
     /// `http(s)://BUCKET.host[:port]/`.
@@ -380,9 +380,7 @@ impl Presigner {
                 },
             ),
         };
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+        let runtime = crate::storage::io_runtime()
             .map_err(|e| Error::invalid(format!("cannot start the signer: {e}")))?;
         Ok(Presigner {
             runtime,
@@ -427,7 +425,7 @@ fn encode_key(key: &str) -> String {
 
 /// Plain HTTP GETs of presigned URLs.
 struct Client {
-    runtime: tokio::runtime::Runtime,
+    runtime: &'static tokio::runtime::Runtime,
     http: reqwest::Client,
 }
 
@@ -441,11 +439,7 @@ impl Client {
                 format!("cannot set up HTTP client: {e}"),
             )
         };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .map_err(|e| failed(&e))?;
+        let runtime = crate::storage::io_runtime().map_err(|e| failed(&e))?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(Duration::from_secs(60))

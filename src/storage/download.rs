@@ -7,12 +7,11 @@ use super::{Location, Store};
 use crate::output::Scratch;
 use crate::progress::Progress;
 use diskkit_formats::digest::{ChunkDigest, ChunkHasher, DigestBuilder, PiecewiseChunk};
-use diskkit_formats::write::Writeback;
+use diskkit_formats::write::{CacheMode, DIRECT_ALIGN, Writeback};
 use diskkit_formats::{Error, Result};
 use std::cell::RefCell;
 use std::path::Path;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Most chunk digests an [`InFlightDigest`] holds (about 60 MiB of them): a manifest's chunk
 /// size may be as small as 4 KiB, which for a large object would be more chunks than memory
@@ -128,10 +127,6 @@ fn download_range(size: u64, threads: usize, chunk_size: u64) -> u64 {
 /// made the kernel's copy into the page cache take twice as long).
 pub(super) const PIECE: usize = 1 << 20;
 
-/// Alignment of the staging buffers and of the writes [`download`] makes with `O_DIRECT`: the
-/// largest logical block size disks ask for.
-const DIRECT_ALIGN: usize = 4096;
-
 /// Copies the object at `location` (`size` bytes) into a new scratch file in `dir` with
 /// `threads` ranged reads at once; blocks of zeros are left as holes. `digest` hashes the bytes on the way; then
 /// nothing reads the file right after, and it is written with direct I/O where the filesystem
@@ -172,66 +167,37 @@ pub(super) fn download(
 }
 
 /// The file [`download`] writes: through the page cache, or with direct I/O where asked and
-/// the filesystem allows.
+/// the filesystem allows (the direct cache mode of the image writers).
 struct Output<'a> {
     path: &'a Path,
     file: std::fs::File,
-    /// The same file opened with `O_DIRECT`; aligned writes go through it while it works.
-    direct: Option<std::fs::File>,
-    direct_works: AtomicBool,
     writeback: Writeback,
 }
 
 impl<'a> Output<'a> {
     /// Opens `path` and sets its length to `size`.
     pub(super) fn open(path: &'a Path, size: u64, direct: bool) -> Result<Output<'a>> {
-        use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
             .write(true)
             .open(path)
             .map_err(|e| Error::io(path, "open", e))?;
         file.set_len(size)
             .map_err(|e| Error::io(path, "set length", e))?;
-        let direct = direct
-            .then(|| {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .custom_flags(libc::O_DIRECT)
-                    .open(path)
-                    .ok()
-            })
-            .flatten();
+        let mode = if direct {
+            CacheMode::None
+        } else {
+            CacheMode::Writeback
+        };
         Ok(Output {
             path,
             file,
-            direct_works: AtomicBool::new(direct.is_some()),
-            direct,
-            writeback: Writeback::default(),
+            writeback: Writeback::for_file(mode, path),
         })
     }
 
     pub(super) fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
-        use std::os::unix::fs::FileExt;
-        let failed = |e| Error::io(self.path, format!("write at {offset}"), e);
-        let aligned = [offset, data.len() as u64, data.as_ptr() as u64]
-            .iter()
-            .all(|n| n.is_multiple_of(DIRECT_ALIGN as u64));
-        if let Some(direct) = &self.direct
-            && aligned
-            && self.direct_works.load(Ordering::Relaxed)
-        {
-            match direct.write_all_at(data, offset) {
-                Ok(()) => return Ok(()),
-                // The filesystem wants another alignment: write through the cache from now on.
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    self.direct_works.store(false, Ordering::Relaxed)
-                }
-                Err(e) => return Err(failed(e)),
-            }
-        }
-        self.file.write_all_at(data, offset).map_err(failed)?;
         self.writeback
-            .wrote(&self.file, self.path, data.len() as u64)
+            .write_at(&self.file, self.path, data, offset, "data")
     }
 }
 

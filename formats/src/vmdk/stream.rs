@@ -367,41 +367,17 @@ fn record_of(grain: u64, guest_size: u64, read_guest: ReadGuest) -> Result<Optio
     stored_grain(&buf, grain * GRAIN_SECTORS)
 }
 
-/// Bits per byte above which a grain's sampled bytes say it is random-looking (compressed or
-/// encrypted data): deflating such a grain costs about 300 times storing it and saves nothing
-/// (deflate then emits stored blocks anyway, in the same whole sectors).
-const INCOMPRESSIBLE_BITS: f64 = 7.9;
-
-/// Shannon entropy of every 4th byte of `grain` (16 Ki samples of a grain: a tenth of the
-/// cost of deflating a text grain), in bits per byte.
-fn sampled_entropy(grain: &[u8]) -> f64 {
-    let mut counts = [0u32; 256];
-    let mut n = 0u32;
-    for b in grain.iter().step_by(4) {
-        counts[usize::from(*b)] += 1;
-        n += 1;
-    }
-    let n = f64::from(n.max(1));
-    counts
-        .iter()
-        .filter(|&&c| c > 0)
-        .map(|&c| {
-            let p = f64::from(c) / n;
-            -p * p.log2()
-        })
-        .sum()
-}
-
 thread_local! {
     // A level-0 (stored blocks) zlib compressor per thread, reset for each grain.
     static STORED: std::cell::RefCell<Option<flate2::Compress>> = const { std::cell::RefCell::new(None) };
 }
 
 /// A grain's record as both streamOptimized writers store it: [`grain_record`] (deflate), or for
-/// a random-looking grain (see [`INCOMPRESSIBLE_BITS`]) the same record holding a zlib stream
-/// of stored blocks, which every inflater reads. `None`: all zeros.
+/// a grain that looks incompressible ([`crate::entropy`]: deflating it costs about 300 times
+/// storing it and saves nothing) the same record holding a zlib stream of stored blocks, which
+/// every inflater reads. `None`: all zeros.
 pub(super) fn stored_grain(grain: &[u8], lba: u64) -> Result<Option<Vec<u8>>> {
-    if sampled_entropy(grain) <= INCOMPRESSIBLE_BITS {
+    if !crate::entropy::looks_incompressible(grain) {
         return grain_record(grain, lba);
     }
     STORED.with(|cell| {
@@ -568,20 +544,12 @@ mod tests {
 
     #[test]
     fn random_grains_are_stored_and_inflate_back() {
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let random: Vec<u8> = (0..GRAIN_BYTES)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let random = crate::entropy::tests::noise(GRAIN_BYTES as usize, 11);
         let text: Vec<u8> = (0..GRAIN_BYTES)
             .map(|i| b"disk image "[i as usize % 11])
             .collect();
-        assert!(sampled_entropy(&random) > INCOMPRESSIBLE_BITS);
-        assert!(sampled_entropy(&text) < INCOMPRESSIBLE_BITS);
+        assert!(crate::entropy::looks_incompressible(&random));
+        assert!(!crate::entropy::looks_incompressible(&text));
         for grain in [&random, &text] {
             let r = stored_grain(grain, 128).unwrap().unwrap();
             assert!(r.len().is_multiple_of(SECTOR as usize));

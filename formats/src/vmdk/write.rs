@@ -72,17 +72,13 @@ impl Output {
         Ok(Output {
             file: crate::write::create_image_file(path)?,
             path: path.to_path_buf(),
-            writeback: Writeback::new(opts.cache),
+            writeback: Writeback::for_file(opts.cache, path),
         })
     }
 
     fn write(&self, buf: &[u8], sector: u64, what: &str) -> Result<()> {
-        let at = sector * SECTOR;
-        self.file
-            .write_all_at(buf, at)
-            .map_err(|e| Error::io(&self.path, format!("write {what} at {at:#x}"), e))?;
         self.writeback
-            .wrote(&self.file, &self.path, buf.len() as u64)
+            .write_at(&self.file, &self.path, buf, sector * SECTOR, what)
     }
 
     /// Sets the file's length to `sectors` and makes it durable.
