@@ -8,7 +8,9 @@ use diskkit_formats::chunk_store::{HOLE, SnapshotIndex};
 use diskkit_formats::image::check_guest_range;
 use diskkit_formats::{Extent, ExtentKind, Format, Image, ImageInfo, Result};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+
+type ChunkSlot = Arc<OnceLock<Option<Arc<Vec<u8>>>>>;
 
 /// Decoded chunks kept for readers that come back to the same chunk (the convert engine reads
 /// a chunk in several pieces, from several threads).
@@ -18,8 +20,9 @@ pub struct SnapshotImage {
     store: Arc<SnapshotStore>,
     id: String,
     index: SnapshotIndex,
-    /// Most recently used last.
-    cache: Mutex<Vec<(u64, Arc<Vec<u8>>)>>,
+    /// Most recently used last; a slot is filled by the reader that loads the chunk (empty
+    /// while it loads; `None` when the load failed).
+    cache: Mutex<Vec<(u64, ChunkSlot)>>,
 }
 
 impl SnapshotImage {
@@ -59,12 +62,53 @@ impl SnapshotImage {
         &self.index
     }
 
+    /// The decoded chunk `i`. Readers that want the same chunk at once (grains of one chunk
+    /// read by several threads) share one fetch: the first loads it, the others wait for it.
     fn chunk(&self, i: u64) -> Result<Arc<Vec<u8>>> {
-        if let Ok(cache) = self.cache.lock()
-            && let Some((_, data)) = cache.iter().find(|(c, _)| *c == i)
-        {
+        let slot = {
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            match cache.iter().position(|(c, _)| *c == i) {
+                Some(at) => {
+                    // Most recently used last.
+                    let entry = cache.remove(at);
+                    let slot = entry.1.clone();
+                    cache.push(entry);
+                    slot
+                }
+                None => {
+                    if cache.len() >= CACHED_CHUNKS {
+                        cache.remove(0);
+                    }
+                    let slot = Arc::new(OnceLock::new());
+                    cache.push((i, slot.clone()));
+                    slot
+                }
+            }
+        };
+        if let Some(Some(data)) = slot.get() {
             return Ok(data.clone());
         }
+        let mut failure = None;
+        let loaded = slot.get_or_init(|| match self.load_chunk(i) {
+            Ok(data) => Some(data),
+            Err(e) => {
+                failure = Some(e);
+                None
+            }
+        });
+        match (loaded, failure) {
+            (Some(data), _) => Ok(data.clone()),
+            (None, Some(e)) => {
+                self.forget(i);
+                Err(e)
+            }
+            // Another reader's load failed: try again, for this reader's own error.
+            (None, None) => self.load_chunk(i),
+        }
+    }
+
+    /// Fetches, checks and decodes chunk `i`.
+    fn load_chunk(&self, i: u64) -> Result<Arc<Vec<u8>>> {
         let digest = self.index.chunks[i as usize];
         let data = Arc::new(self.store.read_chunk(&digest)?);
         let cs = self.index.meta.chunk_size;
@@ -77,14 +121,13 @@ impl SnapshotImage {
                 format!("holds {} bytes, the chunk needs {expected}", data.len()),
             ));
         }
-        if let Ok(mut cache) = self.cache.lock() {
-            cache.retain(|(c, _)| *c != i);
-            if cache.len() >= CACHED_CHUNKS {
-                cache.remove(0);
-            }
-            cache.push((i, data.clone()));
-        }
         Ok(data)
+    }
+
+    /// Drops chunk `i` from the cache (its load failed: a later read tries again).
+    fn forget(&self, i: u64) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.retain(|(c, _)| *c != i);
     }
 
     fn name(&self) -> String {
