@@ -2,13 +2,19 @@
 //! the same engine calls as the commands of those names.
 
 use super::jobfile::{Item, Operation};
-use crate::convert::{ConvertOptions, convert_to_path};
+use crate::convert::{ConvertOptions, convert_to_path_with_digest};
+use crate::gce::{self, GceStream, Tarball};
 use crate::hash::hash_image;
+use crate::preflight::{self, Status};
 use crate::progress::Progress;
 use crate::storage::push::{self, PushOptions};
-use crate::storage::{Location, Settings, Store, pull};
+use crate::storage::{Location, Settings, Store, open_object_image, pull};
+use crate::targets::{self, Output};
 use diskkit_formats::digest::{DEFAULT_CHUNK_SIZE, hex};
-use diskkit_formats::{Error, Format, Image, ImplicitOpens, OpenOptions, Result, open_with};
+use diskkit_formats::write::CreateOptions;
+use diskkit_formats::{
+    Error, Format, Image, ImageStream, ImplicitOpens, OpenOptions, Result, open_with,
+};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -89,43 +95,57 @@ impl Context {
 
     fn convert(&self, item: &Item, progress: &dyn Progress) -> Result<Outcome> {
         let src = self.open(&item.source)?;
-        let (format, mut create) = item.output(Format::Raw)?;
+        let (output, mut create) = item.output(Format::Raw)?;
+        preflight(item, src.as_ref(), &output, &create)?;
         let dst = Path::new(&item.destination);
         make_parent(dst)?;
-        // The shared read pool: K conversions at once take turns on the same threads.
-        convert_to_path(
+        let format = match output {
+            Output::Image { format, .. } => format,
+            Output::GceTarball => {
+                let tar = Tarball::of(src.as_ref(), Path::new(&item.source))?;
+                gce::write_file(&tar, dst, None, create.cache, progress)?;
+                return Ok(Outcome {
+                    bytes_in: src.virtual_size(),
+                    bytes_out: file_size(dst)?,
+                    digest: Some(guest_digest(tar.disk())?),
+                });
+            }
+        };
+        // The shared read pool: K conversions at once take turns on the same threads. The digest
+        // of the done record is taken from what the conversion writes, not read back.
+        let (_, hash) = convert_to_path_with_digest(
             src.as_ref(),
             format,
             dst,
             &mut create,
             &ConvertOptions::default(),
+            DEFAULT_CHUNK_SIZE,
             progress,
         )?;
-        drop(src);
-        let out = self.open(&item.destination)?;
-        let digest = hash_image(
-            out.as_ref(),
-            DEFAULT_CHUNK_SIZE,
-            &crate::progress::NoProgress,
-            None,
-        )?;
         Ok(Outcome {
-            bytes_in: digest.virtual_size,
+            bytes_in: hash.virtual_size,
             bytes_out: file_size(dst)?,
-            digest: Some(hex(&digest.digest)),
+            digest: Some(hex(&hash.digest)),
         })
     }
 
     fn push(&self, item: &Item, key: &str, progress: &dyn Progress) -> Result<Outcome> {
         let src = self.open(&item.source)?;
-        let (format, mut create) = item.output(Format::Raw)?;
+        let (output, mut create) = item.output(Format::Raw)?;
+        preflight(item, src.as_ref(), &output, &create)?;
         let (location, store) = self.store(&item.destination)?;
-        let export = push::plan(
-            src.as_ref(),
-            format,
-            &mut create,
-            &crate::progress::NoProgress,
-        )?;
+        let export: Box<dyn ImageStream + '_> = match output {
+            Output::Image { format, .. } => push::plan(
+                src.as_ref(),
+                format,
+                &mut create,
+                &crate::progress::NoProgress,
+            )?,
+            Output::GceTarball => Box::new(GceStream::plan(
+                Tarball::of(src.as_ref(), Path::new(&item.source))?,
+                &crate::progress::NoProgress,
+            )?),
+        };
         let opts = PushOptions {
             part_size: None,
             parallel: self.parallel,
@@ -159,7 +179,7 @@ impl Context {
 
     fn pull(&self, item: &Item, progress: &dyn Progress) -> Result<Outcome> {
         let (location, store) = self.store(&item.source)?;
-        let (format, mut create) = item.output(Format::Raw)?;
+        let (format, mut create) = item.image_output(Format::Raw)?;
         let dst = Path::new(&item.destination);
         make_parent(dst)?;
         let mut opts = pull::PullOptions {
@@ -205,6 +225,72 @@ impl Context {
             digest: Some(report.digest),
         })
     }
+}
+
+/// Opens the source of `item` as an image, as `batch check` does before anything runs: a local
+/// file, or an object (pull) read in place through ranged requests.
+pub fn open_source(
+    item: &Item,
+    settings: &Settings,
+    implicit_opens: ImplicitOpens,
+) -> Result<Box<dyn Image>> {
+    if item.operation.local_source() {
+        open_with(
+            Path::new(&item.source),
+            &OpenOptions::default(),
+            implicit_opens,
+        )
+    } else {
+        open_object_image(&item.source, settings, &OpenOptions::default())
+    }
+}
+
+/// Runs the pre-flight checks of an item with a target on what it is about to write, as convert
+/// and push do: a failed rule fails the item (permanently: the same source fails again).
+fn preflight(item: &Item, src: &dyn Image, output: &Output, create: &CreateOptions) -> Result<()> {
+    let Some(cloud) = item.target else {
+        return Ok(());
+    };
+    let subformat = match output {
+        Output::Image { format, .. } => targets::output_subformat(*format, create),
+        Output::GceTarball => None,
+    };
+    let path = Path::new(&item.source);
+    let report = preflight::check_output(
+        cloud,
+        src,
+        path,
+        output,
+        subformat,
+        src.virtual_size(),
+        None,
+    );
+    if !report.failed() {
+        return Ok(());
+    }
+    let failed: Vec<String> = report
+        .checks
+        .iter()
+        .filter(|f| f.status == Status::Fail)
+        .map(|f| format!("{}: {}", f.rule, f.reason))
+        .collect();
+    Err(Error::invalid(format!(
+        "{}: pre-flight checks for target {} failed: {}",
+        path.display(),
+        cloud.name(),
+        failed.join("; ")
+    )))
+}
+
+/// The guest digest of `image`, for the done record.
+fn guest_digest(image: &dyn Image) -> Result<String> {
+    let hash = hash_image(
+        image,
+        DEFAULT_CHUNK_SIZE,
+        &crate::progress::NoProgress,
+        None,
+    )?;
+    Ok(hex(&hash.digest))
 }
 
 fn make_parent(dst: &Path) -> Result<()> {

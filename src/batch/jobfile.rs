@@ -8,9 +8,6 @@ use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-/// GCE's tarball is a file of `convert --target gce` and `push --target gce`, not yet of a job.
-const GCE_IN_BATCH: &str = "gce writes a disk.raw tarball, which batch items do not make yet: use convert or push --target gce";
-
 /// Largest job file read: ~1 million items of a few hundred bytes.
 pub const MAX_JOB_FILE: u64 = 256 << 20;
 /// Longest line (or CSV record) of a job file.
@@ -95,23 +92,39 @@ pub struct Item {
 }
 
 impl Item {
-    /// The output format and create options this item asks for (`-O`, `-o`, `--target`), with
-    /// `default` when it names no format.
-    pub fn output(&self, default: Format) -> Result<(Format, CreateOptions)> {
+    /// What this item writes (`-O`, `-o`, `--target`), with `default` when it names no format:
+    /// an image and its create options, or GCE's tarball (`target` gce).
+    pub fn output(&self, default: Format) -> Result<(Output, CreateOptions)> {
         let mut create = CreateOptions::default();
         if !self.options.is_empty() {
             create.parse_options(&self.options)?;
         }
         let Some(cloud) = self.target else {
-            return Ok((self.format.unwrap_or(default), create));
+            let format = self.format.unwrap_or(default);
+            return Ok((
+                Output::Image {
+                    format,
+                    options: &[],
+                },
+                create,
+            ));
         };
         let resolved = targets::resolve(cloud, self.format, &mut create);
         if !resolved.broken.is_empty() {
             return Err(targets::refusal(cloud, &resolved.broken));
         }
-        match resolved.output {
-            Output::Image { format, .. } => Ok((format, create)),
-            Output::GceTarball => Err(Error::invalid(GCE_IN_BATCH)),
+        Ok((resolved.output, create))
+    }
+
+    /// [`Item::output`] of an item that writes an image (pull: no target).
+    pub fn image_output(&self, default: Format) -> Result<(Format, CreateOptions)> {
+        match self.output(default)? {
+            (Output::Image { format, .. }, create) => Ok((format, create)),
+            (Output::GceTarball, _) => Err(Error::invalid(format!(
+                "line {}: {} writes an image, not GCE's tarball",
+                self.line,
+                self.operation.name()
+            ))),
         }
     }
 
@@ -473,9 +486,6 @@ fn check_item(line: usize, r: RawItem, base: &Path, problems: &mut Problems) -> 
         for rule in &resolved.broken {
             problems.add(line, format!("field target: {}: {rule}", cloud.name()));
         }
-        if matches!(resolved.output, Output::GceTarball) {
-            problems.add(line, format!("field target: {GCE_IN_BATCH}"));
-        }
     }
     if problems.count > before {
         return None;
@@ -531,32 +541,32 @@ mod tests {
             "source,destination,operation,target\n\
              a.raw,s3://b/a.vhd,push,azure\n\
              b.raw,s3://b/b.vmdk,push,aws\n\
-             c.raw,c.qcow2,convert,alibaba\n",
+             c.raw,c.qcow2,convert,alibaba\n\
+             d.raw,d.tar.gz,convert,gce\n",
         )
         .unwrap();
-        let outputs: Vec<_> = items
+        let outputs: Vec<_> = items[..3]
             .iter()
-            .map(|i| i.output(Format::Raw).unwrap())
+            .map(|i| i.image_output(Format::Raw).unwrap())
             .collect();
         assert_eq!(outputs[0].0, Format::Vhd);
         assert_eq!(outputs[0].1.options["subformat"], "fixed");
         assert_eq!(outputs[1].0, Format::Vmdk);
         assert_eq!(outputs[1].1.options["subformat"], "streamOptimized");
         assert_eq!(outputs[2].0, Format::Qcow2);
+        assert!(matches!(
+            items[3].output(Format::Raw).unwrap().0,
+            Output::GceTarball
+        ));
         let e = parse_str(
             "source,destination,format,target\n\
              a.raw,a.qcow2,qcow2,azure\n\
-             b.raw,b.tar.gz,,gce\n\
              c.raw,c.raw,,moon\n",
         )
         .unwrap_err()
         .to_string();
         assert!(e.contains("line 2: field target: azure: format"), "{e}");
-        assert!(
-            e.contains("line 3: field target: gce writes a disk.raw tarball"),
-            "{e}"
-        );
-        assert!(e.contains("line 4: field target:"), "{e}");
+        assert!(e.contains("line 3: field target:"), "{e}");
     }
 
     #[test]
@@ -605,7 +615,7 @@ mod tests {
              a.raw,s3://b/store,snapshot,\n",
         )
         .unwrap();
-        assert_eq!(items[0].output(Format::Raw).unwrap().0, Format::Vhd);
+        assert_eq!(items[0].image_output(Format::Raw).unwrap().0, Format::Vhd);
         assert_eq!(items[1].source, "s3://b/a.vhd");
         assert_eq!(items[1].destination, "/base/a2.raw");
         assert!(parse_str("source,destination,operation\na.raw,s3://b/p/,push\n").is_err());

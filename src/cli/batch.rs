@@ -3,13 +3,13 @@
 use super::storage::Connection;
 use super::util::{Out, human_size, implicit_opens, parse_size, printable};
 use super::{EXIT_ERROR, EXIT_OK};
-use diskkit::batch::exec::Context;
+use diskkit::batch::exec::{Context, open_source};
 use diskkit::batch::jobfile::{Item, JobFile};
 use diskkit::batch::run::{self, LogFormat, RunOptions};
 use diskkit::batch::shard::Shard;
 use diskkit::batch::state::State;
 use diskkit::batch::status;
-use diskkit::formats::{Error, OpenOptions, Result, open_with};
+use diskkit::formats::{Error, Result};
 use rayon::prelude::*;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -68,13 +68,16 @@ enum Command {
 #[derive(clap::Args)]
 #[command(
     long_about = "Check JOBS: every line parses, names known fields with valid values, no two \
-items write the same destination, and every local source exists and opens as an image. Errors \
-name the line and the field. Exit codes: 0 the job file is good, 2 it is not.",
+items write the same destination, and every source exists and opens as an image (local files, \
+and the objects pull items read, opened in place with ranged requests). Errors name the line \
+and the field. Exit codes: 0 the job file is good, 2 it is not.",
     after_help = JOB_FILE
 )]
 pub struct CheckArgs {
     /// The job file
     jobs: PathBuf,
+    #[command(flatten)]
+    connection: Connection,
 }
 
 /// Run a worker: claim items, run them K at once, record results in the shared state
@@ -224,20 +227,18 @@ pub fn run(args: Args) -> Result<i32> {
 fn check(args: CheckArgs) -> Result<i32> {
     let job = JobFile::read(&args.jobs)?;
     let policy = implicit_opens();
+    let settings = args.connection.settings();
     let problems: Vec<String> = job
         .items
         .par_iter()
-        .filter(|item| item.operation.local_source())
         .filter_map(|item: &Item| {
-            open_with(item.source.as_ref(), &OpenOptions::default(), policy)
-                .err()
-                .map(|e| {
-                    format!(
-                        "{}: line {}: field source: {e}",
-                        args.jobs.display(),
-                        item.line
-                    )
-                })
+            open_source(item, &settings, policy).err().map(|e| {
+                format!(
+                    "{}: line {}: field source: {e}",
+                    args.jobs.display(),
+                    item.line
+                )
+            })
         })
         .collect();
     if !problems.is_empty() {
