@@ -77,8 +77,9 @@ row() {
   python3 -c "
 a, ar = map(float, '$a'.split()); b, br = map(float, '$b'.split())
 r = a / b
-print('%-8s diskkit %7.2f s (peak RSS %4d MiB)  vs  %7.2f s (peak RSS %4d MiB)  ratio %.2f  goal <= %s: %s'
-      % ('$label', a, ar / 1024, b, br / 1024, r, '$goal', 'met' if r <= float('$goal') else 'NOT met'))"
+print('%-8s diskkit %7.2f s (peak RSS %4d MiB)  vs  %7.2f s (peak RSS %4d MiB)  ratio %.2f  goal <= %s: %s;  worker RSS < 256 MiB: %s'
+      % ('$label', a, ar / 1024, b, br / 1024, r, '$goal', 'met' if r <= float('$goal') else 'NOT met',
+         'met' if ar < 256 * 1024 else 'NOT met'))"
 }
 
 # Warm the page cache with the sources for both tools alike.

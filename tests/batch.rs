@@ -105,6 +105,15 @@ fn status_json(cache: &Path, endpoint: Option<&str>, state: &str) -> serde_json:
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
+/// `batch check JOBS`: (exit code, stdout, stderr).
+fn batch_check(cache: &Path, jobs: &Path) -> (i32, String, String) {
+    output(diskkit_cmd(
+        cache,
+        None,
+        &["batch", "check", path_str(jobs)],
+    ))
+}
+
 /// `batch report --output json` of a local state: one record per item, in job-file order.
 fn report_json(cache: &Path, state: &Path) -> Vec<serde_json::Value> {
     let (code, out, err) = output(diskkit_cmd(
@@ -156,11 +165,7 @@ fn check_names_line_and_field() {
     let srcs = sources(dir.path(), 2, 2 * MIB);
     let (jobs, _) = convert_job(dir.path(), &srcs);
     let cache = dir.path().join("cache");
-    let (code, out, err) = output(diskkit_cmd(
-        &cache,
-        None,
-        &["batch", "check", path_str(&jobs)],
-    ));
+    let (code, out, err) = batch_check(&cache, &jobs);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("2 items"), "{out}");
     let bad = dir.path().join("bad.csv");
@@ -169,19 +174,11 @@ fn check_names_line_and_field() {
         "source,destination,format\nsrc-0.raw,a.qcow2,qcow2\nmissing.raw,b.qcow2,qcow2\n",
     )
     .unwrap();
-    let (code, _, err) = output(diskkit_cmd(
-        &cache,
-        None,
-        &["batch", "check", path_str(&bad)],
-    ));
+    let (code, _, err) = batch_check(&cache, &bad);
     assert_eq!(code, 2);
     assert!(err.contains("line 3: field source:"), "{err}");
     std::fs::write(&bad, "source,destination,format\nsrc-0.raw,a.qcow2,qcow9\n").unwrap();
-    let (code, _, err) = output(diskkit_cmd(
-        &cache,
-        None,
-        &["batch", "check", path_str(&bad)],
-    ));
+    let (code, _, err) = batch_check(&cache, &bad);
     assert_eq!(code, 2);
     assert!(err.contains("line 2: field format:"), "{err}");
     // run refuses the same file before doing anything.
@@ -933,11 +930,7 @@ fn targets_run_preflight_checks_and_gce_items_write_the_tarball() {
     .unwrap();
     let cache = d.join("cache");
     let state = d.join("state");
-    let (code, _, log) = output(diskkit_cmd(
-        &cache,
-        None,
-        &["batch", "check", path_str(&jobs)],
-    ));
+    let (code, _, log) = batch_check(&cache, &jobs);
     assert_eq!(code, 0, "gce is a target of batch items: {log}");
     let (code, _, log) = output(diskkit_cmd(
         &cache,
@@ -1038,4 +1031,70 @@ fn check_opens_the_objects_pull_items_read() {
     ));
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("1 items, all sources readable"), "{out}");
+}
+
+#[test]
+fn bundle_items_snapshot_a_machine_once() {
+    let dir = tempdir();
+    let d = dir.path();
+    let srcs = sources(d, 2, 2 * MIB);
+    let jobs = d.join("jobs.csv");
+    std::fs::write(
+        &jobs,
+        format!(
+            "source,destination,operation,options\n{},store#vm-1,bundle,\"vdb={}\"\n",
+            srcs[0].file_name().unwrap().to_string_lossy(),
+            srcs[1].file_name().unwrap().to_string_lossy()
+        ),
+    )
+    .unwrap();
+    let cache = d.join("cache");
+    let state = d.join("state");
+    let (code, _, err) = batch_check(&cache, &jobs);
+    assert_eq!(code, 0, "{err}");
+    let run = || {
+        output(diskkit_cmd(
+            &cache,
+            None,
+            &["batch", "run", path_str(&jobs), "--state", path_str(&state)],
+        ))
+    };
+    let (code, _, log) = run();
+    assert_eq!(code, 0, "{log}");
+    let store = d.join("store");
+    diskkit_ok(&["bundle", "verify", "--read-data", path_str(&store), "vm-1"]);
+    let info = diskkit_ok(&[
+        "bundle",
+        "info",
+        path_str(&store),
+        "vm-1",
+        "--output",
+        "json",
+    ]);
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let disks = info["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 2, "{info}");
+    assert_eq!(
+        (&disks[0]["device"], &disks[1]["device"]),
+        (&"vda".into(), &"vdb".into())
+    );
+    assert_eq!(disks[1]["digest"], guest_digest(&srcs[1]), "{info}");
+    let report = report_json(&cache, &state);
+    assert_eq!(report[0]["digest"], info["digest"], "{info}");
+    // A run that died after writing the bundle but before recording it: the bundle found with
+    // the same disks is the item done.
+    std::fs::remove_dir_all(&state).unwrap();
+    let (code, _, log) = run();
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(report_json(&cache, &state)[0]["state"], "done");
+    // Bad data disk specs are named at check time.
+    std::fs::write(
+        &jobs,
+        "source,destination,operation,options\nsrc-0.raw,store#vm-2,bundle,vdb\nsrc-0.raw,store,bundle,\n",
+    )
+    .unwrap();
+    let (code, _, err) = batch_check(&cache, &jobs);
+    assert_eq!(code, 2);
+    assert!(err.contains("line 2: field options: 'vdb'"), "{err}");
+    assert!(err.contains("line 3: field destination:"), "{err}");
 }

@@ -1,7 +1,7 @@
 //! One item, done by the engine in this process: convert, push, pull or snapshot create, with
 //! the same engine calls as the commands of those names.
 
-use super::jobfile::{Item, Operation};
+use super::jobfile::{BundleDisks, Item, Operation, bundle_destination};
 use crate::convert::{ConvertOptions, convert_to_path_with_digest};
 use crate::gce::{self, GceStream, Tarball};
 use crate::hash::hash_image;
@@ -11,6 +11,7 @@ use crate::storage::push::{self, PushOptions};
 use crate::storage::{Location, Settings, Store, open_object_image, pull};
 use crate::targets::{self, Output};
 use diskkit_formats::digest::{DEFAULT_CHUNK_SIZE, hex};
+use diskkit_formats::error::ErrorKind;
 use diskkit_formats::write::CreateOptions;
 use diskkit_formats::{
     Error, Format, Image, ImageStream, ImplicitOpens, OpenOptions, Result, open_with,
@@ -90,6 +91,7 @@ impl Context {
             Operation::Push => self.push(item, key, progress),
             Operation::Pull => self.pull(item, progress),
             Operation::Snapshot => self.snapshot(item, progress),
+            Operation::Bundle => self.bundle(item, progress),
         }
     }
 
@@ -291,6 +293,72 @@ fn guest_digest(image: &dyn Image) -> Result<String> {
         None,
     )?;
     Ok(hex(&hash.digest))
+}
+
+impl Context {
+    /// A bundle of the source (system disk) and the data disks of `options`, created in the
+    /// store (made if absent, as `bundle create` does). A bundle of that name that exists
+    /// already with the same disk contents is this item done by an earlier run that died before
+    /// recording it; with other contents it is a permanent failure.
+    fn bundle(&self, item: &Item, progress: &dyn Progress) -> Result<Outcome> {
+        use crate::bundle::{self, DiskInput, NewBundle, NewDisk, Role};
+        use crate::snapshot::{Crypto, DEFAULT_CHUNK_SIZE as STORE_CHUNK, NewStore, SnapshotStore};
+        let (store_url, name) = bundle_destination(&item.destination)?;
+        let disks = BundleDisks::parse(&item.options, Path::new("/"))?;
+        let mut images = vec![(
+            Role::System,
+            disks.system_device.clone(),
+            self.open(&item.source)?,
+            item.source.clone(),
+        )];
+        for (device, path) in &disks.data {
+            images.push((Role::Data, device.clone(), self.open(path)?, path.clone()));
+        }
+        let new = NewStore {
+            chunk_size: STORE_CHUNK,
+            encrypt: false,
+        };
+        let store = SnapshotStore::open(
+            store_url,
+            &self.settings,
+            self.profile.as_deref(),
+            Crypto::from_user(None)?,
+            Some(new),
+        )?;
+        let new_disks: Vec<NewDisk<'_>> = images
+            .iter()
+            .map(|(role, device, image, path)| NewDisk {
+                role: *role,
+                device: device.clone(),
+                input: DiskInput::Image(image.as_ref(), Path::new(path)),
+            })
+            .collect();
+        let manifest =
+            match bundle::create(&store, name, &new_disks, &NewBundle::default(), progress) {
+                Ok((manifest, _)) => manifest,
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                    let manifest = bundle::load(&store, name)?;
+                    let same =
+                        manifest.disks.len() == images.len()
+                            && manifest.disks.iter().zip(&images).all(
+                                |(d, (_, device, image, _))| {
+                                    d.device == *device
+                                        && guest_digest(image.as_ref()).is_ok_and(|g| g == d.digest)
+                                },
+                            );
+                    if !same {
+                        return Err(e);
+                    }
+                    manifest
+                }
+                Err(e) => return Err(e),
+            };
+        Ok(Outcome {
+            bytes_in: images.iter().map(|(_, _, i, _)| i.virtual_size()).sum(),
+            bytes_out: manifest.disks.iter().map(|d| d.virtual_size).sum(),
+            digest: Some(manifest.digest),
+        })
+    }
 }
 
 fn make_parent(dst: &Path) -> Result<()> {
