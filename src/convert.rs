@@ -10,14 +10,17 @@
 //! name, synced, renamed into place), so an interrupted conversion never leaves a partial image
 //! under the final name; the source is only read.
 
+use crate::hash::ImageHash;
 use crate::parallel::{pool_of, read_pool};
 use crate::progress::Progress;
 use crate::storage::push::RateLimit;
+use diskkit_formats::digest::{ChunkDigest, ChunkHasher, DigestBuilder, PiecewiseChunk};
 use diskkit_formats::host::HostFile;
 use diskkit_formats::image::{GuestRange, Step, Walk, first_nonzero_byte, read_filled};
 use diskkit_formats::write::{self, CreateOptions, ImageWriter};
 use diskkit_formats::{Error, Format, Image, Result};
 use rayon::prelude::*;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -89,7 +92,7 @@ pub fn convert(
     opts: &ConvertOptions,
     progress: &dyn Progress,
 ) -> Result<ConvertStats> {
-    convert_reporting(src, dst, opts, progress, false)
+    convert_reporting(src, dst, opts, progress, false, None)
 }
 
 /// [`convert`]; `report_zeros` also records zero ranges on a zero-initialized output, so that
@@ -101,6 +104,7 @@ fn convert_reporting(
     opts: &ConvertOptions,
     progress: &dyn Progress,
     report_zeros: bool,
+    digest: Option<&GuestDigest>,
 ) -> Result<ConvertStats> {
     let size = src.virtual_size();
     if dst.virtual_size() < size {
@@ -127,6 +131,12 @@ fn convert_reporting(
         DEFAULT_SPARSE_SIZE
     };
     let unit = detect.max(align).next_multiple_of(align);
+    if digest.is_some() && !unit.is_power_of_two() {
+        return Err(Error::invalid(format!(
+            "-S {}: a guest digest taken during the conversion needs a power of two",
+            opts.sparse_size
+        )));
+    }
     let engine = Engine {
         src,
         dst,
@@ -139,14 +149,18 @@ fn convert_reporting(
         progress,
         limit: RateLimit::new(opts.rate_limit),
         salvage: opts.salvage.then(Mutex::default),
+        digest,
         read: AtomicU64::new(0),
         written: AtomicU64::new(0),
         zeroed: AtomicU64::new(0),
     };
+    // A digest chunk is hashed whole by the worker of the one cell it lies in. Both are powers
+    // of two then, so the larger is a multiple of the smaller.
+    let grid = digest.map_or(unit, |d| unit.max(d.chunk_size));
     let chunk = CHUNK
         .max(src.optimal_transfer().min(MAX_CHUNK))
-        .max(unit)
-        .next_multiple_of(unit);
+        .max(grid)
+        .next_multiple_of(grid);
     let mut layers = vec![src];
     layers.extend(opts.backing);
     let walk = Walk::new(&layers, GuestRange::new(0, size), chunk)?;
@@ -191,8 +205,152 @@ pub fn convert_to_path(
     refuse_input_as_output(src, opts.backing, path)?;
     let report_zeros = create.compress;
     crate::output::write_new_image(format, path, src.virtual_size(), create, |w| {
-        convert_reporting(src, w, opts, progress, report_zeros)
+        convert_reporting(src, w, opts, progress, report_zeros, None)
     })
+}
+
+/// [`convert_to_path`], also returning the guest digest (`diskkit-guest-sha256-v1`, chunks of
+/// `chunk_size` bytes) of what was written, taken from the bytes handed to the writer in the
+/// conversion's own walk: the output is not read back. Hashing needs whole digest chunks per
+/// worker, so the conversion's cells are at least `chunk_size` bytes.
+pub fn convert_to_path_with_digest(
+    src: &dyn Image,
+    format: Format,
+    path: &Path,
+    create: &mut CreateOptions,
+    opts: &ConvertOptions,
+    chunk_size: u64,
+    progress: &dyn Progress,
+) -> Result<(ConvertStats, ImageHash)> {
+    refuse_input_as_output(src, opts.backing, path)?;
+    let report_zeros = create.compress;
+    let digest = GuestDigest::new(chunk_size)?;
+    crate::output::write_new_image(format, path, src.virtual_size(), create, |w| {
+        let stats = convert_reporting(src, w, opts, progress, report_zeros, Some(&digest))?;
+        Ok((stats, digest.finish(src.virtual_size())?))
+    })
+}
+
+/// The guest digest of a conversion's output, folded in guest order from the cells' results,
+/// which workers finish in any order.
+struct GuestDigest {
+    chunk_size: u64,
+    hasher: ChunkHasher,
+    fold: Mutex<DigestFold>,
+}
+
+struct DigestFold {
+    builder: DigestBuilder,
+    /// Results that came before those of the guest bytes below them, by guest offset.
+    pending: BTreeMap<u64, Hashed>,
+}
+
+/// The digests of one step of the walk.
+enum Hashed {
+    /// The chunks of one cell, in order.
+    Chunks(Vec<ChunkDigest>),
+    /// Zeros up to this guest offset.
+    ZerosTo(u64),
+}
+
+impl GuestDigest {
+    fn new(chunk_size: u64) -> Result<Self> {
+        Ok(GuestDigest {
+            chunk_size,
+            hasher: ChunkHasher::without_crc(chunk_size)?,
+            fold: Mutex::new(DigestFold {
+                builder: DigestBuilder::new(chunk_size)?,
+                pending: BTreeMap::new(),
+            }),
+        })
+    }
+
+    /// Starts hashing the cell at guest offset `start`, fed in guest order.
+    fn cell(&self, start: u64) -> CellDigest<'_> {
+        CellDigest {
+            digest: self,
+            pos: start,
+            start,
+            current: None,
+            done: Vec::new(),
+        }
+    }
+
+    /// Records the digests of the step at guest offset `start`, and folds what is now in order.
+    fn add(&self, start: u64, hashed: Hashed) -> Result<()> {
+        let mut fold = self.fold.lock().unwrap_or_else(|e| e.into_inner());
+        fold.pending.insert(start, hashed);
+        loop {
+            let at = fold.builder.covered();
+            let Some(next) = fold.pending.remove(&at) else {
+                return Ok(());
+            };
+            match next {
+                Hashed::Chunks(chunks) => {
+                    for c in &chunks {
+                        fold.builder.push(c)?;
+                    }
+                }
+                Hashed::ZerosTo(end) => {
+                    for c in GuestRange::new(at, end).cells(self.chunk_size) {
+                        fold.builder.push(&self.hasher.zero(c.start, c.len()))?;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The image digest, once every step of a walk over `virtual_size` bytes was added.
+    fn finish(self, virtual_size: u64) -> Result<ImageHash> {
+        let fold = self.fold.into_inner().unwrap_or_else(|e| e.into_inner());
+        if fold.builder.covered() != virtual_size || !fold.pending.is_empty() {
+            return Err(Error::invalid(format!(
+                "the conversion's digest covers {} of {virtual_size} bytes",
+                fold.builder.covered()
+            )));
+        }
+        Ok(ImageHash {
+            digest: fold.builder.finish(),
+            chunk_size: self.chunk_size,
+            virtual_size,
+        })
+    }
+}
+
+/// The digest chunks of one cell, fed its guest bytes in order.
+struct CellDigest<'a> {
+    digest: &'a GuestDigest,
+    start: u64,
+    /// Guest offset of the next byte fed.
+    pos: u64,
+    current: Option<PiecewiseChunk<'a>>,
+    done: Vec<ChunkDigest>,
+}
+
+impl CellDigest<'_> {
+    fn feed(&mut self, mut data: &[u8]) {
+        let size = self.digest.chunk_size;
+        while !data.is_empty() {
+            let pos = self.pos;
+            let chunk = self
+                .current
+                .get_or_insert_with(|| self.digest.hasher.start(pos));
+            let n = data.len().min((size - pos % size) as usize);
+            chunk.feed(&data[..n]);
+            data = &data[n..];
+            self.pos += n as u64;
+            if self.pos.is_multiple_of(size) {
+                self.done
+                    .extend(self.current.take().map(PiecewiseChunk::finish));
+            }
+        }
+    }
+
+    fn finish(mut self) -> Result<()> {
+        self.done
+            .extend(self.current.take().map(PiecewiseChunk::finish));
+        self.digest.add(self.start, Hashed::Chunks(self.done))
+    }
 }
 
 /// Converts `src` into the existing image at `path` (`convert -n`): the target is written in
@@ -257,12 +415,14 @@ enum Action {
 
 /// Per-worker buffers, reused from chunk to chunk.
 #[derive(Default)]
-struct Buffers {
+struct Buffers<'a> {
     src: Vec<u8>,
     /// The source's data ranges inside the part being copied through `src`.
     ranges: Vec<GuestRange>,
     backing: Vec<u8>,
     actions: Vec<Action>,
+    /// The digest of the cell being copied, when the conversion takes one.
+    digest: Option<CellDigest<'a>>,
 }
 
 struct Engine<'a> {
@@ -279,13 +439,14 @@ struct Engine<'a> {
     limit: Option<RateLimit>,
     /// `--salvage`: the ranges that could not be read.
     salvage: Option<Mutex<Vec<(GuestRange, String)>>>,
+    digest: Option<&'a GuestDigest>,
     read: AtomicU64,
     written: AtomicU64,
     zeroed: AtomicU64,
 }
 
-impl Engine<'_> {
-    fn run(&self, step: Step, bufs: &mut Buffers) -> Result<()> {
+impl<'a> Engine<'a> {
+    fn run(&self, step: Step, bufs: &mut Buffers<'a>) -> Result<()> {
         let range = step.range();
         match step {
             Step::Zeros(_) => {
@@ -293,8 +454,17 @@ impl Engine<'_> {
                 if self.backing.is_none() && self.zero_needed {
                     self.zero(range.start, range.len())?;
                 }
+                if let Some(d) = self.digest {
+                    d.add(range.start, Hashed::ZerosTo(range.end))?;
+                }
             }
-            Step::Cell { range, data } => self.chunk(range, &data, bufs)?,
+            Step::Cell { range, data } => {
+                bufs.digest = self.digest.map(|d| d.cell(range.start));
+                self.chunk(range, &data, bufs)?;
+                if let Some(cell) = bufs.digest.take() {
+                    cell.finish()?;
+                }
+            }
         }
         self.progress.advance(range.len());
         Ok(())
@@ -304,7 +474,7 @@ impl Engine<'_> {
         &self,
         range: GuestRange,
         layers: &[Vec<GuestRange>],
-        bufs: &mut Buffers,
+        bufs: &mut Buffers<'a>,
     ) -> Result<()> {
         let no_ranges = Vec::new();
         let src_ranges = layers.first().unwrap_or(&no_ranges);
@@ -321,7 +491,7 @@ impl Engine<'_> {
     /// inside one range are written straight from the source's memory map when it has one (one
     /// copy less, and the kernel's copy out of the source's page cache is the largest cost of an
     /// uncompressed conversion after the copy into the output's); the rest goes through a buffer.
-    fn copy(&self, range: GuestRange, ranges: &[GuestRange], bufs: &mut Buffers) -> Result<()> {
+    fn copy(&self, range: GuestRange, ranges: &[GuestRange], bufs: &mut Buffers<'a>) -> Result<()> {
         let size = self.src.virtual_size();
         let mut pos = range.start;
         for r in ranges {
@@ -335,14 +505,17 @@ impl Engine<'_> {
                 continue;
             }
             let mut written = Ok(());
-            let actions = &mut bufs.actions;
+            // The bytes before the mapped run first: a digest is fed in guest order.
             let mapped = self.src.with_mapped(lo, hi - lo, &mut |bytes| {
-                written = self.write_units(bytes, lo, None, actions);
+                written = self
+                    .copy_buffered(GuestRange::new(pos, lo), ranges, bufs)
+                    .and_then(|()| {
+                        self.write_units(bytes, lo, None, &mut bufs.actions, &mut bufs.digest)
+                    });
             })?;
             if mapped {
                 written?;
                 self.note_read(hi - lo);
-                self.copy_buffered(GuestRange::new(pos, lo), ranges, bufs)?;
                 pos = hi;
             }
         }
@@ -355,7 +528,7 @@ impl Engine<'_> {
         &self,
         range: GuestRange,
         ranges: &[GuestRange],
-        bufs: &mut Buffers,
+        bufs: &mut Buffers<'a>,
     ) -> Result<()> {
         if range.is_empty() {
             return Ok(());
@@ -369,7 +542,13 @@ impl Engine<'_> {
         );
         self.fill(self.src, range, &bufs.ranges, &mut bufs.src)?;
         let has_data = units_with_data(&bufs.ranges, range, self.unit);
-        self.write_units(&bufs.src, range.start, Some(&has_data), &mut bufs.actions)
+        self.write_units(
+            &bufs.src,
+            range.start,
+            Some(&has_data),
+            &mut bufs.actions,
+            &mut bufs.digest,
+        )
     }
 
     /// Writes `data`, the guest bytes at `offset` (unit-aligned): units the source maps as zero
@@ -381,7 +560,11 @@ impl Engine<'_> {
         offset: u64,
         has_data: Option<&[bool]>,
         actions: &mut Vec<Action>,
+        digest: &mut Option<CellDigest>,
     ) -> Result<()> {
+        if let Some(d) = digest {
+            d.feed(data);
+        }
         actions.clear();
         for (i, piece) in data.chunks(self.unit as usize).enumerate() {
             let zero = has_data.is_some_and(|d| !d[i])
@@ -398,13 +581,16 @@ impl Engine<'_> {
         src_ranges: &[GuestRange],
         backing: &dyn Image,
         back_ranges: &[GuestRange],
-        bufs: &mut Buffers,
+        bufs: &mut Buffers<'a>,
     ) -> Result<()> {
         let unit = self.unit as usize;
         self.fill(self.src, range, src_ranges, &mut bufs.src)?;
         self.fill(backing, range, back_ranges, &mut bufs.backing)?;
         let src_data = units_with_data(src_ranges, range, self.unit);
         let back_data = units_with_data(back_ranges, range, self.unit);
+        if let Some(d) = &mut bufs.digest {
+            d.feed(&bufs.src);
+        }
         bufs.actions.clear();
         for (i, piece) in bufs.src.chunks(unit).enumerate() {
             let same = (!src_data[i] && !back_data[i])
@@ -723,6 +909,34 @@ mod tests {
         let content = dst.content();
         assert_eq!(content[MIB], Some(0x55));
         assert_eq!(content[4 * MIB + 7], Some(9));
+    }
+
+    #[test]
+    fn digest_taken_while_converting_is_the_guest_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = vec![0x5a; 20 * MIB];
+        let large = MemImage {
+            transfer: 16 << 20,
+            ..MemImage::new(41 * MIB + 512, &[(MIB as u64, &big)])
+        };
+        for (n, src) in [sample(), sample().mapped(), large].into_iter().enumerate() {
+            for chunk_size in [4096, 1 << 20, 4 << 20, 32 << 20] {
+                let want = crate::hash::hash_image(&src, chunk_size, &NoProgress, None).unwrap();
+                let path = dir.path().join(format!("{n}-{chunk_size}.qcow2"));
+                let (stats, got) = convert_to_path_with_digest(
+                    &src,
+                    Format::Qcow2,
+                    &path,
+                    &mut Default::default(),
+                    &ConvertOptions::default(),
+                    chunk_size,
+                    &NoProgress,
+                )
+                .unwrap();
+                assert_eq!(got, want, "source {n}, chunk size {chunk_size}");
+                assert!(stats.written > 0);
+            }
+        }
     }
 
     #[test]

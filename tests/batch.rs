@@ -105,6 +105,39 @@ fn status_json(cache: &Path, endpoint: Option<&str>, state: &str) -> serde_json:
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
+/// `batch check JOBS`: (exit code, stdout, stderr).
+fn batch_check(cache: &Path, jobs: &Path) -> (i32, String, String) {
+    output(diskkit_cmd(
+        cache,
+        None,
+        &["batch", "check", path_str(jobs)],
+    ))
+}
+
+/// `batch report --output json` of a local state: one record per item, in job-file order.
+fn report_json(cache: &Path, state: &Path) -> Vec<serde_json::Value> {
+    let (code, out, err) = output(diskkit_cmd(
+        cache,
+        None,
+        &[
+            "batch",
+            "report",
+            "--state",
+            path_str(state),
+            "--output",
+            "json",
+        ],
+    ));
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// `diskkit hash` of an image.
+fn guest_digest(image: &Path) -> String {
+    let hash = diskkit_ok(&["hash", path_str(image)]);
+    hash.split_whitespace().next().unwrap().to_string()
+}
+
 /// The JSON event lines of a log.
 fn events(log: &str) -> Vec<serde_json::Value> {
     log.lines()
@@ -132,11 +165,7 @@ fn check_names_line_and_field() {
     let srcs = sources(dir.path(), 2, 2 * MIB);
     let (jobs, _) = convert_job(dir.path(), &srcs);
     let cache = dir.path().join("cache");
-    let (code, out, err) = output(diskkit_cmd(
-        &cache,
-        None,
-        &["batch", "check", path_str(&jobs)],
-    ));
+    let (code, out, err) = batch_check(&cache, &jobs);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("2 items"), "{out}");
     let bad = dir.path().join("bad.csv");
@@ -145,19 +174,11 @@ fn check_names_line_and_field() {
         "source,destination,format\nsrc-0.raw,a.qcow2,qcow2\nmissing.raw,b.qcow2,qcow2\n",
     )
     .unwrap();
-    let (code, _, err) = output(diskkit_cmd(
-        &cache,
-        None,
-        &["batch", "check", path_str(&bad)],
-    ));
+    let (code, _, err) = batch_check(&cache, &bad);
     assert_eq!(code, 2);
     assert!(err.contains("line 3: field source:"), "{err}");
     std::fs::write(&bad, "source,destination,format\nsrc-0.raw,a.qcow2,qcow9\n").unwrap();
-    let (code, _, err) = output(diskkit_cmd(
-        &cache,
-        None,
-        &["batch", "check", path_str(&bad)],
-    ));
+    let (code, _, err) = batch_check(&cache, &bad);
     assert_eq!(code, 2);
     assert!(err.contains("line 2: field format:"), "{err}");
     // run refuses the same file before doing anything.
@@ -237,24 +258,9 @@ fn three_workers_share_one_job_and_a_rerun_does_nothing() {
     assert!(s["bytes_done"].as_u64().unwrap() >= 12 * 3 * MIB, "{s}");
     assert!(s["failures"].as_array().unwrap().is_empty());
     // The report: one done record per item, with the digest diskkit hash computes.
-    let (code, report, err) = output(diskkit_cmd(
-        &cache,
-        None,
-        &[
-            "batch",
-            "report",
-            "--state",
-            path_str(&state),
-            "--output",
-            "json",
-        ],
-    ));
-    assert_eq!(code, 0, "{err}");
-    let report: Vec<serde_json::Value> = serde_json::from_str(&report).unwrap();
+    let report = report_json(&cache, &state);
     assert_eq!(report.len(), 12);
-    let hash = diskkit_ok(&["hash", path_str(&srcs[0])]);
-    let digest = hash.split_whitespace().next().unwrap();
-    assert_eq!(report[0]["digest"], digest, "{hash}");
+    assert_eq!(report[0]["digest"], guest_digest(&srcs[0]));
     // The same command again: nothing to do, nothing written.
     let mtimes: Vec<_> = outs
         .iter()
@@ -877,4 +883,218 @@ fn slurm_array_cancelled_task_requeued_does_every_item_once() {
         let (code, out, err) = output(diskkit_cmd(&cache, Some(&endpoint), &["verify", url]));
         assert_eq!(code, 0, "{url}: {out}{err}");
     }
+}
+
+#[test]
+fn targets_run_preflight_checks_and_gce_items_write_the_tarball() {
+    let dir = tempdir();
+    let d = dir.path();
+    let good = sources(d, 1, 2 * MIB).remove(0);
+    // GCE needs a partition table: a GPT disk with data in its partition.
+    let gpt_disk = |name: &str| {
+        let disk = d.join(name);
+        qemu_img(&["create", "-f", "raw", path_str(&disk), "8M"]);
+        let out = Command::new("sgdisk")
+            .args(["-n1:0:+2M", "-t1:8300", path_str(&disk)])
+            .output()
+            .expect("run sgdisk");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        qemu_io("raw", &disk, &["write -P 0x5c 1M 1M"]);
+        disk
+    };
+    let gpt = gpt_disk("gpt.raw");
+    // A GPT disk whose primary header fails its CRC: the partition-table rule fails.
+    let broken = gpt_disk("broken-gpt.raw");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&broken)
+            .unwrap();
+        f.write_all_at(b"X", 512 + 48).unwrap();
+    }
+    let jobs = d.join("jobs.csv");
+    std::fs::write(
+        &jobs,
+        format!(
+            "source,destination,target\n{},out/good.vmdk,aws\n{},out/broken.vmdk,aws\n{},out/good.tar.gz,gce\n",
+            path_str(&good),
+            path_str(&broken),
+            path_str(&gpt)
+        ),
+    )
+    .unwrap();
+    let cache = d.join("cache");
+    let state = d.join("state");
+    let (code, _, log) = batch_check(&cache, &jobs);
+    assert_eq!(code, 0, "gce is a target of batch items: {log}");
+    let (code, _, log) = output(diskkit_cmd(
+        &cache,
+        None,
+        &["batch", "run", path_str(&jobs), "--state", path_str(&state)],
+    ));
+    assert_eq!(code, 3, "{log}");
+    qemu_img(&[
+        "compare",
+        "-q",
+        path_str(&good),
+        path_str(&d.join("out/good.vmdk")),
+    ]);
+    assert!(!d.join("out/broken.vmdk").exists());
+    let s = status_json(&cache, None, path_str(&state));
+    assert_eq!((&s["done"], &s["failed"]), (&2.into(), &1.into()), "{s}");
+    let f = &s["failures"][0];
+    assert_eq!(
+        (&f["line"], &f["retryable"]),
+        (&3.into(), &false.into()),
+        "{s}"
+    );
+    let message = f["message"].as_str().unwrap();
+    assert!(
+        message.contains("pre-flight checks for target aws failed")
+            && message.contains("partition-table")
+            && message.contains("CRC"),
+        "{message}"
+    );
+    // GCE: disk.raw in a gzip'ed tarball, grown to whole GiB (the GPT backup moved to its end),
+    // with the source's partition content.
+    let unpacked = d.join("unpacked");
+    std::fs::create_dir(&unpacked).unwrap();
+    let tar = Command::new("tar")
+        .args([
+            "-xzf",
+            path_str(&d.join("out/good.tar.gz")),
+            "-C",
+            path_str(&unpacked),
+        ])
+        .output()
+        .expect("run tar");
+    assert!(
+        tar.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tar.stderr)
+    );
+    let disk = unpacked.join("disk.raw");
+    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 1 << 30);
+    let part = |p: &Path| std::fs::read(p).unwrap()[MIB as usize..3 * MIB as usize].to_vec();
+    assert!(part(&gpt) == part(&disk));
+    // The done record's digest is disk.raw's guest digest.
+    let report = report_json(&cache, &state);
+    assert_eq!(report[2]["digest"], guest_digest(&disk));
+}
+
+#[test]
+fn check_opens_the_objects_pull_items_read() {
+    let Some(endpoint) = s3::shared_server() else {
+        return;
+    };
+    let dir = tempdir();
+    let src = sources(dir.path(), 1, 2 * MIB).remove(0);
+    let cache = dir.path().join("cache");
+    let prefix = format!("s3://diskkit-test/batch-check-{}", std::process::id());
+    let object = format!("{prefix}/a.qcow2");
+    let (code, _, err) = output(diskkit_cmd(
+        &cache,
+        Some(&endpoint),
+        &["push", "-O", "qcow2", path_str(&src), &object],
+    ));
+    assert_eq!(code, 0, "{err}");
+    let jobs = dir.path().join("jobs.csv");
+    std::fs::write(
+        &jobs,
+        format!(
+            "source,destination,operation\n{object},a.qcow2,pull\n{prefix}/missing.qcow2,b.qcow2,pull\n"
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = output(diskkit_cmd(
+        &cache,
+        Some(&endpoint),
+        &["batch", "check", path_str(&jobs)],
+    ));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("line 3: field source:"), "{err}");
+    assert!(!err.contains("line 2:"), "{err}");
+    std::fs::write(
+        &jobs,
+        format!("source,destination,operation\n{object},a.qcow2,pull\n"),
+    )
+    .unwrap();
+    let (code, out, err) = output(diskkit_cmd(
+        &cache,
+        Some(&endpoint),
+        &["batch", "check", path_str(&jobs)],
+    ));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("1 items, all sources readable"), "{out}");
+}
+
+#[test]
+fn bundle_items_snapshot_a_machine_once() {
+    let dir = tempdir();
+    let d = dir.path();
+    let srcs = sources(d, 2, 2 * MIB);
+    let jobs = d.join("jobs.csv");
+    std::fs::write(
+        &jobs,
+        format!(
+            "source,destination,operation,options\n{},store#vm-1,bundle,\"vdb={}\"\n",
+            srcs[0].file_name().unwrap().to_string_lossy(),
+            srcs[1].file_name().unwrap().to_string_lossy()
+        ),
+    )
+    .unwrap();
+    let cache = d.join("cache");
+    let state = d.join("state");
+    let (code, _, err) = batch_check(&cache, &jobs);
+    assert_eq!(code, 0, "{err}");
+    let run = || {
+        output(diskkit_cmd(
+            &cache,
+            None,
+            &["batch", "run", path_str(&jobs), "--state", path_str(&state)],
+        ))
+    };
+    let (code, _, log) = run();
+    assert_eq!(code, 0, "{log}");
+    let store = d.join("store");
+    diskkit_ok(&["bundle", "verify", "--read-data", path_str(&store), "vm-1"]);
+    let info = diskkit_ok(&[
+        "bundle",
+        "info",
+        path_str(&store),
+        "vm-1",
+        "--output",
+        "json",
+    ]);
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let disks = info["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 2, "{info}");
+    assert_eq!(
+        (&disks[0]["device"], &disks[1]["device"]),
+        (&"vda".into(), &"vdb".into())
+    );
+    assert_eq!(disks[1]["digest"], guest_digest(&srcs[1]), "{info}");
+    let report = report_json(&cache, &state);
+    assert_eq!(report[0]["digest"], info["digest"], "{info}");
+    // A run that died after writing the bundle but before recording it: the bundle found with
+    // the same disks is the item done.
+    std::fs::remove_dir_all(&state).unwrap();
+    let (code, _, log) = run();
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(report_json(&cache, &state)[0]["state"], "done");
+    // Bad data disk specs are named at check time.
+    std::fs::write(
+        &jobs,
+        "source,destination,operation,options\nsrc-0.raw,store#vm-2,bundle,vdb\nsrc-0.raw,store,bundle,\n",
+    )
+    .unwrap();
+    let (code, _, err) = batch_check(&cache, &jobs);
+    assert_eq!(code, 2);
+    assert!(err.contains("line 2: field options: 'vdb'"), "{err}");
+    assert!(err.contains("line 3: field destination:"), "{err}");
 }

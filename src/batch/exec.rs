@@ -1,14 +1,21 @@
 //! One item, done by the engine in this process: convert, push, pull or snapshot create, with
 //! the same engine calls as the commands of those names.
 
-use super::jobfile::{Item, Operation};
-use crate::convert::{ConvertOptions, convert_to_path};
+use super::jobfile::{BundleDisks, Item, Operation, bundle_destination};
+use crate::convert::{ConvertOptions, convert_to_path_with_digest};
+use crate::gce::{self, GceStream, Tarball};
 use crate::hash::hash_image;
+use crate::preflight::{self, Status};
 use crate::progress::Progress;
 use crate::storage::push::{self, PushOptions};
-use crate::storage::{Location, Settings, Store, pull};
+use crate::storage::{Location, Settings, Store, open_object_image, pull};
+use crate::targets::{self, Output};
 use diskkit_formats::digest::{DEFAULT_CHUNK_SIZE, hex};
-use diskkit_formats::{Error, Format, Image, ImplicitOpens, OpenOptions, Result, open_with};
+use diskkit_formats::error::ErrorKind;
+use diskkit_formats::write::CreateOptions;
+use diskkit_formats::{
+    Error, Format, Image, ImageStream, ImplicitOpens, OpenOptions, Result, open_with,
+};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -84,48 +91,63 @@ impl Context {
             Operation::Push => self.push(item, key, progress),
             Operation::Pull => self.pull(item, progress),
             Operation::Snapshot => self.snapshot(item, progress),
+            Operation::Bundle => self.bundle(item, progress),
         }
     }
 
     fn convert(&self, item: &Item, progress: &dyn Progress) -> Result<Outcome> {
         let src = self.open(&item.source)?;
-        let (format, mut create) = item.output(Format::Raw)?;
+        let (output, mut create) = item.output(Format::Raw)?;
+        preflight(item, src.as_ref(), &output, &create)?;
         let dst = Path::new(&item.destination);
         make_parent(dst)?;
-        // The shared read pool: K conversions at once take turns on the same threads.
-        convert_to_path(
+        let format = match output {
+            Output::Image { format, .. } => format,
+            Output::GceTarball => {
+                let tar = Tarball::of(src.as_ref(), Path::new(&item.source))?;
+                gce::write_file(&tar, dst, None, create.cache, progress)?;
+                return Ok(Outcome {
+                    bytes_in: src.virtual_size(),
+                    bytes_out: file_size(dst)?,
+                    digest: Some(guest_digest(tar.disk())?),
+                });
+            }
+        };
+        // The shared read pool: K conversions at once take turns on the same threads. The digest
+        // of the done record is taken from what the conversion writes, not read back.
+        let (_, hash) = convert_to_path_with_digest(
             src.as_ref(),
             format,
             dst,
             &mut create,
             &ConvertOptions::default(),
+            DEFAULT_CHUNK_SIZE,
             progress,
         )?;
-        drop(src);
-        let out = self.open(&item.destination)?;
-        let digest = hash_image(
-            out.as_ref(),
-            DEFAULT_CHUNK_SIZE,
-            &crate::progress::NoProgress,
-            None,
-        )?;
         Ok(Outcome {
-            bytes_in: digest.virtual_size,
+            bytes_in: hash.virtual_size,
             bytes_out: file_size(dst)?,
-            digest: Some(hex(&digest.digest)),
+            digest: Some(hex(&hash.digest)),
         })
     }
 
     fn push(&self, item: &Item, key: &str, progress: &dyn Progress) -> Result<Outcome> {
         let src = self.open(&item.source)?;
-        let (format, mut create) = item.output(Format::Raw)?;
+        let (output, mut create) = item.output(Format::Raw)?;
+        preflight(item, src.as_ref(), &output, &create)?;
         let (location, store) = self.store(&item.destination)?;
-        let export = push::plan(
-            src.as_ref(),
-            format,
-            &mut create,
-            &crate::progress::NoProgress,
-        )?;
+        let export: Box<dyn ImageStream + '_> = match output {
+            Output::Image { format, .. } => push::plan(
+                src.as_ref(),
+                format,
+                &mut create,
+                &crate::progress::NoProgress,
+            )?,
+            Output::GceTarball => Box::new(GceStream::plan(
+                Tarball::of(src.as_ref(), Path::new(&item.source))?,
+                &crate::progress::NoProgress,
+            )?),
+        };
         let opts = PushOptions {
             part_size: None,
             parallel: self.parallel,
@@ -159,7 +181,7 @@ impl Context {
 
     fn pull(&self, item: &Item, progress: &dyn Progress) -> Result<Outcome> {
         let (location, store) = self.store(&item.source)?;
-        let (format, mut create) = item.output(Format::Raw)?;
+        let (format, mut create) = item.image_output(Format::Raw)?;
         let dst = Path::new(&item.destination);
         make_parent(dst)?;
         let mut opts = pull::PullOptions {
@@ -203,6 +225,138 @@ impl Context {
             bytes_in: src.virtual_size(),
             bytes_out: report.bytes_stored,
             digest: Some(report.digest),
+        })
+    }
+}
+
+/// Opens the source of `item` as an image, as `batch check` does before anything runs: a local
+/// file, or an object (pull) read in place through ranged requests.
+pub fn open_source(
+    item: &Item,
+    settings: &Settings,
+    implicit_opens: ImplicitOpens,
+) -> Result<Box<dyn Image>> {
+    if item.operation.local_source() {
+        open_with(
+            Path::new(&item.source),
+            &OpenOptions::default(),
+            implicit_opens,
+        )
+    } else {
+        open_object_image(&item.source, settings, &OpenOptions::default())
+    }
+}
+
+/// Runs the pre-flight checks of an item with a target on what it is about to write, as convert
+/// and push do: a failed rule fails the item (permanently: the same source fails again).
+fn preflight(item: &Item, src: &dyn Image, output: &Output, create: &CreateOptions) -> Result<()> {
+    let Some(cloud) = item.target else {
+        return Ok(());
+    };
+    let subformat = match output {
+        Output::Image { format, .. } => targets::output_subformat(*format, create),
+        Output::GceTarball => None,
+    };
+    let path = Path::new(&item.source);
+    let report = preflight::check_output(
+        cloud,
+        src,
+        path,
+        output,
+        subformat,
+        src.virtual_size(),
+        None,
+    );
+    if !report.failed() {
+        return Ok(());
+    }
+    let failed: Vec<String> = report
+        .checks
+        .iter()
+        .filter(|f| f.status == Status::Fail)
+        .map(|f| format!("{}: {}", f.rule, f.reason))
+        .collect();
+    Err(Error::invalid(format!(
+        "{}: pre-flight checks for target {} failed: {}",
+        path.display(),
+        cloud.name(),
+        failed.join("; ")
+    )))
+}
+
+/// The guest digest of `image`, for the done record.
+fn guest_digest(image: &dyn Image) -> Result<String> {
+    let hash = hash_image(
+        image,
+        DEFAULT_CHUNK_SIZE,
+        &crate::progress::NoProgress,
+        None,
+    )?;
+    Ok(hex(&hash.digest))
+}
+
+impl Context {
+    /// A bundle of the source (system disk) and the data disks of `options`, created in the
+    /// store (made if absent, as `bundle create` does). A bundle of that name that exists
+    /// already with the same disk contents is this item done by an earlier run that died before
+    /// recording it; with other contents it is a permanent failure.
+    fn bundle(&self, item: &Item, progress: &dyn Progress) -> Result<Outcome> {
+        use crate::bundle::{self, DiskInput, NewBundle, NewDisk, Role};
+        use crate::snapshot::{Crypto, DEFAULT_CHUNK_SIZE as STORE_CHUNK, NewStore, SnapshotStore};
+        let (store_url, name) = bundle_destination(&item.destination)?;
+        let disks = BundleDisks::parse(&item.options, Path::new("/"))?;
+        let mut images = vec![(
+            Role::System,
+            disks.system_device.clone(),
+            self.open(&item.source)?,
+            item.source.clone(),
+        )];
+        for (device, path) in &disks.data {
+            images.push((Role::Data, device.clone(), self.open(path)?, path.clone()));
+        }
+        let new = NewStore {
+            chunk_size: STORE_CHUNK,
+            encrypt: false,
+        };
+        let store = SnapshotStore::open(
+            store_url,
+            &self.settings,
+            self.profile.as_deref(),
+            Crypto::from_user(None)?,
+            Some(new),
+        )?;
+        let new_disks: Vec<NewDisk<'_>> = images
+            .iter()
+            .map(|(role, device, image, path)| NewDisk {
+                role: *role,
+                device: device.clone(),
+                input: DiskInput::Image(image.as_ref(), Path::new(path)),
+            })
+            .collect();
+        let manifest =
+            match bundle::create(&store, name, &new_disks, &NewBundle::default(), progress) {
+                Ok((manifest, _)) => manifest,
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                    let manifest = bundle::load(&store, name)?;
+                    let same =
+                        manifest.disks.len() == images.len()
+                            && manifest.disks.iter().zip(&images).all(
+                                |(d, (_, device, image, _))| {
+                                    d.device == *device
+                                        && guest_digest(image.as_ref()).is_ok_and(|g| g == d.digest)
+                                },
+                            );
+                    if !same {
+                        return Err(e);
+                    }
+                    manifest
+                }
+                Err(e) => return Err(e),
+            };
+        Ok(Outcome {
+            bytes_in: images.iter().map(|(_, _, i, _)| i.virtual_size()).sum(),
+            bytes_out: manifest.disks.iter().map(|d| d.virtual_size).sum(),
+            digest: Some(manifest.digest),
         })
     }
 }

@@ -8,9 +8,6 @@ use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-/// GCE's tarball is a file of `convert --target gce` and `push --target gce`, not yet of a job.
-const GCE_IN_BATCH: &str = "gce writes a disk.raw tarball, which batch items do not make yet: use convert or push --target gce";
-
 /// Largest job file read: ~1 million items of a few hundred bytes.
 pub const MAX_JOB_FILE: u64 = 256 << 20;
 /// Longest line (or CSV record) of a job file.
@@ -41,6 +38,10 @@ pub enum Operation {
     Pull,
     /// A local image into a snapshot store (`diskkit snapshot create`).
     Snapshot,
+    /// A machine's disks into a bundle of a snapshot store (`diskkit bundle create`): the
+    /// source is the system disk, `options` the data disks ([`BundleDisks`]), the destination
+    /// `STORE#NAME`.
+    Bundle,
 }
 
 impl Operation {
@@ -50,6 +51,7 @@ impl Operation {
             Operation::Push => "push",
             Operation::Pull => "pull",
             Operation::Snapshot => "snapshot",
+            Operation::Bundle => "bundle",
         }
     }
 
@@ -59,9 +61,9 @@ impl Operation {
             "push" => Ok(Operation::Push),
             "pull" => Ok(Operation::Pull),
             "snapshot" => Ok(Operation::Snapshot),
-            "bundle" => Err("bundle is not available in this diskkit".into()),
+            "bundle" => Ok(Operation::Bundle),
             other => Err(format!(
-                "unknown operation '{other}' (convert, push, pull or snapshot)"
+                "unknown operation '{other}' (convert, push, pull, snapshot or bundle)"
             )),
         }
     }
@@ -95,23 +97,39 @@ pub struct Item {
 }
 
 impl Item {
-    /// The output format and create options this item asks for (`-O`, `-o`, `--target`), with
-    /// `default` when it names no format.
-    pub fn output(&self, default: Format) -> Result<(Format, CreateOptions)> {
+    /// What this item writes (`-O`, `-o`, `--target`), with `default` when it names no format:
+    /// an image and its create options, or GCE's tarball (`target` gce).
+    pub fn output(&self, default: Format) -> Result<(Output, CreateOptions)> {
         let mut create = CreateOptions::default();
         if !self.options.is_empty() {
             create.parse_options(&self.options)?;
         }
         let Some(cloud) = self.target else {
-            return Ok((self.format.unwrap_or(default), create));
+            let format = self.format.unwrap_or(default);
+            return Ok((
+                Output::Image {
+                    format,
+                    options: &[],
+                },
+                create,
+            ));
         };
         let resolved = targets::resolve(cloud, self.format, &mut create);
         if !resolved.broken.is_empty() {
             return Err(targets::refusal(cloud, &resolved.broken));
         }
-        match resolved.output {
-            Output::Image { format, .. } => Ok((format, create)),
-            Output::GceTarball => Err(Error::invalid(GCE_IN_BATCH)),
+        Ok((resolved.output, create))
+    }
+
+    /// [`Item::output`] of an item that writes an image (pull: no target).
+    pub fn image_output(&self, default: Format) -> Result<(Format, CreateOptions)> {
+        match self.output(default)? {
+            (Output::Image { format, .. }, create) => Ok((format, create)),
+            (Output::GceTarball, _) => Err(Error::invalid(format!(
+                "line {}: {} writes an image, not GCE's tarball",
+                self.line,
+                self.operation.name()
+            ))),
         }
     }
 
@@ -417,7 +435,9 @@ fn check_item(line: usize, r: RawItem, base: &Path, problems: &mut Problems) -> 
             .map_err(|e| problems.add(line, format!("field format: {e}")))
             .ok(),
     };
-    if !r.options.is_empty()
+    let bundle = operation == Some(Operation::Bundle);
+    if !bundle
+        && !r.options.is_empty()
         && let Err(e) = CreateOptions::default().parse_options(&r.options)
     {
         problems.add(line, format!("field options: {e}"));
@@ -464,17 +484,27 @@ fn check_item(line: usize, r: RawItem, base: &Path, problems: &mut Problems) -> 
             problems.add(line, "snapshot takes no format, options or target")
         }
         Operation::Pull if target.is_some() => problems.add(line, "field target: pull has none"),
+        Operation::Bundle if format.is_some() || target.is_some() => {
+            problems.add(line, "bundle takes no format or target")
+        }
         _ => {}
+    }
+    let mut options = r.options;
+    if operation == Operation::Bundle {
+        if let Err(e) = bundle_destination(&r.destination) {
+            problems.add(line, format!("field destination: {e}"));
+        }
+        match BundleDisks::parse(&options, base) {
+            Ok(disks) => options = disks.to_string(),
+            Err(e) => problems.add(line, format!("field options: {e}")),
+        }
     }
     if let Some(cloud) = target {
         let mut create = CreateOptions::default();
-        create.parse_options(&r.options).ok();
+        create.parse_options(&options).ok();
         let resolved = targets::resolve(cloud, format, &mut create);
         for rule in &resolved.broken {
             problems.add(line, format!("field target: {}: {rule}", cloud.name()));
-        }
-        if matches!(resolved.output, Output::GceTarball) {
-            problems.add(line, format!("field target: {GCE_IN_BATCH}"));
         }
     }
     if problems.count > before {
@@ -494,9 +524,81 @@ fn check_item(line: usize, r: RawItem, base: &Path, problems: &mut Problems) -> 
         destination: local_or_url(&r.destination, operation.local_destination()),
         operation,
         format,
-        options: r.options,
+        options,
         target,
     })
+}
+
+/// A bundle item's destination `STORE#NAME`: the snapshot store and the bundle's name.
+pub fn bundle_destination(destination: &str) -> Result<(&str, &str)> {
+    let (store, name) = destination.rsplit_once('#').ok_or_else(|| {
+        Error::invalid(format!(
+            "'{destination}': a bundle item writes to STORE#NAME (a snapshot store and the \
+             bundle's name)"
+        ))
+    })?;
+    if store.is_empty() {
+        return Err(Error::invalid(format!(
+            "'{destination}': no store before '#'"
+        )));
+    }
+    crate::bundle::check_name(name)?;
+    Ok((store, name))
+}
+
+/// The disks of a bundle item besides its source (the system disk), from its `options`:
+/// comma-separated `DEVICE=IMAGE` data disks in order, and `system=DEVICE` for the system
+/// disk's device (`vda` by default). Relative image paths are taken from the job file's
+/// directory; paths holding ',' or '=' cannot be written here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleDisks {
+    pub system_device: String,
+    /// (device, absolute image path), in order.
+    pub data: Vec<(String, String)>,
+}
+
+impl BundleDisks {
+    pub fn parse(options: &str, base: &Path) -> Result<BundleDisks> {
+        let mut disks = BundleDisks {
+            system_device: "vda".to_string(),
+            data: Vec::new(),
+        };
+        for pair in options.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').ok_or_else(|| {
+                Error::invalid(format!(
+                    "'{pair}': bundle options are DEVICE=IMAGE data disks and system=DEVICE"
+                ))
+            })?;
+            let (key, value) = (key.trim(), value.trim());
+            if key == "system" {
+                crate::bundle::check_device(value)?;
+                disks.system_device = value.to_string();
+            } else if value.is_empty() {
+                return Err(Error::invalid(format!("data disk {key}: no image")));
+            } else {
+                crate::bundle::check_device(key)?;
+                disks.data.push((key.to_string(), absolute(value, base)));
+            }
+        }
+        let mut devices: Vec<&str> = disks.data.iter().map(|(d, _)| d.as_str()).collect();
+        devices.push(&disks.system_device);
+        devices.sort_unstable();
+        if let Some(w) = devices.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Error::invalid(format!("device {} given twice", w[0])));
+        }
+        Ok(disks)
+    }
+}
+
+/// The canonical form, which [`BundleDisks::parse`] reads back.
+impl std::fmt::Display for BundleDisks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "system={}", self.system_device)?;
+        for (device, path) in &self.data {
+            write!(f, ",{device}={path}")?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -531,32 +633,32 @@ mod tests {
             "source,destination,operation,target\n\
              a.raw,s3://b/a.vhd,push,azure\n\
              b.raw,s3://b/b.vmdk,push,aws\n\
-             c.raw,c.qcow2,convert,alibaba\n",
+             c.raw,c.qcow2,convert,alibaba\n\
+             d.raw,d.tar.gz,convert,gce\n",
         )
         .unwrap();
-        let outputs: Vec<_> = items
+        let outputs: Vec<_> = items[..3]
             .iter()
-            .map(|i| i.output(Format::Raw).unwrap())
+            .map(|i| i.image_output(Format::Raw).unwrap())
             .collect();
         assert_eq!(outputs[0].0, Format::Vhd);
         assert_eq!(outputs[0].1.options["subformat"], "fixed");
         assert_eq!(outputs[1].0, Format::Vmdk);
         assert_eq!(outputs[1].1.options["subformat"], "streamOptimized");
         assert_eq!(outputs[2].0, Format::Qcow2);
+        assert!(matches!(
+            items[3].output(Format::Raw).unwrap().0,
+            Output::GceTarball
+        ));
         let e = parse_str(
             "source,destination,format,target\n\
              a.raw,a.qcow2,qcow2,azure\n\
-             b.raw,b.tar.gz,,gce\n\
              c.raw,c.raw,,moon\n",
         )
         .unwrap_err()
         .to_string();
         assert!(e.contains("line 2: field target: azure: format"), "{e}");
-        assert!(
-            e.contains("line 3: field target: gce writes a disk.raw tarball"),
-            "{e}"
-        );
-        assert!(e.contains("line 4: field target:"), "{e}");
+        assert!(e.contains("line 3: field target:"), "{e}");
     }
 
     #[test]
@@ -593,7 +695,23 @@ mod tests {
         assert!(parse_str("source,destination\n").is_err());
         assert!(parse_str("source,destination\na,b,c\n").is_err());
         let e = parse_str("source,destination,operation\na,s3://b/k,bundle\n").unwrap_err();
-        assert!(e.to_string().contains("bundle is not available"), "{e}");
+        assert!(e.to_string().contains("writes to STORE#NAME"), "{e}");
+        let items = parse_str(
+            "source,destination,operation,options\n\
+             a.raw,s3://b/store#vm-1,bundle,\"system=sda,sdb=d/b.raw\"\n\
+             c.raw,store#vm-2,bundle,\n",
+        )
+        .unwrap();
+        assert_eq!(items[0].options, "system=sda,sdb=/base/d/b.raw");
+        assert_eq!(items[1].destination, "/base/store#vm-2");
+        let disks = BundleDisks::parse(&items[0].options, Path::new("/")).unwrap();
+        assert_eq!(
+            disks.data,
+            [("sdb".to_string(), "/base/d/b.raw".to_string())]
+        );
+        let e = parse_str("source,destination,operation,options\na,s#v,bundle,\"vda=x\"\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("device vda given twice"), "{e}");
     }
 
     #[test]
@@ -605,7 +723,7 @@ mod tests {
              a.raw,s3://b/store,snapshot,\n",
         )
         .unwrap();
-        assert_eq!(items[0].output(Format::Raw).unwrap().0, Format::Vhd);
+        assert_eq!(items[0].image_output(Format::Raw).unwrap().0, Format::Vhd);
         assert_eq!(items[1].source, "s3://b/a.vhd");
         assert_eq!(items[1].destination, "/base/a2.raw");
         assert!(parse_str("source,destination,operation\na.raw,s3://b/p/,push\n").is_err());

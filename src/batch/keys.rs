@@ -1,7 +1,7 @@
 //! Item keys: what identifies an item's work, so that the same work is done once whoever runs
 //! it, and a changed source is work of its own.
 
-use super::jobfile::Item;
+use super::jobfile::{BundleDisks, Item, Operation};
 use sha2::{Digest, Sha256};
 
 /// Domain of the key hash: a change of this definition changes every key.
@@ -38,17 +38,32 @@ fn source_identity(item: &Item) -> String {
     if !item.operation.local_source() {
         return item.source.clone();
     }
-    match std::fs::metadata(&item.source) {
+    let mut identity = file_identity(&item.source);
+    // A bundle's data disks are sources too.
+    if item.operation == Operation::Bundle
+        && let Ok(disks) = BundleDisks::parse(&item.options, std::path::Path::new("/"))
+    {
+        for (_, path) in &disks.data {
+            identity.push('\n');
+            identity.push_str(&file_identity(path));
+        }
+    }
+    identity
+}
+
+/// A local file's absolute path, size and modification time.
+fn file_identity(path: &str) -> String {
+    match std::fs::metadata(path) {
         Ok(m) => {
             let mtime = m
                 .modified()
                 .ok()
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                 .map_or(0, |d| d.as_nanos());
-            format!("{} size={} mtime={mtime}", item.source, m.len())
+            format!("{path} size={} mtime={mtime}", m.len())
         }
         // The item fails when it runs, naming the file.
-        Err(_) => format!("{} absent", item.source),
+        Err(_) => format!("{path} absent"),
     }
 }
 
