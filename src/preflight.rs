@@ -7,6 +7,7 @@ use crate::targets::{Cloud, Output, Profile, Role, TableNeeded};
 use diskkit_formats::check::check_with;
 use diskkit_formats::partition::{self, PartitionTable};
 use diskkit_formats::vhd::layout::{DiskType, FOOTER_SIZE, Footer};
+use diskkit_formats::write::CreateOptions;
 use diskkit_formats::{
     Format, HostFile, Image, ImplicitOpens, OpenOptions, Result, detect, open_with,
 };
@@ -178,6 +179,31 @@ pub fn check_output(
     let mut checks = Vec::new();
     content_rules(cloud.profile(), src, path, role, &upload, &mut checks);
     report(cloud, path, role, checks)
+}
+
+/// [`check_output`] of what convert or push is about to write for `cloud` from `src` with the
+/// create options `create`: the subformat they give and the source's virtual size.
+pub fn check_planned(
+    cloud: Cloud,
+    src: &dyn Image,
+    path: &Path,
+    output: &Output,
+    create: &CreateOptions,
+    role: Option<Role>,
+) -> Report {
+    let subformat = match output {
+        Output::Image { format, .. } => crate::targets::output_subformat(*format, create),
+        Output::GceTarball => None,
+    };
+    check_output(
+        cloud,
+        src,
+        path,
+        output,
+        subformat,
+        src.virtual_size(),
+        role,
+    )
 }
 
 /// The disk-count rule for a bundle of `disks` disks (one import).

@@ -83,19 +83,7 @@ impl TargetArgs {
         if self.no_preflight {
             return Ok(None);
         }
-        let subformat = match output {
-            Output::Image { format, .. } => targets::output_subformat(*format, create),
-            Output::GceTarball => None,
-        };
-        let report = preflight::check_output(
-            cloud,
-            src,
-            path,
-            output,
-            subformat,
-            src.virtual_size(),
-            self.role,
-        );
+        let report = preflight::check_planned(cloud, src, path, output, create, self.role);
         for f in report.checks.iter().filter(|f| f.status != Status::Pass) {
             eprintln!(
                 "diskkit: pre-flight {} {}: {}: {}",
