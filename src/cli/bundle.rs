@@ -682,7 +682,9 @@ fn restore(args: RestoreArgs) -> Result<i32> {
             format
         };
         let mut create = create_options(&args.options)?;
-        create.cache = CacheMode::Writeback;
+        // Written with direct I/O (qemu's cache=none), synced before the rename: a restored disk
+        // is rarely read right away, and sparing the page cache halved a restore's system time.
+        create.cache = CacheMode::None;
         let bar = Bar::new(
             args.progress,
             image.virtual_size(),
