@@ -110,12 +110,17 @@ bench zstd "$SRC" zst.qcow2 -O qcow2 -c -o compression_type=zstd -- -O qcow2 -c 
 report "raw -> qcow2 -c zstd" zstd "$DIR/dk.zst.qcow2" "$DIR/qi.zst.qcow2"
 rm -f "$DIR/dk.zst.qcow2" "$DIR/qi.zst.qcow2"
 
+# zlib: qemu-img's default compression type.
+bench zlib "$SRC" zlib.qcow2 -O qcow2 -c -o compression_type=zlib -- -O qcow2 -c -o compression_type=zlib
+report "raw -> qcow2 -c zlib" zlib "$DIR/dk.zlib.qcow2" "$DIR/qi.zlib.qcow2"
+rm -f "$DIR/dk.zlib.qcow2" "$DIR/qi.zlib.qcow2"
+
 bench vpc "$SRC" vhd -O vpc -o subformat=dynamic -- -O vpc -o subformat=dynamic
 report "raw -> vpc dynamic" vpc "$DIR/dk.vhd" "$DIR/qi.vhd"
 rm -f "$DIR/dk.vhd" "$DIR/qi.vhd"
 
-# Cache modes (-t): both tools in the same mode. qemu's none is O_DIRECT; diskkit's flushes and
-# drops written pages as it goes. CACHE_MODES="" skips these rows.
+# Cache modes (-t): both tools in the same mode (none: O_DIRECT in both). CACHE_MODES="" skips
+# these rows.
 for mode in ${CACHE_MODES-none unsafe writethrough}; do
     bench "t-$mode" "$SRC" raw -O raw -t "$mode" -- -O raw -t "$mode"
     report "raw -> raw -t $mode" "t-$mode"
