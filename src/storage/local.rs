@@ -77,9 +77,27 @@ impl Local {
             .unwrap_or(0);
         let id = format!("{}-{nanos:x}", std::process::id());
         let (tmp, path) = self.upload_path(objects, key, &id)?;
+        remove_dead_uploads(&tmp, &id);
         File::create_new(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
         Ok((id, tmp, path))
     }
+}
+
+/// Removes the temporary files of uploads of the same object by processes that are gone,
+/// before a new upload of it starts: what a SIGKILLed push or lock left. A new upload means
+/// no checkpoint resumes them (a push resumes through its checkpoint, without a new upload);
+/// one that still tried would be told the upload is gone.
+fn remove_dead_uploads(tmp: &Path, id: &str) {
+    let (Some(dir), Some(name)) = (tmp.parent(), tmp.file_name()) else {
+        return;
+    };
+    let name = name.to_string_lossy();
+    let Some(prefix) = name.strip_suffix(id) else {
+        return;
+    };
+    crate::output::remove_dead_files(dir, std::ffi::OsStr::new(prefix), |n| {
+        n[prefix.len()..].split_once('-')?.0.parse().ok()
+    });
 }
 
 /// Makes the synced file `tmp` the object at `path` without replacing an existing one, then
