@@ -210,6 +210,20 @@ pub fn write_new_image<T>(
     Ok(value)
 }
 
+/// `path` back, unless it is a symlink: for the files a command names itself in a folder the
+/// user gave (`bundle restore`), where a link was not the user's choice and writing through it
+/// would land anywhere.
+pub fn not_a_symlink(path: &Path) -> Result<PathBuf> {
+    if path.is_symlink() {
+        return Err(Error::invalid(format!(
+            "{}: is a symlink: this output's name is diskkit's, not yours, so it is not \
+             written through a link (remove the link, or choose another folder)",
+            path.display()
+        )));
+    }
+    Ok(path.to_path_buf())
+}
+
 /// The file a new output (image, manifest) replaces: a symlink's target; devices, FIFOs and
 /// directories are refused (a rename would replace the node; `convert -n` writes into devices).
 pub fn final_target(path: &Path) -> Result<PathBuf> {

@@ -20,7 +20,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-const MIB: u64 = 1 << 20;
 const CI_SEEDS: [u64; 4] = [11, 23, 37, 41];
 
 fn seeds() -> Vec<u64> {
@@ -159,36 +158,6 @@ fn print_table(title: &str, tallies: &[Tally]) {
     assert!(failures.is_empty(), "invariant failures:\n{failures:#?}");
 }
 
-/// Names that only diskkit's unfinished work carries.
-const TEMP_MARKS: [&str; 4] = [
-    ".diskkit-tmp-",
-    ".diskkit-download-",
-    ".diskkit-upload-",
-    ".diskkit-scratch-",
-];
-
-/// Temporary files under `roots` (recursively), and upload checkpoints left behind.
-fn temps_left(roots: &[PathBuf]) -> Vec<String> {
-    let mut found = Vec::new();
-    let mut stack: Vec<PathBuf> = roots.to_vec();
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                stack.push(e.path());
-            } else if TEMP_MARKS.iter().any(|m| name.contains(m))
-                || (dir.ends_with("diskkit/uploads") && name.ends_with(".json"))
-            {
-                found.push(format!("left behind: {}", e.path().display()));
-            }
-        }
-    }
-    found
-}
-
 /// `dst` is absent, or whole: the same guest as `src` and a clean `qemu-img check`.
 fn absent_or_equal(src: &Path, dst: &Path) -> Vec<String> {
     if !dst.exists() {
@@ -238,17 +207,6 @@ fn copy_dir(from: &Path, to: &Path) {
     assert!(status.success());
 }
 
-/// An 8 MiB raw source: the mixed pattern plus 2 MiB of incompressible data, so that writers
-/// take long enough to be killed in the middle.
-fn source(dir: &Path, name: &str, seed: u64) -> PathBuf {
-    use std::os::unix::fs::FileExt;
-    let img = mixed_raw(dir, name, 8 * MIB);
-    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
-    f.write_all_at(&pseudo_random(seed, 2 * MIB as usize), 5 * MIB)
-        .unwrap();
-    img
-}
-
 /// A command that must succeed, its failure as an invariant failure.
 fn succeeds(env: &Env, args: &[&str]) -> Vec<String> {
     let (code, out, err) = env.run(args);
@@ -262,7 +220,7 @@ fn succeeds(env: &Env, args: &[&str]) -> Vec<String> {
 #[test]
 fn convert_killed_anywhere_leaves_nothing_partial() {
     let (dir, _, env) = local_bucket_env();
-    let src = source(dir.path(), "src.raw", 1);
+    let src = noisy_raw(dir.path(), "src.raw", 1);
     let mut tallies = Vec::new();
     for (fmt, extra) in [
         ("qcow2", None),
@@ -288,7 +246,7 @@ fn convert_killed_anywhere_leaves_nothing_partial() {
 
 /// `push` and `pull` through one bucket: `url(key)` names an object.
 fn push_and_pull(env: &Env, dir: &Path, url: &dyn Fn(&str) -> String, label: &str) -> Vec<Tally> {
-    let src = source(dir, "src.raw", 2);
+    let src = noisy_raw(dir, "src.raw", 2);
     let object = url("crash/src.raw");
     let mut tallies = Vec::new();
     // An object is never seen incomplete: `verify` passes, or it is not there at all.
@@ -364,9 +322,11 @@ fn push_and_pull_killed_anywhere_leave_nothing_partial() {
     print_table("crash: push and pull", &tallies);
 }
 
-/// The store is readable and every index's chunks are there, or the store was never made.
+/// The store is readable and every index's chunks are there, or the store was never made
+/// (a local store: its config file is absent).
 fn store_clean_or_absent(env: &Env, store: &Path) -> Vec<String> {
-    if !store.exists() {
+    // The config is written first: without it there is no store yet.
+    if !store.join("config").exists() {
         return Vec::new();
     }
     let (code, out, err) = env.run(&["snapshot", "verify", path_str(store)]);
@@ -433,8 +393,8 @@ fn bundle_listed(env: &Env, store: &Path, name: &str) -> bool {
 fn snapshot_and_bundle_killed_anywhere_reference_no_missing_chunk() {
     let (dir, _, env) = local_bucket_env();
     let d = dir.path();
-    let src = source(d, "src.raw", 3);
-    let data = source(d, "data.raw", 4);
+    let src = noisy_raw(d, "src.raw", 3);
+    let data = noisy_raw(d, "data.raw", 4);
     let store = d.join("store");
     let mut tallies = Vec::new();
 
@@ -534,7 +494,7 @@ fn batch_run_killed_anywhere_converges() {
     let (dir, _, env) = local_bucket_env();
     let d = dir.path();
     let srcs: Vec<PathBuf> = (0..3)
-        .map(|i| source(d, &format!("src-{i}.raw"), 10 + i))
+        .map(|i| noisy_raw(d, &format!("src-{i}.raw"), 10 + i))
         .collect();
     let mut jobs = String::from("source,destination,format\n");
     for i in 0..3 {

@@ -499,6 +499,11 @@ impl SnapshotStore {
             std::process::id(),
             now_nanos()
         );
+        if let Some(leases) = self.local_path(&format!("{}leases", self.prefix)) {
+            // Each lease has a name of its own, so a lease's temporary file left by a killed
+            // create is not the leftover of any later one: the next lease removes it.
+            crate::output::remove_dead_leftovers(&leases, std::ffi::OsStr::new("."));
+        }
         self.put(&key, holder_record())?;
         let lease = Lease { store: self, key };
         if let Some(holder) = self.live_holder(&format!("{}gc.lock", self.prefix))? {

@@ -134,6 +134,16 @@ impl Backend for Local {
         true
     }
 
+    /// Under a temporary name, renamed into place once synced ([`crate::output::write_file`]):
+    /// a kill or a full disk never leaves part of an object (a manifest) under its key.
+    fn write(&self, objects: &Objects, key: &str, data: Vec<u8>) -> Result<()> {
+        let path = self.path(objects, key)?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "create", e))?;
+        }
+        crate::output::write_file(&path, &data)
+    }
+
     fn create_if_absent(&self, objects: &Objects, key: &str, data: Vec<u8>) -> Result<()> {
         let (_, tmp, path) = self.new_temp(objects, key)?;
         // Unlike an upload's file (kept to resume), this one goes with an interrupted run.

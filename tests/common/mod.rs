@@ -249,3 +249,44 @@ pub fn qcow2_overlay(img: &Path, backing: &str, format: &str) {
         path_str(img),
     ]);
 }
+
+/// Names that only diskkit's unfinished work carries.
+pub const TEMP_MARKS: [&str; 4] = [
+    ".diskkit-tmp-",
+    ".diskkit-download-",
+    ".diskkit-upload-",
+    ".diskkit-scratch-",
+];
+
+/// Temporary files under `roots` (recursively), and upload checkpoints left behind.
+pub fn temps_left(roots: &[PathBuf]) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack: Vec<PathBuf> = roots.to_vec();
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(e.path());
+            } else if TEMP_MARKS.iter().any(|m| name.contains(m))
+                || (dir.ends_with("diskkit/uploads") && name.ends_with(".json"))
+            {
+                found.push(format!("left behind: {}", e.path().display()));
+            }
+        }
+    }
+    found
+}
+
+/// An 8 MiB raw source: the mixed pattern plus 2 MiB of incompressible data, so that writers
+/// take long enough to be killed in the middle.
+pub fn noisy_raw(dir: &Path, name: &str, seed: u64) -> PathBuf {
+    use std::os::unix::fs::FileExt;
+    let img = mixed_raw(dir, name, 8 << 20);
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(&pseudo_random(seed, 2 << 20), 5 << 20)
+        .unwrap();
+    img
+}
