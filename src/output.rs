@@ -297,6 +297,18 @@ pub fn remove_dead_leftovers(dir: &Path, prefix: &OsStr) {
     });
 }
 
+/// Removes the temporary files (`.NAME.diskkit-tmp-PID`, any NAME) that dead processes left in
+/// `dir`, the first time this process asks for `dir`: for folders of objects with names of
+/// their own (leases, batch records), where no later output has the same name.
+pub fn remove_dead_temps_once(dir: &Path) {
+    static CLEANED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let mut cleaned = CLEANED.lock().unwrap_or_else(|p| p.into_inner());
+    if !cleaned.iter().any(|d| d == dir) {
+        cleaned.push(dir.to_path_buf());
+        remove_dead_leftovers(dir, OsStr::new("."));
+    }
+}
+
 /// Removes the regular files of `dir` whose names start with `prefix` and whose writer's PID
 /// (`pid_of` the name) is no longer alive.
 pub fn remove_dead_files(dir: &Path, prefix: &OsStr, pid_of: impl Fn(&str) -> Option<i32>) {
