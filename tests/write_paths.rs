@@ -430,27 +430,39 @@ fn outputs_named_by_diskkit_in_a_folder_never_follow_a_symlink_there() {
     std::fs::create_dir(&out).unwrap();
     let victim = f.dir.path().join("victim");
     std::fs::write(&victim, b"not yours").unwrap();
-    // bundle restore names its files itself: the user named the folder, not this link.
-    let planted = out.join("web-system.qcow2");
-    std::os::unix::fs::symlink(&victim, &planted).unwrap();
-    let (code, _, err) = f.env.run(&[
-        "bundle",
-        "restore",
-        "-O",
-        "qcow2",
-        path_str(&f.store),
-        "web",
-        path_str(&out),
-    ]);
-    let kept = std::fs::read(&victim).unwrap() == b"not yours";
-    assert!(
-        kept,
-        "wrote through {}: exit {code}: {err}",
-        planted.display()
-    );
-    assert_ne!(code, 0, "{err}");
-    assert!(
-        err.contains(path_str(&planted)) && err.contains("symlink"),
-        "{err}"
-    );
+    let object = format!("file://{}/src.raw", f.bucket.display());
+    let folder = format!("{}/", out.display());
+    // The user named the folder, not these links: bundle restore and pull DIR/ name the files.
+    let runs: [(&str, Vec<&str>); 2] = [
+        (
+            "web-system.qcow2",
+            vec![
+                "bundle",
+                "restore",
+                "-O",
+                "qcow2",
+                path_str(&f.store),
+                "web",
+                path_str(&out),
+            ],
+        ),
+        ("src.raw", vec!["pull", &object, &folder]),
+    ];
+    for (name, args) in runs {
+        let planted = out.join(name);
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        let (code, _, err) = f.env.run(&args);
+        let kept = std::fs::read(&victim).unwrap() == b"not yours";
+        assert!(
+            kept,
+            "wrote through {}: exit {code}: {err}",
+            planted.display()
+        );
+        assert_ne!(code, 0, "{err}");
+        assert!(
+            err.contains(path_str(&planted)) && err.contains("symlink"),
+            "{err}"
+        );
+        std::fs::remove_file(&planted).unwrap();
+    }
 }
