@@ -58,6 +58,7 @@ impl PendingOutput {
         let mut temp_name = prefix;
         temp_name.push(std::process::id().to_string());
         let temp = dir.join(temp_name);
+        unlink_planted(&temp)?;
         Ok(PendingOutput {
             _registered: TempRegistration::new(&temp),
             path,
@@ -209,6 +210,20 @@ pub fn write_new_image<T>(
     Ok(value)
 }
 
+/// `path` back, unless it is a symlink: for the files a command names itself in a folder the
+/// user gave (`bundle restore`), where a link was not the user's choice and writing through it
+/// would land anywhere.
+pub fn not_a_symlink(path: &Path) -> Result<PathBuf> {
+    if path.is_symlink() {
+        return Err(Error::invalid(format!(
+            "{}: is a symlink: this output's name is diskkit's, not yours, so it is not \
+             written through a link (remove the link, or choose another folder)",
+            path.display()
+        )));
+    }
+    Ok(path.to_path_buf())
+}
+
 /// The file a new output (image, manifest) replaces: a symlink's target; devices, FIFOs and
 /// directories are refused (a rename would replace the node; `convert -n` writes into devices).
 pub fn final_target(path: &Path) -> Result<PathBuf> {
@@ -257,11 +272,46 @@ fn temp_prefix(name: &OsStr) -> OsString {
     prefix
 }
 
+/// Removes whatever is at `temp`, our own temporary name, before it is created: nobody else
+/// writes under our PID, so an entry there was planted (a symlink that would send the output
+/// elsewhere) or left by a dead process that had our PID. The link is removed, never followed.
+fn unlink_planted(temp: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(temp) {
+        Err(_) => Ok(()),
+        Ok(m) if m.is_dir() => Err(Error::invalid(format!(
+            "{}: a directory is in the way of the temporary output",
+            temp.display()
+        ))),
+        Ok(_) => std::fs::remove_file(temp).map_err(|e| Error::io(temp, "remove", e)),
+    }
+}
+
 /// Removes the files of `dir` whose names start with `prefix` and end in `.diskkit-tmp-PID`
 /// for a process that no longer exists: what a SIGKILLed or crashed diskkit left. A file whose
 /// PID is alive (another diskkit writing the same name, or an unrelated process that reused the
 /// PID) is kept. Best effort: a leftover that cannot be removed costs space, not correctness.
 pub fn remove_dead_leftovers(dir: &Path, prefix: &OsStr) {
+    remove_dead_files(dir, prefix, |name| {
+        name.rsplit_once(TEMP_MARK)
+            .and_then(|(_, pid)| pid.parse().ok())
+    });
+}
+
+/// Removes the temporary files (`.NAME.diskkit-tmp-PID`, any NAME) that dead processes left in
+/// `dir`, the first time this process asks for `dir`: for folders of objects with names of
+/// their own (leases, batch records), where no later output has the same name.
+pub fn remove_dead_temps_once(dir: &Path) {
+    static CLEANED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let mut cleaned = CLEANED.lock().unwrap_or_else(|p| p.into_inner());
+    if !cleaned.iter().any(|d| d == dir) {
+        cleaned.push(dir.to_path_buf());
+        remove_dead_leftovers(dir, OsStr::new("."));
+    }
+}
+
+/// Removes the regular files of `dir` whose names start with `prefix` and whose writer's PID
+/// (`pid_of` the name) is no longer alive.
+pub fn remove_dead_files(dir: &Path, prefix: &OsStr, pid_of: impl Fn(&str) -> Option<i32>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -270,8 +320,7 @@ pub fn remove_dead_leftovers(dir: &Path, prefix: &OsStr) {
         let Some(pid) = std::str::from_utf8(name.as_bytes())
             .ok()
             .filter(|n| n.as_bytes().starts_with(prefix.as_bytes()))
-            .and_then(|n| n.rsplit_once(TEMP_MARK))
-            .and_then(|(_, pid)| pid.parse::<i32>().ok())
+            .and_then(&pid_of)
         else {
             continue;
         };

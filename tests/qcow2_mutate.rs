@@ -8,115 +8,10 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-const MIB: u64 = 1 << 20;
-
-/// `qemu-img check` finds no corruption (leaks are allowed: exit 0 or 3).
-fn assert_no_corruption(img: &Path) {
-    let out = Command::new("qemu-img")
-        .args(["check", "--output=json", path_str(img)])
-        .output()
-        .unwrap();
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    let code = out.status.code();
-    assert!(
-        matches!(code, Some(0) | Some(3))
-            && report["corruptions"].as_u64().unwrap_or(0) == 0
-            && report["check-errors"].as_u64().unwrap_or(0) == 0,
-        "qemu-img check {}: exit {code:?}\n{}\n{}",
-        img.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn info(img: &Path) -> Value {
-    serde_json::from_str(&qemu_img(&["info", "--output=json", path_str(img)])).unwrap()
-}
-
-/// The guest content of internal snapshot `name` as qemu reads it.
-fn snapshot_bytes(img: &Path, name: &str) -> Vec<u8> {
-    let out = img.with_extension(format!("snap-{name}.raw"));
-    qemu_img(&[
-        "convert",
-        "-l",
-        &format!("snapshot.name={name}"),
-        "-O",
-        "raw",
-        path_str(img),
-        path_str(&out),
-    ]);
-    let bytes = std::fs::read(&out).unwrap();
-    std::fs::remove_file(&out).unwrap();
-    bytes
-}
-
-/// Everything a user sees of an image, as qemu sees it: guest bytes, each snapshot's bytes,
-/// version, refcount width, lazy refcounts, bitmaps.
-/// (guest bytes, (ID, name, guest bytes) of each snapshot, options summary)
-type View = (Vec<u8>, Vec<(String, String, Vec<u8>)>, String);
-
-fn qemu_view(img: &Path) -> View {
-    let i = info(img);
-    let snapshots = i["snapshots"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .map(|s| {
-            let name = s["name"].as_str().unwrap().to_string();
-            let bytes = snapshot_bytes(img, &name);
-            (s["id"].as_str().unwrap().to_string(), name, bytes)
-        })
-        .collect();
-    let d = &i["format-specific"]["data"];
-    let summary = format!(
-        "compat={} refcount-bits={} lazy={} bitmaps={} size={}",
-        d["compat"], d["refcount-bits"], d["lazy-refcounts"], d["bitmaps"], i["virtual-size"]
-    );
-    (
-        qemu_guest_bytes(img, img.parent().unwrap()),
-        snapshots,
-        summary,
-    )
-}
-
-/// A qcow2 image of `size` bytes with the mixed pattern written by qemu-io.
-fn fixture(dir: &Path, name: &str, opts: &str) -> std::path::PathBuf {
-    let img = p(dir, name);
-    let size = 8 * MIB;
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        opts,
-        path_str(&img),
-        &size.to_string(),
-    ]);
-    qemu_io("qcow2", &img, &as_refs(&mixed_pattern(size)));
-    img
-}
-
-/// A new empty qcow2 overlay at `img` on `backing` (a name relative to `img`'s folder).
-fn overlay(img: &Path, backing: &str, format: &str) {
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        backing,
-        "-F",
-        format,
-        path_str(img),
-    ]);
-}
-
 #[test]
 fn snapshots_made_by_diskkit_are_read_applied_and_kept_by_qemu() {
     let dir = tempdir();
-    let img = fixture(dir.path(), "a.qcow2", "cluster_size=4k");
+    let img = qcow2_fixture(dir.path(), "a.qcow2", "cluster_size=4k");
     let first = qemu_guest_bytes(&img, dir.path());
     diskkit_ok(&["snapshot", "-c", "one", path_str(&img)]);
     assert_no_corruption(&img);
@@ -132,7 +27,7 @@ fn snapshots_made_by_diskkit_are_read_applied_and_kept_by_qemu() {
 
     let list = qemu_img(&["snapshot", "-l", path_str(&img)]);
     assert!(list.contains("one") && list.contains("two"), "{list}");
-    let i = info(&img);
+    let i = qemu_info(&img);
     assert_eq!(i["snapshots"][0]["id"], "1");
     assert_eq!(i["snapshots"][1]["id"], "2");
     assert_eq!(i["snapshots"][0]["vm-state-size"], 0);
@@ -167,7 +62,7 @@ fn snapshots_made_by_diskkit_are_read_applied_and_kept_by_qemu() {
     diskkit_ok(&["snapshot", "-d", "two", path_str(&img)]);
     assert_no_corruption(&img);
     assert_eq!(qemu_guest_bytes(&img, dir.path()), second);
-    assert!(info(&img)["snapshots"].is_null());
+    assert!(qemu_info(&img)["snapshots"].is_null());
     // Everything the snapshots held is free again: qemu-img check counts no leak either.
     let (code, _, _) = diskkit(&["snapshot", "-d", "two", path_str(&img)]);
     assert_eq!(code, 2, "deleting a missing snapshot is an error");
@@ -176,7 +71,7 @@ fn snapshots_made_by_diskkit_are_read_applied_and_kept_by_qemu() {
 #[test]
 fn snapshots_made_by_qemu_are_applied_and_deleted_by_diskkit() {
     let dir = tempdir();
-    let img = fixture(dir.path(), "q.qcow2", "compat=0.10");
+    let img = qcow2_fixture(dir.path(), "q.qcow2", "compat=0.10");
     let first = qemu_guest_bytes(&img, dir.path());
     qemu_img(&["snapshot", "-c", "base", path_str(&img)]);
     qemu_io("qcow2", &img, &["write -P 0x5a 0 1M"]);
@@ -194,7 +89,7 @@ fn snapshots_made_by_qemu_are_applied_and_deleted_by_diskkit() {
     assert_eq!(snapshot_bytes(&img, "later"), second);
     // A new snapshot after qemu's: the next ID, as qemu numbers them.
     diskkit_ok(&["snapshot", "-c", "mine", path_str(&img)]);
-    assert_eq!(info(&img)["snapshots"][1]["id"], "3");
+    assert_eq!(qemu_info(&img)["snapshots"][1]["id"], "3");
     assert_no_corruption(&img);
     // Store snapshots keep their subcommand form beside the flags.
     let (code, _, err) = diskkit(&["snapshot", "ls", path_str(&dir.path().join("nostore"))]);
@@ -206,9 +101,9 @@ fn snapshots_made_by_qemu_are_applied_and_deleted_by_diskkit() {
 fn amend_downgrades_and_upgrades_as_qemu_reads_them() {
     let dir = tempdir();
     // Zero clusters (a version 3 feature) over a backing file: written out as zeroed clusters.
-    fixture(dir.path(), "base.qcow2", "cluster_size=64k");
+    qcow2_fixture(dir.path(), "base.qcow2", "cluster_size=64k");
     let img = p(dir.path(), "top.qcow2");
-    overlay(&img, "base.qcow2", "qcow2");
+    qcow2_overlay(&img, "base.qcow2", "qcow2");
     qemu_io(
         "qcow2",
         &img,
@@ -221,7 +116,7 @@ fn amend_downgrades_and_upgrades_as_qemu_reads_them() {
     let after = qemu_view(&img);
     assert_eq!(after.0, before.0);
     assert_eq!(after.1, before.1);
-    assert_eq!(info(&img)["format-specific"]["data"]["compat"], "0.10");
+    assert_eq!(qemu_info(&img)["format-specific"]["data"]["compat"], "0.10");
 
     diskkit_ok(&[
         "amend",
@@ -232,7 +127,7 @@ fn amend_downgrades_and_upgrades_as_qemu_reads_them() {
         path_str(&img),
     ]);
     assert_no_corruption(&img);
-    let d = info(&img)["format-specific"]["data"].clone();
+    let d = qemu_info(&img)["format-specific"]["data"].clone();
     assert_eq!(d["compat"], "1.1");
     assert_eq!(d["lazy-refcounts"], true);
     assert_eq!(d["refcount-bits"], 4);
@@ -260,13 +155,13 @@ fn amend_refuses_downgrades_the_features_forbid() {
         ("lazy_refcounts=on", "lazy refcounts"),
         ("refcount_bits=8", "8-bit refcounts"),
     ] {
-        let img = fixture(dir.path(), "f.qcow2", opts);
+        let img = qcow2_fixture(dir.path(), "f.qcow2", opts);
         let (code, _, err) = diskkit(&["amend", "-o", "compat=0.10", path_str(&img)]);
         assert_eq!(code, 2, "{opts}");
         assert!(err.contains(feature), "{opts}: {err}");
-        assert_eq!(info(&img)["format-specific"]["data"]["compat"], "1.1");
+        assert_eq!(qemu_info(&img)["format-specific"]["data"]["compat"], "1.1");
     }
-    let img = fixture(dir.path(), "b.qcow2", "cluster_size=64k");
+    let img = qcow2_fixture(dir.path(), "b.qcow2", "cluster_size=64k");
     qemu_img(&["bitmap", "--add", path_str(&img), "b"]);
     let (code, _, err) = diskkit(&["amend", "-o", "compat=0.10", path_str(&img)]);
     assert_eq!(code, 2);
@@ -276,14 +171,14 @@ fn amend_refuses_downgrades_the_features_forbid() {
 #[test]
 fn bitmaps_both_ways() {
     let dir = tempdir();
-    let img = fixture(dir.path(), "b.qcow2", "cluster_size=64k");
+    let img = qcow2_fixture(dir.path(), "b.qcow2", "cluster_size=64k");
     diskkit_ok(&["bitmap", "--add", "-g", "128K", path_str(&img), "ours"]);
     qemu_img(&["bitmap", "--add", path_str(&img), "theirs"]);
     assert_no_corruption(&img);
     // qemu records its writes in both (enabled) bitmaps: clusters of bits appear.
     qemu_io("qcow2", &img, &["write -P 0x42 2M 512k"]);
     assert_no_corruption(&img);
-    let b = info(&img)["format-specific"]["data"]["bitmaps"].clone();
+    let b = qemu_info(&img)["format-specific"]["data"]["bitmaps"].clone();
     assert_eq!(b[0]["name"], "ours");
     assert_eq!(b[0]["granularity"], 131072);
     assert_eq!(b[0]["flags"], serde_json::json!(["auto"]));
@@ -296,7 +191,7 @@ fn bitmaps_both_ways() {
     diskkit_ok(&["snapshot", "-c", "s", path_str(&img)]);
     assert_no_corruption(&img);
     diskkit_ok(&["bitmap", "--disable", path_str(&img), "theirs"]);
-    let b = info(&img)["format-specific"]["data"]["bitmaps"].clone();
+    let b = qemu_info(&img)["format-specific"]["data"]["bitmaps"].clone();
     assert_eq!(b[1]["flags"], serde_json::json!([]));
     diskkit_ok(&["bitmap", "--enable", path_str(&img), "theirs"]);
     diskkit_ok(&["bitmap", "--clear", path_str(&img), "ours"]);
@@ -312,13 +207,13 @@ fn bitmaps_both_ways() {
         path_str(&img),
         path_str(&copy),
     ]);
-    let b = info(&copy)["format-specific"]["data"]["bitmaps"].clone();
+    let b = qemu_info(&copy)["format-specific"]["data"]["bitmaps"].clone();
     assert_eq!(b.as_array().map(Vec::len), Some(2), "{b}");
 
     diskkit_ok(&["bitmap", "--remove", path_str(&img), "ours"]);
     diskkit_ok(&["bitmap", "--remove", path_str(&img), "theirs"]);
     assert_no_corruption(&img);
-    assert!(info(&img)["format-specific"]["data"]["bitmaps"].is_null());
+    assert!(qemu_info(&img)["format-specific"]["data"]["bitmaps"].is_null());
     let (code, _, err) = diskkit(&["bitmap", "--clear", path_str(&img), "gone"]);
     assert_eq!(code, 2);
     assert!(err.contains("no persistent bitmap"), "{err}");
@@ -344,7 +239,7 @@ fn kill_at(args: &[&str], step: &str) {
 #[test]
 fn sigkill_at_every_step_leaves_the_image_as_before_or_after() {
     let dir = tempdir();
-    let base = fixture(dir.path(), "base.qcow2", "cluster_size=4k");
+    let base = qcow2_fixture(dir.path(), "base.qcow2", "cluster_size=4k");
     qemu_img(&["snapshot", "-c", "old", path_str(&base)]);
     qemu_io("qcow2", &base, &["write -P 0x71 0 1M", "write -z 6M 512k"]);
     qemu_img(&["bitmap", "--add", path_str(&base), "bm"]);
@@ -400,7 +295,7 @@ fn sigkill_at_every_step_leaves_the_image_as_before_or_after() {
 
 /// base.qcow2 <- top.qcow2, and other.qcow2 (partly the same as base, partly not).
 fn chain(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let base = fixture(dir, "base.qcow2", "cluster_size=64k");
+    let base = qcow2_fixture(dir, "base.qcow2", "cluster_size=64k");
     let other = p(dir, "other.qcow2");
     std::fs::copy(&base, &other).unwrap();
     qemu_io(
@@ -413,7 +308,7 @@ fn chain(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::Path
         ],
     );
     let top = p(dir, "top.qcow2");
-    overlay(&top, "base.qcow2", "qcow2");
+    qcow2_overlay(&top, "base.qcow2", "qcow2");
     qemu_io(
         "qcow2",
         &top,
@@ -430,8 +325,8 @@ fn rebase_keeps_the_guest_and_qemu_reads_it() {
     diskkit_ok(&["rebase", "-b", "other.qcow2", "-F", "qcow2", path_str(&top)]);
     assert_no_corruption(&top);
     assert_eq!(qemu_guest_bytes(&top, dir.path()), guest);
-    assert_eq!(info(&top)["backing-filename"], "other.qcow2");
-    assert_eq!(info(&top)["backing-filename-format"], "qcow2");
+    assert_eq!(qemu_info(&top)["backing-filename"], "other.qcow2");
+    assert_eq!(qemu_info(&top)["backing-filename-format"], "qcow2");
     // -u: the backing file moved; only the name changes.
     std::fs::rename(&other, p(dir.path(), "moved.qcow2")).unwrap();
     diskkit_ok(&["rebase", "-u", "-b", "moved.qcow2", path_str(&top)]);
@@ -440,7 +335,7 @@ fn rebase_keeps_the_guest_and_qemu_reads_it() {
     // No backing file at all: everything the guest sees comes into the image.
     diskkit_ok(&["rebase", "-b", "", path_str(&top)]);
     assert_no_corruption(&top);
-    assert!(info(&top)["backing-filename"].is_null());
+    assert!(qemu_info(&top)["backing-filename"].is_null());
     assert_eq!(qemu_guest_bytes(&top, dir.path()), guest);
 }
 
@@ -467,7 +362,7 @@ fn commit_moves_the_overlay_into_its_base() {
     let raw = p(dir.path(), "base.raw");
     qemu_img(&["convert", "-O", "raw", path_str(&base), path_str(&raw)]);
     let over = p(dir.path(), "over.qcow2");
-    overlay(&over, "base.raw", "raw");
+    qcow2_overlay(&over, "base.raw", "raw");
     qemu_io(
         "qcow2",
         &over,

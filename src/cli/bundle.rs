@@ -667,14 +667,15 @@ fn restore(args: RestoreArgs) -> Result<i32> {
     let format = args.out_format.unwrap_or(Format::Raw);
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "create", e))?;
     let store = std::sync::Arc::new(store);
-    for d in &m.disks {
-        let file = dir.join(bundle::file_name(
-            &m,
-            d,
-            args.naming,
-            format.name(),
-            &args.prefix,
-        ));
+    let files: Vec<PathBuf> = m
+        .disks
+        .iter()
+        .map(|d| {
+            let name = bundle::file_name(&m, d, args.naming, format.name(), &args.prefix);
+            diskkit::output::not_a_symlink(&dir.join(name))
+        })
+        .collect::<Result<_>>()?;
+    for (d, file) in m.disks.iter().zip(files) {
         let image = diskkit::snapshot::SnapshotImage::of_shared(store.clone(), &d.snapshot)?;
         let disk_format = if d.role == Role::Iso {
             Format::Raw

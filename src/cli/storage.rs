@@ -360,7 +360,8 @@ fn pull_target(dst: &std::path::Path, location: &Location) -> Result<PathBuf> {
         return Ok(dst.to_path_buf());
     }
     match location.key.rsplit('/').next().filter(|n| !n.is_empty()) {
-        Some(name) => Ok(dst.join(name)),
+        // The object's name, not the user's: never written through a symlink there.
+        Some(name) => diskkit::output::not_a_symlink(&dst.join(name)),
         None => Err(Error::invalid(format!(
             "{}: name an object, not a prefix",
             location.url()

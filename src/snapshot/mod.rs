@@ -266,15 +266,7 @@ impl SnapshotStore {
     /// Writes a small object whole: atomically on a local store (temporary file, rename), as
     /// one PUT elsewhere (object stores never show a partial object).
     fn put(&self, key: &str, bytes: Vec<u8>) -> Result<()> {
-        match self.local_path(key) {
-            Some(path) => {
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "create", e))?;
-                }
-                crate::output::write_file(&path, &bytes)
-            }
-            None => self.store.write(key, bytes),
-        }
+        self.store.write(key, bytes)
     }
 
     /// The content of the object `key` as read (opened with the key in an encrypted store).

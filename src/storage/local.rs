@@ -9,6 +9,7 @@ use diskkit_formats::{Error, Result};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 /// A local directory: uploads go to a hidden temporary file next to the object, linked into
@@ -77,9 +78,70 @@ impl Local {
             .unwrap_or(0);
         let id = format!("{}-{nanos:x}", std::process::id());
         let (tmp, path) = self.upload_path(objects, key, &id)?;
+        remove_dead_uploads(&tmp, &id);
         File::create_new(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
         Ok((id, tmp, path))
     }
+}
+
+impl Local {
+    /// `data` in a new synced file `.NAME.N.diskkit-tmp-PID` next to `key`'s path (N: unique
+    /// in this process), removed on signals until the registration is dropped (unlike an
+    /// upload's file, it is never resumed); returns it and the object's path. The first write
+    /// of this process into a folder removes such files that dead processes left there (once:
+    /// a folder of a batch state holds an object per item).
+    fn write_temp(
+        &self,
+        objects: &Objects,
+        key: &str,
+        data: &[u8],
+    ) -> Result<(PathBuf, PathBuf, crate::output::TempRegistration)> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let path = self.path(objects, key)?;
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(Error::invalid(format!(
+                "{}: not a file name",
+                path.display()
+            )));
+        };
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "create", e))?;
+        crate::output::remove_dead_temps_once(dir);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tmp = dir.join(format!(
+            ".{}.{n}.diskkit-tmp-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let registered = crate::output::TempRegistration::new(&tmp);
+        let written = (|| {
+            let f = File::create_new(&tmp)?;
+            f.write_all_at(data, 0)?;
+            f.sync_all()
+        })();
+        if let Err(e) = written {
+            // Best effort: the write failed, and that error is the one to report.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::io(&tmp, "write", e));
+        }
+        Ok((tmp, path, registered))
+    }
+}
+
+/// Removes the temporary files of uploads of the same object by processes that are gone,
+/// before a new upload of it starts: what a SIGKILLed push or lock left. A new upload means
+/// no checkpoint resumes them (a push resumes through its checkpoint, without a new upload);
+/// one that still tried would be told the upload is gone.
+fn remove_dead_uploads(tmp: &Path, id: &str) {
+    let (Some(dir), Some(name)) = (tmp.parent(), tmp.file_name()) else {
+        return;
+    };
+    let name = name.to_string_lossy();
+    let Some(prefix) = name.strip_suffix(id) else {
+        return;
+    };
+    crate::output::remove_dead_files(dir, std::ffi::OsStr::new(prefix), |n| {
+        n[prefix.len()..].split_once('-')?.0.parse().ok()
+    });
 }
 
 /// Makes the synced file `tmp` the object at `path` without replacing an existing one, then
@@ -116,20 +178,16 @@ impl Backend for Local {
         true
     }
 
+    /// Under a temporary name, renamed into place once synced: a kill or a full disk never
+    /// leaves part of an object (a manifest, an index, a store's config) under its key.
+    fn write(&self, objects: &Objects, key: &str, data: Vec<u8>) -> Result<()> {
+        let (tmp, path, _removed_on_signals) = self.write_temp(objects, key, &data)?;
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, "rename into place", e))?;
+        sync_parent(&path)
+    }
+
     fn create_if_absent(&self, objects: &Objects, key: &str, data: Vec<u8>) -> Result<()> {
-        let (_, tmp, path) = self.new_temp(objects, key)?;
-        // Unlike an upload's file (kept to resume), this one goes with an interrupted run.
-        let _removed_on_signals = crate::output::TempRegistration::new(&tmp);
-        let written = (|| {
-            let f = OpenOptions::new().write(true).open(&tmp)?;
-            f.write_all_at(&data, 0)?;
-            f.sync_all()
-        })();
-        if let Err(e) = written {
-            // Best effort: the write failed, and that error is the one to report.
-            let _ = std::fs::remove_file(&tmp);
-            return Err(Error::io(&tmp, "write", e));
-        }
+        let (tmp, path, _removed_on_signals) = self.write_temp(objects, key, &data)?;
         link_into_place(objects, key, &tmp, &path)
     }
 

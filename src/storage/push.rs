@@ -197,7 +197,7 @@ impl RateLimit {
 }
 
 /// Pushes `export` to `location`: hashes its guest, uploads the parts the checkpoint does not
-/// already list, completes the upload, checks the object's size and writes the manifest.
+/// already list, writes the manifest and completes the upload.
 pub fn push(
     store: &dyn Store,
     location: &Location,
@@ -256,7 +256,23 @@ pub fn push(
     };
     let parts = u32::try_from(object_size.div_ceil(part).max(1))
         .map_err(|_| Error::invalid("too many parts"))?;
-    let (sent, resumed, manifest) = if store.resumable() {
+    let object = ObjectManifest {
+        format: export.format().name().to_string(),
+        container: export.container().map(str::to_string),
+        object_size,
+        source: opts.source_name.clone(),
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        guest: guest_manifest(export, &opts.source_name, hashing)?,
+    };
+    let json =
+        serde_json::to_vec_pretty(&object).map_err(|e| Error::invalid(format!("manifest: {e}")))?;
+    // The manifest goes before the object completes: a kill in between leaves no object (the
+    // rerun completes it), never an object without the manifest that verifies it.
+    let write_manifest = || store.write(&manifest_key(key), json.clone());
+    let (sent, resumed) = if store.resumable() {
         let upload = Upload {
             store,
             key,
@@ -271,27 +287,23 @@ pub fn push(
             Some(c) => c,
             None => upload.start()?,
         };
-        let manifest = guest_manifest(export, &opts.source_name, hashing)?;
         let resumed = cp.parts.len() as u32;
         uploading.advance(u64::from(resumed) * part);
         let fill = |n| fill_part(export, n, part, object_size);
-        match upload.finish(cp, (opts.parallel, opts.rate_limit), &fill, uploading) {
+        let send = (opts.parallel, opts.rate_limit);
+        match upload.finish(cp, send, &fill, &write_manifest, uploading) {
             // The server dropped the upload after it listed it (expired, or aborted by
             // another process): one fresh upload, so that a rerun always completes.
             Err(e @ Error::Storage { .. }) if e.kind() == ErrorKind::NotFound => {
                 restarted = true;
-                let sent = upload.finish(
-                    upload.start()?,
-                    (opts.parallel, opts.rate_limit),
-                    &fill,
-                    uploading,
-                )?;
-                (sent, 0, manifest)
+                let started = upload.start()?;
+                let sent = upload.finish(started, send, &fill, &write_manifest, uploading)?;
+                (sent, 0)
             }
-            sent => (sent?, resumed, manifest),
+            sent => (sent?, resumed),
         }
     } else {
-        let manifest = guest_manifest(export, &opts.source_name, hashing)?;
+        write_manifest()?;
         store.upload_stream(key, object_size, part, opts.parallel, &mut |offset, buf| {
             let len = part.min(object_size - offset);
             buf.resize(len as usize, 0);
@@ -299,22 +311,8 @@ pub fn push(
             uploading.advance(len);
             Ok(())
         })?;
-        (parts, 0, manifest)
+        (parts, 0)
     };
-    let object = ObjectManifest {
-        format: export.format().name().to_string(),
-        container: export.container().map(str::to_string),
-        object_size,
-        source: opts.source_name.clone(),
-        created: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        guest: manifest,
-    };
-    let json =
-        serde_json::to_vec_pretty(&object).map_err(|e| Error::invalid(format!("manifest: {e}")))?;
-    store.write(&manifest_key(key), json)?;
     Checkpoint::remove(&cp_path)?;
     Ok(PushReport {
         object_size,
@@ -358,13 +356,14 @@ impl Upload<'_> {
         Ok(c)
     }
 
-    /// Sends the parts `cp` does not list (made by `fill`), recording each, and completes the
-    /// upload; returns how many parts were sent.
+    /// Sends the parts `cp` does not list (made by `fill`), recording each, calls
+    /// `before_complete`, and completes the upload; returns how many parts were sent.
     fn finish(
         &self,
         cp: Checkpoint,
         (parallel, rate_limit): (usize, Option<u64>),
         fill: &(dyn Fn(u32) -> Result<Vec<u8>> + Sync),
+        before_complete: &dyn Fn() -> Result<()>,
         uploading: &dyn Progress,
     ) -> Result<u32> {
         let missing: Vec<u32> = (1..=self.parts)
@@ -389,6 +388,7 @@ impl Upload<'_> {
         )?;
         let cp = cp.into_inner().unwrap_or_else(|p| p.into_inner());
         let list: Vec<(u32, String)> = cp.parts.into_iter().collect();
+        before_complete()?;
         self.store
             .complete_upload(self.key, &upload_id, &list, self.object_size)?;
         Ok(missing.len() as u32)

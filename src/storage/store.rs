@@ -340,6 +340,11 @@ pub(super) trait Backend: Send + Sync {
         )
     }
 
+    /// Writes `data` as the whole object `key`, replacing it.
+    fn write(&self, objects: &Objects, key: &str, data: Vec<u8>) -> Result<()> {
+        objects.write(key, data)
+    }
+
     fn create_if_absent(&self, objects: &Objects, key: &str, data: Vec<u8>) -> Result<()> {
         objects.create_if_absent(key, data)
     }
@@ -395,7 +400,7 @@ impl<B: Backend> Store for Bucket<B> {
     }
 
     fn write(&self, key: &str, data: Vec<u8>) -> Result<()> {
-        self.explained(key, self.objects.write(key, data))
+        self.explained(key, self.backend.write(&self.objects, key, data))
     }
 
     fn create_if_absent(&self, key: &str, data: Vec<u8>) -> Result<()> {

@@ -4,6 +4,7 @@
 pub mod faults;
 pub mod s3;
 
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -135,4 +136,157 @@ pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// `qemu-img check` finds no corruption (leaks are allowed: exit 0 or 3); the error is its report.
+pub fn qemu_check_clean(img: &Path) -> Result<(), String> {
+    let out = Command::new("qemu-img")
+        .args(["check", "--output=json", path_str(img)])
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    let code = out.status.code();
+    if matches!(code, Some(0) | Some(3))
+        && report["corruptions"].as_u64().unwrap_or(0) == 0
+        && report["check-errors"].as_u64().unwrap_or(0) == 0
+    {
+        return Ok(());
+    }
+    Err(format!(
+        "qemu-img check {}: exit {code:?}\n{}\n{}",
+        img.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+pub fn assert_no_corruption(img: &Path) {
+    if let Err(e) = qemu_check_clean(img) {
+        panic!("{e}");
+    }
+}
+
+pub fn qemu_info(img: &Path) -> Value {
+    serde_json::from_str(&qemu_img(&["info", "--output=json", path_str(img)])).unwrap()
+}
+
+/// The guest content of internal snapshot `name` as qemu reads it.
+pub fn snapshot_bytes(img: &Path, name: &str) -> Vec<u8> {
+    let out = img.with_extension(format!("snap-{name}.raw"));
+    qemu_img(&[
+        "convert",
+        "-l",
+        &format!("snapshot.name={name}"),
+        "-O",
+        "raw",
+        path_str(img),
+        path_str(&out),
+    ]);
+    let bytes = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    bytes
+}
+
+/// Everything a user sees of an image, as qemu sees it: guest bytes, each snapshot's bytes,
+/// version, refcount width, lazy refcounts, bitmaps.
+/// (guest bytes, (ID, name, guest bytes) of each snapshot, options summary)
+pub type View = (Vec<u8>, Vec<(String, String, Vec<u8>)>, String);
+
+pub fn qemu_view(img: &Path) -> View {
+    let i = qemu_info(img);
+    let snapshots = i["snapshots"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|s| {
+            let name = s["name"].as_str().unwrap().to_string();
+            let bytes = snapshot_bytes(img, &name);
+            (s["id"].as_str().unwrap().to_string(), name, bytes)
+        })
+        .collect();
+    let d = &i["format-specific"]["data"];
+    let summary = format!(
+        "compat={} refcount-bits={} lazy={} bitmaps={} size={}",
+        d["compat"], d["refcount-bits"], d["lazy-refcounts"], d["bitmaps"], i["virtual-size"]
+    );
+    (
+        qemu_guest_bytes(img, img.parent().unwrap()),
+        snapshots,
+        summary,
+    )
+}
+
+/// A qcow2 image of `size` bytes with the mixed pattern written by qemu-io.
+pub fn qcow2_fixture(dir: &Path, name: &str, opts: &str) -> std::path::PathBuf {
+    let img = p(dir, name);
+    let size = 8u64 << 20;
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        opts,
+        path_str(&img),
+        &size.to_string(),
+    ]);
+    qemu_io("qcow2", &img, &as_refs(&mixed_pattern(size)));
+    img
+}
+
+/// A new empty qcow2 overlay at `img` on `backing` (a name relative to `img`'s folder).
+pub fn qcow2_overlay(img: &Path, backing: &str, format: &str) {
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        backing,
+        "-F",
+        format,
+        path_str(img),
+    ]);
+}
+
+/// Names that only diskkit's unfinished work carries.
+pub const TEMP_MARKS: [&str; 4] = [
+    ".diskkit-tmp-",
+    ".diskkit-download-",
+    ".diskkit-upload-",
+    ".diskkit-scratch-",
+];
+
+/// Temporary files under `roots` (recursively), and upload checkpoints left behind.
+pub fn temps_left(roots: &[PathBuf]) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack: Vec<PathBuf> = roots.to_vec();
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(e.path());
+            } else if TEMP_MARKS.iter().any(|m| name.contains(m))
+                || (dir.ends_with("diskkit/uploads") && name.ends_with(".json"))
+            {
+                found.push(format!("left behind: {}", e.path().display()));
+            }
+        }
+    }
+    found
+}
+
+/// An 8 MiB raw source: the mixed pattern plus 2 MiB of incompressible data, so that writers
+/// take long enough to be killed in the middle.
+pub fn noisy_raw(dir: &Path, name: &str, seed: u64) -> PathBuf {
+    use std::os::unix::fs::FileExt;
+    let img = mixed_raw(dir, name, 8 << 20);
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(&pseudo_random(seed, 2 << 20), 5 << 20)
+        .unwrap();
+    img
 }
