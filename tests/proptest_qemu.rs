@@ -163,8 +163,13 @@ fn build(dir: &Path, path: &Path, layer: &Layer, backing: Option<(&Path, Kind)>)
         Kind::Raw => None,
         Kind::Qcow2 { cluster_bits } => Some(1u64 << cluster_bits),
     };
+    // qemu compresses only into clusters never allocated: compressed writes go first, one per
+    // cluster.
+    let mut order: Vec<_> = layer.writes.iter().enumerate().collect();
+    order.sort_by_key(|(_, w)| !matches!(w.fill, Fill::Compressed(_)));
+    let mut compressed = std::collections::BTreeSet::new();
     let mut cmds = Vec::new();
-    for (i, w) in layer.writes.iter().enumerate() {
+    for (i, w) in order {
         let at = w.at % layer.size;
         let len = w.len.min(layer.size - at);
         let pattern_file = |bytes: &[u8]| {
@@ -190,6 +195,9 @@ fn build(dir: &Path, path: &Path, layer: &Layer, backing: Option<(&Path, Kind)>)
                 // Whole clusters (the last one may end at the virtual size); half of each
                 // cluster repetitive so that it compresses.
                 let at = at / cluster * cluster;
+                if !compressed.insert(at) {
+                    continue;
+                }
                 let len = cluster.min(layer.size - at);
                 let mut bytes = pseudo_random(*seed, len as usize / 2);
                 bytes.resize(len as usize, (seed % 251) as u8);
