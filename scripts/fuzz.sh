@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every cargo-fuzz target in fuzz/Cargo.toml for SECONDS each (default 600), seeded with
 # small images made here by qemu-img, qemu-io and xorriso and with a snapshot store and a hash
-# manifest made by diskkit, then prints a Markdown table: target, runs, coverage, crashes.
+# manifest made by diskkit (the write_* round-trip targets start empty), then prints a Markdown
+# table: target, runs, coverage, crashes.
 # Crashing inputs stay in fuzz/artifacts/TARGET; the corpus grows in fuzz/corpus/TARGET.
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
 set -euo pipefail
@@ -68,6 +69,8 @@ seeds_for() {
     jobfile) ls "$seeds"/jobs.* ;;
     partition) ls "$seeds"/gpt.raw "$seeds"/fixed.vhd 2>/dev/null ;;
     qcow2_edit) ls "$seeds"/*.qcow2 ;;
+    # Writer round trips read a description of a guest, not an image: no seeds.
+    write_*) ;;
     *) ls "$seeds"/*.qcow2 "$seeds"/*.vhd* "$seeds"/*.vmdk "$seeds"/*.iso ;;
   esac
 }
