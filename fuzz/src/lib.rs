@@ -61,16 +61,15 @@ impl Guest {
     /// Largest guest a fuzz input describes: large enough for several 2 MiB clusters or blocks.
     const MAX_SIZE: usize = 5 << 20;
 
-    /// Reads a guest from `input`: a size (3 bytes), an order and an option pick (1 byte each),
+    /// Reads a guest from `input`: a size (3 bytes, squared), an order and an option pick (1 byte each),
     /// then extents of 4 bytes
     /// (kind, a parameter, a length in bytes or sectors) laid one after another from offset 0:
     /// pseudo-random data, a repeated byte, zeros written as data, input bytes as data, or a hole.
     pub fn parse(input: &[u8]) -> Option<Guest> {
         let (head, mut rest) = input.split_at_checked(5)?;
-        let size = 1
-            + (usize::from(head[0]) | usize::from(head[1]) << 8 | usize::from(head[2]) << 16)
-                * Self::MAX_SIZE
-                / (1 << 24);
+        // Squared, so that most guests are small (runs are fast) and some reach the maximum.
+        let frac = usize::from(head[0]) | usize::from(head[1]) << 8 | usize::from(head[2]) << 16;
+        let size = 1 + (frac * frac >> 24) * Self::MAX_SIZE / (1 << 24);
         let (stride, pick) = (usize::from(head[3]), head[4]);
         let mut bytes = vec![0u8; size];
         let mut data = Vec::new();
@@ -140,10 +139,10 @@ pub fn round_trip_input(input: &[u8], format: Format, options: impl Fn(u8) -> (S
 }
 
 /// Writes `guest` as a new image of `format` with `options` (qemu's `-o` syntax) through the
-/// library's writer, as convert drives it (units of the writer's alignment, each written once:
-/// data units with `write_at`, the others with `write_zeroes`, in a permuted order), reads the
-/// file back with the reader and panics if any guest byte differs or the size is wrong. Options
-/// the writer refuses end the run quietly.
+/// library's writer, as convert drives it (units of the writer's alignment or 4 KiB, each
+/// written once: data units with `write_at`, the others with `write_zeroes`, in a permuted
+/// order), reads the file back with the reader and panics if any guest byte differs or the size
+/// is wrong. Options the writer refuses end the run quietly.
 fn round_trip(format: Format, options: &str, compress: bool, guest: &Guest) {
     use diskkit_formats::write::create;
     use diskkit_formats::{CreateOptions, ImageWriter};
@@ -167,7 +166,8 @@ fn round_trip(format: Format, options: &str, compress: bool, guest: &Guest) {
     );
     let align = writer.write_alignment();
     assert!(align.is_power_of_two(), "{format} alignment {align}");
-    let align = align as usize;
+    // Convert's unit: the writer's alignment, at least its 4 KiB zero-detection block.
+    let align = align.max(4096) as usize;
     let units = guest.bytes.len().div_ceil(align);
     // Visits every unit once: i * stride mod units, with a stride prime to units.
     let mut stride = guest.stride.max(1) % units.max(1);
