@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every cargo-fuzz target in fuzz/Cargo.toml for SECONDS each (default 600), seeded with
 # small images made here by qemu-img, qemu-io and xorriso and with a snapshot store and a hash
-# manifest made by diskkit, then prints a Markdown table: target, runs, coverage, crashes.
+# manifest made by diskkit (the write_* round-trip targets start empty), then prints a Markdown
+# table: target, runs, coverage, crashes.
 # Crashing inputs stay in fuzz/artifacts/TARGET; the corpus grows in fuzz/corpus/TARGET.
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
 set -euo pipefail
@@ -68,6 +69,8 @@ seeds_for() {
     jobfile) ls "$seeds"/jobs.* ;;
     partition) ls "$seeds"/gpt.raw "$seeds"/fixed.vhd 2>/dev/null ;;
     qcow2_edit) ls "$seeds"/*.qcow2 ;;
+    # Writer round trips read a description of a guest, not an image: no seeds.
+    write_*) ;;
     *) ls "$seeds"/*.qcow2 "$seeds"/*.vhd* "$seeds"/*.vmdk "$seeds"/*.iso ;;
   esac
 }
@@ -84,10 +87,15 @@ for t in "${targets[@]}"; do
   mkdir -p "$corpus" "fuzz/artifacts/$t"
   while read -r f; do [ -n "$f" ] && cp "$f" "$corpus/seed-$(basename "$f")"; done < <(seeds_for "$t")
   log="fuzz/artifacts/$t/last-run.log"
+  # libFuzzer cuts inputs to 1 MiB unless told: seeds whose structures lie further (a fixed
+  # VHD's footer, VHDX regions and BAT past 1 MiB) are fuzzed whole, up to 16 MiB.
+  biggest=$(find "$corpus" -type f -printf '%s\n' | sort -n | tail -1)
+  maxlen=$(( ${biggest:-0} > 1048576 ? ${biggest:-0} : 1048576 ))
+  maxlen=$(( maxlen < 16777216 ? maxlen : 16777216 ))
   before=$(find "fuzz/artifacts/$t" -name 'crash-*' -o -name 'oom-*' -o -name 'timeout-*' | wc -l)
   # A crash stops the run early; the table still reports it.
-  (cd fuzz && cargo fuzz run "$t" "corpus/$t" -- -max_total_time="$secs" -rss_limit_mb=4096 \
-    -timeout=20 -print_final_stats=1) >"$log" 2>&1 || true
+  (cd fuzz && cargo fuzz run "$t" "corpus/$t" -- -max_total_time="$secs" -max_len="$maxlen" \
+    -rss_limit_mb=4096 -timeout=20 -print_final_stats=1) >"$log" 2>&1 || true
   after=$(find "fuzz/artifacts/$t" -name 'crash-*' -o -name 'oom-*' -o -name 'timeout-*' | wc -l)
   runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
   cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | cut -d' ' -f2)

@@ -99,10 +99,17 @@ fn deflate(input: &[u8]) -> Option<Vec<u8>> {
             Compress::new_with_window_bits(Compression::default(), false, 12)
         });
         c.reset();
-        let mut out = Vec::with_capacity(input.len());
+        // Room for the worst case (zlib's compressBound), so that the stream always ends: a
+        // compressor reset after running out of room mid-stream panics on its next cluster
+        // (zlib-rs 0.6), which random clusters too short for the entropy test did.
+        let bound = input.len() + (input.len() >> 12) + (input.len() >> 14) + 13;
+        let mut out = Vec::with_capacity(bound);
         match c.compress_vec(input, &mut out, FlushCompress::Finish) {
             Ok(Status::StreamEnd) => Some(out),
-            _ => None,
+            _ => {
+                *slot = None;
+                None
+            }
         }
     })
 }
@@ -128,5 +135,28 @@ mod tests {
             assert!(decompress(kind, &c[..c.len() / 4], &mut out).is_err());
         }
         assert!(compress(CompressionType::Zlib, &[0x5a]).is_none());
+    }
+
+    #[test]
+    fn incompressible_small_clusters_are_stored_as_is() {
+        // Clusters of 512 B to 8 KiB are too short for the entropy test, so deflate sees random
+        // bytes that do not fit in the cluster's size (zlib-rs once panicked on that).
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let random: Vec<u8> = (0..65536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        for len in [512, 1024, 2048, 4096, 8192] {
+            // One after another on this thread's reused compressor.
+            for piece in random.chunks(len) {
+                for kind in [CompressionType::Zlib, CompressionType::Zstd] {
+                    assert_eq!(compress(kind, piece), None, "{kind:?} {len}");
+                }
+            }
+        }
     }
 }
