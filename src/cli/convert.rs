@@ -81,8 +81,9 @@ pub struct Args {
     #[command(flatten)]
     target: TargetArgs,
     /// Cache mode of the output, as qemu's: writeback (default: through the page cache, synced
-    /// before the rename), none (written pages flushed and dropped from the page cache as the
-    /// conversion goes), writethrough (each write synced), directsync (both), unsafe (never
+    /// before the rename), none (data written with O_DIRECT, as qemu's cache=none: the page
+    /// cache is neither evicted nor filled; synced before the rename), writethrough (each write
+    /// synced), directsync (both), unsafe (never
     /// synced, as qemu-img convert's default: fastest, but a crash can leave a partial image)
     #[arg(short = 't', value_name = "CACHE", value_parser = parse_cache_mode, default_value = "writeback")]
     cache: CacheMode,
