@@ -360,7 +360,6 @@ fn check_agrees_with_qemu_and_repairs() {
     use diskkit::formats::Repair;
     use diskkit::formats::qcow2::check;
     let dir = tempdir();
-    let size = 8 * MIB;
     let mut clean = Vec::new();
     for (i, opts) in [
         "cluster_size=65536",
@@ -371,18 +370,7 @@ fn check_agrees_with_qemu_and_repairs() {
     .into_iter()
     .enumerate()
     {
-        let img = p(dir.path(), &format!("c{i}.qcow2"));
-        qemu_img(&[
-            "create",
-            "-f",
-            "qcow2",
-            "-o",
-            opts,
-            path_str(&img),
-            &size.to_string(),
-        ]);
-        qemu_io("qcow2", &img, &as_refs(&mixed_pattern(size)));
-        clean.push(img);
+        clean.push(qcow2_fixture(dir.path(), &format!("c{i}.qcow2"), opts));
     }
     // Snapshots, compressed clusters and zeroed allocated clusters in one image.
     qemu_img(&["snapshot", "-c", "s1", path_str(&clean[0])]);

@@ -145,17 +145,7 @@ fn overlay_incremental_reads_only_the_overlay_and_diff_lists_the_writes() {
     let base = qcow2_source(dir.path());
     let (parent, _) = create(&[], &base, store);
     let top = p(dir.path(), "top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "data.qcow2",
-        "-F",
-        "qcow2",
-        path_str(&top),
-    ]);
+    qcow2_overlay(&top, "data.qcow2", "qcow2");
     qemu_io(
         "qcow2",
         &top,
