@@ -36,9 +36,13 @@ mkdir -p "$seeds/tree/dir"
 echo "seed" >"$seeds/tree/dir/file.txt"
 xorriso -as mkisofs -quiet -R -J -o "$seeds/small.iso" "$seeds/tree" 2>/dev/null
 
-# diskkit's own structures: a hash manifest, a snapshot index and chunks.
-cargo build --quiet --bin diskkit
-bin=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/debug/diskkit
+# diskkit's own structures: a hash manifest, a snapshot index and chunks. DISKKIT names a built
+# binary to make them with (a campaign run from a second worktree need not build one).
+bin=${DISKKIT:-}
+if [ -z "$bin" ]; then
+  cargo build --quiet --bin diskkit
+  bin=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/debug/diskkit
+fi
 "$bin" hash --manifest "$seeds/manifest.json" "$seeds/plain.qcow2" >/dev/null
 "$bin" snapshot create "$seeds/plain.qcow2" "$seeds/store" >/dev/null
 "$bin" bundle create "$seeds/store" machine --system "$seeds/plain.qcow2" --data vdb="$seeds/fixed.vhd" >/dev/null
