@@ -152,10 +152,52 @@ impl ChunkEncoder {
     }
 }
 
+/// Guest bytes of a decoded chunk, starting at a page boundary: a restore hands them to a
+/// direct-I/O write as they are, without the copy through an aligned buffer (a sixteenth of a
+/// restore's CPU time).
+pub struct ChunkData {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl ChunkData {
+    const ALIGN: usize = 4096;
+
+    /// An empty buffer with room for `len` bytes after its aligned start. Where the pointer
+    /// cannot be aligned the bytes simply start at 0 (writers copy unaligned data).
+    fn with_room(len: usize) -> (Vec<u8>, usize) {
+        let mut buf: Vec<u8> = Vec::with_capacity(len + Self::ALIGN);
+        let start = buf.as_ptr().align_offset(Self::ALIGN);
+        let start = if start < Self::ALIGN { start } else { 0 };
+        buf.resize(start, 0);
+        (buf, start)
+    }
+}
+
+impl std::ops::Deref for ChunkData {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
+impl std::fmt::Debug for ChunkData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ChunkData({} bytes)", self.len())
+    }
+}
+
+thread_local! {
+    /// One zstd decompression context per thread, reused chunk after chunk.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// The guest bytes of a stored chunk object (`name` says which, in errors). Checks the header,
 /// the lengths, the CRC and the decompressed length; the caller checks the content's digest
 /// against the chunk's name.
-pub fn decode_chunk(name: &Path, bytes: &[u8]) -> Result<Vec<u8>> {
+pub fn decode_chunk(name: &Path, bytes: &[u8]) -> Result<ChunkData> {
     let corrupt =
         |offset: u64, reason: String| Error::corrupt(name, "chunk header", offset, reason);
     if bytes.len() < CHUNK_HEADER {
@@ -190,18 +232,35 @@ pub fn decode_chunk(name: &Path, bytes: &[u8]) -> Result<Vec<u8>> {
             "CRC-32C of the stored bytes does not match".into(),
         ));
     }
-    let data = match bytes[8] {
-        0 => stored.to_vec(),
-        1 => zstd::bulk::decompress(stored, raw_len as usize).map_err(|e| {
-            Error::corrupt(
-                name,
-                "chunk data",
-                CHUNK_HEADER as u64,
-                format!("zstd: {e}"),
-            )
-        })?,
-        other => return Err(corrupt(8, format!("unknown encoding {other}"))),
+    let zstd_failed = |e: std::io::Error| {
+        Error::corrupt(
+            name,
+            "chunk data",
+            CHUNK_HEADER as u64,
+            format!("zstd: {e}"),
+        )
     };
+    // Room for the header's length only (at most MAX_CHUNK_SIZE): a frame that holds more
+    // fails to decompress rather than growing the buffer.
+    let (mut buf, start) = ChunkData::with_room(raw_len as usize);
+    match bytes[8] {
+        0 => buf.extend_from_slice(stored),
+        1 => {
+            let mut out = std::io::Cursor::new(buf);
+            out.set_position(start as u64);
+            DECOMPRESSOR.with_borrow_mut(|d| {
+                let d = match d {
+                    Some(d) => d,
+                    None => d.insert(zstd::bulk::Decompressor::new().map_err(zstd_failed)?),
+                };
+                d.decompress_to_buffer(stored, &mut out)
+                    .map_err(zstd_failed)
+            })?;
+            buf = out.into_inner();
+        }
+        other => return Err(corrupt(8, format!("unknown encoding {other}"))),
+    }
+    let data = ChunkData { buf, start };
     if data.len() as u64 != raw_len {
         return Err(Error::corrupt(
             name,
@@ -414,7 +473,10 @@ mod tests {
             .collect();
         for data in [&text[..], &random[..], &[][..]] {
             let enc = encode_chunk(data).unwrap();
-            assert_eq!(decode_chunk(name, &enc).unwrap(), data);
+            let decoded = decode_chunk(name, &enc).unwrap();
+            assert_eq!(&*decoded, data);
+            // Page-aligned, for direct-I/O writes straight from the chunk.
+            assert_eq!(decoded.as_ptr() as usize % 4096, 0);
         }
         assert!(encode_chunk(&text).unwrap().len() < text.len() / 10);
         let mut enc = encode_chunk(&text).unwrap();
@@ -447,7 +509,7 @@ mod tests {
         let name = Path::new("x");
         let plain = encoder.encode(&noise).unwrap();
         assert_eq!(plain.header[8], ChunkEncoding::Plain as u8);
-        assert_eq!(decode_chunk(name, &plain.to_vec()).unwrap(), noise);
+        assert_eq!(&*decode_chunk(name, &plain.to_vec()).unwrap(), &noise[..]);
         // Partly compressible chunks are compressed.
         for start in [0usize, 1 << 20, (4 << 20) - (512 << 10)] {
             let mut mixed = noise.clone();
@@ -458,7 +520,7 @@ mod tests {
                 ChunkEncoding::Zstd as u8,
                 "zeros at {start}"
             );
-            assert_eq!(decode_chunk(name, &encoded.to_vec()).unwrap(), mixed);
+            assert_eq!(&*decode_chunk(name, &encoded.to_vec()).unwrap(), &mixed[..]);
         }
     }
 }

@@ -4,13 +4,13 @@
 
 use super::SnapshotStore;
 use crate::storage::Settings;
-use diskkit_formats::chunk_store::{HOLE, SnapshotIndex};
+use diskkit_formats::chunk_store::{ChunkData, HOLE, SnapshotIndex};
 use diskkit_formats::image::check_guest_range;
 use diskkit_formats::{Extent, ExtentKind, Format, Image, ImageInfo, Result};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
-type ChunkSlot = Arc<OnceLock<Option<Arc<Vec<u8>>>>>;
+type ChunkSlot = Arc<OnceLock<Option<Arc<ChunkData>>>>;
 
 /// Decoded chunks kept for readers that come back to the same chunk (the convert engine reads
 /// a chunk in several pieces, from several threads).
@@ -64,7 +64,7 @@ impl SnapshotImage {
 
     /// The decoded chunk `i`. Readers that want the same chunk at once (grains of one chunk
     /// read by several threads) share one fetch: the first loads it, the others wait for it.
-    fn chunk(&self, i: u64) -> Result<Arc<Vec<u8>>> {
+    fn chunk(&self, i: u64) -> Result<Arc<ChunkData>> {
         let slot = {
             let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
             match cache.iter().position(|(c, _)| *c == i) {
@@ -108,7 +108,7 @@ impl SnapshotImage {
     }
 
     /// Fetches, checks and decodes chunk `i`.
-    fn load_chunk(&self, i: u64) -> Result<Arc<Vec<u8>>> {
+    fn load_chunk(&self, i: u64) -> Result<Arc<ChunkData>> {
         let digest = self.index.chunks[i as usize];
         let data = Arc::new(self.store.read_chunk(&digest)?);
         let cs = self.index.meta.chunk_size;

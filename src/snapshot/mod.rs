@@ -26,7 +26,7 @@ pub use crypto::{Crypto, KEY_ENV};
 pub use image::SnapshotImage;
 
 use crate::storage::{Location, Scheme, Settings, Store};
-use diskkit_formats::chunk_store::{self, HOLE, SnapshotIndex};
+use diskkit_formats::chunk_store::{self, ChunkData, HOLE, SnapshotIndex};
 use diskkit_formats::digest::hex;
 use diskkit_formats::error::ErrorKind;
 use diskkit_formats::{Error, Result};
@@ -370,18 +370,19 @@ impl SnapshotStore {
     }
 
     /// Reads and checks a chunk: its stored form, then its content against its name.
-    pub fn read_chunk(&self, digest: &[u8; 32]) -> Result<Vec<u8>> {
+    pub fn read_chunk(&self, digest: &[u8; 32]) -> Result<ChunkData> {
         self.fetch_chunk(digest).map(|(_, data)| data)
     }
 
     /// A chunk's encoded form (unsealed) and its guest bytes, checked against its name.
-    fn fetch_chunk(&self, digest: &[u8; 32]) -> Result<(Vec<u8>, Vec<u8>)> {
+    fn fetch_chunk(&self, digest: &[u8; 32]) -> Result<(Vec<u8>, ChunkData)> {
         let key = self.chunk_key(digest);
         let name = self.object_name(&key);
-        let bytes = self
-            .store
-            .read_small(&key)?
-            .ok_or_else(|| Error::corrupt(&name, "chunk", 0, "missing from the store"))?;
+        let bytes = match self.local_path(&key) {
+            Some(path) => read_chunk_file(&path)?,
+            None => self.store.read_small(&key)?,
+        }
+        .ok_or_else(|| Error::corrupt(&name, "chunk", 0, "missing from the store"))?;
         let encoded = self.unseal(&name, &key, bytes)?;
         let data = chunk_store::decode_chunk(&name, &encoded)?;
         if &diskkit_formats::digest::sha256(&data) != digest {
@@ -796,6 +797,41 @@ pub fn diff(a: &SnapshotIndex, b: &SnapshotIndex) -> Result<Vec<ChangedRange>> {
         }
     }
     Ok(out)
+}
+
+/// A chunk object of a local store, read straight from its file: one copy into a buffer that is
+/// not zeroed first, where the object layer (stat, zeroed buffer, read through the runtime,
+/// copy) cost a tenth of a restore's CPU time. `None` when the file does not exist.
+fn read_chunk_file(path: &Path) -> Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    // The largest object a chunk can be: the largest chunk stored as is, its header, and
+    // room for a sealed store's nonce and tag. Anything larger is not read whole.
+    const LIMIT: u64 = chunk_store::MAX_CHUNK_SIZE + 64 * 1024;
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(path, "open", e)),
+    };
+    let size = file
+        .metadata()
+        .map_err(|e| Error::io(path, "stat", e))?
+        .len();
+    if size > LIMIT {
+        return Err(Error::corrupt(
+            path,
+            "chunk",
+            0,
+            format!("{size} bytes is larger than any chunk object ({LIMIT})"),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.take(LIMIT + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, "read", e))?;
+    if bytes.len() as u64 > LIMIT {
+        return Err(Error::corrupt(path, "chunk", 0, "grew while read"));
+    }
+    Ok(Some(bytes))
 }
 
 #[cfg(test)]
