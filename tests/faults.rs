@@ -1,6 +1,6 @@
-//! diskkit under network faults: push, verify, pull, snapshot create and restore through a proxy
-//! that drops, stalls, resets and truncates requests and answers 500 and 503 SlowDown, in front
-//! of the suite's S3 server. Every run either completes or fails with a clear error (exit 2, no
+//! diskkit under network faults: push, verify, pull, snapshot create and restore, bundle copy and
+//! batch run through a proxy that drops, stalls, resets and truncates requests and answers 500
+//! and 503 SlowDown, in front of the suite's S3 server. Every run either completes or fails with a clear error (exit 2, no
 //! panic), a rerun resumes, and nothing corrupt or unverified ever stands under a final name.
 
 mod common;
@@ -193,4 +193,126 @@ fn snapshot_create_and_restore_complete_or_resume_under_faults() {
     qemu_img(&["check", path_str(&restored)]);
     qemu_img(&["compare", path_str(&t.src), path_str(&restored)]);
     assert!(proxy.faults_injected() >= 12, "{:?}", proxy.counts());
+}
+
+#[test]
+fn bundle_copy_completes_or_resumes_under_faults() {
+    let Some(t) = setup(16) else {
+        return;
+    };
+    let (env, clean, proxy) = (&t.faulty, &t.clean, &t.proxy);
+    let data = p(t.dir.path(), "data.raw");
+    qemu_img(&["create", "-f", "raw", path_str(&data), "8M"]);
+    qemu_io("raw", &data, &as_refs(&mixed_pattern(8 * MIB)));
+    let local = p(t.dir.path(), "store");
+    let data_arg = format!("vdb={}", data.display());
+    clean.ok(&[
+        "bundle",
+        "create",
+        "--system",
+        path_str(&t.src),
+        "--data",
+        &data_arg,
+        path_str(&local),
+        "web",
+    ]);
+    let dst = format!("{}/store", t.prefix);
+    // A bundle that is listed is whole: its manifest is written after every chunk.
+    let mut bundle_sound = || {
+        let (code, listed, _) = clean.run(&["bundle", "ls", "--output", "json", &dst]);
+        if code == 0 && listed.contains("\"web\"") {
+            clean.ok(&["bundle", "verify", &dst, "web"]);
+        }
+    };
+    let runs = until_done(
+        env,
+        &["bundle", "copy", path_str(&local), "web", &dst],
+        &mut bundle_sound,
+    );
+    assert!(
+        runs > 1,
+        "the outage did not stop a copy: {:?}",
+        proxy.counts()
+    );
+    clean.ok(&["bundle", "verify", &dst, "web"]);
+    for (disk, img) in [("vda", &t.src), ("vdb", &data)] {
+        clean.ok(&["compare", path_str(img), &format!("{dst}#web/{disk}")]);
+    }
+}
+
+#[test]
+fn batch_run_completes_or_resumes_under_faults() {
+    let Some(t) = setup(8) else {
+        return;
+    };
+    let (env, clean, proxy) = (&t.faulty, &t.clean, &t.proxy);
+    let objects: Vec<(String, &str, &str)> =
+        [("a.raw", "raw"), ("b.qcow2", "qcow2"), ("c.vhd", "vpc")]
+            .iter()
+            .map(|(name, format)| (format!("{}/out/{name}", t.prefix), *name, *format))
+            .collect();
+    let converted = p(t.dir.path(), "converted.qcow2");
+    let mut jobs = String::from("source,destination,operation,format\n");
+    for (url, _, format) in &objects {
+        jobs.push_str(&format!("{},{url},push,{format}\n", t.src.display()));
+    }
+    jobs.push_str(&format!(
+        "{},{},convert,qcow2\n",
+        t.src.display(),
+        converted.display()
+    ));
+    let job_file = p(t.dir.path(), "jobs.csv");
+    std::fs::write(&job_file, jobs).unwrap();
+    let state = format!("{}/state", t.prefix);
+    let args = [
+        "batch",
+        "run",
+        path_str(&job_file),
+        "--state",
+        &state,
+        "--retries",
+        "1",
+    ];
+    // A worker either finishes (0) or gives up on items still failing with retryable errors
+    // (75, "run again"); after each, every object under its final key verifies.
+    let mut done = false;
+    for _ in 0..RUNS {
+        let out = env
+            .command(&args)
+            .env("DISKKIT_S3_READ_TIMEOUT", "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{err}");
+        for (url, name, _) in &objects {
+            if clean.run(&["ls", url]).1.contains(name) {
+                clean.ok(&["verify", url]);
+            }
+        }
+        match out.status.code() {
+            Some(0) => {
+                done = true;
+                break;
+            }
+            Some(75) => {}
+            code => panic!("batch run ended with {code:?}:\n{err}"),
+        }
+    }
+    assert!(done, "batch run did not complete in {RUNS} runs");
+    assert!(proxy.faults_injected() >= 12, "{:?}", proxy.counts());
+    for (url, _, _) in &objects {
+        clean.ok(&["verify", url]);
+        clean.ok(&["compare", path_str(&t.src), url]);
+    }
+    qemu_img(&["compare", path_str(&t.src), path_str(&converted)]);
+    let status = clean.ok(&["batch", "status", "--state", &state, "--output", "json"]);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(
+        (&status["done"], &status["failed"]),
+        (&4.into(), &0.into()),
+        "{status}"
+    );
+    // A rerun has nothing left to do.
+    let out = env.command(&args).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
 }

@@ -309,6 +309,65 @@ fn a_read_only_filesystem_fails_every_write_path_cleanly() {
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
+/// The in-place qcow2 edits of an image on a full filesystem: each needs new clusters, so each
+/// fails with the reason and the image's name, and the image stays as it was (no corruption,
+/// qemu reads the same guest, snapshots and options); with room again, each succeeds.
+#[test]
+fn in_place_edits_on_a_full_filesystem_fail_and_leave_the_image_as_it_was() {
+    let (dir, _, env) = local_bucket_env();
+    let start = qcow2_fixture(dir.path(), "start.qcow2", "cluster_size=4k");
+    let Some(fs) = Tmpfs::mount(&dir.path().join("full"), "size=16m") else {
+        return;
+    };
+    let img = fs.dir.join("disk.qcow2");
+    std::fs::copy(&start, &img).unwrap();
+    let before = qemu_view(&img);
+    // Resize first: it refuses images with internal snapshots, as qemu-img does.
+    let ops: [&[&str]; 4] = [
+        // A larger L1 table: 64 GiB in 4 KiB clusters needs 256 KiB of it.
+        &["resize", "IMG", "64G"],
+        &["amend", "-o", "refcount_bits=8"],
+        &["bitmap", "--add", "IMG", "b2"],
+        &["snapshot", "-c", "new"],
+    ];
+    let args_of = |op: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = op
+            .iter()
+            .map(|a| a.replace("IMG", path_str(&img)))
+            .collect();
+        if !op.contains(&"IMG") {
+            args.push(path_str(&img).to_string());
+        }
+        args
+    };
+    fill(&fs.dir);
+    let mut failures = Vec::new();
+    for op in ops {
+        let args = args_of(op);
+        let (code, out, err) = env.run(&as_refs(&args));
+        if code == 0 || !err.contains("No space left on device") || !err.contains(path_str(&img)) {
+            failures.push(format!("{op:?}: exit {code}, unclear error\n{out}{err}"));
+        }
+        if let Err(e) = qemu_check_clean(&img) {
+            failures.push(format!("{op:?}: {e}"));
+        }
+    }
+    failures.extend(temps_left(&[fs.dir.clone()]));
+    std::fs::remove_file(fs.dir.join("filler")).unwrap();
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert!(
+        qemu_view(&img) == before,
+        "the failed edits changed the image"
+    );
+    for op in ops {
+        env.ok(&as_refs(&args_of(op)));
+        assert_no_corruption(&img);
+    }
+    let info = qemu_info(&img);
+    assert_eq!(info["virtual-size"], 64u64 << 30);
+    assert_eq!(info["snapshots"].as_array().map(Vec::len), Some(1));
+}
+
 /// Runs `args` from a shell that first plants, at the temporary name diskkit will use for
 /// `dst` (`.NAME.diskkit-tmp-PID`: the shell's PID, which diskkit keeps through exec), a symlink
 /// to `victim`.

@@ -77,7 +77,12 @@ impl Objects {
             Dal::RateLimited => (ErrorKind::Throttled, ""),
             Dal::Unsupported => (ErrorKind::Unsupported, ""),
             Dal::ConfigInvalid => (ErrorKind::InvalidArgument, ""),
-            _ if e.is_temporary() => (ErrorKind::ServerError, ""),
+            // Persistent: temporary, but the retry layer ran out of attempts; a caller with a
+            // longer patience (a batch item, the state store) may still retry it.
+            _ if (e.is_temporary() || e.is_persistent()) && e.message().contains("timeout") => {
+                (ErrorKind::Timeout, "")
+            }
+            _ if e.is_temporary() || e.is_persistent() => (ErrorKind::ServerError, ""),
             _ => (ErrorKind::OtherIo, ""),
         };
         Error::storage(kind, url, op, format!("{}{hint}", s3::error_chain(&e)))
