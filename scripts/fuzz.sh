@@ -3,7 +3,9 @@
 # small images made here by qemu-img, qemu-io and xorriso and with a snapshot store and a hash
 # manifest made by diskkit (the write_* round-trip targets start empty), then prints a Markdown
 # table: target, runs, coverage, crashes.
-# Crashing inputs stay in fuzz/artifacts/TARGET; the corpus grows in fuzz/corpus/TARGET.
+# Crashing inputs stay in fuzz/artifacts/TARGET; the corpus grows in fuzz/corpus/TARGET. Once the
+# bug is fixed, minimize the input (cd fuzz && cargo fuzz tmin TARGET FILE) and keep it under
+# fuzz/regressions/TARGET/: tests/fuzz_regressions.rs replays those on every test run.
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
 set -euo pipefail
 secs=${1:-600}
@@ -35,6 +37,8 @@ q convert -O vmdk -o subformat=streamOptimized "$seeds/plain.qcow2" "$seeds/stre
 mkdir -p "$seeds/tree/dir"
 echo "seed" >"$seeds/tree/dir/file.txt"
 xorriso -as mkisofs -quiet -R -J -o "$seeds/small.iso" "$seeds/tree" 2>/dev/null
+# The iso target puts its input after a zeroed 32 KiB system area: its seed starts at sector 16.
+tail -c +32769 "$seeds/small.iso" >"$seeds/small.iso-from-sector-16"
 
 # diskkit's own structures: a hash manifest, a snapshot index and chunks. DISKKIT names a built
 # binary to make them with (a campaign run from a second worktree need not build one).
@@ -63,7 +67,7 @@ seeds_for() {
     vhd) ls "$seeds"/*.vhd ;;
     vhdx) ls "$seeds"/*.vhdx ;;
     vmdk) ls "$seeds"/*.vmdk ;;
-    iso) ls "$seeds"/*.iso ;;
+    iso) ls "$seeds"/*.iso-from-sector-16 ;;
     manifest) ls "$seeds"/manifest.json ;;
     snapshot_index) find "$seeds/store" -path '*/snapshots/*' -type f ;;
     snapshot_chunk) find "$seeds/store" -path '*/chunks/*' -type f | head -20 ;;

@@ -1,6 +1,8 @@
 //! What every fuzz target does with its bytes: put them in a file, open it as an image, and walk
 //! the whole image, so that any panic, hang or runaway allocation in a driver shows.
 
+pub mod targets;
+
 use diskkit_formats::{ExtentKind, Extents, Format, Image, OpenOptions, open};
 use std::io::Write;
 

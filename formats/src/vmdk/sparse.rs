@@ -274,7 +274,7 @@ impl SparseExtent {
             at(0, SECTOR, "the header"),
             at(
                 h.descriptor_offset,
-                h.descriptor_sectors * SECTOR,
+                h.descriptor_sectors.saturating_mul(SECTOR),
                 "the descriptor",
             ),
             at(h.gd_offset, gd_bytes, "the grain directory"),
