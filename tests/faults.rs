@@ -37,10 +37,10 @@ struct Setup {
     prefix: String,
 }
 
-fn setup(mib: u64) -> Option<Setup> {
+fn setup(mib: u64, outage: u64) -> Option<Setup> {
     let endpoint = shared_server()?;
     let dir = tempdir();
-    let proxy = FaultProxy::start(&endpoint, plan(10));
+    let proxy = FaultProxy::start(&endpoint, plan(outage));
     let faulty = Env {
         cache: dir.path().join("cache"),
         endpoint: Some(proxy.endpoint()),
@@ -71,6 +71,9 @@ fn setup(mib: u64) -> Option<Setup> {
 /// called. Returns the runs it took.
 fn until_done(env: &Env, args: &[&str], check: &mut dyn FnMut()) -> usize {
     for run in 1..=RUNS {
+        if run > 1 {
+            FAILED_RUNS.set(FAILED_RUNS.get() + 1);
+        }
         let out = env
             .command(args)
             .env("DISKKIT_S3_READ_TIMEOUT", "1")
@@ -93,9 +96,46 @@ fn until_done(env: &Env, args: &[&str], check: &mut dyn FnMut()) -> usize {
     panic!("diskkit {args:?} did not complete in {RUNS} runs");
 }
 
+/// Rounds of each test (`DISKKIT_FAULT_ROUNDS`, 1 by default), each with the outage six
+/// requests later than the one before: longer campaigns for the README's figures.
+fn rounds() -> u64 {
+    std::env::var("DISKKIT_FAULT_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1)
+}
+
+/// Runs `round` for every outage position of [`rounds`].
+fn each_round(round: fn(u64)) {
+    for r in 0..rounds() {
+        round(10 + 6 * r);
+    }
+}
+
+thread_local! {
+    /// Runs of this test's commands that failed (and were run again).
+    static FAILED_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Prints what a test put through the proxy (`cargo test --test faults -- --nocapture`: the
+/// figures of the README's reliability table). Reached only when every check passed.
+fn print_tally(test: &str, proxy: &FaultProxy) {
+    let failed_runs = FAILED_RUNS.replace(0);
+    eprintln!(
+        "faults: {test}: {} requests, {} faults injected, {failed_runs} failed runs resumed: {:?}",
+        proxy.requests(),
+        proxy.faults_injected(),
+        proxy.counts()
+    );
+}
+
 #[test]
 fn push_verify_pull_complete_or_resume_under_faults() {
-    let Some(t) = setup(30) else {
+    each_round(push_verify_pull_complete_or_resume_under_faults_round);
+}
+
+fn push_verify_pull_complete_or_resume_under_faults_round(outage: u64) {
+    let Some(t) = setup(30, outage) else {
         return;
     };
     let (env, clean, proxy) = (&t.faulty, &t.clean, &t.proxy);
@@ -146,11 +186,16 @@ fn push_verify_pull_complete_or_resume_under_faults() {
         );
     }
     clean.ok(&["rm", &url]);
+    print_tally("push_verify_pull_complete_or_resume_under_faults", &t.proxy);
 }
 
 #[test]
 fn snapshot_create_and_restore_complete_or_resume_under_faults() {
-    let Some(t) = setup(24) else {
+    each_round(snapshot_create_and_restore_complete_or_resume_under_faults_round);
+}
+
+fn snapshot_create_and_restore_complete_or_resume_under_faults_round(outage: u64) {
+    let Some(t) = setup(24, outage) else {
         return;
     };
     let (env, clean, proxy) = (&t.faulty, &t.clean, &t.proxy);
@@ -193,11 +238,19 @@ fn snapshot_create_and_restore_complete_or_resume_under_faults() {
     qemu_img(&["check", path_str(&restored)]);
     qemu_img(&["compare", path_str(&t.src), path_str(&restored)]);
     assert!(proxy.faults_injected() >= 12, "{:?}", proxy.counts());
+    print_tally(
+        "snapshot_create_and_restore_complete_or_resume_under_faults",
+        &t.proxy,
+    );
 }
 
 #[test]
 fn bundle_copy_completes_or_resumes_under_faults() {
-    let Some(t) = setup(16) else {
+    each_round(bundle_copy_completes_or_resumes_under_faults_round);
+}
+
+fn bundle_copy_completes_or_resumes_under_faults_round(outage: u64) {
+    let Some(t) = setup(16, outage) else {
         return;
     };
     let (env, clean, proxy) = (&t.faulty, &t.clean, &t.proxy);
@@ -238,11 +291,16 @@ fn bundle_copy_completes_or_resumes_under_faults() {
     for (disk, img) in [("vda", &t.src), ("vdb", &data)] {
         clean.ok(&["compare", path_str(img), &format!("{dst}#web/{disk}")]);
     }
+    print_tally("bundle_copy_completes_or_resumes_under_faults", &t.proxy);
 }
 
 #[test]
 fn batch_run_completes_or_resumes_under_faults() {
-    let Some(t) = setup(8) else {
+    each_round(batch_run_completes_or_resumes_under_faults_round);
+}
+
+fn batch_run_completes_or_resumes_under_faults_round(outage: u64) {
+    let Some(t) = setup(8, outage) else {
         return;
     };
     let (env, clean, proxy) = (&t.faulty, &t.clean, &t.proxy);
@@ -294,7 +352,7 @@ fn batch_run_completes_or_resumes_under_faults() {
                 done = true;
                 break;
             }
-            Some(75) => {}
+            Some(75) => FAILED_RUNS.set(FAILED_RUNS.get() + 1),
             code => panic!("batch run ended with {code:?}:\n{err}"),
         }
     }
@@ -315,4 +373,5 @@ fn batch_run_completes_or_resumes_under_faults() {
     // A rerun has nothing left to do.
     let out = env.command(&args).output().unwrap();
     assert_eq!(out.status.code(), Some(0));
+    print_tally("batch_run_completes_or_resumes_under_faults", &t.proxy);
 }
