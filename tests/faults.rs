@@ -16,12 +16,18 @@ const MIB: u64 = 1 << 20;
 const RUNS: usize = 8;
 
 /// Every fourth request faulted, every kind in turn, and all requests from `outage` on, for
-/// twelve requests.
+/// twelve requests. Round `r` of [`each_round`] starts the kinds `r` places further and the
+/// outage `r % 3` requests earlier (still inside the command it is meant to stop).
 fn plan(outage: u64) -> Plan {
+    let round = ROUND.get();
+    let mut faults = ALL_FAULTS.to_vec();
+    let kinds = faults.len();
+    faults.rotate_left(round as usize % kinds);
+    let outage = outage - round % 3;
     Plan {
         every: 4,
         outage: outage..outage + 12,
-        faults: ALL_FAULTS.to_vec(),
+        faults,
         stall: Duration::from_secs(3),
     }
 }
@@ -37,10 +43,10 @@ struct Setup {
     prefix: String,
 }
 
-fn setup(mib: u64, outage: u64) -> Option<Setup> {
+fn setup(mib: u64) -> Option<Setup> {
     let endpoint = shared_server()?;
     let dir = tempdir();
-    let proxy = FaultProxy::start(&endpoint, plan(outage));
+    let proxy = FaultProxy::start(&endpoint, plan(10));
     let faulty = Env {
         cache: dir.path().join("cache"),
         endpoint: Some(proxy.endpoint()),
@@ -65,6 +71,17 @@ fn setup(mib: u64, outage: u64) -> Option<Setup> {
         src,
         prefix,
     })
+}
+
+/// Whether `ls` lists the object at `url` itself (not only its manifest, which a push writes
+/// before the object is complete).
+fn object_listed(env: &Env, url: &str) -> bool {
+    let name = url.rsplit('/').next().unwrap_or(url);
+    env.run(&["ls", url])
+        .1
+        .lines()
+        .filter_map(|l| l.split('\t').next())
+        .any(|key| key == name || key.ends_with(&format!("/{name}")))
 }
 
 /// Runs `args` until it succeeds (at most [`RUNS`] times); after each failed run, `check` is
@@ -96,23 +113,22 @@ fn until_done(env: &Env, args: &[&str], check: &mut dyn FnMut()) -> usize {
     panic!("diskkit {args:?} did not complete in {RUNS} runs");
 }
 
-/// Rounds of each test (`DISKKIT_FAULT_ROUNDS`, 1 by default), each with the outage six
-/// requests later than the one before: longer campaigns for the README's figures.
-fn rounds() -> u64 {
-    std::env::var("DISKKIT_FAULT_ROUNDS")
+/// Runs `round` `DISKKIT_FAULT_ROUNDS` times (once by default), each with the faults of
+/// [`plan`] in another order: longer campaigns for the README's figures.
+fn each_round(round: fn()) {
+    let rounds = std::env::var("DISKKIT_FAULT_ROUNDS")
         .ok()
         .and_then(|n| n.parse().ok())
-        .unwrap_or(1)
-}
-
-/// Runs `round` for every outage position of [`rounds`].
-fn each_round(round: fn(u64)) {
-    for r in 0..rounds() {
-        round(10 + 6 * r);
+        .unwrap_or(1u64);
+    for r in 0..rounds {
+        ROUND.set(r);
+        round();
     }
 }
 
 thread_local! {
+    /// This test's round of [`each_round`].
+    static ROUND: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
     /// Runs of this test's commands that failed (and were run again).
     static FAILED_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
@@ -134,15 +150,15 @@ fn push_verify_pull_complete_or_resume_under_faults() {
     each_round(push_verify_pull_complete_or_resume_under_faults_round);
 }
 
-fn push_verify_pull_complete_or_resume_under_faults_round(outage: u64) {
-    let Some(t) = setup(30, outage) else {
+fn push_verify_pull_complete_or_resume_under_faults_round() {
+    let Some(t) = setup(30) else {
         return;
     };
     let (env, clean, proxy) = (&t.faulty, &t.clean, &t.proxy);
     let url = format!("{}/d.raw", t.prefix);
     // An object under the final key is always whole and verified.
     let mut object_whole = || {
-        if clean.run(&["ls", &url]).1.contains("d.raw") {
+        if object_listed(clean, &url) {
             clean.ok(&["verify", &url]);
         }
     };
@@ -194,8 +210,8 @@ fn snapshot_create_and_restore_complete_or_resume_under_faults() {
     each_round(snapshot_create_and_restore_complete_or_resume_under_faults_round);
 }
 
-fn snapshot_create_and_restore_complete_or_resume_under_faults_round(outage: u64) {
-    let Some(t) = setup(24, outage) else {
+fn snapshot_create_and_restore_complete_or_resume_under_faults_round() {
+    let Some(t) = setup(24) else {
         return;
     };
     let (env, clean, proxy) = (&t.faulty, &t.clean, &t.proxy);
@@ -249,8 +265,8 @@ fn bundle_copy_completes_or_resumes_under_faults() {
     each_round(bundle_copy_completes_or_resumes_under_faults_round);
 }
 
-fn bundle_copy_completes_or_resumes_under_faults_round(outage: u64) {
-    let Some(t) = setup(16, outage) else {
+fn bundle_copy_completes_or_resumes_under_faults_round() {
+    let Some(t) = setup(16) else {
         return;
     };
     let (env, clean, proxy) = (&t.faulty, &t.clean, &t.proxy);
@@ -299,19 +315,18 @@ fn batch_run_completes_or_resumes_under_faults() {
     each_round(batch_run_completes_or_resumes_under_faults_round);
 }
 
-fn batch_run_completes_or_resumes_under_faults_round(outage: u64) {
-    let Some(t) = setup(8, outage) else {
+fn batch_run_completes_or_resumes_under_faults_round() {
+    let Some(t) = setup(8) else {
         return;
     };
     let (env, clean, proxy) = (&t.faulty, &t.clean, &t.proxy);
-    let objects: Vec<(String, &str, &str)> =
-        [("a.raw", "raw"), ("b.qcow2", "qcow2"), ("c.vhd", "vpc")]
-            .iter()
-            .map(|(name, format)| (format!("{}/out/{name}", t.prefix), *name, *format))
-            .collect();
+    let objects: Vec<(String, &str)> = [("a.raw", "raw"), ("b.qcow2", "qcow2"), ("c.vhd", "vpc")]
+        .iter()
+        .map(|(name, format)| (format!("{}/out/{name}", t.prefix), *format))
+        .collect();
     let converted = p(t.dir.path(), "converted.qcow2");
     let mut jobs = String::from("source,destination,operation,format\n");
-    for (url, _, format) in &objects {
+    for (url, format) in &objects {
         jobs.push_str(&format!("{},{url},push,{format}\n", t.src.display()));
     }
     jobs.push_str(&format!(
@@ -342,8 +357,8 @@ fn batch_run_completes_or_resumes_under_faults_round(outage: u64) {
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!err.contains("panicked"), "{err}");
-        for (url, name, _) in &objects {
-            if clean.run(&["ls", url]).1.contains(name) {
+        for (url, _) in &objects {
+            if object_listed(clean, url) {
                 clean.ok(&["verify", url]);
             }
         }
@@ -358,7 +373,7 @@ fn batch_run_completes_or_resumes_under_faults_round(outage: u64) {
     }
     assert!(done, "batch run did not complete in {RUNS} runs");
     assert!(proxy.faults_injected() >= 12, "{:?}", proxy.counts());
-    for (url, _, _) in &objects {
+    for (url, _) in &objects {
         clean.ok(&["verify", url]);
         clean.ok(&["compare", path_str(&t.src), url]);
     }

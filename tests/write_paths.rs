@@ -352,7 +352,7 @@ fn in_place_edits_on_a_full_filesystem_fail_and_leave_the_image_as_it_was() {
             failures.push(format!("{op:?}: {e}"));
         }
     }
-    failures.extend(temps_left(&[fs.dir.clone()]));
+    failures.extend(temps_left(std::slice::from_ref(&fs.dir)));
     std::fs::remove_file(fs.dir.join("filler")).unwrap();
     assert!(failures.is_empty(), "{failures:#?}");
     assert!(

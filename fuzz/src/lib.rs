@@ -71,7 +71,7 @@ impl Guest {
         let (head, mut rest) = input.split_at_checked(5)?;
         // Squared, so that most guests are small (runs are fast) and some reach the maximum.
         let frac = usize::from(head[0]) | usize::from(head[1]) << 8 | usize::from(head[2]) << 16;
-        let size = 1 + (frac * frac >> 24) * Self::MAX_SIZE / (1 << 24);
+        let size = 1 + ((frac * frac) >> 24) * Self::MAX_SIZE / (1 << 24);
         let (stride, pick) = (usize::from(head[3]), head[4]);
         let mut bytes = vec![0u8; size];
         let mut data = Vec::new();

@@ -4,8 +4,11 @@
 
 use super::{image_file, open_and_walk, round_trip_input, walk};
 
+/// A target's body: libFuzzer's input in, a panic on a bug.
+pub type Target = fn(&[u8]);
+
 /// Every target, by name.
-pub const ALL: &[(&str, fn(&[u8]))] = &[
+pub const ALL: &[(&str, Target)] = &[
     ("bundle_manifest", bundle_manifest::run),
     ("detect", detect::run),
     ("iso", iso::run),
