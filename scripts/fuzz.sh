@@ -11,6 +11,8 @@ set -euo pipefail
 secs=${1:-600}
 shift || true
 top=$(cd "$(dirname "$0")/.." && pwd)
+# A built binary named relative to where the script was started from.
+if [ -n "${DISKKIT:-}" ]; then DISKKIT=$(realpath "$DISKKIT"); fi
 cd "$top"
 export RUSTC_BOOTSTRAP=1 # cargo fuzz needs nightly flags; this stable toolchain allows them so
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked

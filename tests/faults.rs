@@ -73,15 +73,16 @@ fn setup(mib: u64) -> Option<Setup> {
     })
 }
 
-/// Whether `ls` lists the object at `url` itself (not only its manifest, which a push writes
-/// before the object is complete).
+/// Whether the listing of `url`'s folder holds the object at `url` itself (a push writes its
+/// manifest before the object is complete; `ls URL` of an object lists a folder of that name).
 fn object_listed(env: &Env, url: &str) -> bool {
-    let name = url.rsplit('/').next().unwrap_or(url);
-    env.run(&["ls", url])
-        .1
-        .lines()
-        .filter_map(|l| l.split('\t').next())
-        .any(|key| key == name || key.ends_with(&format!("/{name}")))
+    let folder = &url[..=url.rfind('/').unwrap()];
+    let (code, listed, _) = env.run(&["ls", "--output", "json", folder]);
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap_or_default();
+    code == 0
+        && listed
+            .as_array()
+            .is_some_and(|a| a.iter().any(|o| o["url"] == url))
 }
 
 /// Runs `args` until it succeeds (at most [`RUNS`] times); after each failed run, `check` is
@@ -179,6 +180,10 @@ fn push_verify_pull_complete_or_resume_under_faults_round() {
         runs > 1,
         "the outage did not stop a push: {:?}",
         proxy.counts()
+    );
+    assert!(
+        object_listed(clean, &url),
+        "the pushed object is not listed"
     );
     proxy.set_plan(plan(proxy.requests() + 3));
     until_done(env, &["verify", &url], &mut || {});
@@ -374,6 +379,7 @@ fn batch_run_completes_or_resumes_under_faults_round() {
     assert!(done, "batch run did not complete in {RUNS} runs");
     assert!(proxy.faults_injected() >= 12, "{:?}", proxy.counts());
     for (url, _) in &objects {
+        assert!(object_listed(clean, url), "{url} is not listed");
         clean.ok(&["verify", url]);
         clean.ok(&["compare", path_str(&t.src), url]);
     }

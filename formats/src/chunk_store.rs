@@ -240,10 +240,17 @@ pub fn decode_chunk(name: &Path, bytes: &[u8]) -> Result<ChunkData> {
             format!("zstd: {e}"),
         )
     };
-    // Room for the header's length only (at most MAX_CHUNK_SIZE): a frame that holds more
-    // fails to decompress rather than growing the buffer.
+    // Room for the header's length (at most MAX_CHUNK_SIZE) and at most a page more: a frame
+    // that holds more fails to decompress rather than growing the buffer, and one that fills
+    // the slack fails the length check below.
     let (mut buf, start) = ChunkData::with_room(raw_len as usize);
     match bytes[8] {
+        0 if stored.len() as u64 != raw_len => {
+            return Err(corrupt(
+                16,
+                format!("stores {} bytes as is for {raw_len}", stored.len()),
+            ));
+        }
         0 => buf.extend_from_slice(stored),
         1 => {
             let mut out = std::io::Cursor::new(buf);

@@ -379,7 +379,7 @@ impl SnapshotStore {
         let key = self.chunk_key(digest);
         let name = self.object_name(&key);
         let bytes = match self.local_path(&key) {
-            Some(path) => read_chunk_file(&path)?,
+            Some(path) => read_chunk_file(&path, &name)?,
             None => self.store.read_small(&key)?,
         }
         .ok_or_else(|| Error::corrupt(&name, "chunk", 0, "missing from the store"))?;
@@ -802,7 +802,7 @@ pub fn diff(a: &SnapshotIndex, b: &SnapshotIndex) -> Result<Vec<ChangedRange>> {
 /// A chunk object of a local store, read straight from its file: one copy into a buffer that is
 /// not zeroed first, where the object layer (stat, zeroed buffer, read through the runtime,
 /// copy) cost a tenth of a restore's CPU time. `None` when the file does not exist.
-fn read_chunk_file(path: &Path) -> Result<Option<Vec<u8>>> {
+fn read_chunk_file(path: &Path, name: &Path) -> Result<Option<Vec<u8>>> {
     use std::io::Read;
     // The largest object a chunk can be: the largest chunk stored as is, its header, and
     // room for a sealed store's nonce and tag. Anything larger is not read whole.
@@ -818,7 +818,7 @@ fn read_chunk_file(path: &Path) -> Result<Option<Vec<u8>>> {
         .len();
     if size > LIMIT {
         return Err(Error::corrupt(
-            path,
+            name,
             "chunk",
             0,
             format!("{size} bytes is larger than any chunk object ({LIMIT})"),
@@ -829,7 +829,7 @@ fn read_chunk_file(path: &Path) -> Result<Option<Vec<u8>>> {
         .read_to_end(&mut bytes)
         .map_err(|e| Error::io(path, "read", e))?;
     if bytes.len() as u64 > LIMIT {
-        return Err(Error::corrupt(path, "chunk", 0, "grew while read"));
+        return Err(Error::corrupt(name, "chunk", 0, "grew while read"));
     }
     Ok(Some(bytes))
 }

@@ -66,25 +66,7 @@ impl Objects {
             }
             return s3::unreachable(kind, &url, op, &self.endpoint, s3::ATTEMPTS, cause);
         }
-        use opendal::ErrorKind as Dal;
-        let (kind, hint) = match e.kind() {
-            Dal::NotFound => (ErrorKind::NotFound, " (no such object or bucket)"),
-            Dal::PermissionDenied => (
-                ErrorKind::AccessDenied,
-                " (check the credentials: the access key and secret, or the profile)",
-            ),
-            Dal::AlreadyExists | Dal::ConditionNotMatch => (ErrorKind::AlreadyExists, ""),
-            Dal::RateLimited => (ErrorKind::Throttled, ""),
-            Dal::Unsupported => (ErrorKind::Unsupported, ""),
-            Dal::ConfigInvalid => (ErrorKind::InvalidArgument, ""),
-            // Persistent: temporary, but the retry layer ran out of attempts; a caller with a
-            // longer patience (a batch item, the state store) may still retry it.
-            _ if (e.is_temporary() || e.is_persistent()) && e.message().contains("timeout") => {
-                (ErrorKind::Timeout, "")
-            }
-            _ if e.is_temporary() || e.is_persistent() => (ErrorKind::ServerError, ""),
-            _ => (ErrorKind::OtherIo, ""),
-        };
+        let (kind, hint) = kind_of(&e);
         Error::storage(kind, url, op, format!("{}{hint}", s3::error_chain(&e)))
     }
 
@@ -299,6 +281,30 @@ impl Objects {
     }
 }
 
+/// Our kind of OpenDAL's error `e` (one that is not a transport failure), and a hint for the
+/// user. OpenDAL's retry layer marks every error it returns "persistent", so whether a failure
+/// was temporary before the retries ran out is lost; the timeout layer's own errors still say
+/// what they are, and a stall is worth retrying later (a batch item, the batch state).
+fn kind_of(e: &opendal::Error) -> (ErrorKind, &'static str) {
+    use opendal::ErrorKind as Dal;
+    match e.kind() {
+        Dal::NotFound => (ErrorKind::NotFound, " (no such object or bucket)"),
+        Dal::PermissionDenied => (
+            ErrorKind::AccessDenied,
+            " (check the credentials: the access key and secret, or the profile)",
+        ),
+        Dal::AlreadyExists | Dal::ConditionNotMatch => (ErrorKind::AlreadyExists, ""),
+        Dal::RateLimited => (ErrorKind::Throttled, ""),
+        Dal::Unsupported => (ErrorKind::Unsupported, ""),
+        Dal::ConfigInvalid => (ErrorKind::InvalidArgument, ""),
+        Dal::Unexpected if e.message().ends_with("operation timeout reached") => {
+            (ErrorKind::Timeout, "")
+        }
+        _ if e.is_temporary() => (ErrorKind::ServerError, ""),
+        _ => (ErrorKind::OtherIo, ""),
+    }
+}
+
 /// A failure to talk to the server at all (refused, reset, timed out) or of the local
 /// filesystem, found in the causes of `e`: its kind and that cause (what the user needs to
 /// read, without OpenDAL's context); `None` when the server answered.
@@ -374,5 +380,26 @@ impl Body {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_stay_retryable_after_the_retry_layer_other_failures_do_not() {
+        use opendal::ErrorKind as Dal;
+        // What the retry layer returns after the timeout layer's errors ran out of attempts.
+        for message in ["operation timeout reached", "io operation timeout reached"] {
+            let e = opendal::Error::new(Dal::Unexpected, message).set_persistent();
+            assert_eq!(kind_of(&e).0, ErrorKind::Timeout);
+            assert!(kind_of(&e).0.is_retryable());
+        }
+        // A request refused outright comes back marked persistent too: not retried.
+        let refused = opendal::Error::new(Dal::Unexpected, "Bad Request").set_persistent();
+        assert_eq!(kind_of(&refused).0, ErrorKind::OtherIo);
+        let denied = opendal::Error::new(Dal::PermissionDenied, "no").set_persistent();
+        assert_eq!(kind_of(&denied).0, ErrorKind::AccessDenied);
     }
 }
