@@ -141,15 +141,7 @@ mod tests {
     fn incompressible_small_clusters_are_stored_as_is() {
         // Clusters of 512 B to 8 KiB are too short for the entropy test, so deflate sees random
         // bytes that do not fit in the cluster's size (zlib-rs once panicked on that).
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let random: Vec<u8> = (0..65536)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let random = crate::entropy::tests::noise(65536, 3);
         for len in [512, 1024, 2048, 4096, 8192] {
             // One after another on this thread's reused compressor.
             for piece in random.chunks(len) {
