@@ -16,7 +16,9 @@ use crate::progress::Progress;
 use crate::storage::push::RateLimit;
 use diskkit_formats::digest::{ChunkDigest, ChunkHasher, DigestBuilder, PiecewiseChunk};
 use diskkit_formats::host::HostFile;
-use diskkit_formats::image::{GuestRange, Step, Walk, first_nonzero_byte, read_filled};
+use diskkit_formats::image::{
+    GuestRange, Step, Walk, allocated_ranges, first_nonzero_byte, read_filled,
+};
 use diskkit_formats::write::{self, CreateOptions, ImageWriter};
 use diskkit_formats::{Error, Format, Image, Result};
 use rayon::prelude::*;
@@ -161,6 +163,9 @@ fn convert_reporting(
         .max(src.optimal_transfer().min(MAX_CHUNK))
         .max(grid)
         .next_multiple_of(grid);
+    if opts.backing.is_none() {
+        dst.reserve(&mut allocated_ranges(src, GuestRange::new(0, size)));
+    }
     let mut layers = vec![src];
     layers.extend(opts.backing);
     let walk = Walk::new(&layers, GuestRange::new(0, size), chunk)?;

@@ -94,6 +94,53 @@ fn cache_mode_none_leaves_the_output_out_of_the_page_cache() {
     }
 }
 
+/// Direct writes into a fresh raw file go into ranges allocated ahead (ext4 serializes direct
+/// writes into holes); the zeros of the source's data are punched out again at the end, so the
+/// output is exactly as sparse as one written into holes.
+#[test]
+fn direct_raw_output_stays_as_sparse_as_its_data() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempdir();
+    let src = p(dir.path(), "src.raw");
+    qemu_img(&["create", "-q", "-f", "raw", path_str(&src), "16M"]);
+    // Allocated zeros between two runs of data, then a hole.
+    qemu_io(
+        "raw",
+        &src,
+        &[
+            "write -P 0x5a 0 1M",
+            "write -P 0 1M 2M",
+            "write -P 0x17 3M 1M",
+        ],
+    );
+    let allocated = |path: &std::path::Path| std::fs::metadata(path).unwrap().blocks() * 512;
+    assert_eq!(allocated(&src), 4 * MIB);
+    for (sparse_size, expected) in [("4k", 2 * MIB), ("0", 4 * MIB)] {
+        let out = p(dir.path(), &format!("out-{sparse_size}.raw"));
+        diskkit_ok(&[
+            "convert",
+            "-t",
+            "none",
+            "-S",
+            sparse_size,
+            "-O",
+            "raw",
+            path_str(&src),
+            path_str(&out),
+        ]);
+        qemu_img(&[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            path_str(&src),
+            path_str(&out),
+        ]);
+        assert_eq!(allocated(&out), expected, "-S {sparse_size}");
+    }
+}
+
 #[test]
 fn a_rerun_removes_leftovers_of_killed_runs() {
     let dir = tempdir();

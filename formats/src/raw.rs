@@ -6,8 +6,9 @@
 
 use crate::error::{Error, Result};
 use crate::host::HostFile;
-use crate::image::{Extent, ExtentKind, Format, Image, ImageInfo, check_guest_range};
+use crate::image::{Extent, ExtentKind, Format, GuestRange, Image, ImageInfo, check_guest_range};
 use crate::write::{CreateOptions, ImageWriter, Measure};
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -107,6 +108,63 @@ pub struct RawWriter {
     /// A new file reads as zeros everywhere; an existing target (`convert -n`) does not.
     fresh: bool,
     writeback: crate::write::Writeback,
+    /// A fresh sparse file written with direct I/O, which gains from [`ImageWriter::reserve`].
+    reservable: bool,
+    /// What [`ImageWriter::reserve`] allocated ahead, once it has.
+    reserved: std::sync::OnceLock<std::sync::Mutex<Reserved>>,
+}
+
+/// Ranges of a fresh file allocated ahead of its direct writes, and the data written since.
+/// ext4 runs a direct write into unallocated blocks under the file's exclusive lock, one at a
+/// time, and into allocated ones in parallel: a snapshot restore took 1.55 s sparse and 1.15 s
+/// preallocated. Allocating one range at a time just before its write gains nothing, as
+/// fallocate waits for every direct write in flight. What was reserved and not written (zeros
+/// inside data) is punched out again at the end, so the file is as sparse as without this.
+#[derive(Debug, Default)]
+struct Reserved {
+    /// Ascending, disjoint, as `(start, end)`.
+    ranges: Vec<(u64, u64)>,
+    /// Start to end of the data written so far, adjacent writes merged.
+    written: BTreeMap<u64, u64>,
+}
+
+impl Reserved {
+    fn wrote(&mut self, start: u64, end: u64) {
+        let (mut start, mut end) = (start, end);
+        if let Some((&s, &e)) = self.written.range(..=start).next_back()
+            && e >= start
+        {
+            start = s;
+            end = end.max(e);
+        }
+        while let Some((&s, &e)) = self.written.range(start..=end).next() {
+            self.written.remove(&s);
+            end = end.max(e);
+        }
+        self.written.insert(start, end);
+    }
+
+    /// The reserved ranges nothing was written to, ascending.
+    fn unwritten(&self) -> Vec<(u64, u64)> {
+        let mut gaps = Vec::new();
+        for &(start, end) in &self.ranges {
+            let mut pos = start;
+            // A write that began before `start` and reaches into it.
+            if let Some((_, &e)) = self.written.range(..start).next_back() {
+                pos = pos.max(e);
+            }
+            for (&s, &e) in self.written.range(start..end) {
+                if s > pos {
+                    gaps.push((pos, s));
+                }
+                pos = pos.max(e);
+            }
+            if pos < end {
+                gaps.push((pos, end));
+            }
+        }
+        gaps
+    }
 }
 
 impl RawWriter {
@@ -144,10 +202,13 @@ impl RawWriter {
             Preallocation::Falloc => fallocate(&file, path, 0, 0, virtual_size)?,
             Preallocation::Full => write_zeros(&file, path, 0, virtual_size)?,
         }
+        let writeback = crate::write::Writeback::for_file(opts.cache, path);
         Ok(RawWriter {
             file: HostFile::from_file(path, file)?,
             fresh: true,
-            writeback: crate::write::Writeback::for_file(opts.cache, path),
+            reservable: prealloc == Preallocation::Off && writeback.is_direct(),
+            writeback,
+            reserved: Default::default(),
         })
     }
 
@@ -163,6 +224,8 @@ impl RawWriter {
             file: HostFile::from_file(path, file)?,
             fresh: false,
             writeback: Default::default(),
+            reservable: false,
+            reserved: Default::default(),
         })
     }
 
@@ -179,7 +242,43 @@ impl ImageWriter for RawWriter {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         check_guest_range(self.file.len(), offset, buf.len() as u64)?;
         self.writeback
-            .write_at(self.file.file()?, self.path(), buf, offset, "image data")
+            .write_at(self.file.file()?, self.path(), buf, offset, "image data")?;
+        if let Some(reserved) = self.reserved.get() {
+            let mut reserved = reserved.lock().unwrap_or_else(|e| e.into_inner());
+            reserved.wrote(offset, offset + buf.len() as u64);
+        }
+        Ok(())
+    }
+
+    fn reserve(&self, allocated: &mut dyn Iterator<Item = Result<GuestRange>>) {
+        let Ok(file) = self.file.file() else { return };
+        if !self.reservable {
+            return;
+        }
+        let mut reserved = Reserved::default();
+        let mut pending: Option<(u64, u64)> = None;
+        // Adjacent ranges (data next to compressed data, say) are allocated in one call.
+        for range in allocated.map_while(|r| r.ok()).map(|r| (r.start, r.end)) {
+            match &mut pending {
+                Some((_, end)) if *end == range.0 => *end = range.1,
+                _ => {
+                    if let Some(done) = pending.replace(range) {
+                        reserved.ranges.push(done);
+                    }
+                }
+            }
+        }
+        reserved.ranges.extend(pending);
+        // Stops at the first refusal (no fallocate here, no room): the rest is written sparse.
+        let allocated = reserved
+            .ranges
+            .iter()
+            .take_while(|&&(start, end)| {
+                fallocate(file, self.path(), 0, start, end - start).is_ok()
+            })
+            .count();
+        reserved.ranges.truncate(allocated);
+        let _ = self.reserved.set(std::sync::Mutex::new(reserved));
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
@@ -195,7 +294,14 @@ impl ImageWriter for RawWriter {
     }
 
     fn finish(self: Box<Self>) -> Result<()> {
-        self.writeback.sync_all(self.file.file()?, self.path())
+        let file = self.file.file()?;
+        if let Some(reserved) = self.reserved.get() {
+            let reserved = reserved.lock().unwrap_or_else(|e| e.into_inner());
+            for (start, end) in reserved.unwritten() {
+                zero_range(file, self.path(), start, end - start)?;
+            }
+        }
+        self.writeback.sync_all(file, self.path())
     }
 }
 
@@ -273,4 +379,29 @@ fn write_zeros(file: &File, path: &Path, offset: u64, len: u64) -> Result<()> {
         pos += n as u64;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Reserved;
+
+    #[test]
+    fn reserved_ranges_not_written_are_found() {
+        let mut r = Reserved {
+            ranges: vec![(0, 100), (200, 300)],
+            ..Default::default()
+        };
+        // Out of order, adjacent and overlapping writes merge.
+        r.wrote(50, 60);
+        r.wrote(10, 20);
+        r.wrote(20, 30);
+        r.wrote(25, 55);
+        r.wrote(90, 210);
+        r.wrote(250, 300);
+        assert_eq!(r.written.len(), 3);
+        assert_eq!(r.unwritten(), [(0, 10), (60, 90), (210, 250)]);
+        r.wrote(0, 300);
+        assert_eq!(r.written.len(), 1);
+        assert!(r.unwritten().is_empty());
+    }
 }

@@ -28,6 +28,12 @@ pub trait ImageWriter: Send + Sync {
     /// True when the fresh image reads as zeros everywhere, so zero ranges can be skipped.
     fn zero_initialized(&self) -> bool;
 
+    /// Told once, before any write, which guest ranges may receive data (the source's
+    /// allocated ranges, ascending): a writer that gains from allocating them ahead does so.
+    /// A hint: the others leave the iterator alone, so the source's map is not even walked,
+    /// and an error in it only stops the reserving (the copy meets it again).
+    fn reserve(&self, _allocated: &mut dyn Iterator<Item = Result<GuestRange>>) {}
+
     /// Writes must start and end on multiples of this many bytes (a power of two), except a
     /// write that ends at the virtual size. Formats that allocate whole clusters or blocks say
     /// their cluster size, so that each cluster is written once, whole.
@@ -328,6 +334,11 @@ impl Writeback {
             direct,
             ..Default::default()
         }
+    }
+
+    /// Whether data writes go to disk directly (`O_DIRECT`), bypassing the page cache.
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some() && self.direct_works.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Writes `data` at `offset` of `file` (at `path`; `what` names it in errors): with direct

@@ -369,9 +369,22 @@ impl SnapshotStore {
         Ok(sent)
     }
 
-    /// Reads and checks a chunk: its stored form, then its content against its name.
+    /// Reads and checks a chunk: its stored form, then its content against its name. A chunk
+    /// file of a local store that is not encrypted is read where its bytes can stay (see
+    /// [`chunk_store::read_chunk`]).
     pub fn read_chunk(&self, digest: &[u8; 32]) -> Result<ChunkData> {
-        self.fetch_chunk(digest).map(|(_, data)| data)
+        let key = self.chunk_key(digest);
+        let name = self.object_name(&key);
+        let data = match self.local_path(&key).filter(|_| self.crypto.is_none()) {
+            Some(path) => {
+                let (mut file, len) =
+                    open_chunk_file(&path, &name)?.ok_or_else(|| missing(&name))?;
+                chunk_store::read_chunk(&name, &mut file, len)?
+            }
+            None => return self.fetch_chunk(digest).map(|(_, data)| data),
+        };
+        check_content(&name, &data, digest)?;
+        Ok(data)
     }
 
     /// A chunk's encoded form (unsealed) and its guest bytes, checked against its name.
@@ -379,20 +392,22 @@ impl SnapshotStore {
         let key = self.chunk_key(digest);
         let name = self.object_name(&key);
         let bytes = match self.local_path(&key) {
-            Some(path) => read_chunk_file(&path, &name)?,
+            Some(path) => match open_chunk_file(&path, &name)? {
+                Some((mut file, len)) => {
+                    use std::io::Read;
+                    let mut bytes = vec![0u8; len];
+                    file.read_exact(&mut bytes)
+                        .map_err(|e| Error::io(&path, "read", e))?;
+                    Some(bytes)
+                }
+                None => None,
+            },
             None => self.store.read_small(&key)?,
         }
-        .ok_or_else(|| Error::corrupt(&name, "chunk", 0, "missing from the store"))?;
+        .ok_or_else(|| missing(&name))?;
         let encoded = self.unseal(&name, &key, bytes)?;
         let data = chunk_store::decode_chunk(&name, &encoded)?;
-        if &diskkit_formats::digest::sha256(&data) != digest {
-            return Err(Error::corrupt(
-                &name,
-                "chunk data",
-                0,
-                "content does not match the chunk's name (damaged)",
-            ));
-        }
+        check_content(&name, &data, digest)?;
         Ok((encoded, data))
     }
 
@@ -799,16 +814,33 @@ pub fn diff(a: &SnapshotIndex, b: &SnapshotIndex) -> Result<Vec<ChangedRange>> {
     Ok(out)
 }
 
-/// A chunk object of a local store, read straight from its file: one read of the size the file
-/// has, where the object layer (stat, zeroed buffer, read through the runtime, copy) cost a tenth
-/// of a restore's CPU time, and an unsized `read_to_end` took ten reads a chunk. `None` when the
-/// file does not exist.
-fn read_chunk_file(path: &Path, name: &Path) -> Result<Option<Vec<u8>>> {
-    use std::io::Read;
+fn missing(name: &Path) -> Error {
+    Error::corrupt(name, "chunk", 0, "missing from the store")
+}
+
+/// Checks a chunk's guest bytes against the digest that names it.
+fn check_content(name: &Path, data: &[u8], digest: &[u8; 32]) -> Result<()> {
+    if &diskkit_formats::digest::sha256(data) == digest {
+        Ok(())
+    } else {
+        Err(Error::corrupt(
+            name,
+            "chunk data",
+            0,
+            "content does not match the chunk's name (damaged)",
+        ))
+    }
+}
+
+/// A chunk object of a local store, opened straight from its file, with its size: then it is
+/// read in one read of that size, where the object layer (stat, zeroed buffer, read through the
+/// runtime, copy) cost a tenth of a restore's CPU time, and an unsized `read_to_end` took ten
+/// reads a chunk. `None` when the file does not exist.
+fn open_chunk_file(path: &Path, name: &Path) -> Result<Option<(std::fs::File, usize)>> {
     // The largest object a chunk can be: the largest chunk stored as is, its header, and
-    // room for a sealed store's nonce and tag. Anything larger is not read whole.
+    // room for a sealed store's nonce and tag. Anything larger is not read.
     const LIMIT: u64 = chunk_store::MAX_CHUNK_SIZE + 64 * 1024;
-    let mut file = match std::fs::File::open(path) {
+    let file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io(path, "open", e)),
@@ -829,11 +861,8 @@ fn read_chunk_file(path: &Path, name: &Path) -> Result<Option<Vec<u8>>> {
             ),
         ));
     }
-    // Exactly the size seen: a file that changed meanwhile fails its checks after the read.
-    let mut bytes = vec![0u8; meta.len() as usize];
-    file.read_exact(&mut bytes)
-        .map_err(|e| Error::io(path, "read", e))?;
-    Ok(Some(bytes))
+    // Exactly the size seen is read: a file that changed meanwhile fails its checks after.
+    Ok(Some((file, meta.len() as usize)))
 }
 
 #[cfg(test)]
@@ -841,18 +870,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn chunk_files_are_read_whole_and_only_when_regular() {
+    fn chunk_files_are_opened_only_when_regular() {
         let dir = tempfile::tempdir().unwrap();
         let name = Path::new("store#chunk");
         let file = dir.path().join("chunk");
-        assert!(read_chunk_file(&file, name).unwrap().is_none());
+        assert!(open_chunk_file(&file, name).unwrap().is_none());
         std::fs::write(&file, b"DKCHUNK1 and more").unwrap();
-        assert_eq!(
-            read_chunk_file(&file, name).unwrap().unwrap(),
-            b"DKCHUNK1 and more"
-        );
+        assert_eq!(open_chunk_file(&file, name).unwrap().unwrap().1, 17);
         // A directory (or a device, a pipe) under a chunk's name is refused, not read.
-        let e = read_chunk_file(dir.path(), name).unwrap_err().to_string();
+        let e = open_chunk_file(dir.path(), name).unwrap_err().to_string();
         assert!(
             e.contains("not a regular file") && e.contains("store#chunk"),
             "{e}"
