@@ -24,6 +24,7 @@ done
 B=$WORK/snapshot-bench
 rm -rf "$B"
 mkdir -p "$B"
+settle_page_cache
 SRC=$B/disk.raw
 cp --sparse=always "$(mixed_raw)" "$SRC"
 BASE=$B/base.qcow2

@@ -5,11 +5,13 @@ use diskkit_formats::{Error, Result};
 use rayon::ThreadPool;
 use std::sync::OnceLock;
 
-/// Threads per core for passes that read images and then compute (hash, compare): while one
-/// thread waits for its read (cold page cache, network disk), another computes. Hashing 1 GiB of
-/// data on 2 cores with a cold page cache took 8-10 s with 2 threads, 4.4-7 s with 3 and 2.8-5 s
-/// with 4; with a warm cache the extra threads cost nothing.
-const READ_THREADS_PER_CORE: usize = 2;
+/// Threads per core for passes that read images, compute, and write: while one thread waits
+/// for its read (cold page cache, network disk) or for its direct write to reach the disk,
+/// another computes. Hashing 1 GiB of data on 2 cores with a cold page cache took 8-10 s with
+/// 2 threads, 4.4-7 s with 3 and 2.8-5 s with 4; the batch benchmark's 16 conversions (direct
+/// writes) took 2.6-2.9 s with 4 threads and 2.3-2.5 s with 8, a snapshot restore 1.0-1.4 s and
+/// 0.9 s; with a warm cache and buffered writes the extra threads cost nothing.
+const READ_THREADS_PER_CORE: usize = 4;
 
 static READ_POOL: OnceLock<ThreadPool> = OnceLock::new();
 

@@ -51,6 +51,19 @@ pub fn looks_incompressible(data: &[u8]) -> bool {
     entropy > THRESHOLD && distinct_pairs(data) as f64 >= PAIRS_SHARE * expected_pairs(n)
 }
 
+/// [`looks_incompressible`] of a large buffer judged from `pieces` pieces of [`MIN_PIECE`] bytes
+/// spread evenly over it: true only when every piece is. A buffer that mixes text into random
+/// bytes at a finer grain may be judged incompressible and stored as is, a small loss against
+/// the time of compressing all the random bytes to find that out.
+pub fn looks_incompressible_sampled(data: &[u8], pieces: usize) -> bool {
+    let pieces = pieces.max(1);
+    if data.len() < pieces * MIN_PIECE {
+        return looks_incompressible(data);
+    }
+    let stride = (data.len() - MIN_PIECE) / (pieces - 1).max(1);
+    (0..pieces).all(|i| looks_incompressible(&data[i * stride..i * stride + MIN_PIECE]))
+}
+
 /// Share of the distinct byte pairs random bytes would show, below which a piece has repeats:
 /// random pieces of 16 KiB and more come within 1% of the expected count.
 const PAIRS_SHARE: f64 = 0.9;
@@ -120,5 +133,17 @@ pub(crate) mod tests {
         let mut half = noise(64 << 10, 5);
         half[32 << 10..].fill(0);
         assert!(!looks_incompressible(&half));
+    }
+
+    #[test]
+    fn samples_judge_large_buffers() {
+        let mut data = noise(1 << 20, 4);
+        assert!(looks_incompressible_sampled(&data, 8));
+        // Text where the last piece is taken.
+        data[(1 << 20) - 100..].fill(b'a');
+        assert!(!looks_incompressible_sampled(&data, 8));
+        // Small buffers are judged whole.
+        assert!(looks_incompressible_sampled(&noise(MIN_PIECE, 2), 8));
+        assert!(!looks_incompressible_sampled(&noise(MIN_PIECE - 1, 2), 8));
     }
 }

@@ -270,14 +270,14 @@ impl ImageWriter for RawWriter {
         }
         reserved.ranges.extend(pending);
         // Stops at the first refusal (no fallocate here, no room): the rest is written sparse.
-        let allocated = reserved
+        // The refused range stays listed, as it may be allocated in part.
+        if let Some(refused) = reserved
             .ranges
             .iter()
-            .take_while(|&&(start, end)| {
-                fallocate(file, self.path(), 0, start, end - start).is_ok()
-            })
-            .count();
-        reserved.ranges.truncate(allocated);
+            .position(|&(start, end)| fallocate(file, self.path(), 0, start, end - start).is_err())
+        {
+            reserved.ranges.truncate(refused + 1);
+        }
         let _ = self.reserved.set(std::sync::Mutex::new(reserved));
     }
 
@@ -325,7 +325,13 @@ pub fn measure(virtual_size: u64) -> Measure {
     }
 }
 
-fn fallocate(file: &File, path: &Path, mode: libc::c_int, offset: u64, len: u64) -> Result<()> {
+pub(crate) fn fallocate(
+    file: &File,
+    path: &Path,
+    mode: libc::c_int,
+    offset: u64,
+    len: u64,
+) -> Result<()> {
     let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
         return Err(Error::invalid(format!(
             "{}: range {offset:#x}+{len:#x} too large",

@@ -791,6 +791,28 @@ impl ImageWriter for Qcow2Writer {
         self.cfg.backing_file.is_none()
     }
 
+    /// With direct I/O, the host clusters the data will take are allocated ahead, past the
+    /// end of the file: ext4 runs a direct write that extends a file, or that lands in
+    /// unallocated blocks, alone under the file's lock and journals the new size, while it
+    /// runs direct writes into allocated blocks inside the file in parallel (the batch
+    /// benchmark's 16 conversions: 2.8-3.1 s without, 2.2-2.6 s with). The clusters left over
+    /// (zeros the conversion found in the data) are cut off with the file's final length in
+    /// [`finish`](ImageWriter::finish).
+    fn reserve(&self, allocated: &mut dyn Iterator<Item = Result<GuestRange>>) {
+        if !self.writeback.is_direct() || self.cfg.compress || self.cfg.preallocate_metadata {
+            return;
+        }
+        let cs = self.geo.cluster_size();
+        let clusters: u64 = allocated
+            .map_while(|r| r.ok())
+            .map(|r| r.end.div_ceil(cs) - r.start / cs)
+            .sum();
+        let start = self.lock().next_cluster;
+        let len = clusters.min(self.virtual_size.div_ceil(cs)) * cs;
+        // A hint: where the filesystem refuses, the clusters are allocated as they are written.
+        let _ = crate::raw::fallocate(&self.file, &self.path, 0, start, len);
+    }
+
     /// Whole clusters: each is then stored (and compressed) by one call.
     fn write_alignment(&self) -> u64 {
         self.geo.cluster_size()
