@@ -67,9 +67,12 @@ for f in "$src"/*; do
   echo "$f,$WORK/out-dk/$(basename "$f").qcow2,qcow2" >>"$jobs"
 done
 
-# "seconds peak-KiB" of one command line.
+# "seconds peak-KiB" of one command line. Each starts after a pause: the VM's host goes on
+# writing the previous run's 3 GiB for a while after its sync, and the run after would pay for it
+# (qemu-img took 2.1 s when it ran first and 3.4-4.6 s when it ran second).
 measure() {
   sync
+  sleep "${SETTLE:-5}"
   /usr/bin/time -o "$WORK/time.out" -f "%e %M" bash -c "$1" >/dev/null 2>"$WORK/cmd.err" ||
     { cat "$WORK/cmd.err" >&2; echo "failed: $1" >&2; exit 1; }
   cat "$WORK/time.out"

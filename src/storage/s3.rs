@@ -7,7 +7,6 @@ use bytes::Bytes;
 use diskkit_formats::error::ErrorKind;
 use diskkit_formats::{Error, Result};
 use reqwest::{Method, StatusCode};
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -389,7 +388,7 @@ impl S3Client {
         let request = http::Request::builder()
             .method(method.clone())
             .uri(&url)
-            .header("x-amz-content-sha256", hex(&Sha256::digest(body)))
+            .header("x-amz-content-sha256", hex(&payload_sha256(body)))
             .body(())
             .map_err(|e| failed(&e))?;
         let (mut parts, ()) = request.into_parts();
@@ -650,9 +649,44 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// The SHA-256 of a request body, for its signature. Parts made only of zeros (the holes of a
+/// sparse raw image pushed as is) are common and would each cost a full hash: their digest is
+/// computed once per size.
+fn payload_sha256(body: &[u8]) -> [u8; 32] {
+    use diskkit_formats::digest::sha256;
+    use std::sync::Mutex;
+    static ZERO_PARTS: Mutex<Vec<(usize, [u8; 32])>> = Mutex::new(Vec::new());
+    if diskkit_formats::image::first_nonzero_byte(body).is_some() {
+        return sha256(body);
+    }
+    let mut known = ZERO_PARTS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(&(_, d)) = known.iter().find(|(len, _)| *len == body.len()) {
+        return d;
+    }
+    let d = sha256(body);
+    // Part sizes are few (the part size and the last part's): a handful is plenty.
+    if known.len() < 8 {
+        known.push((body.len(), d));
+    }
+    d
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn payload_digests_of_zero_parts_are_remembered_per_size() {
+        use sha2::Digest;
+        let of = |b: &[u8]| -> [u8; 32] { sha2::Sha256::digest(b).into() };
+        let mut part = vec![0u8; 100_000];
+        for _ in 0..2 {
+            assert_eq!(payload_sha256(&part), of(&part));
+            assert_eq!(payload_sha256(&part[1..]), of(&part[1..]));
+        }
+        part[99_999] = 1;
+        assert_eq!(payload_sha256(&part), of(&part));
+    }
 
     #[test]
     fn xml_and_encoding() {
