@@ -46,8 +46,8 @@ pub struct ConvertOptions<'a> {
     /// Overlay mode (`-B`): the output's backing image. Only ranges whose content differs from
     /// it are written; the rest stays unallocated and reads through to the backing image.
     pub backing: Option<&'a dyn Image>,
-    /// Worker threads (`-m`); `None` uses the engine's read pool (two per CPU, so that reads
-    /// and computation overlap).
+    /// Worker threads (`-m`); `None` uses the engine's read pool (four per CPU, so that reads
+    /// and direct writes overlap computation).
     pub threads: Option<usize>,
     /// The output reads as zeros already (`--target-is-zero`, with `-n`): zero ranges are not
     /// written.

@@ -70,7 +70,7 @@ pub struct Args {
     /// Format of BACKING (detected when omitted)
     #[arg(short = 'F', value_parser = parse_format)]
     backing_format: Option<Format>,
-    /// Worker threads, 1 to 64 [default: two per CPU]; memory is about 2 MiB per thread
+    /// Worker threads, 1 to 64 [default: four per CPU]; memory is about 2 MiB per thread
     /// (4 MiB with -B)
     #[arg(short = 'm', long = "parallel", value_name = "N",
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
