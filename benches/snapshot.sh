@@ -36,11 +36,14 @@ export BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes BORG_RELOCATED_REPO_ACCESS
 restic init --repository-version 2 -q
 borg init -e none "$BORG_REPO"
 
-# run NAME CMD...: one timed run; "wall rss_kib" into $B/NAME.time
+# run NAME CMD...: one timed run; "wall rss_kib" into $B/NAME.time. Each starts a few seconds
+# after a sync: the VM's host goes on writing what the guest synced for a while, and the run
+# after would pay for it (as in benches/batch.sh).
 run() {
   local name=$1
   shift
   sync
+  sleep "${SETTLE:-5}"
   /usr/bin/time -f "%e %M" -o "$B/$name.time" "$@" >"$B/$name.out" 2>&1 ||
     { cat "$B/$name.out" >&2; exit 1; }
 }
