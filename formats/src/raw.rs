@@ -122,14 +122,32 @@ pub struct RawWriter {
 /// inside data) is punched out again at the end, so the file is as sparse as without this.
 #[derive(Debug, Default)]
 struct Reserved {
-    /// Ascending, disjoint, as `(start, end)`.
+    /// Ascending, disjoint, as `(start, end)`; at most [`MAX_TRACKED`].
     ranges: Vec<(u64, u64)>,
-    /// Start to end of the data written so far, adjacent writes merged.
+    /// Start to end of the data written so far, adjacent writes merged; at most
+    /// [`MAX_TRACKED`] runs.
     written: BTreeMap<u64, u64>,
+    /// More separate runs were written than are tracked: the file's own hole map says what
+    /// was never written.
+    untracked: bool,
 }
+
+/// Bounds a reservation's memory (a few MiB) whatever the image: past this many ranges the rest
+/// of the file is written sparse, and past this many separate written runs (data broken by
+/// zeros everywhere) `finish` asks the filesystem where the holes are instead (SEEK_HOLE, which
+/// reports blocks allocated ahead and never written as holes on ext4 and XFS).
+const MAX_TRACKED: usize = 1 << 16;
 
 impl Reserved {
     fn wrote(&mut self, start: u64, end: u64) {
+        if self.untracked {
+            return;
+        }
+        if self.written.len() >= MAX_TRACKED {
+            self.untracked = true;
+            self.written = BTreeMap::new();
+            return;
+        }
         let (mut start, mut end) = (start, end);
         if let Some((&s, &e)) = self.written.range(..=start).next_back()
             && e >= start
@@ -259,6 +277,9 @@ impl ImageWriter for RawWriter {
         let mut pending: Option<(u64, u64)> = None;
         // Adjacent ranges (data next to compressed data, say) are allocated in one call.
         for range in allocated.map_while(|r| r.ok()).map(|r| (r.start, r.end)) {
+            if reserved.ranges.len() + 1 >= MAX_TRACKED {
+                break;
+            }
             match &mut pending {
                 Some((_, end)) if *end == range.0 => *end = range.1,
                 _ => {
@@ -297,8 +318,21 @@ impl ImageWriter for RawWriter {
         let file = self.file.file()?;
         if let Some(reserved) = self.reserved.get() {
             let reserved = reserved.lock().unwrap_or_else(|e| e.into_inner());
-            for (start, end) in reserved.unwritten() {
-                zero_range(file, self.path(), start, end - start)?;
+            if reserved.untracked {
+                for &(start, end) in &reserved.ranges {
+                    let mut pos = start;
+                    while pos < end {
+                        let (data, n) = self.file.data_run(pos, end - pos)?;
+                        if !data {
+                            zero_range(file, self.path(), pos, n)?;
+                        }
+                        pos += n;
+                    }
+                }
+            } else {
+                for (start, end) in reserved.unwritten() {
+                    zero_range(file, self.path(), start, end - start)?;
+                }
             }
         }
         self.writeback.sync_all(file, self.path())
@@ -389,7 +423,8 @@ fn write_zeros(file: &File, path: &Path, offset: u64, len: u64) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::Reserved;
+    use super::*;
+    use crate::write::CacheMode;
 
     #[test]
     fn reserved_ranges_not_written_are_found() {
@@ -409,5 +444,40 @@ mod tests {
         r.wrote(0, 300);
         assert_eq!(r.written.len(), 1);
         assert!(r.unwritten().is_empty());
+        // Past the bound, writes are no longer tracked.
+        let mut r = Reserved::default();
+        for i in 0..=super::MAX_TRACKED as u64 {
+            r.wrote(2 * i, 2 * i + 1);
+        }
+        assert!(r.untracked && r.written.is_empty());
+    }
+
+    /// Past the tracking bound, what was reserved and never written is found in the file's hole
+    /// map and given back all the same.
+    #[test]
+    fn untracked_reservations_are_given_back_from_the_hole_map() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.raw");
+        let mut opts = CreateOptions {
+            cache: CacheMode::None,
+            ..Default::default()
+        };
+        let w = RawWriter::create(&path, 8 << 20, &mut opts).unwrap();
+        assert!(w.reservable, "direct I/O in the test's temporary directory");
+        w.reserve(&mut [Ok(GuestRange::new(0, 4 << 20))].into_iter());
+        assert_eq!(std::fs::metadata(&path).unwrap().blocks() * 512, 4 << 20);
+        w.write_at(&vec![0x5a; 1 << 20], 1 << 20).unwrap();
+        w.reserved.get().unwrap().lock().unwrap().untracked = true;
+        Box::new(w).finish().unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().blocks() * 512, 1 << 20);
+        let content = std::fs::read(&path).unwrap();
+        assert!(content[1 << 20..2 << 20].iter().all(|&b| b == 0x5a));
+        assert!(
+            content[..1 << 20]
+                .iter()
+                .chain(&content[2 << 20..])
+                .all(|&b| b == 0)
+        );
     }
 }
