@@ -6,7 +6,9 @@
 
 use crate::error::{Error, Result};
 use crate::host::HostFile;
-use crate::image::{Extent, ExtentKind, Format, GuestRange, Image, ImageInfo, check_guest_range};
+use crate::image::{
+    Extent, ExtentKind, Format, GuestRange, Image, ImageInfo, check_guest_range, touched_clusters,
+};
 use crate::write::{CreateOptions, ImageWriter, Measure};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -269,27 +271,21 @@ impl ImageWriter for RawWriter {
     }
 
     fn reserve(&self, allocated: &mut dyn Iterator<Item = Result<GuestRange>>) {
-        let Ok(file) = self.file.file() else { return };
         if !self.reservable {
             return;
         }
-        let mut reserved = Reserved::default();
-        let mut pending: Option<(u64, u64)> = None;
-        // Adjacent ranges (data next to compressed data, say) are allocated in one call.
-        for range in allocated.map_while(|r| r.ok()).map(|r| (r.start, r.end)) {
-            if reserved.ranges.len() + 1 >= MAX_TRACKED {
-                break;
-            }
-            match &mut pending {
-                Some((_, end)) if *end == range.0 => *end = range.1,
-                _ => {
-                    if let Some(done) = pending.replace(range) {
-                        reserved.ranges.push(done);
-                    }
-                }
-            }
-        }
-        reserved.ranges.extend(pending);
+        let Ok(file) = self.file.file() else { return };
+        // Whole filesystem blocks, adjacent ranges (data next to compressed data, say) in one
+        // run, each allocated by one call.
+        let block = crate::write::DIRECT_ALIGN as u64;
+        let mut reserved = Reserved {
+            ranges: touched_clusters(allocated, block)
+                .map_while(|run| run.ok())
+                .map(|run| (run.start * block, (run.end * block).min(self.file.len())))
+                .take(MAX_TRACKED)
+                .collect(),
+            ..Default::default()
+        };
         // Stops at the first refusal (no fallocate here, no room): the rest is written sparse.
         // The refused range stays listed, as it may be allocated in part.
         if let Some(refused) = reserved

@@ -659,13 +659,15 @@ fn payload_sha256(body: &[u8]) -> [u8; 32] {
     if diskkit_formats::image::first_nonzero_byte(body).is_some() {
         return sha256(body);
     }
-    let mut known = ZERO_PARTS.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(&(_, d)) = known.iter().find(|(len, _)| *len == body.len()) {
+    let lock = || ZERO_PARTS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(&(_, d)) = lock().iter().find(|(len, _)| *len == body.len()) {
         return d;
     }
+    // Hashed outside the lock: other parts' requests go on meanwhile.
     let d = sha256(body);
+    let mut known = lock();
     // Part sizes are few (the part size and the last part's): a handful is plenty.
-    if known.len() < 8 {
+    if known.len() < 8 && !known.iter().any(|(len, _)| *len == body.len()) {
         known.push((body.len(), d));
     }
     d

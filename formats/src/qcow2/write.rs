@@ -803,9 +803,9 @@ impl ImageWriter for Qcow2Writer {
             return;
         }
         let cs = self.geo.cluster_size();
-        let clusters: u64 = allocated
-            .map_while(|r| r.ok())
-            .map(|r| r.end.div_ceil(cs) - r.start / cs)
+        let clusters: u64 = touched_clusters(allocated, cs)
+            .map_while(|run| run.ok())
+            .map(|run| run.end - run.start)
             .sum();
         let start = self.lock().next_cluster;
         let len = clusters.min(self.virtual_size.div_ceil(cs)) * cs;
