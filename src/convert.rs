@@ -214,8 +214,8 @@ pub fn convert_to_path(
     })
 }
 
-/// [`convert_to_path`], also returning the guest digest (`diskkit-guest-sha256-v1`, chunks of
-/// `chunk_size` bytes) of what was written, taken from the bytes handed to the writer in the
+/// [`convert_to_path`], also returning the guest digest (by `hasher`'s algorithm and chunk size;
+/// its CRCs are not used) of what was written, taken from the bytes handed to the writer in the
 /// conversion's own walk: the output is not read back. Hashing needs whole digest chunks per
 /// worker, so the conversion's cells are at least `chunk_size` bytes.
 pub fn convert_to_path_with_digest(
@@ -224,12 +224,12 @@ pub fn convert_to_path_with_digest(
     path: &Path,
     create: &mut CreateOptions,
     opts: &ConvertOptions,
-    chunk_size: u64,
+    hasher: ChunkHasher,
     progress: &dyn Progress,
 ) -> Result<(ConvertStats, ImageHash)> {
     refuse_input_as_output(src, opts.backing, path)?;
     let report_zeros = create.compress;
-    let digest = GuestDigest::new(chunk_size)?;
+    let digest = GuestDigest::new(hasher)?;
     crate::output::write_new_image(format, path, src.virtual_size(), create, |w| {
         let stats = convert_reporting(src, w, opts, progress, report_zeros, Some(&digest))?;
         Ok((stats, digest.finish(src.virtual_size())?))
@@ -259,14 +259,15 @@ enum Hashed {
 }
 
 impl GuestDigest {
-    fn new(chunk_size: u64) -> Result<Self> {
+    fn new(hasher: ChunkHasher) -> Result<Self> {
+        let chunk_size = hasher.chunk_size();
         Ok(GuestDigest {
             chunk_size,
-            hasher: ChunkHasher::without_crc(chunk_size)?,
             fold: Mutex::new(DigestFold {
-                builder: DigestBuilder::new(chunk_size)?,
+                builder: DigestBuilder::new(hasher.algorithm(), chunk_size)?,
                 pending: BTreeMap::new(),
             }),
+            hasher,
         })
     }
 
@@ -315,6 +316,7 @@ impl GuestDigest {
             )));
         }
         Ok(ImageHash {
+            algorithm: self.hasher.algorithm(),
             digest: fold.builder.finish(),
             chunk_size: self.chunk_size,
             virtual_size,
@@ -738,6 +740,7 @@ mod tests {
     use super::*;
     use crate::progress::{Counted, NoProgress};
     use crate::test_image::MemImage;
+    use diskkit_formats::digest::Algorithm;
     use std::sync::Mutex;
 
     /// A writer that checks alignment and records what it was asked to do.
@@ -925,20 +928,32 @@ mod tests {
             ..MemImage::new(41 * MIB + 512, &[(MIB as u64, &big)])
         };
         for (n, src) in [sample(), sample().mapped(), large].into_iter().enumerate() {
-            for chunk_size in [4096, 1 << 20, 4 << 20, 32 << 20] {
-                let want = crate::hash::hash_image(&src, chunk_size, &NoProgress, None).unwrap();
-                let path = dir.path().join(format!("{n}-{chunk_size}.qcow2"));
+            for (chunk_size, algorithm) in [
+                (4096, Algorithm::Sha256),
+                (1 << 20, Algorithm::Blake3),
+                (4 << 20, Algorithm::Sha256),
+                (4 << 20, Algorithm::Blake3),
+                (32 << 20, Algorithm::Sha256),
+            ] {
+                let want = crate::hash::hash_image(&src, algorithm, chunk_size, &NoProgress, None)
+                    .unwrap();
+                let path = dir
+                    .path()
+                    .join(format!("{n}-{chunk_size}-{algorithm}.qcow2"));
                 let (stats, got) = convert_to_path_with_digest(
                     &src,
                     Format::Qcow2,
                     &path,
                     &mut Default::default(),
                     &ConvertOptions::default(),
-                    chunk_size,
+                    ChunkHasher::without_crc(algorithm, chunk_size).unwrap(),
                     &NoProgress,
                 )
                 .unwrap();
-                assert_eq!(got, want, "source {n}, chunk size {chunk_size}");
+                assert_eq!(
+                    got, want,
+                    "source {n}, chunk size {chunk_size}, {algorithm}"
+                );
                 assert!(stats.written > 0);
             }
         }

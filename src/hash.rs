@@ -11,7 +11,7 @@
 
 use crate::parallel::{cores, read_pool};
 use crate::progress::Progress;
-use diskkit_formats::digest::{ChunkDigest, ChunkHasher, DigestBuilder};
+use diskkit_formats::digest::{Algorithm, ChunkDigest, ChunkHasher, DigestBuilder};
 use diskkit_formats::image::{GuestRange, Step, Walk, for_each_piece};
 use diskkit_formats::{Error, Image, Result};
 use rayon::prelude::*;
@@ -21,6 +21,7 @@ use std::sync::Mutex;
 /// The digest of a whole image or stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ImageHash {
+    pub algorithm: Algorithm,
     pub digest: [u8; 32],
     pub chunk_size: u64,
     pub virtual_size: u64,
@@ -51,17 +52,18 @@ enum Job {
     },
 }
 
-/// Hashes the guest content of `image` with chunks of `chunk_size` bytes. `on_chunk`, when given,
-/// receives every chunk digest (SHA-256 and CRC-32) in guest order, e.g. to make a manifest;
-/// without it no CRC is computed.
+/// Hashes the guest content of `image` with `algorithm` and chunks of `chunk_size` bytes.
+/// `on_chunk`, when given, receives every chunk digest (hash and CRC-32) in guest order, e.g. to
+/// make a manifest; without it no CRC is computed.
 pub fn hash_image(
     image: &dyn Image,
+    algorithm: Algorithm,
     chunk_size: u64,
     progress: &dyn Progress,
     mut on_chunk: Option<&mut dyn FnMut(ChunkDigest)>,
 ) -> Result<ImageHash> {
-    let hasher = chunk_hasher(chunk_size, on_chunk.is_some())?;
-    let mut builder = DigestBuilder::new(chunk_size)?;
+    let hasher = chunk_hasher(algorithm, chunk_size, on_chunk.is_some())?;
+    let mut builder = DigestBuilder::new(algorithm, chunk_size)?;
     let size = image.virtual_size();
     let buffers = BufferPool::default();
     let pool = read_pool()?;
@@ -116,6 +118,7 @@ pub fn hash_image(
         )));
     }
     Ok(ImageHash {
+        algorithm,
         digest: builder.finish(),
         chunk_size,
         virtual_size: size,
@@ -123,11 +126,11 @@ pub fn hash_image(
 }
 
 /// CRCs are only wanted with the chunk records.
-fn chunk_hasher(chunk_size: u64, with_crc: bool) -> Result<ChunkHasher> {
+fn chunk_hasher(algorithm: Algorithm, chunk_size: u64, with_crc: bool) -> Result<ChunkHasher> {
     if with_crc {
-        ChunkHasher::new(chunk_size)
+        ChunkHasher::new(algorithm, chunk_size)
     } else {
-        ChunkHasher::without_crc(chunk_size)
+        ChunkHasher::without_crc(algorithm, chunk_size)
     }
 }
 
@@ -215,12 +218,13 @@ impl BufferPool {
 /// [`hash_image`].
 pub fn hash_stream(
     reader: &mut (dyn Read + Send),
+    algorithm: Algorithm,
     chunk_size: u64,
     progress: &dyn Progress,
     mut on_chunk: Option<&mut dyn FnMut(ChunkDigest)>,
 ) -> Result<ImageHash> {
-    let hasher = chunk_hasher(chunk_size, on_chunk.is_some())?;
-    let mut builder = DigestBuilder::new(chunk_size)?;
+    let hasher = chunk_hasher(algorithm, chunk_size, on_chunk.is_some())?;
+    let mut builder = DigestBuilder::new(algorithm, chunk_size)?;
     let batch = (STREAM_BATCH_BYTES / chunk_size).clamp(1, 2 * cores() as u64) as usize;
     let pool = read_pool()?;
     let mut spare = Vec::new();
@@ -254,6 +258,7 @@ pub fn hash_stream(
         spare = std::mem::replace(&mut current, next?);
     }
     Ok(ImageHash {
+        algorithm,
         chunk_size,
         virtual_size: builder.covered(),
         digest: builder.finish(),
@@ -312,7 +317,7 @@ mod tests {
             MemImage::new(64 << 20, &[(1000, &data), (40 << 20, &[1; 10])]).mapped(),
         ] {
             let counted = Counted::default();
-            hash_image(&image, 1 << 20, &counted, None).unwrap();
+            hash_image(&image, Algorithm::Sha256, 1 << 20, &counted, None).unwrap();
             assert_eq!(counted.totals(), (64 << 20, (3 << 20) + 10));
         }
     }

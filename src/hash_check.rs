@@ -43,6 +43,7 @@ pub fn check_image(
     let mut diff = ChunkDiff::new(manifest);
     let hash = hash_image(
         &view,
+        manifest.algorithm,
         manifest.chunk_size,
         progress,
         Some(&mut |c| diff.push(c)),
@@ -66,6 +67,7 @@ pub fn check_stream(
     let mut diff = ChunkDiff::new(manifest);
     let hash = hash_stream(
         reader,
+        manifest.algorithm,
         manifest.chunk_size,
         progress,
         Some(&mut |c| diff.push(c)),

@@ -132,9 +132,9 @@ fn report_json(cache: &Path, state: &Path) -> Vec<serde_json::Value> {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
-/// `diskkit hash` of an image.
-fn guest_digest(image: &Path) -> String {
-    let hash = diskkit_ok(&["hash", path_str(image)]);
+/// `diskkit hash -a ALGORITHM` of an image.
+fn guest_digest(image: &Path, algorithm: &str) -> String {
+    let hash = diskkit_ok(&["hash", "-a", algorithm, path_str(image)]);
     hash.split_whitespace().next().unwrap().to_string()
 }
 
@@ -257,10 +257,12 @@ fn three_workers_share_one_job_and_a_rerun_does_nothing() {
     // Guest bytes of the sources (VHD rounds sizes up to its geometry).
     assert!(s["bytes_done"].as_u64().unwrap() >= 12 * 3 * MIB, "{s}");
     assert!(s["failures"].as_array().unwrap().is_empty());
-    // The report: one done record per item, with the digest diskkit hash computes.
+    // The report: one done record per item, with the digest diskkit hash computes (BLAKE3 by
+    // default for conversions).
     let report = report_json(&cache, &state);
     assert_eq!(report.len(), 12);
-    assert_eq!(report[0]["digest"], guest_digest(&srcs[0]));
+    assert_eq!(report[0]["digest"], guest_digest(&srcs[0], "blake3"));
+    assert_eq!(report[0]["digest_definition"], "diskkit-guest-blake3-v1");
     // The same command again: nothing to do, nothing written.
     let mtimes: Vec<_> = outs
         .iter()
@@ -935,7 +937,15 @@ fn targets_run_preflight_checks_and_gce_items_write_the_tarball() {
     let (code, _, log) = output(diskkit_cmd(
         &cache,
         None,
-        &["batch", "run", path_str(&jobs), "--state", path_str(&state)],
+        &[
+            "batch",
+            "run",
+            path_str(&jobs),
+            "--state",
+            path_str(&state),
+            "--digest",
+            "sha256",
+        ],
     ));
     assert_eq!(code, 3, "{log}");
     qemu_img(&[
@@ -982,9 +992,10 @@ fn targets_run_preflight_checks_and_gce_items_write_the_tarball() {
     assert_eq!(std::fs::metadata(&disk).unwrap().len(), 1 << 30);
     let part = |p: &Path| std::fs::read(p).unwrap()[MIB as usize..3 * MIB as usize].to_vec();
     assert!(part(&gpt) == part(&disk));
-    // The done record's digest is disk.raw's guest digest.
+    // The done record's digest is disk.raw's guest digest, SHA-256 as --digest asked.
     let report = report_json(&cache, &state);
-    assert_eq!(report[2]["digest"], guest_digest(&disk));
+    assert_eq!(report[2]["digest"], guest_digest(&disk, "sha256"));
+    assert_eq!(report[2]["digest_definition"], "diskkit-guest-sha256-v1");
 }
 
 #[test]
@@ -1078,7 +1089,11 @@ fn bundle_items_snapshot_a_machine_once() {
         (&disks[0]["device"], &disks[1]["device"]),
         (&"vda".into(), &"vdb".into())
     );
-    assert_eq!(disks[1]["digest"], guest_digest(&srcs[1]), "{info}");
+    assert_eq!(
+        disks[1]["digest"],
+        guest_digest(&srcs[1], "sha256"),
+        "{info}"
+    );
     let report = report_json(&cache, &state);
     assert_eq!(report[0]["digest"], info["digest"], "{info}");
     // A run that died after writing the bundle but before recording it: the bundle found with

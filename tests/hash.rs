@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use diskkit::formats::digest::{DEFAULT_CHUNK_SIZE, Manifest};
+use diskkit::formats::digest::{Algorithm, DEFAULT_CHUNK_SIZE, Manifest};
 use diskkit::formats::{Extent, Format, Image, ImageInfo, OpenOptions, Result, open};
 use diskkit::hash::hash_image;
 use diskkit::progress::NoProgress;
@@ -357,6 +357,88 @@ fn check_reads_a_digest_list() {
     assert!(err.contains("line 1: not a `DIGEST  NAME` line"), "{err}");
 }
 
+/// `diskkit-guest-blake3-v1`: the SHA-256 definition's shape with BLAKE3, computed plainly here;
+/// the same for every format and for stdin; manifests name it and check images with it.
+#[test]
+fn blake3_digest_follows_its_definition() {
+    let dir = tempdir();
+    let size = 9 * MIB + 4096;
+    let raw = mixed_raw(dir.path(), "mixed.raw", size);
+    let bytes = std::fs::read(&raw).unwrap();
+    let mut input = b"diskkit-guest-blake3-v1".to_vec();
+    input.extend(DEFAULT_CHUNK_SIZE.to_le_bytes());
+    for chunk in bytes.chunks(DEFAULT_CHUNK_SIZE as usize) {
+        input.extend(blake3::hash(chunk).as_bytes());
+    }
+    input.extend(size.to_le_bytes());
+    let expected = blake3::hash(&input).to_hex().to_string();
+    assert_eq!(diskkit_digest(&raw, &["-a", "blake3"]), expected);
+    assert_ne!(diskkit_digest(&raw, &[]), expected);
+    let qcow2 = p(dir.path(), "disk.qcow2");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        path_str(&raw),
+        path_str(&qcow2),
+    ]);
+    assert_eq!(diskkit_digest(&qcow2, &["--algorithm=blake3"]), expected);
+    let out = Command::new(diskkit_bin())
+        .args(["hash", "-a", "blake3", "-"])
+        .stdin(std::fs::File::open(&raw).unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{expected}  -\n")
+    );
+
+    // A manifest of the raw image: BLAKE3 chunk records, and it checks the qcow2 image.
+    let manifest = p(dir.path(), "m.json");
+    diskkit_ok(&[
+        "hash",
+        "-a",
+        "blake3",
+        "--manifest",
+        path_str(&manifest),
+        path_str(&raw),
+    ]);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    assert_eq!(
+        (&json["definition"], &json["algorithm"], &json["digest"]),
+        (
+            &"diskkit-guest-blake3-v1".into(),
+            &"blake3".into(),
+            &expected.clone().into()
+        )
+    );
+    let first = blake3::hash(&bytes[..DEFAULT_CHUNK_SIZE as usize])
+        .to_hex()
+        .to_string();
+    assert_eq!(json["chunks"][0]["blake3"], first);
+    assert!(json["chunks"][0].get("sha256").is_none());
+    let (code, out, err) = diskkit(&["hash", "--check", path_str(&manifest), path_str(&qcow2)]);
+    assert_eq!(code, 0, "{out}{err}");
+    // The manifest's algorithm is the check's: -a cannot change it.
+    let (code, _, err) = diskkit(&[
+        "hash",
+        "-a",
+        "sha256",
+        "--check",
+        path_str(&manifest),
+        path_str(&qcow2),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("algorithm is blake3"), "{err}");
+    let (code, _, err) = diskkit(&["hash", "-a", "md5", path_str(&raw)]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("sha256, blake3"), "{err}");
+}
+
 #[test]
 fn manifest_round_trip() {
     let dir = tempdir();
@@ -381,7 +463,7 @@ fn manifest_round_trip() {
     assert_eq!(m.chunks.len(), 3);
     for c in &m.chunks {
         let data = &bytes[c.offset as usize..(c.offset + c.length) as usize];
-        assert_eq!(c.sha256, <[u8; 32]>::from(Sha256::digest(data)));
+        assert_eq!(c.hash, <[u8; 32]>::from(Sha256::digest(data)));
         assert_eq!(c.crc32, crc32fast::hash(data));
     }
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -464,7 +546,14 @@ fn sparse_terabyte_is_hashed_without_reading() {
     // A raw disk is whole 512-byte sectors, as qemu sees it: the file's tail reads as zeros.
     let size = size.next_multiple_of(512);
     let image = counted(&img);
-    let hash = hash_image(&image, DEFAULT_CHUNK_SIZE, &NoProgress, None).unwrap();
+    let hash = hash_image(
+        &image,
+        Algorithm::Sha256,
+        DEFAULT_CHUNK_SIZE,
+        &NoProgress,
+        None,
+    )
+    .unwrap();
     assert_eq!(
         image.read.load(Ordering::Relaxed),
         0,
@@ -485,13 +574,23 @@ fn sparse_terabyte_is_hashed_without_reading() {
     let small = mixed_raw(dir.path(), "mixed.raw", 16 * MIB);
     let image = counted(&small);
     let mut chunks = Vec::new();
-    let hash = hash_image(&image, MIB, &NoProgress, Some(&mut |c| chunks.push(c))).unwrap();
+    let hash = hash_image(
+        &image,
+        Algorithm::Sha256,
+        MIB,
+        &NoProgress,
+        Some(&mut |c| chunks.push(c)),
+    )
+    .unwrap();
     let got: String = hash.digest.iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(got, reference_digest_of_file(&small, MIB));
     assert!(image.read.load(Ordering::Relaxed) < 8 * MIB);
     assert_eq!(chunks.len(), 16);
     // Without chunk records (and CRCs), the same digest.
-    assert_eq!(hash_image(&image, MIB, &NoProgress, None).unwrap(), hash);
+    assert_eq!(
+        hash_image(&image, Algorithm::Sha256, MIB, &NoProgress, None).unwrap(),
+        hash
+    );
 }
 
 #[test]

@@ -4,13 +4,13 @@
 use super::jobfile::{BundleDisks, Item, Operation, bundle_destination};
 use crate::convert::{ConvertOptions, convert_to_path_with_digest};
 use crate::gce::{self, GceStream, Tarball};
-use crate::hash::hash_image;
+use crate::hash::{ImageHash, hash_image};
 use crate::preflight::{self, Status};
 use crate::progress::Progress;
 use crate::storage::push::{self, PushOptions};
 use crate::storage::{Location, Settings, Store, open_object_image, pull};
 use crate::targets::Output;
-use diskkit_formats::digest::{DEFAULT_CHUNK_SIZE, hex};
+use diskkit_formats::digest::{Algorithm, ChunkHasher, DEFAULT_CHUNK_SIZE, hex};
 use diskkit_formats::error::ErrorKind;
 use diskkit_formats::write::{CacheMode, CreateOptions};
 use diskkit_formats::{
@@ -25,7 +25,28 @@ use std::sync::{Arc, Mutex};
 pub struct Outcome {
     pub bytes_in: u64,
     pub bytes_out: u64,
-    pub digest: Option<String>,
+    pub digest: Option<OutputDigest>,
+}
+
+/// The digest of an item's output, and the definition that says what it is a digest of.
+#[derive(Debug, Clone)]
+pub struct OutputDigest {
+    pub definition: &'static str,
+    /// Lowercase hex.
+    pub hex: String,
+}
+
+/// A bundle's digest: the SHA-256 of its manifest (see `bundle`), which names every disk's
+/// guest digest.
+const BUNDLE_DIGEST: &str = "diskkit-bundle-manifest-sha256";
+
+impl OutputDigest {
+    fn guest(hash: &ImageHash) -> OutputDigest {
+        OutputDigest {
+            definition: hash.algorithm.definition(),
+            hex: hex(&hash.digest),
+        }
+    }
 }
 
 /// What every item of a run shares: connection settings, one open store per bucket, the policy
@@ -38,6 +59,9 @@ pub struct Context {
     pub parallel: usize,
     /// Bytes per second at most, per push item.
     pub rate_limit: Option<u64>,
+    /// The guest digest convert items record (push, pull and snapshot items record the digest
+    /// of their manifest, SHA-256).
+    pub digest: Algorithm,
     stores: Mutex<HashMap<String, Arc<dyn Store>>>,
 }
 
@@ -48,6 +72,7 @@ impl Context {
         implicit_opens: ImplicitOpens,
         parallel: usize,
         rate_limit: Option<u64>,
+        digest: Algorithm,
     ) -> Context {
         Context {
             settings,
@@ -55,6 +80,7 @@ impl Context {
             implicit_opens,
             parallel: parallel.max(1),
             rate_limit,
+            digest,
             stores: Mutex::new(HashMap::new()),
         }
     }
@@ -114,7 +140,7 @@ impl Context {
                 return Ok(Outcome {
                     bytes_in: src.virtual_size(),
                     bytes_out: file_size(dst)?,
-                    digest: Some(guest_digest(tar.disk())?),
+                    digest: Some(guest_digest(tar.disk(), self.digest)?),
                 });
             }
         };
@@ -126,13 +152,13 @@ impl Context {
             dst,
             &mut create,
             &ConvertOptions::default(),
-            DEFAULT_CHUNK_SIZE,
+            ChunkHasher::without_crc(self.digest, DEFAULT_CHUNK_SIZE)?,
             progress,
         )?;
         Ok(Outcome {
             bytes_in: hash.virtual_size,
             bytes_out: file_size(dst)?,
-            digest: Some(hex(&hash.digest)),
+            digest: Some(OutputDigest::guest(&hash)),
         })
     }
 
@@ -180,7 +206,10 @@ impl Context {
         Ok(Outcome {
             bytes_in: src.virtual_size(),
             bytes_out: report.object_size,
-            digest: Some(hex(&manifest.guest.digest)),
+            digest: Some(OutputDigest {
+                definition: manifest.guest.definition(),
+                hex: manifest.guest.digest_hex(),
+            }),
         })
     }
 
@@ -197,7 +226,10 @@ impl Context {
         };
         let verified = pull::pull(store.as_ref(), &location, dst, &mut opts, progress)?;
         let digest = match verified {
-            pull::Verified::Manifest(d) => Some(d),
+            pull::Verified::Manifest { definition, digest } => Some(OutputDigest {
+                definition,
+                hex: digest,
+            }),
             _ => None,
         };
         let size = file_size(dst)?;
@@ -229,7 +261,10 @@ impl Context {
         Ok(Outcome {
             bytes_in: src.virtual_size(),
             bytes_out: report.bytes_stored,
-            digest: Some(report.digest),
+            digest: Some(OutputDigest {
+                definition: Algorithm::Sha256.definition(),
+                hex: report.digest,
+            }),
         })
     }
 }
@@ -277,15 +312,16 @@ fn preflight(item: &Item, src: &dyn Image, output: &Output, create: &CreateOptio
     )))
 }
 
-/// The guest digest of `image`, for the done record.
-fn guest_digest(image: &dyn Image) -> Result<String> {
+/// The guest digest of `image` by `algorithm`.
+fn guest_digest(image: &dyn Image, algorithm: Algorithm) -> Result<OutputDigest> {
     let hash = hash_image(
         image,
+        algorithm,
         DEFAULT_CHUNK_SIZE,
         &crate::progress::NoProgress,
         None,
     )?;
-    Ok(hex(&hash.digest))
+    Ok(OutputDigest::guest(&hash))
 }
 
 impl Context {
@@ -336,7 +372,8 @@ impl Context {
                             && manifest.disks.iter().zip(&images).all(
                                 |(d, (_, device, image, _))| {
                                     d.device == *device
-                                        && guest_digest(image.as_ref()).is_ok_and(|g| g == d.digest)
+                                        && guest_digest(image.as_ref(), Algorithm::Sha256)
+                                            .is_ok_and(|g| g.hex == d.digest)
                                 },
                             );
                     if !same {
@@ -349,7 +386,10 @@ impl Context {
         Ok(Outcome {
             bytes_in: images.iter().map(|(_, _, i, _)| i.virtual_size()).sum(),
             bytes_out: manifest.disks.iter().map(|d| d.virtual_size).sum(),
-            digest: Some(manifest.digest),
+            digest: Some(OutputDigest {
+                definition: BUNDLE_DIGEST,
+                hex: manifest.digest,
+            }),
         })
     }
 }

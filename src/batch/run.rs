@@ -407,7 +407,9 @@ impl Worker<'_> {
                     "done",
                     Some(i),
                     serde_json::json!({"seconds": record.finished - started, "bytes_in": out.bytes_in,
-                                       "bytes_out": out.bytes_out, "digest": out.digest, "attempts": attempts}),
+                                       "bytes_out": out.bytes_out, "digest": out.digest.as_ref().map(|d| &d.hex),
+                                       "digest_definition": out.digest.as_ref().map(|d| d.definition),
+                                       "attempts": attempts}),
                 );
                 self.with_retries("release a claim", || self.state.release(key, generation))
             }
@@ -464,6 +466,7 @@ impl Worker<'_> {
             bytes_in: 0,
             bytes_out: 0,
             digest: None,
+            digest_definition: None,
             started,
             finished: now(),
             attempts,
@@ -476,7 +479,8 @@ impl Worker<'_> {
             Ok(out) => {
                 r.bytes_in = out.bytes_in;
                 r.bytes_out = out.bytes_out;
-                r.digest = out.digest.clone();
+                r.digest = out.digest.as_ref().map(|d| d.hex.clone());
+                r.digest_definition = out.digest.as_ref().map(|d| d.definition.to_string());
             }
             Err(e) => {
                 r.state = "failed".into();

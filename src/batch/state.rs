@@ -58,9 +58,14 @@ pub struct ItemRecord {
     /// Bytes written (file or object size; stored bytes for a snapshot).
     #[serde(default)]
     pub bytes_out: u64,
-    /// Guest digest (`diskkit-guest-sha256-v1`, hex) of what was written.
+    /// Digest (hex) of what was written: for convert, push, pull and snapshot items the guest
+    /// digest, of the definition `digest_definition` names.
     #[serde(default)]
     pub digest: Option<String>,
+    /// `diskkit-guest-blake3-v1`, `diskkit-guest-sha256-v1` or, for a bundle,
+    /// `diskkit-bundle-manifest-sha256`. Absent from records written before it existed: a SHA-256 guest digest.
+    #[serde(default)]
+    pub digest_definition: Option<String>,
     /// Seconds since 1970 (with fractions).
     pub started: f64,
     pub finished: f64,

@@ -1,9 +1,14 @@
 //! `diskkit hash`: a format-independent digest of guest content, sha256sum style, with per-chunk
 //! manifests and verification against them.
 
-use super::util::{Bar, Out, open_image, parse_format, parse_size, printable, report_error, warn};
+use super::util::{
+    Bar, Out, open_image, parse_digest_algorithm, parse_format, parse_size, printable,
+    report_error, warn,
+};
 use super::{EXIT_DIFFERENT, EXIT_ERROR, EXIT_OK};
-use diskkit::formats::digest::{ChunkDigest, DEFAULT_CHUNK_SIZE, Manifest, check_chunk_size, hex};
+use diskkit::formats::digest::{
+    Algorithm, ChunkDigest, DEFAULT_CHUNK_SIZE, Manifest, check_chunk_size, hex,
+};
 use diskkit::formats::{Error, Format, Result};
 use diskkit::hash::{ImageHash, hash_image, hash_stream};
 use diskkit::hash_check::{ManifestCheck, check_image, check_stream, parse_digest_line};
@@ -21,8 +26,10 @@ raw stream.\n\n\
 The digest (diskkit-guest-sha256-v1): the content is cut into chunks of --chunk-size bytes (the \
 last may be short), each chunk is hashed with SHA-256, and the digest is SHA-256 of the ASCII tag \
 \"diskkit-guest-sha256-v1\", the chunk size as 64-bit little-endian, the chunk digests in order, \
-and the virtual size as 64-bit little-endian. Zero ranges of the allocation map are not read.\n\n\
---manifest FILE writes the per-chunk digests (SHA-256 and CRC-32) as JSON.\n\n\
+and the virtual size as 64-bit little-endian. Zero ranges of the allocation map are not read. \
+With -a blake3, the same with BLAKE3 and the tag \"diskkit-guest-blake3-v1\": about three times \
+faster per core, the digest `diskkit batch run` records for conversions by default.\n\n\
+--manifest FILE writes the per-chunk digests (hash and CRC-32) as JSON.\n\n\
 --check MANIFEST IMAGE verifies an image against a manifest and names the chunks that differ. \
 It tells content that differs from the same content with zeros added or removed at the end (a \
 VHD whose size was rounded up to a CHS geometry, a size rounded to sectors: what compare calls \
@@ -40,6 +47,9 @@ pub struct Args {
     /// Chunk size: a power of two from 4K to 256M [default: 4M; a manifest has its own]
     #[arg(long, value_parser = parse_size)]
     chunk_size: Option<u64>,
+    /// Hash function: sha256 or blake3 [default: sha256; a manifest has its own]
+    #[arg(short = 'a', long, value_name = "ALGORITHM", value_parser = parse_digest_algorithm)]
+    algorithm: Option<Algorithm>,
     /// Hash the image as of this internal snapshot (name or ID)
     #[arg(short = 'l', long)]
     snapshot: Option<String>,
@@ -79,7 +89,7 @@ pub fn run(args: Args) -> Result<i32> {
         };
         let mut chunks = Vec::new();
         let (hash, format) = hash_one(&args, image, chunk_size, Some(&mut |c| chunks.push(c)))?;
-        let mut manifest = Manifest::new(chunk_size, chunks)?;
+        let mut manifest = Manifest::new(hash.algorithm, chunk_size, chunks)?;
         manifest.format = Some(format);
         manifest.source = Some(image.display().to_string());
         diskkit::output::write_file(manifest_path, manifest.to_json().as_bytes())?;
@@ -106,6 +116,10 @@ pub fn run(args: Args) -> Result<i32> {
     Ok(code)
 }
 
+fn algorithm(args: &Args) -> Algorithm {
+    args.algorithm.unwrap_or_default()
+}
+
 fn chunk_size(args: &Args) -> Result<u64> {
     let chunk_size = args.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
     check_chunk_size(chunk_size)?;
@@ -122,14 +136,15 @@ fn hash_one(
     if image == Path::new("-") {
         check_stdin_args(args)?;
         // The stream length is unknown: no progress bar.
-        let hash = hash_stream(&mut std::io::stdin(), chunk_size, &NoProgress, on_chunk)?;
+        let stdin = &mut std::io::stdin();
+        let hash = hash_stream(stdin, algorithm(args), chunk_size, &NoProgress, on_chunk)?;
         return Ok((hash, Format::Raw.name().to_string()));
     }
     let img = open_image(image, args.format, args.snapshot.as_deref())?;
     let size = img.virtual_size();
     let bar = Bar::new(args.progress, size, &format!("hashing {}", image.display()))
         .with_data_of(&[img.as_ref()], size)?;
-    let hash = hash_image(img.as_ref(), chunk_size, &bar, on_chunk)?;
+    let hash = hash_image(img.as_ref(), algorithm(args), chunk_size, &bar, on_chunk)?;
     bar.finish();
     Ok((hash, img.format().name().to_string()))
 }
@@ -160,6 +175,13 @@ fn check(args: &Args, file: &Path, images: &[PathBuf]) -> Result<i32> {
                 "{}: the manifest's chunk size is {}: --chunk-size cannot change it",
                 file.display(),
                 manifest.chunk_size
+            )));
+        }
+        if args.algorithm.is_some_and(|a| a != manifest.algorithm) {
+            return Err(Error::invalid(format!(
+                "{}: the manifest's algorithm is {}: -a cannot change it",
+                file.display(),
+                manifest.algorithm
             )));
         }
         let [image] = images else {

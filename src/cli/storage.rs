@@ -372,7 +372,7 @@ fn pull_target(dst: &std::path::Path, location: &Location) -> Result<PathBuf> {
 /// What was checked, as the pull and verify messages say it.
 fn describe(verified: &pull::Verified) -> String {
     match verified {
-        pull::Verified::Manifest(digest) => {
+        pull::Verified::Manifest { digest, .. } => {
             format!("digest {} verified against the manifest", printable(digest))
         }
         pull::Verified::Md5(md5) => format!(
@@ -413,7 +413,7 @@ pub fn verify(args: VerifyArgs) -> Result<i32> {
     bar.finish();
     let mut out = Out::new();
     match verified {
-        pull::Verified::Manifest(digest) => {
+        pull::Verified::Manifest { digest, .. } => {
             writeln!(out, "{}: OK {}", location.url(), printable(&digest))?
         }
         other => writeln!(out, "{}: OK, {}", location.url(), describe(&other))?,

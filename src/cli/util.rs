@@ -1,6 +1,7 @@
 //! Helpers shared by the subcommands: opening images from flags, output modes, human sizes.
 
 use clap::ValueEnum;
+use diskkit::formats::digest::Algorithm;
 use diskkit::formats::image::{GuestRange, allocated_ranges};
 use diskkit::formats::{
     CreateOptions, Format, Image, ImplicitOpens, OpenOptions, Result, open_with,
@@ -99,6 +100,11 @@ pub enum OutputFormat {
 
 pub fn parse_format(s: &str) -> std::result::Result<Format, String> {
     Format::parse(s).map_err(|e| e.to_string())
+}
+
+/// A guest digest algorithm: `sha256` or `blake3`.
+pub fn parse_digest_algorithm(s: &str) -> std::result::Result<Algorithm, String> {
+    Algorithm::from_name(s).map_err(|e| e.to_string())
 }
 
 /// The policy for files that image metadata names, set once from the command line.

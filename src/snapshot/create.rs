@@ -6,7 +6,7 @@ use crate::progress::Progress;
 use diskkit_formats::chunk_store::{
     self, ChunkEncoder, EncodedChunk, HOLE, SnapshotIndex, SnapshotMeta, SourceIdentity,
 };
-use diskkit_formats::digest::{ChunkDigest, DigestBuilder, hex};
+use diskkit_formats::digest::{Algorithm, ChunkDigest, DigestBuilder, hex};
 use diskkit_formats::image::first_nonzero_byte;
 use diskkit_formats::write::CacheMode;
 use diskkit_formats::{Error, Extents, Image, Result};
@@ -200,8 +200,9 @@ fn chunk_disk(
     let pool = crate::parallel::read_pool()?;
     let window = CHUNKS_PER_THREAD * pool.current_num_threads();
     let mut chunks: Vec<[u8; 32]> = Vec::with_capacity(count.min(1 << 24) as usize);
-    let mut builder = DigestBuilder::new(cs)?;
-    let zero_digest = diskkit_formats::digest::ChunkHasher::without_crc(cs)?;
+    // Snapshots record the SHA-256 guest digest, as `diskkit hash` gives it by default.
+    let mut builder = DigestBuilder::new(Algorithm::Sha256, cs)?;
+    let zero_digest = diskkit_formats::digest::ChunkHasher::without_crc(Algorithm::Sha256, cs)?;
     let mut first = 0u64;
     while first < count {
         let last = (first + window as u64).min(count);
@@ -214,15 +215,15 @@ fn chunk_disk(
         for (i, d) in (first..last).zip(digests) {
             let offset = i * cs;
             let length = cs.min(size - offset);
-            let sha256 = if d == HOLE {
-                zero_digest.zero(offset, length).sha256
+            let hash = if d == HOLE {
+                zero_digest.zero(offset, length).hash
             } else {
                 d
             };
             builder.push(&ChunkDigest {
                 offset,
                 length,
-                sha256,
+                hash,
                 crc32: 0,
             })?;
             chunks.push(d);

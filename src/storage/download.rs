@@ -6,7 +6,7 @@ use super::push::ObjectManifest;
 use super::{Location, Store};
 use crate::output::Scratch;
 use crate::progress::Progress;
-use diskkit_formats::digest::{ChunkDigest, ChunkHasher, DigestBuilder, PiecewiseChunk};
+use diskkit_formats::digest::{Algorithm, ChunkDigest, ChunkHasher, DigestBuilder, PiecewiseChunk};
 use diskkit_formats::write::{CacheMode, DIRECT_ALIGN, Writeback};
 use diskkit_formats::{Error, Result};
 use std::cell::RefCell;
@@ -32,13 +32,13 @@ impl InFlightDigest {
     /// `None` when the manifest's chunk size is not one `hash` makes (hashing in guest order
     /// then reports it) or would make too many chunks. [`download_range`] keeps every range a
     /// whole number of chunks.
-    pub(super) fn new(chunk_size: u64, size: u64) -> Option<InFlightDigest> {
+    pub(super) fn new(algorithm: Algorithm, chunk_size: u64, size: u64) -> Option<InFlightDigest> {
         let count = size.div_ceil(chunk_size.max(1));
         if count > MAX_IN_FLIGHT_CHUNKS {
             return None;
         }
         Some(InFlightDigest {
-            hasher: ChunkHasher::without_crc(chunk_size).ok()?,
+            hasher: ChunkHasher::without_crc(algorithm, chunk_size).ok()?,
             chunk_size,
             size,
             chunks: Mutex::new(vec![None; count as usize]),
@@ -55,7 +55,7 @@ impl InFlightDigest {
     }
 
     pub(super) fn finish(self) -> Result<[u8; 32]> {
-        let mut builder = DigestBuilder::new(self.chunk_size)?;
+        let mut builder = DigestBuilder::new(self.hasher.algorithm(), self.chunk_size)?;
         let chunks = self.chunks.into_inner().unwrap_or_else(|p| p.into_inner());
         for d in chunks {
             builder.push(&d.ok_or_else(|| Error::invalid("a downloaded chunk was not hashed"))?)?;
@@ -253,7 +253,8 @@ mod tests {
             .map(|i| (i % 251) as u8)
             .collect();
         object[chunk_size..2 * chunk_size].fill(0);
-        let digest = InFlightDigest::new(chunk_size as u64, object.len() as u64).unwrap();
+        let digest =
+            InFlightDigest::new(Algorithm::Sha256, chunk_size as u64, object.len() as u64).unwrap();
         let split = 2 * chunk_size;
         let mut second = digest.hasher_at(split as u64);
         // The object's bytes past the guest (a VHD footer) are not hashed.
@@ -265,8 +266,8 @@ mod tests {
         for piece in object[..split].chunks(777) {
             first.feed(piece);
         }
-        let hasher = ChunkHasher::without_crc(chunk_size as u64).unwrap();
-        let mut expected = DigestBuilder::new(chunk_size as u64).unwrap();
+        let hasher = ChunkHasher::without_crc(Algorithm::Sha256, chunk_size as u64).unwrap();
+        let mut expected = DigestBuilder::new(Algorithm::Sha256, chunk_size as u64).unwrap();
         for (i, chunk) in object.chunks(chunk_size).enumerate() {
             expected
                 .push(&hasher.hash((i * chunk_size) as u64, chunk))
@@ -291,15 +292,15 @@ mod tests {
     #[test]
     fn manifests_with_odd_or_tiny_chunks_are_not_hashed_in_flight() {
         // 4 KiB chunks of 4 TiB would be 2^30 digests in memory; 3 is no chunk size.
-        assert!(InFlightDigest::new(4096, 1 << 42).is_none());
-        assert!(InFlightDigest::new(3, 100).is_none());
-        assert!(InFlightDigest::new(0, 100).is_none());
-        assert!(InFlightDigest::new(4 << 20, 1 << 42).is_some());
+        assert!(InFlightDigest::new(Algorithm::Sha256, 4096, 1 << 42).is_none());
+        assert!(InFlightDigest::new(Algorithm::Sha256, 3, 100).is_none());
+        assert!(InFlightDigest::new(Algorithm::Sha256, 0, 100).is_none());
+        assert!(InFlightDigest::new(Algorithm::Sha256, 4 << 20, 1 << 42).is_some());
     }
 
     #[test]
     fn a_range_not_fed_to_its_end_is_an_error() {
-        let digest = InFlightDigest::new(4096, 8192).unwrap();
+        let digest = InFlightDigest::new(Algorithm::Sha256, 4096, 8192).unwrap();
         digest.hasher_at(0).feed(&[1; 5000]);
         assert!(digest.finish().is_err());
     }

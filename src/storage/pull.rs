@@ -33,8 +33,12 @@ pub struct PullOptions<'a> {
 /// The check a pull or verify made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verified {
-    /// The guest digest (hex) matched the object's diskkit manifest.
-    Manifest(String),
+    /// The guest digest (hex, of the manifest's definition) matched the object's diskkit
+    /// manifest.
+    Manifest {
+        definition: &'static str,
+        digest: String,
+    },
     /// The store's ETag matched the object's MD5 (hex; a multipart upload's `MD5-N`, the MD5
     /// of its N parts' MD5s): an object diskkit did not push.
     Md5(String),
@@ -185,7 +189,11 @@ pub fn pull(
             // When the object starts with the guest (raw, fixed VHD), its digest is computed
             // from the downloaded bytes as they arrive, instead of reading the file again.
             let in_flight = remote.as_ref().and_then(|_| {
-                InFlightDigest::new(manifest.guest.chunk_size, manifest.guest.virtual_size)
+                InFlightDigest::new(
+                    manifest.guest.algorithm,
+                    manifest.guest.chunk_size,
+                    manifest.guest.virtual_size,
+                )
             });
             let local = download(
                 store,
@@ -212,7 +220,10 @@ pub fn pull(
         }
     })();
     if let Some(digest) = written.map_err(|e| explain_full_disk(e, dst, dir, needed))? {
-        return Ok(Verified::Manifest(digest));
+        return Ok(Verified::Manifest {
+            definition: manifest.guest.definition(),
+            digest,
+        });
     }
     let written = open_as(dst, format)?;
     let digest = check_digest(written.as_ref(), &manifest, location).map_err(|e| match e {
@@ -229,7 +240,10 @@ pub fn pull(
         ),
         e => e,
     })?;
-    Ok(Verified::Manifest(digest))
+    Ok(Verified::Manifest {
+        definition: manifest.guest.definition(),
+        digest,
+    })
 }
 
 /// A clear message when `e` says the filesystem of `dst` (in `dir`) is full: what the pull
@@ -295,7 +309,8 @@ fn check_digest_with(
     location: &Location,
     progress: &dyn Progress,
 ) -> Result<String> {
-    let digest = hash_image(image, manifest.guest.chunk_size, progress, None)?;
+    let guest = &manifest.guest;
+    let digest = hash_image(image, guest.algorithm, guest.chunk_size, progress, None)?;
     same_digest(digest.digest, image.virtual_size(), manifest, location)
 }
 
@@ -351,7 +366,11 @@ pub fn verify(
     let digest = match RemoteImage::new(store, location, &manifest)? {
         Some(remote) => {
             let guest = manifest.guest.virtual_size;
-            let digest = match InFlightDigest::new(manifest.guest.chunk_size, guest) {
+            let digest = match InFlightDigest::new(
+                manifest.guest.algorithm,
+                manifest.guest.chunk_size,
+                guest,
+            ) {
                 Some(d) => {
                     fetch(
                         store,
@@ -378,7 +397,10 @@ pub fn verify(
             check_digest(image.as_ref(), &manifest, location)
         }
     }?;
-    Ok(Verified::Manifest(digest))
+    Ok(Verified::Manifest {
+        definition: manifest.guest.definition(),
+        digest,
+    })
 }
 
 /// A fixed VHD object ends with a valid footer that gives the guest size.

@@ -10,7 +10,7 @@ use super::{Location, Store, UploadParts, manifest_key};
 use crate::hash::hash_image;
 use crate::progress::Progress;
 use bytes::Bytes;
-use diskkit_formats::digest::{DEFAULT_CHUNK_SIZE, Manifest};
+use diskkit_formats::digest::{Algorithm, DEFAULT_CHUNK_SIZE, Manifest};
 use diskkit_formats::image::{GuestRange, allocated_ranges};
 use diskkit_formats::write::CreateOptions;
 use diskkit_formats::{Error, ErrorKind, Format, Image, ImageStream, Result};
@@ -402,13 +402,15 @@ fn guest_manifest(
     hashing: &dyn Progress,
 ) -> Result<Manifest> {
     let mut chunks = Vec::new();
+    // SHA-256: the definition every reader of an object manifest knows.
     let digest = hash_image(
         export.guest(),
+        Algorithm::Sha256,
         DEFAULT_CHUNK_SIZE,
         hashing,
         Some(&mut |c| chunks.push(c)),
     )?;
-    let mut manifest = Manifest::new(digest.chunk_size, chunks)?;
+    let mut manifest = Manifest::new(digest.algorithm, digest.chunk_size, chunks)?;
     manifest.format = Some(export.format().name().to_string());
     manifest.source = Some(source_name.to_string());
     Ok(manifest)
