@@ -169,6 +169,27 @@ fn s3_round_trips() {
     round_trips(&env, dir.path(), &|key| {
         bucket_url("diskkit-test", &format!("{prefix}/{key}"))
     });
+    // Objects are typed by their names' extensions.
+    let endpoint = env.endpoint.as_deref().unwrap();
+    for (ext, media_type) in [
+        ("qcow2", "application/x-qemu-disk"),
+        ("vhd", "application/x-vhd-disk"),
+        ("raw", "application/x-raw-disk-image"),
+    ] {
+        let head = Command::new("curl")
+            .args(["-sSfI", "--aws-sigv4", "aws:amz:us-east-1:s3", "--user"])
+            .arg(format!("{ACCESS_KEY}:{SECRET_KEY}"))
+            .arg(format!(
+                "{endpoint}/diskkit-test/{prefix}/images/src.raw.{ext}"
+            ))
+            .output()
+            .unwrap();
+        let head = String::from_utf8_lossy(&head.stdout).to_ascii_lowercase();
+        assert!(
+            head.contains(&format!("content-type: {media_type}")),
+            "{ext}: {head}"
+        );
+    }
     let url = bucket_url("diskkit-test", &format!("{prefix}/images/src.raw.raw"));
     env.ok(&["rm", &url]);
     let (code, _, err) = env.run(&["verify", &url]);

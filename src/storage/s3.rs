@@ -128,11 +128,20 @@ impl S3Client {
         })
     }
 
-    /// Starts a multipart upload of `key`; returns its upload id.
+    /// Starts a multipart upload of `key`, typed by its name (see [`disk_media_type`]); returns
+    /// its upload id.
     pub async fn create_upload(&self, key: &str) -> Result<String> {
         const OP: &str = "create upload";
-        let body = self
-            .send(OP, Method::POST, key, &[("uploads", "")], Bytes::new())
+        let query = [("uploads", "")];
+        let (body, _) = self
+            .send_raw(
+                OP,
+                Method::POST,
+                key,
+                &query,
+                Bytes::new(),
+                disk_media_type(key),
+            )
             .await?;
         parse::<Initiated>(&body)
             .map(|r| r.upload_id)
@@ -151,7 +160,14 @@ impl S3Client {
         let n = number.to_string();
         let query = [("partNumber", n.as_str()), ("uploadId", upload_id)];
         let op = format!("upload part {number}");
-        let (_, headers) = self.send_raw(&op, Method::PUT, key, &query, data).await?;
+        // The part's body is labelled too: SeaweedFS gzips an untyped body whose first bytes
+        // compress (most qcow2 and VHD data) on its way to its volume server and gunzips it
+        // there, which cost a third of its CPU time on qcow2 parts (16.6 against 11.7 CPU-s
+        // per GiB, measured with and without the type).
+        let media_type = disk_media_type(key);
+        let (_, headers) = self
+            .send_raw(&op, Method::PUT, key, &query, data, media_type)
+            .await?;
         headers
             .get(reqwest::header::ETAG)
             .and_then(|v| v.to_str().ok())
@@ -249,7 +265,7 @@ impl S3Client {
         query: &[(&str, &str)],
         body: Bytes,
     ) -> Result<String> {
-        self.send_raw(op, method, key, query, body)
+        self.send_raw(op, method, key, query, body, None)
             .await
             .map(|r| r.0)
     }
@@ -273,8 +289,12 @@ impl S3Client {
         key: &str,
         query: &[(&str, &str)],
         body: Bytes,
+        content_type: Option<&str>,
     ) -> Result<(String, reqwest::header::HeaderMap)> {
-        match self.request(op, method, key, query, body).await? {
+        match self
+            .request(op, method, key, query, body, content_type)
+            .await?
+        {
             (status, text, headers) if status.is_success() => Ok((text, headers)),
             (status, text, headers) => Err(self.error(key, op, status, &text, &headers)),
         }
@@ -289,6 +309,7 @@ impl S3Client {
         key: &str,
         query: &[(&str, &str)],
         body: Bytes,
+        content_type: Option<&str>,
     ) -> Result<Reply> {
         use backon::Retryable;
         use std::sync::atomic::{AtomicU32, Ordering};
@@ -297,7 +318,9 @@ impl S3Client {
             Unreachable(reqwest::Error),
             Passing(Reply),
         }
-        let (url, headers) = self.signed(&method, key, query, &body).await?;
+        let (url, headers) = self
+            .signed(&method, key, query, &body, content_type)
+            .await?;
         let attempts = AtomicU32::new(0);
         let outcome = (|| async {
             attempts.fetch_add(1, Ordering::Relaxed);
@@ -339,7 +362,7 @@ impl S3Client {
     pub async fn check_bucket(&self, key: &str) -> Result<()> {
         let query = [("list-type", "2"), ("max-keys", "1")];
         match self
-            .request("check bucket", Method::GET, "", &query, Bytes::new())
+            .request("check bucket", Method::GET, "", &query, Bytes::new(), None)
             .await?
         {
             (status, _, _) if status.is_success() => Ok(()),
@@ -366,6 +389,7 @@ impl S3Client {
         key: &str,
         query: &[(&str, &str)],
         body: &[u8],
+        content_type: Option<&str>,
     ) -> Result<(String, reqwest::header::HeaderMap)> {
         let (host_url, path) = self.address(key);
         let query_string = query
@@ -385,12 +409,14 @@ impl S3Client {
                 format!("cannot sign the request: {e}"),
             )
         };
-        let request = http::Request::builder()
+        let mut request = http::Request::builder()
             .method(method.clone())
             .uri(&url)
-            .header("x-amz-content-sha256", hex(&payload_sha256(body)))
-            .body(())
-            .map_err(|e| failed(&e))?;
+            .header("x-amz-content-sha256", hex(&payload_sha256(body)));
+        if let Some(t) = content_type {
+            request = request.header(http::header::CONTENT_TYPE, t);
+        }
+        let request = request.body(()).map_err(|e| failed(&e))?;
         let (mut parts, ()) = request.into_parts();
         let signer = reqsign_aws_v4::RequestSigner::new("s3", &self.region);
         let context = reqsign_core::Context::new();
@@ -652,6 +678,23 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// The SHA-256 of a request body, for its signature. Parts made only of zeros (the holes of a
 /// sparse raw image pushed as is) are common and would each cost a full hash: their digest is
 /// computed once per size.
+/// The media type of a disk image object, from its name's extension (as `aws s3 cp` and rclone
+/// type objects): the names of the freedesktop.org shared MIME database.
+pub fn disk_media_type(key: &str) -> Option<&'static str> {
+    let (_, ext) = key.rsplit_once('.')?;
+    Some(match ext.to_ascii_lowercase().as_str() {
+        "qcow2" | "qcow" => "application/x-qemu-disk",
+        "vhd" | "vpc" => "application/x-vhd-disk",
+        "vhdx" => "application/x-vhdx-disk",
+        "vmdk" => "application/x-vmdk-disk",
+        "raw" | "img" => "application/x-raw-disk-image",
+        "iso" => "application/x-cd-image",
+        "ova" => "application/x-tar",
+        "gz" => "application/gzip",
+        _ => return None,
+    })
+}
+
 fn payload_sha256(body: &[u8]) -> [u8; 32] {
     use diskkit_formats::digest::sha256;
     use std::sync::Mutex;
@@ -676,6 +719,21 @@ fn payload_sha256(body: &[u8]) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_objects_are_typed_by_extension() {
+        assert_eq!(
+            disk_media_type("a/b/disk.QCOW2"),
+            Some("application/x-qemu-disk")
+        );
+        assert_eq!(disk_media_type("x.vhd"), Some("application/x-vhd-disk"));
+        assert_eq!(
+            disk_media_type("x.img"),
+            Some("application/x-raw-disk-image")
+        );
+        assert_eq!(disk_media_type("manifest.json"), None);
+        assert_eq!(disk_media_type("no-extension"), None);
+    }
 
     #[test]
     fn payload_digests_of_zero_parts_are_remembered_per_size() {
