@@ -6,6 +6,7 @@
 #   DISKKIT=target/release/diskkit ROWS=convert KEEP=1 benches/batch.sh
 #                                          (a built binary, the convert row only, WORK kept: a
 #                                           rerun reuses the generated sources)
+#   SETTLE=15: seconds between a timed run's sync and the next timed run (see measure below)
 #
 # Rows:
 # - convert: the 16 images to qcow2 with `diskkit batch run --jobs 2` (state in a directory,
@@ -67,12 +68,13 @@ for f in "$src"/*; do
   echo "$f,$WORK/out-dk/$(basename "$f").qcow2,qcow2" >>"$jobs"
 done
 
-# "seconds peak-KiB" of one command line. Each starts after a pause: the VM's host goes on
-# writing the previous run's 3 GiB for a while after its sync, and the run after would pay for it
-# (qemu-img took 2.1 s when it ran first and 3.4-4.6 s when it ran second).
+# "seconds peak-KiB" of one command line. Each starts SETTLE seconds (15) after the previous
+# run's sync: the VM's host goes on writing the previous run's 3 GiB for a while after it, and
+# the run after would pay for it (qemu-img took 2.1 s when it ran first and 3.4-4.6 s when it ran
+# second; with 5 s pauses, the tool that ran second in a round was still 0.2-0.3 s slower).
 measure() {
   sync
-  sleep "${SETTLE:-5}"
+  sleep "${SETTLE:-15}"
   /usr/bin/time -o "$WORK/time.out" -f "%e %M" bash -c "$1" >/dev/null 2>"$WORK/cmd.err" ||
     { cat "$WORK/cmd.err" >&2; echo "failed: $1" >&2; exit 1; }
   cat "$WORK/time.out"
