@@ -50,6 +50,7 @@ if [ -z "$bin" ]; then
   bin=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/debug/diskkit
 fi
 "$bin" hash --manifest "$seeds/manifest.json" "$seeds/plain.qcow2" >/dev/null
+"$bin" hash -a blake3 --manifest "$seeds/manifest-blake3.json" "$seeds/plain.qcow2" >/dev/null
 "$bin" snapshot create "$seeds/plain.qcow2" "$seeds/store" >/dev/null
 "$bin" bundle create "$seeds/store" machine --system "$seeds/plain.qcow2" --data vdb="$seeds/fixed.vhd" >/dev/null
 "$bin" bundle pack "$seeds/plain.qcow2" "$seeds/machine.ova" >/dev/null
@@ -70,7 +71,7 @@ seeds_for() {
     vhdx) ls "$seeds"/*.vhdx ;;
     vmdk) ls "$seeds"/*.vmdk ;;
     iso) ls "$seeds"/*.iso-from-sector-16 ;;
-    manifest) ls "$seeds"/manifest.json ;;
+    manifest) ls "$seeds"/manifest.json "$seeds"/manifest-blake3.json ;;
     snapshot_index) find "$seeds/store" -path '*/snapshots/*' -type f ;;
     snapshot_chunk) find "$seeds/store" -path '*/chunks/*' -type f | head -20 ;;
     bundle_manifest) find "$seeds/store" -path '*/bundles/*' -type f ;;
