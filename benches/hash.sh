@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# diskkit hash side by side with sha256sum, openssl and a qemu-img pipeline.
+# diskkit hash side by side with sha256sum, openssl, b3sum and a qemu-img pipeline.
 # usage: benches/hash.sh   env: SIZE=4G, WORK=/tmp/diskkit-bench, CACHE=warm|cold (see common.sh)
 source "$(dirname "$0")/common.sh"
 

@@ -158,7 +158,7 @@ fn convert_reporting(
     };
     // A digest chunk is hashed whole by the worker of the one cell it lies in. Both are powers
     // of two then, so the larger is a multiple of the smaller.
-    let grid = digest.map_or(unit, |d| unit.max(d.chunk_size));
+    let grid = digest.map_or(unit, |d| unit.max(d.hasher.chunk_size()));
     let chunk = CHUNK
         .max(src.optimal_transfer().min(MAX_CHUNK))
         .max(grid)
@@ -214,10 +214,11 @@ pub fn convert_to_path(
     })
 }
 
-/// [`convert_to_path`], also returning the guest digest (by `hasher`'s algorithm and chunk size;
-/// its CRCs are not used) of what was written, taken from the bytes handed to the writer in the
-/// conversion's own walk: the output is not read back. Hashing needs whole digest chunks per
-/// worker, so the conversion's cells are at least `chunk_size` bytes.
+/// [`convert_to_path`], also returning the guest digest of what was written, by `hasher`'s
+/// algorithm and chunk size (make it with [`ChunkHasher::without_crc`]: CRCs would be computed
+/// for nothing). It is taken from the bytes handed to the writer in the conversion's own walk:
+/// the output is not read back. Hashing needs whole digest chunks per worker, so the
+/// conversion's cells are at least a chunk.
 pub fn convert_to_path_with_digest(
     src: &dyn Image,
     format: Format,
@@ -239,7 +240,6 @@ pub fn convert_to_path_with_digest(
 /// The guest digest of a conversion's output, folded in guest order from the cells' results,
 /// which workers finish in any order.
 struct GuestDigest {
-    chunk_size: u64,
     hasher: ChunkHasher,
     fold: Mutex<DigestFold>,
 }
@@ -262,7 +262,6 @@ impl GuestDigest {
     fn new(hasher: ChunkHasher) -> Result<Self> {
         let chunk_size = hasher.chunk_size();
         Ok(GuestDigest {
-            chunk_size,
             fold: Mutex::new(DigestFold {
                 builder: DigestBuilder::new(hasher.algorithm(), chunk_size)?,
                 pending: BTreeMap::new(),
@@ -298,7 +297,7 @@ impl GuestDigest {
                     }
                 }
                 Hashed::ZerosTo(end) => {
-                    for c in GuestRange::new(at, end).cells(self.chunk_size) {
+                    for c in GuestRange::new(at, end).cells(self.hasher.chunk_size()) {
                         fold.builder.push(&self.hasher.zero(c.start, c.len()))?;
                     }
                 }
@@ -318,7 +317,7 @@ impl GuestDigest {
         Ok(ImageHash {
             algorithm: self.hasher.algorithm(),
             digest: fold.builder.finish(),
-            chunk_size: self.chunk_size,
+            chunk_size: self.hasher.chunk_size(),
             virtual_size,
         })
     }
@@ -336,7 +335,7 @@ struct CellDigest<'a> {
 
 impl CellDigest<'_> {
     fn feed(&mut self, mut data: &[u8]) {
-        let size = self.digest.chunk_size;
+        let size = self.digest.hasher.chunk_size();
         while !data.is_empty() {
             let pos = self.pos;
             let chunk = self

@@ -434,6 +434,15 @@ fn blake3_digest_follows_its_definition() {
     ]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("algorithm is blake3"), "{err}");
+    // A digest list does not say how it was made: checked with other flags, nothing matches,
+    // and the warning asks.
+    let list = p(dir.path(), "list.txt");
+    std::fs::write(&list, format!("{expected}  {}\n", path_str(&raw))).unwrap();
+    let (code, out, _) = diskkit(&["hash", "-a", "blake3", "--check", path_str(&list)]);
+    assert_eq!((code, out), (0, format!("{}: OK\n", path_str(&raw))));
+    let (code, _, err) = diskkit(&["hash", "--check", path_str(&list)]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("made with other -a or --chunk-size"), "{err}");
     let (code, _, err) = diskkit(&["hash", "-a", "md5", path_str(&raw)]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("sha256, blake3"), "{err}");

@@ -95,8 +95,9 @@ impl Algorithm {
             .into_iter()
             .find(|a| a.name() == name)
             .ok_or_else(|| {
+                let known = Algorithm::ALL.map(Algorithm::name).join(", ");
                 Error::invalid(format!(
-                    "unknown digest algorithm '{name}' (known: sha256, blake3)"
+                    "unknown digest algorithm '{name}' (known: {known})"
                 ))
             })
     }
@@ -147,6 +148,7 @@ impl HashState {
         }
     }
 }
+
 pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
 pub const MIN_CHUNK_SIZE: u64 = 4 << 10;
 /// Bounds the memory of a chunk buffer (a few per hashing thread).
@@ -556,10 +558,16 @@ impl TryFrom<ManifestJson> for Manifest {
             })?;
         let mut chunks = Vec::with_capacity(m.chunks.len());
         for (i, c) in m.chunks.iter().enumerate() {
-            let text = match algorithm {
-                Algorithm::Sha256 => &c.sha256,
-                Algorithm::Blake3 => &c.blake3,
+            let (text, other) = match algorithm {
+                Algorithm::Sha256 => (&c.sha256, &c.blake3),
+                Algorithm::Blake3 => (&c.blake3, &c.sha256),
             };
+            if other.is_some() {
+                return Err(Error::invalid(format!(
+                    "manifest chunk {i} (offset {}) has a hash of another algorithm than '{algorithm}'",
+                    c.offset
+                )));
+            }
             let hash = text.as_deref().and_then(parse_hex32).ok_or_else(|| {
                 Error::invalid(format!(
                     "manifest chunk {i} (offset {}) has no '{algorithm}' of 64 hex digits",
@@ -805,14 +813,29 @@ mod tests {
             tamper(&|v| v["virtual_size"] = 1.into());
             tamper(&|v| v["chunk_size"] = 3000.into());
             tamper(&|v| v["definition"] = "other".into());
-            // The definition and the algorithm must agree.
+            // The definition and the algorithm must agree; chunks carry only its hashes.
             let other = Algorithm::ALL
                 .into_iter()
                 .find(|a| *a != algorithm)
                 .unwrap();
             tamper(&|v| v["algorithm"] = other.name().into());
+            tamper(&|v| v["chunks"][1][other.name()] = "00".repeat(32).into());
         }
         assert!(Manifest::from_json(&b"{\"chunks\": 5"[..]).is_err());
+        // A manifest as diskkit wrote them before BLAKE3 (digests by Python's hashlib and zlib)
+        // reads as it did.
+        let old = r#"{"definition": "diskkit-guest-sha256-v1", "algorithm": "sha256",
+            "chunk_size": 4096, "virtual_size": 100,
+            "digest": "1ab357af6f000e6d9084cd622a3320ef085000ac7301046a0f3b732794222643",
+            "format": "raw", "source": "disk.raw", "chunks": [{"offset": 0, "length": 100,
+            "sha256": "bce0aff19cf5aa6a7469a30d61d04e4376e4bbf6381052ee9e7f33925c954d52",
+            "crc32": 1489580789}]}"#;
+        let m = Manifest::from_json(old.as_bytes()).unwrap();
+        let bytes: Vec<u8> = (0..100).collect();
+        let mut expected = manifest_of(Algorithm::Sha256, &bytes, 4096);
+        expected.format = Some("raw".into());
+        expected.source = Some("disk.raw".into());
+        assert_eq!(m, expected);
     }
 
     #[test]

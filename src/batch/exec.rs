@@ -2,6 +2,7 @@
 //! the same engine calls as the commands of those names.
 
 use super::jobfile::{BundleDisks, Item, Operation, bundle_destination};
+use super::state::BUNDLE_DIGEST;
 use crate::convert::{ConvertOptions, convert_to_path_with_digest};
 use crate::gce::{self, GceStream, Tarball};
 use crate::hash::{ImageHash, hash_image};
@@ -36,10 +37,6 @@ pub struct OutputDigest {
     pub hex: String,
 }
 
-/// A bundle's digest: the SHA-256 of its manifest (see `bundle`), which names every disk's
-/// guest digest.
-const BUNDLE_DIGEST: &str = "diskkit-bundle-manifest-sha256";
-
 impl OutputDigest {
     fn guest(hash: &ImageHash) -> OutputDigest {
         OutputDigest {
@@ -59,8 +56,9 @@ pub struct Context {
     pub parallel: usize,
     /// Bytes per second at most, per push item.
     pub rate_limit: Option<u64>,
-    /// The guest digest convert items record (push, pull and snapshot items record the digest
-    /// of their manifest, SHA-256).
+    /// The guest digest convert items record. Push and snapshot items record the SHA-256 guest
+    /// digest, pull items the definition of the object's manifest, bundle items their manifest's
+    /// digest ([`BUNDLE_DIGEST`]).
     pub digest: Algorithm,
     stores: Mutex<HashMap<String, Arc<dyn Store>>>,
 }

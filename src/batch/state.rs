@@ -19,6 +19,7 @@
 
 use super::lease::{Claim, WorkerId};
 use crate::storage::{Location, Settings, Store};
+use diskkit_formats::digest::Algorithm;
 use diskkit_formats::error::ErrorKind;
 use diskkit_formats::{Error, Result};
 use serde::de::DeserializeOwned;
@@ -63,7 +64,8 @@ pub struct ItemRecord {
     #[serde(default)]
     pub digest: Option<String>,
     /// `diskkit-guest-blake3-v1`, `diskkit-guest-sha256-v1` or, for a bundle,
-    /// `diskkit-bundle-manifest-sha256`. Absent from records written before it existed: a SHA-256 guest digest.
+    /// [`BUNDLE_DIGEST`]. Records written before it existed lack it: see
+    /// [`ItemRecord::infer_digest_definition`].
     #[serde(default)]
     pub digest_definition: Option<String>,
     /// Seconds since 1970 (with fractions).
@@ -79,6 +81,24 @@ pub struct ItemRecord {
     pub retryable: bool,
     #[serde(default)]
     pub message: Option<String>,
+}
+
+/// What a bundle item's digest is: the SHA-256 of its manifest (see `bundle`), which names every
+/// disk's guest digest.
+pub const BUNDLE_DIGEST: &str = "diskkit-bundle-manifest-sha256";
+
+impl ItemRecord {
+    /// Names the definition of a digest recorded before records named it: a bundle's manifest
+    /// digest, or else the SHA-256 guest digest, the only one diskkit recorded then.
+    pub fn infer_digest_definition(&mut self) {
+        if self.digest.is_some() && self.digest_definition.is_none() {
+            let definition = match self.operation.as_str() {
+                "bundle" => BUNDLE_DIGEST,
+                _ => Algorithm::Sha256.definition(),
+            };
+            self.digest_definition = Some(definition.to_string());
+        }
+    }
 }
 
 /// `STATE/workers/WORKER`: counters of one worker process.

@@ -134,5 +134,6 @@ pub fn report(state: &State) -> Result<Vec<ItemRecord>> {
         .collect();
     all.extend(records(state, "failed", &failed)?);
     all.sort_by_key(|r| r.line);
+    all.iter_mut().for_each(ItemRecord::infer_digest_definition);
     Ok(all)
 }

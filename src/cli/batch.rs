@@ -102,8 +102,9 @@ other errors fail the item at once; a failing item never stops the others. Done 
 recorded with their output digest, sizes and times, failed ones with the error kind and \
 message. A conversion's digest is the guest digest of what it wrote, taken as it is written \
 (--digest: blake3 by default, as `diskkit hash -a blake3` computes it; sha256 as plain `diskkit \
-hash`); push, pull and snapshot items record their manifest's SHA-256 guest digest. Each record \
-names its digest's definition.\n\n\
+hash`); push and snapshot items record the SHA-256 guest digest, pull items the digest of the \
+object's manifest, bundle items their manifest's digest. Each record names its digest's \
+definition.\n\n\
 Events go to stderr: one line per item started, retried, done or failed (--log-format json: \
 JSON lines with the error kind), and progress lines every --progress-interval seconds (with -p, \
 every 2 seconds).",

@@ -34,7 +34,8 @@ faster per core, the digest `diskkit batch run` records for conversions by defau
 It tells content that differs from the same content with zeros added or removed at the end (a \
 VHD whose size was rounded up to a CHS geometry, a size rounded to sectors: what compare calls \
 identical), which has its own exit code. --check LIST, where LIST holds `DIGEST  NAME` lines as \
-diskkit hash prints them, hashes every NAME (with --chunk-size, default 4M) and prints \
+diskkit hash prints them, hashes every NAME with the -a and --chunk-size given (a list does not record them: use \
+the ones it was made with; default sha256 and 4M) and prints \
 `NAME: OK` or `NAME: FAILED`, as sha256sum -c.\n\n\
 Exit codes: 0 success (--check: the same content and size), 1 --check: the content differs, \
 2 error (bad arguments, unreadable or corrupt image or manifest), 3 --check MANIFEST: the same \
@@ -302,7 +303,7 @@ fn check_list(args: &Args, file: &Path, text: &str) -> Result<i32> {
         )));
     }
     let mut out = Out::new();
-    let (mut failed, mut errors) = (0, 0);
+    let (mut failed, mut errors, total) = (0, 0, entries.len());
     for (digest, name) in entries {
         let shown = printable(name);
         match hash_one(args, Path::new(name), chunk_size, None) {
@@ -321,7 +322,16 @@ fn check_list(args: &Args, file: &Path, text: &str) -> Result<i32> {
         out.flush()?;
     }
     if failed > 0 {
-        warn(&format!("{failed} computed digest(s) did NOT match"));
+        // A list does not say how its digests were made.
+        let hint = if failed + errors == total {
+            format!(
+                " (none did: was the list made with other -a or --chunk-size than {} and {chunk_size}?)",
+                algorithm(args)
+            )
+        } else {
+            String::new()
+        };
+        warn(&format!("{failed} computed digest(s) did NOT match{hint}"));
     }
     Ok(if errors > 0 {
         EXIT_ERROR

@@ -5,6 +5,7 @@ use super::util::{
     Bar, Out, create_options, human_size, open_image, parse_format, parse_size, printable,
 };
 use super::{EXIT_ERROR, EXIT_OK};
+use diskkit::formats::digest::Algorithm;
 use diskkit::formats::image::{GuestRange, allocated_ranges, touched_clusters};
 use diskkit::formats::{Error, ErrorKind, Format, Result};
 use diskkit::storage::push::{self, PushOptions};
@@ -369,11 +370,22 @@ fn pull_target(dst: &std::path::Path, location: &Location) -> Result<PathBuf> {
     }
 }
 
+/// A manifest's digest as the messages show it: the definition named unless it is the SHA-256
+/// one that `diskkit hash` prints by default.
+fn manifest_digest(definition: &str, digest: &str) -> String {
+    if definition == Algorithm::Sha256.definition() {
+        printable(digest).into_owned()
+    } else {
+        format!("{} ({})", printable(digest), printable(definition))
+    }
+}
+
 /// What was checked, as the pull and verify messages say it.
 fn describe(verified: &pull::Verified) -> String {
     match verified {
-        pull::Verified::Manifest { digest, .. } => {
-            format!("digest {} verified against the manifest", printable(digest))
+        pull::Verified::Manifest { definition, digest } => {
+            let digest = manifest_digest(definition, digest);
+            format!("digest {digest} verified against the manifest")
         }
         pull::Verified::Md5(md5) => format!(
             "MD5 {} verified against the store's ETag (no diskkit manifest)",
@@ -413,8 +425,9 @@ pub fn verify(args: VerifyArgs) -> Result<i32> {
     bar.finish();
     let mut out = Out::new();
     match verified {
-        pull::Verified::Manifest { digest, .. } => {
-            writeln!(out, "{}: OK {}", location.url(), printable(&digest))?
+        pull::Verified::Manifest { definition, digest } => {
+            let digest = manifest_digest(definition, &digest);
+            writeln!(out, "{}: OK {digest}", location.url())?
         }
         other => writeln!(out, "{}: OK, {}", location.url(), describe(&other))?,
     }

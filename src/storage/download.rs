@@ -246,6 +246,12 @@ mod tests {
 
     #[test]
     fn ranges_hashed_in_pieces_give_the_image_digest() {
+        for algorithm in Algorithm::ALL {
+            ranges_hashed_in_pieces_give_the_image_digest_by(algorithm);
+        }
+    }
+
+    fn ranges_hashed_in_pieces_give_the_image_digest_by(algorithm: Algorithm) {
         let chunk_size = 4096;
         // Data, a chunk of zeros, more data, a short last chunk; two download ranges fed in
         // odd-sized pieces, out of order.
@@ -254,7 +260,7 @@ mod tests {
             .collect();
         object[chunk_size..2 * chunk_size].fill(0);
         let digest =
-            InFlightDigest::new(Algorithm::Sha256, chunk_size as u64, object.len() as u64).unwrap();
+            InFlightDigest::new(algorithm, chunk_size as u64, object.len() as u64).unwrap();
         let split = 2 * chunk_size;
         let mut second = digest.hasher_at(split as u64);
         // The object's bytes past the guest (a VHD footer) are not hashed.
@@ -266,8 +272,8 @@ mod tests {
         for piece in object[..split].chunks(777) {
             first.feed(piece);
         }
-        let hasher = ChunkHasher::without_crc(Algorithm::Sha256, chunk_size as u64).unwrap();
-        let mut expected = DigestBuilder::new(Algorithm::Sha256, chunk_size as u64).unwrap();
+        let hasher = ChunkHasher::without_crc(algorithm, chunk_size as u64).unwrap();
+        let mut expected = DigestBuilder::new(algorithm, chunk_size as u64).unwrap();
         for (i, chunk) in object.chunks(chunk_size).enumerate() {
             expected
                 .push(&hasher.hash((i * chunk_size) as u64, chunk))

@@ -675,11 +675,8 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// The SHA-256 of a request body, for its signature. Parts made only of zeros (the holes of a
-/// sparse raw image pushed as is) are common and would each cost a full hash: their digest is
-/// computed once per size.
-/// The media type of a disk image object, from its name's extension (as `aws s3 cp` and rclone
-/// type objects): the names of the freedesktop.org shared MIME database.
+/// The media type of a disk image object, from its name's extension: the types and globs of the
+/// freedesktop.org shared MIME database (`shared-mime-info`).
 pub fn disk_media_type(key: &str) -> Option<&'static str> {
     let (_, ext) = key.rsplit_once('.')?;
     Some(match ext.to_ascii_lowercase().as_str() {
@@ -689,12 +686,15 @@ pub fn disk_media_type(key: &str) -> Option<&'static str> {
         "vmdk" => "application/x-vmdk-disk",
         "raw" | "img" => "application/x-raw-disk-image",
         "iso" => "application/x-cd-image",
-        "ova" => "application/x-tar",
+        "ova" => "application/ovf",
         "gz" => "application/gzip",
         _ => return None,
     })
 }
 
+/// The SHA-256 of a request body, for its signature. Parts made only of zeros (the holes of a
+/// sparse raw image pushed as is) are common and would each cost a full hash: their digest is
+/// computed once per size.
 fn payload_sha256(body: &[u8]) -> [u8; 32] {
     use diskkit_formats::digest::sha256;
     use std::sync::Mutex;
