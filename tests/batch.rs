@@ -1102,6 +1102,29 @@ fn bundle_items_snapshot_a_machine_once() {
     let (code, _, log) = run();
     assert_eq!(code, 0, "{log}");
     assert_eq!(report_json(&cache, &state)[0]["state"], "done");
+    // The same in a store of 1 MiB chunks, whose snapshots' digests are at that chunk size.
+    diskkit_ok(&[
+        "snapshot",
+        "create",
+        "--chunk-size",
+        "1M",
+        path_str(&srcs[1]),
+        path_str(&d.join("store1m")),
+    ]);
+    std::fs::write(
+        &jobs,
+        format!(
+            "source,destination,operation,options\n{},store1m#vm-3,bundle,\"vdb={}\"\n",
+            srcs[0].file_name().unwrap().to_string_lossy(),
+            srcs[1].file_name().unwrap().to_string_lossy()
+        ),
+    )
+    .unwrap();
+    for _ in 0..2 {
+        std::fs::remove_dir_all(&state).unwrap();
+        let (code, _, log) = run();
+        assert_eq!(code, 0, "{log}");
+    }
     // Bad data disk specs are named at check time.
     std::fs::write(
         &jobs,

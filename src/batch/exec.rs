@@ -138,7 +138,7 @@ impl Context {
                 return Ok(Outcome {
                     bytes_in: src.virtual_size(),
                     bytes_out: file_size(dst)?,
-                    digest: Some(guest_digest(tar.disk(), self.digest)?),
+                    digest: Some(guest_digest(tar.disk(), self.digest, DEFAULT_CHUNK_SIZE)?),
                 });
             }
         };
@@ -310,12 +310,12 @@ fn preflight(item: &Item, src: &dyn Image, output: &Output, create: &CreateOptio
     )))
 }
 
-/// The guest digest of `image` by `algorithm`.
-fn guest_digest(image: &dyn Image, algorithm: Algorithm) -> Result<OutputDigest> {
+/// The guest digest of `image` by `algorithm`, in chunks of `chunk_size`.
+fn guest_digest(image: &dyn Image, algorithm: Algorithm, chunk_size: u64) -> Result<OutputDigest> {
     let hash = hash_image(
         image,
         algorithm,
-        DEFAULT_CHUNK_SIZE,
+        chunk_size,
         &crate::progress::NoProgress,
         None,
     )?;
@@ -370,7 +370,12 @@ impl Context {
                             && manifest.disks.iter().zip(&images).all(
                                 |(d, (_, device, image, _))| {
                                     d.device == *device
-                                        && guest_digest(image.as_ref(), Algorithm::Sha256)
+                                        // A snapshot's digest is at its store's chunk size.
+                                        && guest_digest(
+                                            image.as_ref(),
+                                            Algorithm::Sha256,
+                                            store.chunk_size(),
+                                        )
                                             .is_ok_and(|g| g.hex == d.digest)
                                 },
                             );
