@@ -15,31 +15,59 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 const MIB: u64 = 1 << 20;
 
-/// The digest definition computed the straightforward way, independent of the engine:
+/// The hash function of a definition, from its reference crate.
+fn reference_hash(algorithm: Algorithm, data: &[u8]) -> [u8; 32] {
+    match algorithm {
+        Algorithm::Sha256 => Sha256::digest(data).into(),
+        Algorithm::Blake3 => *blake3::hash(data).as_bytes(),
+    }
+}
+
+/// The SHA-256 digest definition computed the straightforward way, independent of the engine:
 /// `chunk_sha(offset, length)` gives the SHA-256 of each chunk in turn.
 fn reference_digest(
     chunk_size: u64,
     size: u64,
-    mut chunk_sha: impl FnMut(u64, u64) -> [u8; 32],
+    chunk_sha: impl FnMut(u64, u64) -> [u8; 32],
 ) -> String {
-    let mut h = Sha256::new();
-    h.update(b"diskkit-guest-sha256-v1");
-    h.update(chunk_size.to_le_bytes());
+    reference_digest_by(Algorithm::Sha256, chunk_size, size, chunk_sha)
+}
+
+/// [`reference_digest`] of either definition, `chunk_hash` by its hash function.
+fn reference_digest_by(
+    algorithm: Algorithm,
+    chunk_size: u64,
+    size: u64,
+    mut chunk_hash: impl FnMut(u64, u64) -> [u8; 32],
+) -> String {
+    let tag: &[u8] = match algorithm {
+        Algorithm::Sha256 => b"diskkit-guest-sha256-v1",
+        Algorithm::Blake3 => b"diskkit-guest-blake3-v1",
+    };
+    let mut input = tag.to_vec();
+    input.extend(chunk_size.to_le_bytes());
     let mut offset = 0;
     while offset < size {
         let len = chunk_size.min(size - offset);
-        h.update(chunk_sha(offset, len));
+        input.extend(chunk_hash(offset, len));
         offset += len;
     }
-    h.update(size.to_le_bytes());
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    input.extend(size.to_le_bytes());
+    reference_hash(algorithm, &input)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The reference digest of a raw file, reading every byte.
 fn reference_digest_of_file(path: &Path, chunk_size: u64) -> String {
+    reference_digest_of_file_by(Algorithm::Sha256, path, chunk_size)
+}
+
+fn reference_digest_of_file_by(algorithm: Algorithm, path: &Path, chunk_size: u64) -> String {
     let bytes = std::fs::read(path).unwrap();
-    reference_digest(chunk_size, bytes.len() as u64, |o, l| {
-        Sha256::digest(&bytes[o as usize..(o + l) as usize]).into()
+    reference_digest_by(algorithm, chunk_size, bytes.len() as u64, |o, l| {
+        reference_hash(algorithm, &bytes[o as usize..(o + l) as usize])
     })
 }
 
@@ -364,14 +392,7 @@ fn blake3_digest_follows_its_definition() {
     let dir = tempdir();
     let size = 9 * MIB + 4096;
     let raw = mixed_raw(dir.path(), "mixed.raw", size);
-    let bytes = std::fs::read(&raw).unwrap();
-    let mut input = b"diskkit-guest-blake3-v1".to_vec();
-    input.extend(DEFAULT_CHUNK_SIZE.to_le_bytes());
-    for chunk in bytes.chunks(DEFAULT_CHUNK_SIZE as usize) {
-        input.extend(blake3::hash(chunk).as_bytes());
-    }
-    input.extend(size.to_le_bytes());
-    let expected = blake3::hash(&input).to_hex().to_string();
+    let expected = reference_digest_of_file_by(Algorithm::Blake3, &raw, DEFAULT_CHUNK_SIZE);
     assert_eq!(diskkit_digest(&raw, &["-a", "blake3"]), expected);
     assert_ne!(diskkit_digest(&raw, &[]), expected);
     let qcow2 = p(dir.path(), "disk.qcow2");
@@ -416,6 +437,7 @@ fn blake3_digest_follows_its_definition() {
             &expected.clone().into()
         )
     );
+    let bytes = std::fs::read(&raw).unwrap();
     let first = blake3::hash(&bytes[..DEFAULT_CHUNK_SIZE as usize])
         .to_hex()
         .to_string();

@@ -180,8 +180,11 @@ pub struct ChunkData {
 /// Buffers of dropped chunks, for the next chunks to reuse: a fresh 4 MiB buffer for every chunk
 /// (faulted in page by page, zeroed, unmapped again) cost a tenth of a restore's CPU time.
 static SPARE_BUFFERS: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
-/// At most this many spare buffers are kept (32 MiB to 128 MiB at the usual chunk sizes).
+/// At most this many spare buffers are kept, and at most this many bytes in all: 16 buffers of
+/// the default 4 MiB chunks, fewer of larger ones (a store of 256 MiB chunks keeps none, where
+/// 16 would hold 4 GiB).
 const MAX_SPARE_BUFFERS: usize = 16;
+const MAX_SPARE_BYTES: usize = 80 << 20;
 const ALIGN: usize = 4096;
 
 /// An initialized buffer of at least `len` bytes, a spare one when one is large enough.
@@ -197,6 +200,7 @@ fn take_buffer(len: usize) -> Vec<u8> {
 fn give_back(buf: Vec<u8>) {
     if let Ok(mut spare) = SPARE_BUFFERS.lock()
         && spare.len() < MAX_SPARE_BUFFERS
+        && spare.iter().map(Vec::len).sum::<usize>() + buf.len() <= MAX_SPARE_BYTES
     {
         spare.push(buf);
     }

@@ -6,7 +6,9 @@ use super::push::ObjectManifest;
 use super::{Location, Store};
 use crate::output::Scratch;
 use crate::progress::Progress;
-use diskkit_formats::digest::{Algorithm, ChunkDigest, ChunkHasher, DigestBuilder, PiecewiseChunk};
+use diskkit_formats::digest::{
+    Algorithm, ChunkDigest, ChunkHasher, DigestBuilder, Manifest, PiecewiseChunk,
+};
 use diskkit_formats::write::{CacheMode, DIRECT_ALIGN, Writeback};
 use diskkit_formats::{Error, Result};
 use std::cell::RefCell;
@@ -22,13 +24,17 @@ const MAX_IN_FLIGHT_CHUNKS: u64 = 1 << 20;
 /// chunk by chunk from the downloaded bytes in any order and folded in order at the end.
 pub(super) struct InFlightDigest {
     hasher: ChunkHasher,
-    chunk_size: u64,
     /// Guest bytes: the object's bytes past them (a VHD footer) are not hashed.
     size: u64,
     chunks: Mutex<Vec<Option<ChunkDigest>>>,
 }
 
 impl InFlightDigest {
+    /// The digest `guest` (an object manifest's) records; `None` as for [`InFlightDigest::new`].
+    pub(super) fn of_manifest(guest: &Manifest) -> Option<InFlightDigest> {
+        InFlightDigest::new(guest.algorithm, guest.chunk_size, guest.virtual_size)
+    }
+
     /// `None` when the manifest's chunk size is not one `hash` makes (hashing in guest order
     /// then reports it) or would make too many chunks. [`download_range`] keeps every range a
     /// whole number of chunks.
@@ -39,7 +45,6 @@ impl InFlightDigest {
         }
         Some(InFlightDigest {
             hasher: ChunkHasher::without_crc(algorithm, chunk_size).ok()?,
-            chunk_size,
             size,
             chunks: Mutex::new(vec![None; count as usize]),
         })
@@ -55,7 +60,7 @@ impl InFlightDigest {
     }
 
     pub(super) fn finish(self) -> Result<[u8; 32]> {
-        let mut builder = DigestBuilder::new(self.hasher.algorithm(), self.chunk_size)?;
+        let mut builder = DigestBuilder::new(self.hasher.algorithm(), self.hasher.chunk_size())?;
         let chunks = self.chunks.into_inner().unwrap_or_else(|p| p.into_inner());
         for d in chunks {
             builder.push(&d.ok_or_else(|| Error::invalid("a downloaded chunk was not hashed"))?)?;
@@ -81,7 +86,7 @@ struct RangeHasher<'a> {
 
 impl RangeHasher<'_> {
     pub(super) fn feed(&mut self, mut data: &[u8]) {
-        let size = self.digest.chunk_size;
+        let size = self.digest.hasher.chunk_size();
         while !data.is_empty() && self.pos < self.digest.size {
             let start = self.pos / size * size;
             let end = (start + size).min(self.digest.size);
@@ -212,7 +217,7 @@ pub(super) fn fetch(
     progress: &dyn Progress,
     sink: &(dyn Fn(u64, &[u8]) -> Result<()> + Sync),
 ) -> Result<()> {
-    let range = download_range(len, threads, digest.map_or(0, |d| d.chunk_size));
+    let range = download_range(len, threads, digest.map_or(0, |d| d.hasher.chunk_size()));
     let count =
         usize::try_from(len.div_ceil(range)).map_err(|_| Error::invalid("object too large"))?;
     crate::parallel::run_indexed(threads, count, |i| {

@@ -188,13 +188,9 @@ pub fn pull(
             create.reject_unknown(format)?;
             // When the object starts with the guest (raw, fixed VHD), its digest is computed
             // from the downloaded bytes as they arrive, instead of reading the file again.
-            let in_flight = remote.as_ref().and_then(|_| {
-                InFlightDigest::new(
-                    manifest.guest.algorithm,
-                    manifest.guest.chunk_size,
-                    manifest.guest.virtual_size,
-                )
-            });
+            let in_flight = remote
+                .as_ref()
+                .and_then(|_| InFlightDigest::of_manifest(&manifest.guest));
             let local = download(
                 store,
                 location,
@@ -220,10 +216,7 @@ pub fn pull(
         }
     })();
     if let Some(digest) = written.map_err(|e| explain_full_disk(e, dst, dir, needed))? {
-        return Ok(Verified::Manifest {
-            definition: manifest.guest.definition(),
-            digest,
-        });
+        return Ok(Verified::of_manifest(&manifest, digest));
     }
     let written = open_as(dst, format)?;
     let digest = check_digest(written.as_ref(), &manifest, location).map_err(|e| match e {
@@ -240,10 +233,17 @@ pub fn pull(
         ),
         e => e,
     })?;
-    Ok(Verified::Manifest {
-        definition: manifest.guest.definition(),
-        digest,
-    })
+    Ok(Verified::of_manifest(&manifest, digest))
+}
+
+impl Verified {
+    /// `digest`, checked against `manifest`'s guest digest.
+    fn of_manifest(manifest: &ObjectManifest, digest: String) -> Verified {
+        Verified::Manifest {
+            definition: manifest.guest.definition(),
+            digest,
+        }
+    }
 }
 
 /// A clear message when `e` says the filesystem of `dst` (in `dir`) is full: what the pull
@@ -366,11 +366,7 @@ pub fn verify(
     let digest = match RemoteImage::new(store, location, &manifest)? {
         Some(remote) => {
             let guest = manifest.guest.virtual_size;
-            let digest = match InFlightDigest::new(
-                manifest.guest.algorithm,
-                manifest.guest.chunk_size,
-                guest,
-            ) {
+            let digest = match InFlightDigest::of_manifest(&manifest.guest) {
                 Some(d) => {
                     fetch(
                         store,
@@ -397,10 +393,7 @@ pub fn verify(
             check_digest(image.as_ref(), &manifest, location)
         }
     }?;
-    Ok(Verified::Manifest {
-        definition: manifest.guest.definition(),
-        digest,
-    })
+    Ok(Verified::of_manifest(&manifest, digest))
 }
 
 /// A fixed VHD object ends with a valid footer that gives the guest size.
